@@ -1,0 +1,383 @@
+"""The INI configuration: one file, every key documented in ``etc/mdmd.ini``.
+
+Loading is strict on purpose: an unknown section or key is far more often a
+typo than an intention, and a daemon that silently ignores ``enroll_secert_file``
+runs with a setting the operator did not choose.  Every problem is reported as
+one :class:`ConfigError` naming the file, the section and the key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+__all__ = [
+    "AdminConfig",
+    "ConfigError",
+    "EnrollmentConfig",
+    "ManagementConfig",
+    "MdmdConfig",
+    "PollSchedule",
+    "WstepConfig",
+    "load_config",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration problem, rendered as one line for the operator."""
+
+    def __init__(self, path: str, section: str | None, key: str | None, message: str):
+        self.path = path
+        self.section = section
+        self.key = key
+        self.message = message
+        where = path
+        if section is not None:
+            where += f": [{section}]"
+            if key is not None:
+                where += f" {key}"
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class PollSchedule:
+    """DMClient ``Poll`` node values (MS-MDE2 2.2.9.3), intervals in minutes."""
+
+    first_interval: int = 15
+    first_retries: int = 5
+    second_interval: int = 60
+    second_retries: int = 10
+    remaining_interval: int = 1440
+    remaining_retries: int = 0
+    poll_on_login: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentConfig:
+    listen: str
+    url: str
+    tls_cert: str
+    tls_key: str
+    enroll_secret_file: str
+    windows_mdm: bool
+    max_body_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManagementConfig:
+    listen: str
+    url: str
+    tls_cert: str
+    tls_key: str
+    max_body_bytes: int
+    max_msg_size: int
+    provider_id: str
+    provider_name: str
+    poll: PollSchedule
+
+
+@dataclass(frozen=True, slots=True)
+class WstepConfig:
+    identity_cert: str
+    identity_key: str
+    device_cert_days: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: str
+    url: str
+    token_file: str
+
+
+@dataclass(frozen=True, slots=True)
+class MdmdConfig:
+    path: str
+    state_dir: str
+    bootstrap: bool
+    tls_root_cert: str
+    tls_root_key: str
+    enrollment: EnrollmentConfig
+    management: ManagementConfig
+    wstep: WstepConfig
+    admin: AdminConfig
+
+    @property
+    def database(self) -> str:
+        return os.path.join(self.state_dir, "mdmd.sqlite3")
+
+
+# --- value parsers: each raises ValueError with a message for the operator ---
+
+
+def _boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"expected yes or no, got {value!r}")
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip(), 10)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, got {number}")
+        return number
+
+    return parse
+
+
+def _text(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+_ENDPOINT_TYPES = ("tcp:", "tcp6:", "unix:", "systemd:")
+
+
+def _endpoint(value: str) -> str:
+    value = value.strip()
+    if not value.startswith(_ENDPOINT_TYPES):
+        raise ValueError(
+            f"expected a Twisted server endpoint for a plain socket "
+            f"({', '.join(t + '...' for t in _ENDPOINT_TYPES)}), got {value!r}; "
+            f"mdmd adds TLS itself"
+        )
+    return value
+
+
+def _url(*schemes: str, path_required: bool = False) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip()
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as e:
+            raise ValueError(f"not a valid URL: {e}") from None
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"expected a {' or '.join(schemes)}:// URL with a host, got {value!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query string or fragment")
+        if path_required and parts.path in ("", "/"):
+            raise ValueError("must include the path devices post to")
+        return value.rstrip("/") if not path_required else value
+
+    return parse
+
+
+_PROVIDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _provider_id(value: str) -> str:
+    # The provider ID becomes a DMClient node name and part of LocURIs: keep it
+    # free of anything that needs URI or XML escaping (MS-MDE2 2.2.9.5).
+    value = value.strip()
+    if not _PROVIDER_ID.match(value):
+        raise ValueError(
+            "must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def _poll_schedule(value: str) -> tuple[int, int, int, int, int, int]:
+    parts = [p.strip() for p in value.replace(",", " ").split()]
+    if len(parts) != 3:
+        raise ValueError(
+            "expected three INTERVALxCOUNT pairs (first, second, remaining), e.g. '15x5 60x10 1440x0'"
+        )
+    numbers: list[int] = []
+    for part in parts:
+        match = re.fullmatch(r"(\d{1,6})x(\d{1,6})", part)
+        if not match:
+            raise ValueError(f"{part!r} is not INTERVALxCOUNT (minutes x retries)")
+        numbers += [int(match.group(1)), int(match.group(2))]
+    first_i, first_n, second_i, second_n, rest_i, rest_n = numbers
+    # MS-MDE2 2.2.9.3: NumberOfFirstRetries must not be 0, the long-run
+    # interval must be at least a day, and an all-zero schedule is a
+    # configuration failure on the device.
+    if first_i == 0 or first_n == 0:
+        raise ValueError("the first set needs a non-zero interval and a non-zero retry count")
+    if rest_i != 0 and rest_i < 1440:
+        raise ValueError("the remaining interval must be 0 (none) or at least 1440 minutes")
+    if rest_i == 0 and rest_n != 0:
+        raise ValueError("a remaining retry count needs a remaining interval")
+    return first_i, first_n, second_i, second_n, rest_i, rest_n
+
+
+# --- the schema: section -> key -> (parser, default or REQUIRED) ---
+
+_REQUIRED = object()
+_Schema = Mapping[str, Mapping[str, tuple[Callable[[str], object], object]]]
+
+_SCHEMA: _Schema = {
+    "mdmd": {
+        "state_dir": (_text, _REQUIRED),
+        "bootstrap": (_boolean, False),
+        "tls_root_cert": (_text, "tls-root.pem"),
+        "tls_root_key": (_text, "tls-root.key"),
+    },
+    "enrollment": {
+        "listen": (_endpoint, _REQUIRED),
+        "url": (_url("https"), _REQUIRED),
+        "tls_cert": (_text, "tls-server.pem"),
+        "tls_key": (_text, "tls-server.key"),
+        "enroll_secret_file": (_text, "enroll_secret"),
+        "windows_mdm": (_boolean, True),
+        "max_body_bytes": (_bounded_int(4096, 64 * 1024 * 1024), 1024 * 1024),
+    },
+    "management": {
+        "listen": (_endpoint, _REQUIRED),
+        "url": (_url("https", path_required=True), _REQUIRED),
+        "tls_cert": (_text, None),
+        "tls_key": (_text, None),
+        "max_body_bytes": (_bounded_int(4096, 64 * 1024 * 1024), 4 * 1024 * 1024),
+        "max_msg_size": (_bounded_int(4096, 16 * 1024 * 1024), 512 * 1024),
+        "provider_id": (_provider_id, "mdmd"),
+        "provider_name": (_text, "mdmd"),
+        "poll_schedule": (_poll_schedule, (15, 5, 60, 10, 1440, 0)),
+        "poll_on_login": (_boolean, True),
+    },
+    "wstep": {
+        "identity_cert": (_text, "wstep-identity.pem"),
+        "identity_key": (_text, "wstep-identity.key"),
+        "device_cert_days": (_bounded_int(1, 3650), 365),
+    },
+    "admin": {
+        "listen": (_endpoint, "tcp:8445:interface=127.0.0.1"),
+        "url": (_url("http", "https"), None),
+        "token_file": (_text, "admin_token"),
+    },
+}
+
+
+def _admin_url_from_listen(listen: str) -> str | None:
+    """Derive ``http://host:port`` from a ``tcp:`` endpoint, for mdmctl."""
+    fields = listen.split(":")
+    if fields[0] not in ("tcp", "tcp6") or len(fields) < 2:
+        return None
+    port = fields[1].removeprefix("port=")
+    host = "127.0.0.1" if fields[0] == "tcp" else "[::1]"
+    for field in fields[2:]:
+        if field.startswith("interface="):
+            interface = field.split("=", 1)[1]
+            if interface not in ("", "0.0.0.0", "::"):
+                host = f"[{interface}]" if ":" in interface else interface
+    return f"http://{host}:{port}"
+
+
+def load_config(path: str) -> MdmdConfig:
+    """Read and validate the INI file at *path*."""
+    path = os.path.abspath(path)
+    parser = configparser.ConfigParser(interpolation=None, empty_lines_in_values=False)
+    # Keys are case-sensitive like the documentation shows them.
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read the configuration: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, None, "the configuration is not UTF-8 text") from None
+    except configparser.Error as e:
+        first_line = str(e).splitlines()[0]
+        raise ConfigError(path, None, None, f"not a valid INI file: {first_line}") from None
+
+    values: dict[str, dict[str, object]] = {}
+    for section in parser.sections():
+        if section not in _SCHEMA:
+            raise ConfigError(path, section, None, f"unknown section (known: {', '.join(_SCHEMA)})")
+        for key in parser[section]:
+            if key not in _SCHEMA[section]:
+                raise ConfigError(path, section, key, f"unknown key (known: {', '.join(_SCHEMA[section])})")
+    for section, keys in _SCHEMA.items():
+        values[section] = {}
+        for key, (parse, default) in keys.items():
+            raw = parser.get(section, key, fallback=None)
+            if raw is None:
+                if default is _REQUIRED:
+                    raise ConfigError(path, section, key, "required key is missing")
+                values[section][key] = default
+                continue
+            try:
+                values[section][key] = parse(raw)
+            except ValueError as e:
+                raise ConfigError(path, section, key, str(e)) from None
+
+    base = os.path.dirname(path)
+    state_dir = os.path.normpath(os.path.join(base, str(values["mdmd"]["state_dir"])))
+
+    def in_state(section: str, key: str) -> str:
+        # Material files resolve against state_dir so that bootstrap can put
+        # everything in one place; absolute paths are kept as they are.
+        return os.path.normpath(os.path.join(state_dir, str(values[section][key])))
+
+    def typed(kind: type[T], value: object) -> T:
+        assert isinstance(value, kind)
+        return value
+
+    m = values["management"]
+    en = values["enrollment"]
+    a = values["admin"]
+    if (m["tls_cert"] is None) != (m["tls_key"] is None):
+        missing = "tls_key" if m["tls_key"] is None else "tls_cert"
+        raise ConfigError(path, "management", missing, "tls_cert and tls_key go together")
+    first_i, first_n, second_i, second_n, rest_i, rest_n = typed(tuple, m["poll_schedule"])
+    admin_url = a["url"] if a["url"] is not None else _admin_url_from_listen(str(a["listen"]))
+    if admin_url is None:
+        raise ConfigError(path, "admin", "url", "required when admin listen is not a tcp: endpoint")
+
+    return MdmdConfig(
+        path=path,
+        state_dir=state_dir,
+        bootstrap=typed(bool, values["mdmd"]["bootstrap"]),
+        tls_root_cert=in_state("mdmd", "tls_root_cert"),
+        tls_root_key=in_state("mdmd", "tls_root_key"),
+        enrollment=EnrollmentConfig(
+            listen=typed(str, en["listen"]),
+            url=typed(str, en["url"]),
+            tls_cert=in_state("enrollment", "tls_cert"),
+            tls_key=in_state("enrollment", "tls_key"),
+            enroll_secret_file=in_state("enrollment", "enroll_secret_file"),
+            windows_mdm=typed(bool, en["windows_mdm"]),
+            max_body_bytes=typed(int, en["max_body_bytes"]),
+        ),
+        management=ManagementConfig(
+            listen=typed(str, m["listen"]),
+            url=typed(str, m["url"]),
+            tls_cert=in_state("management", "tls_cert")
+            if m["tls_cert"]
+            else in_state("enrollment", "tls_cert"),
+            tls_key=in_state("management", "tls_key") if m["tls_key"] else in_state("enrollment", "tls_key"),
+            max_body_bytes=typed(int, m["max_body_bytes"]),
+            max_msg_size=typed(int, m["max_msg_size"]),
+            provider_id=typed(str, m["provider_id"]),
+            provider_name=typed(str, m["provider_name"]),
+            poll=PollSchedule(
+                first_i, first_n, second_i, second_n, rest_i, rest_n, typed(bool, m["poll_on_login"])
+            ),
+        ),
+        wstep=WstepConfig(
+            identity_cert=in_state("wstep", "identity_cert"),
+            identity_key=in_state("wstep", "identity_key"),
+            device_cert_days=typed(int, values["wstep"]["device_cert_days"]),
+        ),
+        admin=AdminConfig(
+            listen=typed(str, a["listen"]),
+            url=typed(str, admin_url),
+            token_file=in_state("admin", "token_file"),
+        ),
+    )

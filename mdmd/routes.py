@@ -1,0 +1,40 @@
+"""The URL map of each listener: path -> thin twisted.web adapter."""
+
+from __future__ import annotations
+
+from twisted.web.resource import Resource
+
+from mdmd.app import Mdmd
+from mdmd.web import Endpoint, HTTPResponse, MdmdRequest, json_error, json_response
+
+__all__ = ["admin_routes", "enrollment_routes", "management_routes"]
+
+
+class NotImplementedEndpoint(Endpoint):
+    """A protocol endpoint that is routed but not served yet."""
+
+    async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
+        return json_error(501, "not implemented yet")
+
+
+class HealthEndpoint(Endpoint):
+    async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
+        return json_response(200, {"status": "ok"})
+
+
+def enrollment_routes(app: Mdmd) -> dict[bytes, Resource]:
+    return {
+        b"/api/fleet/orbit/enroll": NotImplementedEndpoint(),
+        b"/api/fleet/orbit/config": NotImplementedEndpoint(),
+        b"/api/mdm/microsoft/discovery": NotImplementedEndpoint(),
+        b"/api/mdm/microsoft/policy": NotImplementedEndpoint(),
+        b"/api/mdm/microsoft/enroll": NotImplementedEndpoint(),
+    }
+
+
+def management_routes(app: Mdmd) -> dict[bytes, Resource]:
+    return {b"/api/mdm/microsoft/management": NotImplementedEndpoint()}
+
+
+def admin_routes(app: Mdmd) -> dict[bytes, Resource]:
+    return {b"/healthz": HealthEndpoint()}

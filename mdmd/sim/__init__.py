@@ -1,0 +1,1 @@
+"""Windows device emulator and fleet simulator (mdmd-sim)."""

@@ -1,0 +1,553 @@
+"""The state store: hosts, MDM devices, issued certificates, the command
+queue with its results, and SyncML session state.
+
+:class:`Store` is the interface the protocol handlers use; every method
+returns a Deferred and never blocks the reactor.  :class:`SQLiteStore` is the
+implementation: one SQLite file in WAL mode with ``synchronous=FULL`` (a
+committed transaction survives power loss), driven from a single dedicated
+thread so that writes are serialised without locks and the reactor thread
+never touches the database.  Each store method is one transaction, and its
+Deferred fires only after the commit: a handler that awaits the store before
+answering never acknowledges anything that is not on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CertificateRecord",
+    "DeviceEnrollment",
+    "DeviceRecord",
+    "EnrollmentOutcome",
+    "HostEnrollment",
+    "HostRecord",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+]
+
+R = TypeVar("R")
+
+
+class StoreError(Exception):
+    """The database cannot be used (corrupt, newer schema, unreadable)."""
+
+
+# --- records ---
+
+
+@dataclass(frozen=True, slots=True)
+class HostEnrollment:
+    """What ``POST /api/fleet/orbit/enroll`` stores about a host."""
+
+    hardware_uuid: str
+    node_key_hash: bytes
+    platform: str
+    hostname: str
+    hardware_serial: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HostRecord:
+    id: int
+    hardware_uuid: str
+    platform: str
+    hostname: str
+    hardware_serial: str
+    enrolled_at: float
+    last_seen: float | None
+    unenroll_requested: bool
+    mdm_device_id: str | None  # the enrolled MDM device of this host, if any
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEnrollment:
+    """A successful MS-WSTEP enrollment, stored before the response leaves."""
+
+    device_id: str
+    host_id: int
+    hw_dev_id: str | None
+    enrollment_type: str
+    device_name: str | None
+    os_version: str | None
+    context: Sequence[tuple[str, str]]
+    cert_serial: str
+    cert_thumbprint: str
+    cert_not_before: float
+    cert_not_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentOutcome:
+    revoked_serials: tuple[str, ...]
+    replaced_device_ids: tuple[str, ...]  # other devices of the same host, now unenrolled
+    hw_dev_id_collisions: tuple[str, ...]  # other enrolled devices with the same HWDevID
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    device_id: str
+    host_id: int | None
+    hw_dev_id: str | None
+    enrollment_type: str
+    device_name: str | None
+    os_version: str | None
+    state: str  # "enrolled" | "unenrolled"
+    hw_dev_id_collision: bool
+    enrolled_at: float
+    unenrolled_at: float | None
+    last_seen: float | None
+    inventory: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    serial: str
+    device_id: str
+    thumbprint: str
+    not_before: float
+    not_after: float
+    issued_at: float
+    revoked_at: float | None
+
+
+# --- the interface ---
+
+
+class Store(Protocol):
+    """What the protocol handlers need from persistence.  Every Deferred fires
+    after the change is durable."""
+
+    def enroll_host(self, enrollment: HostEnrollment, now: float) -> Deferred[HostRecord]: ...
+
+    def host_by_node_key(self, node_key_hash: bytes) -> Deferred[HostRecord | None]: ...
+
+    def touch_host(self, host_id: int, now: float) -> Deferred[None]: ...
+
+    def record_device_enrollment(
+        self, enrollment: DeviceEnrollment, now: float
+    ) -> Deferred[EnrollmentOutcome]: ...
+
+    def device(self, device_id: str) -> Deferred[DeviceRecord | None]: ...
+
+    def certificate(self, serial: str) -> Deferred[CertificateRecord | None]: ...
+
+
+# --- schema ---
+
+# Each entry migrates from version i to i + 1; the file's PRAGMA user_version
+# says how far it has come.  Never edit a released step: append a new one.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE hosts (
+        id INTEGER PRIMARY KEY,
+        hardware_uuid TEXT NOT NULL UNIQUE,
+        node_key_hash BLOB NOT NULL UNIQUE,
+        platform TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        hardware_serial TEXT NOT NULL,
+        info TEXT NOT NULL,
+        enrolled_at REAL NOT NULL,
+        last_seen REAL,
+        unenroll_requested INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        host_id INTEGER REFERENCES hosts(id),
+        hw_dev_id TEXT,
+        enrollment_type TEXT NOT NULL,
+        device_name TEXT,
+        os_version TEXT,
+        context TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('enrolled', 'unenrolled')),
+        hw_dev_id_collision INTEGER NOT NULL DEFAULT 0,
+        enrolled_at REAL NOT NULL,
+        unenrolled_at REAL,
+        last_seen REAL,
+        inventory TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX devices_by_host ON devices(host_id);
+    CREATE INDEX devices_by_hw_dev_id ON devices(hw_dev_id);
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        thumbprint TEXT NOT NULL UNIQUE,
+        not_before REAL NOT NULL,
+        not_after REAL NOT NULL,
+        issued_at REAL NOT NULL,
+        revoked_at REAL,
+        revoke_reason TEXT
+    );
+    CREATE INDEX certificates_by_device ON certificates(device_id);
+    CREATE TABLE commands (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        uuid TEXT NOT NULL UNIQUE,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        verb TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'acknowledged', 'failed')),
+        status INTEGER,
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        acked_at REAL,
+        session_id TEXT,
+        msg_id INTEGER,
+        cmd_ids TEXT
+    );
+    CREATE INDEX commands_queue ON commands(device_id, state, seq);
+    CREATE TABLE command_results (
+        command_uuid TEXT NOT NULL REFERENCES commands(uuid),
+        idx INTEGER NOT NULL,
+        cmd_id TEXT,
+        status INTEGER,
+        loc_uri TEXT,
+        format TEXT,
+        type TEXT,
+        data TEXT,
+        received_at REAL NOT NULL,
+        PRIMARY KEY (command_uuid, idx)
+    );
+    CREATE TABLE syncml_sessions (
+        device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+        session_id TEXT NOT NULL,
+        last_client_msg_id INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE device_alerts (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        code TEXT NOT NULL,
+        type TEXT,
+        format TEXT,
+        source TEXT,
+        data TEXT,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX device_alerts_by_device ON device_alerts(device_id, id);
+    """,
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
+    # a method is exactly one transaction and nothing commits implicitly.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: the WAL is fsynced at every commit, so an acknowledged write
+    # survives a crash or power loss, not only a process kill.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`; return the version found."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {found}, newer than this mdmd "
+            f"understands ({SCHEMA_VERSION}); refusing to touch it"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return found
+
+
+class SQLiteStore:
+    """:class:`Store` on one SQLite file, driven from one dedicated thread."""
+
+    def __init__(self, path: str, reactor: IReactorFromThreads) -> None:
+        self.path = path
+        self._reactor = reactor
+        # One thread: SQLite serialises writers anyway, and a single owner
+        # thread means no lock contention and a deterministic order of
+        # transactions (the order the reactor asked for them).
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mdmd-store")
+        self._conn: sqlite3.Connection | None = None
+
+    # -- life cycle (synchronous: called before the reactor runs / after it stops) --
+
+    def open(self) -> int:
+        """Open (creating if needed) and migrate; return the schema version found."""
+        directory = os.path.dirname(self.path) or "."
+        if not os.path.isdir(directory):
+            raise StoreError(f"{directory}: state directory does not exist")
+        try:
+            conn = _connect(self.path)
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StoreError(f"{self.path}: database integrity check failed: {check}")
+            found = migrate(conn)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: {e}") from None
+        # The database holds node-key hashes and device inventory: owner only.
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.chmod(self.path + suffix, 0o600)
+        self._conn = conn
+        return found
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- plumbing --
+
+    def _run(self, fn: Callable[[sqlite3.Connection], R]) -> Deferred[R]:
+        """Run *fn* as one transaction on the store thread."""
+
+        def transaction() -> R:
+            conn = self._conn
+            if conn is None:
+                raise StoreError("store is not open")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return deferToThreadPool(self._reactor, self._pool, transaction)
+
+    # -- hosts --
+
+    def enroll_host(self, enrollment: HostEnrollment, now: float) -> Deferred[HostRecord]:
+        def txn(conn: sqlite3.Connection) -> HostRecord:
+            # The same hardware UUID is the same host: keep its row (and its
+            # MDM device) and replace the node key, so the old key stops
+            # working at once.
+            conn.execute(
+                """
+                INSERT INTO hosts (hardware_uuid, node_key_hash, platform, hostname,
+                                   hardware_serial, info, enrolled_at, last_seen)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (hardware_uuid) DO UPDATE SET
+                    node_key_hash = excluded.node_key_hash,
+                    platform = excluded.platform,
+                    hostname = excluded.hostname,
+                    hardware_serial = excluded.hardware_serial,
+                    info = excluded.info,
+                    last_seen = excluded.last_seen
+                """,
+                (
+                    enrollment.hardware_uuid,
+                    enrollment.node_key_hash,
+                    enrollment.platform,
+                    enrollment.hostname,
+                    enrollment.hardware_serial,
+                    json.dumps(enrollment.info, sort_keys=True),
+                    now,
+                    now,
+                ),
+            )
+            row = conn.execute(
+                _HOST_SELECT + " WHERE h.hardware_uuid = ?", (enrollment.hardware_uuid,)
+            ).fetchone()
+            return _host(row)
+
+        return self._run(txn)
+
+    def host_by_node_key(self, node_key_hash: bytes) -> Deferred[HostRecord | None]:
+        def txn(conn: sqlite3.Connection) -> HostRecord | None:
+            row = conn.execute(_HOST_SELECT + " WHERE h.node_key_hash = ?", (node_key_hash,)).fetchone()
+            return None if row is None else _host(row)
+
+        return self._run(txn)
+
+    def touch_host(self, host_id: int, now: float) -> Deferred[None]:
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE hosts SET last_seen = ? WHERE id = ?", (now, host_id))
+
+        return self._run(txn)
+
+    # -- MDM devices and certificates --
+
+    def record_device_enrollment(
+        self, enrollment: DeviceEnrollment, now: float
+    ) -> Deferred[EnrollmentOutcome]:
+        def txn(conn: sqlite3.Connection) -> EnrollmentOutcome:
+            e = enrollment
+            # Re-enrollment of the same device, or a new MDM device ID on the
+            # same host (Windows reinstalled): the old certificates must stop
+            # opening sessions.
+            old = conn.execute(
+                """
+                SELECT serial FROM certificates
+                WHERE revoked_at IS NULL AND device_id IN (
+                    SELECT device_id FROM devices WHERE device_id = ? OR host_id = ?)
+                """,
+                (e.device_id, e.host_id),
+            ).fetchall()
+            revoked = tuple(r["serial"] for r in old)
+            conn.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = 'superseded' WHERE serial = ?",
+                [(now, s) for s in revoked],
+            )
+            replaced = tuple(
+                r["device_id"]
+                for r in conn.execute(
+                    "SELECT device_id FROM devices"
+                    " WHERE host_id = ? AND device_id != ? AND state = 'enrolled'",
+                    (e.host_id, e.device_id),
+                )
+            )
+            conn.executemany(
+                "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
+                [(now, d) for d in replaced],
+            )
+            # Clones made without sysprep share HWDevID (LESSONS): never merge
+            # them, flag both so an administrator can see it.
+            collisions: tuple[str, ...] = ()
+            if e.hw_dev_id:
+                collisions = tuple(
+                    r["device_id"]
+                    for r in conn.execute(
+                        "SELECT device_id FROM devices"
+                        " WHERE hw_dev_id = ? AND device_id != ? AND state = 'enrolled'",
+                        (e.hw_dev_id, e.device_id),
+                    )
+                )
+                conn.executemany(
+                    "UPDATE devices SET hw_dev_id_collision = 1 WHERE device_id = ?",
+                    [(d,) for d in collisions],
+                )
+            conn.execute(
+                """
+                INSERT INTO devices (device_id, host_id, hw_dev_id, enrollment_type, device_name,
+                                     os_version, context, state, hw_dev_id_collision, enrolled_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, 'enrolled', ?, ?)
+                ON CONFLICT (device_id) DO UPDATE SET
+                    host_id = excluded.host_id,
+                    hw_dev_id = excluded.hw_dev_id,
+                    enrollment_type = excluded.enrollment_type,
+                    device_name = excluded.device_name,
+                    os_version = excluded.os_version,
+                    context = excluded.context,
+                    state = 'enrolled',
+                    hw_dev_id_collision = excluded.hw_dev_id_collision,
+                    enrolled_at = excluded.enrolled_at,
+                    unenrolled_at = NULL
+                """,
+                (
+                    e.device_id,
+                    e.host_id,
+                    e.hw_dev_id,
+                    e.enrollment_type,
+                    e.device_name,
+                    e.os_version,
+                    json.dumps(list(e.context)),
+                    1 if collisions else 0,
+                    now,
+                ),
+            )
+            conn.execute(
+                """
+                INSERT INTO certificates (serial, device_id, thumbprint, not_before, not_after, issued_at)
+                VALUES (?, ?, ?, ?, ?, ?)
+                """,
+                (e.cert_serial, e.device_id, e.cert_thumbprint, e.cert_not_before, e.cert_not_after, now),
+            )
+            # A fresh enrollment starts a fresh OMA-DM account on the device.
+            conn.execute("DELETE FROM syncml_sessions WHERE device_id = ?", (e.device_id,))
+            return EnrollmentOutcome(revoked, replaced, collisions)
+
+        return self._run(txn)
+
+    def device(self, device_id: str) -> Deferred[DeviceRecord | None]:
+        def txn(conn: sqlite3.Connection) -> DeviceRecord | None:
+            row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            return None if row is None else _device(row)
+
+        return self._run(txn)
+
+    def certificate(self, serial: str) -> Deferred[CertificateRecord | None]:
+        def txn(conn: sqlite3.Connection) -> CertificateRecord | None:
+            row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (serial,)).fetchone()
+            return None if row is None else _certificate(row)
+
+        return self._run(txn)
+
+
+_HOST_SELECT = """
+    SELECT h.*, (SELECT d.device_id FROM devices d
+                 WHERE d.host_id = h.id AND d.state = 'enrolled'
+                 ORDER BY d.enrolled_at DESC LIMIT 1) AS mdm_device_id
+    FROM hosts h
+"""
+
+
+def _host(row: sqlite3.Row) -> HostRecord:
+    return HostRecord(
+        id=row["id"],
+        hardware_uuid=row["hardware_uuid"],
+        platform=row["platform"],
+        hostname=row["hostname"],
+        hardware_serial=row["hardware_serial"],
+        enrolled_at=row["enrolled_at"],
+        last_seen=row["last_seen"],
+        unenroll_requested=bool(row["unenroll_requested"]),
+        mdm_device_id=row["mdm_device_id"],
+    )
+
+
+def _device(row: sqlite3.Row) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row["device_id"],
+        host_id=row["host_id"],
+        hw_dev_id=row["hw_dev_id"],
+        enrollment_type=row["enrollment_type"],
+        device_name=row["device_name"],
+        os_version=row["os_version"],
+        state=row["state"],
+        hw_dev_id_collision=bool(row["hw_dev_id_collision"]),
+        enrolled_at=row["enrolled_at"],
+        unenrolled_at=row["unenrolled_at"],
+        last_seen=row["last_seen"],
+        inventory=json.loads(row["inventory"]),
+    )
+
+
+def _certificate(row: sqlite3.Row) -> CertificateRecord:
+    return CertificateRecord(
+        serial=row["serial"],
+        device_id=row["device_id"],
+        thumbprint=row["thumbprint"],
+        not_before=row["not_before"],
+        not_after=row["not_after"],
+        issued_at=row["issued_at"],
+        revoked_at=row["revoked_at"],
+    )

@@ -1,0 +1,287 @@
+"""twisted.web plumbing shared by the three listeners.
+
+- :class:`MdmdSite` / :class:`MdmdRequest`: a body-size limit enforced while
+  the body arrives (an oversize request is answered 413 without buffering
+  it), and one structured log line per request.
+- :class:`Router`: exact-path routing to :class:`Endpoint` leaves; the query
+  string is ignored (Windows appends ``?mode=...&Platform=WoA`` to the
+  management URL, LESSONS).
+- :class:`Endpoint`: ``async def`` handlers returning an :class:`HTTPResponse`,
+  wrapped once with ``Deferred.fromCoroutine``.  A handler raises
+  :class:`HTTPError` for a client mistake; anything else is a server bug,
+  logged with its traceback and answered with a bare 500 (never a traceback to
+  the client).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+__all__ = [
+    "AdminRouter",
+    "Endpoint",
+    "HTTPError",
+    "HTTPResponse",
+    "MdmdRequest",
+    "MdmdSite",
+    "Router",
+    "json_error",
+    "json_response",
+]
+
+log = Logger(namespace="mdmd.web")
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPResponse:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class HTTPError(Exception):
+    """A client mistake, answered with *response* and logged once as *reason*."""
+
+    def __init__(self, response: HTTPResponse, reason: str) -> None:
+        super().__init__(reason)
+        self.response = response
+        self.reason = reason
+
+
+def json_response(status: int, obj: object) -> HTTPResponse:
+    return HTTPResponse(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+
+def json_error(status: int, message: str, **extra: Any) -> HTTPResponse:
+    """Fleet's error shape, so agents and tools parse ours the same way."""
+    body: dict[str, Any] = {"message": message, "errors": [{"name": "base", "reason": message}]}
+    body.update(extra)
+    return json_response(status, body)
+
+
+class MdmdRequest(server.Request):
+    """A request that knows its listener's body limit and its own timing."""
+
+    site: MdmdSite
+    device_id: str | None = None  # set by handlers once they know it, for the log line
+    rejected: bool = False
+
+    def __init__(self, channel: http.HTTPChannel, *args: Any, **kw: Any) -> None:
+        super().__init__(channel, *args, **kw)
+        self.started = time.monotonic()
+        self._received = 0
+
+    def _site(self) -> MdmdSite:
+        # process() sets self.site; the body arrives before that.
+        return cast(MdmdSite, self.channel.site)  # type: ignore[attr-defined]
+
+    def _limit(self) -> int:
+        return self._site().max_body_bytes
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        if length is not None and length > self._limit():
+            self._reject_oversize(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.rejected:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self._reject_oversize(None)
+            return
+        super().handleContentChunk(data)
+
+    def _reject_oversize(self, declared: int | None) -> None:
+        # Answer before the body is read, then close: reading (or buffering)
+        # a body we will refuse anyway is how a small server is made to fall
+        # over.  The HTTP parser has not produced a request yet, so write the
+        # response to the transport directly.
+        self.rejected = True
+        site = self._site()
+        body = json.dumps({"message": f"request body larger than {site.max_body_bytes} bytes"}).encode()
+        head = (
+            b"HTTP/1.1 413 Request Entity Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        self.channel.transport.write(head + body)  # type: ignore[union-attr]
+        self.channel.transport.loseConnection()  # type: ignore[union-attr]
+        log.warn(
+            "{listener} {method} {path} 413: body of {declared} bytes over the {limit}-byte limit",
+            listener=site.listener,
+            method=(self.method or b"?").decode("latin-1"),
+            path=(self.uri or b"?").decode("latin-1").split("?")[0],
+            declared="unknown" if declared is None else declared,
+            limit=site.max_body_bytes,
+        )
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.rejected:
+            return
+        super().requestReceived(command, path, version)
+
+
+class MdmdSite(server.Site):
+    """A Site for one listener: names it in logs and bounds request bodies."""
+
+    requestFactory = MdmdRequest
+    displayTracebacks = False
+
+    def __init__(self, resource: Resource, *, listener: str, max_body_bytes: int) -> None:
+        super().__init__(resource)
+        self.listener = listener
+        self.max_body_bytes = max_body_bytes
+        self.noisy = False
+
+    def log(self, request: http.Request) -> None:
+        req = cast(MdmdRequest, request)
+        log.info(
+            "{listener} {method} {path} {status} {bytes}B {duration_ms}ms{device_text}",
+            listener=self.listener,
+            method=req.method.decode("latin-1"),
+            path=req.path.decode("latin-1"),
+            status=req.code,
+            bytes=req.sentLength,
+            duration_ms=round((time.monotonic() - req.started) * 1000, 1),
+            device_id=req.device_id,
+            device_text=f" device={req.device_id}" if req.device_id else "",
+            peer=_peer(req),
+        )
+
+
+def _peer(request: http.Request) -> str:
+    addr = request.getClientAddress()
+    host = getattr(addr, "host", None)
+    return str(host) if host is not None else str(addr)
+
+
+Handler = Callable[[MdmdRequest], Awaitable[HTTPResponse]]
+
+
+class Endpoint(Resource):
+    """A leaf answering with ``async def handle_<METHOD>(request)`` methods."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> int:
+        req = cast(MdmdRequest, request)
+        method = req.method.decode("ascii", "replace")
+        handler: Handler | None = getattr(self, f"handle_{method}", None)
+        if handler is None:
+            allowed = sorted(name.removeprefix("handle_") for name in dir(self) if name.startswith("handle_"))
+            refusal = json_error(405, f"method {method} not allowed")
+            _write(req, HTTPResponse(405, refusal.body, headers=(("Allow", ", ".join(allowed)),)))
+            return NOT_DONE_YET
+        finished: list[bool] = []
+        req.notifyFinish().addBoth(lambda _: finished.append(True))
+
+        d = Deferred.fromCoroutine(_call(handler, req))
+        d.addCallback(lambda response: _write(req, response, finished))
+        return NOT_DONE_YET
+
+
+async def _call(handler: Handler, request: MdmdRequest) -> HTTPResponse:
+    try:
+        return await handler(request)
+    except HTTPError as e:
+        log.warn(
+            "{listener} {method} {path} refused ({status}): {reason}",
+            listener=request.site.listener if hasattr(request, "site") else "?",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            status=e.response.status,
+            reason=e.reason,
+            device_id=request.device_id,
+        )
+        return e.response
+    except Exception:
+        log.failure(
+            "unhandled error in {method} {path}",
+            Failure(),
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            device_id=request.device_id,
+        )
+        return json_error(500, "internal server error")
+
+
+def _write(request: MdmdRequest, response: HTTPResponse, finished: list[bool] | None = None) -> None:
+    if finished:
+        # The client went away while we worked; what we stored is stored.
+        return
+    request.setResponseCode(response.status)
+    request.setHeader(b"Content-Type", response.content_type.encode())
+    # One body with Content-Length, never chunked: MS-MDE2 clients require it.
+    request.setHeader(b"Content-Length", str(len(response.body)).encode())
+    for name, value in response.headers:
+        request.setHeader(name.encode(), value.encode())
+    if request.method != b"HEAD":
+        request.write(response.body)
+    request.finish()
+
+
+class Router(Resource):
+    """Exact-path dispatch to leaf resources; JSON 404 for everything else."""
+
+    isLeaf = True
+
+    def __init__(self, routes: Mapping[bytes, Resource]) -> None:
+        super().__init__()
+        self.routes = dict(routes)
+
+    def render(self, request: server.Request) -> int | bytes:
+        target = self.routes.get(request.path.rstrip(b"/") or b"/")
+        if target is None:
+            _write(
+                cast(MdmdRequest, request),
+                json_error(404, f"no such endpoint: {request.path.decode('latin-1')}"),
+            )
+            return NOT_DONE_YET
+        return cast(int | bytes, target.render(request))
+
+
+class AdminRouter(Router):
+    """:class:`Router` behind ``Authorization: Bearer <admin token>``."""
+
+    realm: ClassVar[str] = "mdmd-admin"
+
+    def __init__(self, routes: Mapping[bytes, Resource], token: str) -> None:
+        super().__init__(routes)
+        self._token = token.encode()
+
+    def render(self, request: server.Request) -> int | bytes:
+        header = request.getHeader(b"Authorization") or b""
+        scheme, _, presented = header.partition(b" ")
+        # compare_digest: the token comparison must not leak by timing.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(presented.strip(), self._token):
+            log.warn(
+                "admin {method} {path} refused: {why}",
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                why="no bearer token" if not header else "wrong bearer token",
+            )
+            _write(
+                cast(MdmdRequest, request),
+                HTTPResponse(
+                    401,
+                    json.dumps({"message": "admin bearer token required"}).encode(),
+                    headers=(("WWW-Authenticate", f'Bearer realm="{self.realm}"'),),
+                ),
+            )
+            return NOT_DONE_YET
+        return super().render(request)

@@ -1,0 +1,164 @@
+"""INI configuration: the example works, and every mistake is one clear line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness import EXAMPLE_CONFIG, edit_ini, run_twistd, write_config
+from mdmd.config import ConfigError, PollSchedule, load_config
+
+
+def _write(tmp_path: Path, changes: dict[str, dict[str, str | None]], extra: str = "") -> Path:
+    path = tmp_path / "mdmd.ini"
+    path.write_text(edit_ini(EXAMPLE_CONFIG.read_text(), changes) + extra)
+    return path
+
+
+def test_example_config_loads_with_documented_defaults() -> None:
+    config = load_config(str(EXAMPLE_CONFIG))
+    assert config.state_dir == os.path.normpath(EXAMPLE_CONFIG.parent / "../state")
+    assert config.bootstrap is True
+    assert config.enrollment.url == "https://localhost:8443"
+    assert config.enrollment.tls_cert == os.path.join(config.state_dir, "tls-server.pem")
+    # Management defaults to the enrollment certificate.
+    assert config.management.tls_cert == config.enrollment.tls_cert
+    assert config.management.tls_key == config.enrollment.tls_key
+    assert config.management.url.endswith("/api/mdm/microsoft/management")
+    assert config.management.poll == PollSchedule(15, 5, 60, 10, 1440, 0, True)
+    assert config.wstep.device_cert_days == 365
+    assert config.admin.url == "http://127.0.0.1:8445"
+    assert config.database == os.path.join(config.state_dir, "mdmd.sqlite3")
+
+
+def test_every_example_key_is_documented() -> None:
+    # Each key (or pair of keys that go together) sits right under a comment.
+    lines = EXAMPLE_CONFIG.read_text().splitlines()
+    keys = 0
+    for i, line in enumerate(lines):
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            keys += 1
+            j = i - 1
+            while j >= 0 and lines[j] and not lines[j].startswith(("#", "[")):
+                j -= 1
+            assert lines[j].startswith("#"), f"undocumented key: {line}"
+    assert keys >= 20
+
+
+@pytest.mark.parametrize(
+    ("changes", "extra", "where", "what"),
+    [
+        ({}, "[bogus]\nx = 1\n", "[bogus]", "unknown section"),
+        ({"enrollment": {"enroll_secert_file": "x"}}, "", "[enrollment] enroll_secert_file", "unknown key"),
+        ({"enrollment": {"url": None}}, "", "[enrollment] url", "required key is missing"),
+        ({"enrollment": {"url": "http://mdm.example.com"}}, "", "[enrollment] url", "https"),
+        ({"enrollment": {"listen": "ssl:443"}}, "", "[enrollment] listen", "Twisted server endpoint"),
+        ({"mdmd": {"bootstrap": "maybe"}}, "", "[mdmd] bootstrap", "yes or no"),
+        ({"wstep": {"device_cert_days": "0"}}, "", "[wstep] device_cert_days", "between 1 and 3650"),
+        ({"wstep": {"device_cert_days": "a year"}}, "", "[wstep] device_cert_days", "whole number"),
+        (
+            {"management": {"poll_schedule": "15x0 60x10 1440x0"}},
+            "",
+            "[management] poll_schedule",
+            "non-zero",
+        ),
+        ({"management": {"poll_schedule": "15x5 60x10 60x0"}}, "", "[management] poll_schedule", "1440"),
+        ({"management": {"provider_id": "My MDM"}}, "", "[management] provider_id", "letters"),
+        ({"management": {"url": "https://mdm.example.com"}}, "", "[management] url", "path"),
+        ({"management": {"tls_cert": "a.pem"}}, "", "[management] tls_key", "go together"),
+    ],
+)
+def test_config_errors_name_file_section_and_key(
+    tmp_path: Path, changes: dict[str, dict[str, str | None]], extra: str, where: str, what: str
+) -> None:
+    path = _write(tmp_path, changes, extra)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: {where}")
+    assert what in message
+    assert "\n" not in message
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the configuration"):
+        load_config(str(tmp_path / "absent.ini"))
+
+
+def test_percent_in_values_is_literal(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"management": {"provider_name": "100% managed"}})
+    assert load_config(str(path)).management.provider_name == "100% managed"
+
+
+# --- through twistd: one line on stderr, non-zero exit, no traceback ---
+
+
+def _assert_one_line_failure(result: object, *needles: str) -> None:
+    import subprocess
+
+    assert isinstance(result, subprocess.CompletedProcess)
+    assert result.returncode == 78, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mdmd: ")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0]
+
+
+def test_twistd_unknown_key_exits_with_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"admin": {"tokn_file": "x"}})
+    _assert_one_line_failure(run_twistd(config), str(config), "[admin] tokn_file", "unknown key")
+
+
+def test_twistd_unknown_section_exits_with_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"enrolment": {"url": "https://x"}})
+    _assert_one_line_failure(run_twistd(config), "[enrolment]", "unknown section")
+
+
+def test_twistd_missing_required_key_exits_with_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"management": {"url": None}})
+    _assert_one_line_failure(run_twistd(config), "[management] url", "missing")
+
+
+def test_twistd_bad_value_exits_with_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"enrollment": {"max_body_bytes": "lots"}})
+    _assert_one_line_failure(run_twistd(config), "[enrollment] max_body_bytes")
+
+
+def test_twistd_unreadable_config_exits_with_one_line(tmp_path: Path) -> None:
+    _assert_one_line_failure(run_twistd(tmp_path / "nope.ini"), "cannot read")
+
+
+def test_twistd_missing_material_without_bootstrap(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"mdmd": {"bootstrap": "no"}})
+    (tmp_path / "state").mkdir()
+    _assert_one_line_failure(run_twistd(config), "[enrollment] tls_cert", "No such file", "mdmctl init")
+
+
+def test_twistd_key_not_matching_certificate(tmp_path: Path) -> None:
+    from mdmd import pki
+
+    config = write_config(tmp_path, {"mdmd": {"bootstrap": "no"}})
+    state = tmp_path / "state"
+    src = tmp_path / "made"
+    pki.bootstrap(
+        pki.BootstrapPlan(
+            identity_cert=str(src / "wstep-identity.pem"),
+            identity_key=str(src / "wstep-identity.key"),
+            tls_cert=str(src / "tls-server.pem"),
+            tls_key=str(src / "tls-server.key"),
+            tls_root_cert=str(src / "tls-root.pem"),
+            tls_root_key=str(src / "tls-root.key"),
+            tls_hosts=["localhost"],
+            enroll_secret_file=str(src / "enroll_secret"),
+            admin_token_file=str(src / "admin_token"),
+        ),
+        now=__import__("datetime").datetime.now(__import__("datetime").timezone.utc),
+    )
+    shutil.copytree(src, state)
+    # The identity key replaced by another key: start-up must refuse.
+    shutil.copy(state / "tls-root.key", state / "wstep-identity.key")
+    _assert_one_line_failure(run_twistd(config), "[wstep] identity_key", "does not match")

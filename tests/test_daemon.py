@@ -1,0 +1,189 @@
+"""The daemon as an operator runs it: ``twistd -n mdmd --config ...`` on
+loopback, spoken to over real TLS sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from harness import Daemon, running_daemon
+from mdmd import pki
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("daemon")) as d:
+        yield d
+
+
+def _client_context(daemon: Daemon, tmp: Path, cert: x509.Certificate | None, key: object) -> ssl.SSLContext:
+    ctx = daemon.server_context()
+    if cert is not None:
+        cert_path, key_path = tmp / "client.pem", tmp / "client.key"
+        cert_path.write_bytes(pki.cert_to_pem(cert))
+        key_path.write_bytes(pki.key_to_pem(key))  # type: ignore[arg-type]
+        ctx.load_cert_chain(str(cert_path), str(key_path))
+    return ctx
+
+
+def _device_cert(
+    issuer_cert: x509.Certificate, issuer_key: object, device_id: str
+) -> tuple[x509.Certificate, object]:
+    key = pki.generate_rsa_key(2048)
+    cert = pki.issue_device_certificate(
+        issuer_cert,
+        issuer_key,
+        key.public_key(),
+        device_id,  # type: ignore[arg-type]
+        days=30,
+        now=datetime.now(UTC),
+    )
+    return cert, key
+
+
+def _identity(daemon: Daemon) -> tuple[x509.Certificate, object]:
+    cert = x509.load_pem_x509_certificate((daemon.state / "wstep-identity.pem").read_bytes())
+    key = load_pem_private_key((daemon.state / "wstep-identity.key").read_bytes(), None)
+    return cert, key
+
+
+def test_each_listener_logs_its_url(daemon: Daemon) -> None:
+    text = daemon.log_text()
+    enrollment, management = daemon.port("enrollment"), daemon.port("management")
+    assert f"enrollment listener (TLS) on 127.0.0.1:{enrollment}, public URL {daemon.url('enrollment')}" in text
+    assert (
+        f"management listener (mutual TLS) on 127.0.0.1:{management}, "
+        f"public URL {daemon.url('management')}" in text
+    )
+    assert f"admin listener (HTTP, bearer token) on 127.0.0.1:{daemon.port('admin')}" in text
+
+
+def test_bootstrap_writes_private_files_0600(daemon: Daemon) -> None:
+    for name in (
+        "wstep-identity.key",
+        "tls-server.key",
+        "tls-root.key",
+        "enroll_secret",
+        "admin_token",
+        "mdmd.sqlite3",
+    ):
+        mode = stat.S_IMODE(os.stat(daemon.state / name).st_mode)
+        assert mode == 0o600, (name, oct(mode))
+    assert stat.S_IMODE(os.stat(daemon.state).st_mode) == 0o700
+
+
+def test_enrollment_listener_serves_tls_with_the_bootstrapped_chain(daemon: Daemon) -> None:
+    response, body = daemon.request("POST", "/api/mdm/microsoft/nope", b"")
+    assert response.status == 404
+    assert b"no such endpoint" in body
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+def test_enrollment_listener_refuses_tls_1_1(daemon: Daemon) -> None:
+    ctx = daemon.server_context()
+    # Let this client offer TLS 1.0/1.1 so that the refusal is the server's.
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):
+        daemon.request("GET", "/", context=ctx)
+
+
+def test_tls_1_2_negotiates_forward_secret_aead(daemon: Daemon) -> None:
+    ctx = daemon.server_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    conn = daemon.https(context=ctx)
+    conn.connect()
+    try:
+        assert conn.sock is not None
+        name, version, _ = conn.sock.cipher()  # type: ignore[union-attr,misc]
+        assert version == "TLSv1.2" and name.startswith("ECDHE-") and "GCM" in name
+    finally:
+        conn.close()
+
+
+def test_management_accepts_a_certificate_from_the_identity_ca(daemon: Daemon, tmp_path: Path) -> None:
+    cert, key = _device_cert(*_identity(daemon), "B5B954E81FBCB94EB79BD08BE625F4EE")
+    ctx = _client_context(daemon, tmp_path, cert, key)
+    response, _ = daemon.request("GET", "/api/mdm/microsoft/nope", section="management", context=ctx)
+    assert response.status == 404
+
+
+def _assert_refused(daemon: Daemon, ctx: ssl.SSLContext) -> None:
+    # With TLS 1.3 the server's refusal of the client certificate arrives
+    # after the client's side of the handshake: the request then fails.
+    with pytest.raises(
+        (ssl.SSLError, ConnectionResetError, BrokenPipeError, socket.timeout, OSError)
+    ) as info:
+        daemon.request(
+            "POST", "/api/mdm/microsoft/management", b"<SyncML/>", section="management", context=ctx
+        )
+    assert not isinstance(info.value, TimeoutError)
+
+
+def test_management_refuses_a_client_without_certificate(daemon: Daemon, tmp_path: Path) -> None:
+    _assert_refused(daemon, _client_context(daemon, tmp_path, None, None))
+
+
+def test_management_refuses_a_certificate_from_another_ca(daemon: Daemon, tmp_path: Path) -> None:
+    other_key = pki.generate_rsa_key(2048)
+    other_ca = pki.create_ca_certificate(other_key, "not the identity CA", days=30, now=datetime.now(UTC))
+    cert, key = _device_cert(other_ca, other_key, "B5B954E81FBCB94EB79BD08BE625F4EE")
+    _assert_refused(daemon, _client_context(daemon, tmp_path, cert, key))
+
+
+def test_management_refuses_a_self_signed_copy_of_the_identity_subject(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # Same subject name as the real CA, different key: name matching alone
+    # must not be enough.
+    identity, _ = _identity(daemon)
+    impostor_key = pki.generate_rsa_key(2048)
+    impostor = pki.create_ca_certificate(
+        impostor_key,
+        identity.subject.rfc4514_string().split("CN=")[-1].split(",")[0],
+        days=30,
+        now=datetime.now(UTC),
+    )
+    cert, key = _device_cert(impostor, impostor_key, "B5B954E81FBCB94EB79BD08BE625F4EE")
+    _assert_refused(daemon, _client_context(daemon, tmp_path, cert, key))
+
+
+def test_admin_requires_the_bearer_token(daemon: Daemon) -> None:
+    assert daemon.admin("GET", "/healthz") == (200, {"status": "ok"})
+    status, body = daemon.admin("GET", "/healthz", token=None)
+    assert status == 401 and isinstance(body, dict) and "token" in body["message"]
+    status, _ = daemon.admin("GET", "/healthz", token="wrong" * 8)
+    assert status == 401
+    status, _ = daemon.admin("GET", "/api/v1/devices", token="wrong" * 8)
+    assert status == 401
+
+
+def test_oversize_body_is_refused_with_413_before_it_is_read(daemon: Daemon) -> None:
+    limit = 1048576
+    with (
+        socket.create_connection(("127.0.0.1", daemon.port("enrollment"))) as raw,
+        daemon.server_context().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(
+            b"POST /api/mdm/microsoft/enroll HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/soap+xml\r\n"
+            b"Content-Length: " + str(limit + 1).encode() + b"\r\n\r\n"
+        )
+        reply = tls.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413 ")
+
+
+def test_request_log_line_names_listener_method_path_status(daemon: Daemon) -> None:
+    daemon.request("POST", "/api/fleet/orbit/whatever?x=1", b"{}")
+    lines = [line for line in daemon.log_text().splitlines() if "POST /api/fleet/orbit/whatever" in line]
+    assert lines and "enrollment POST /api/fleet/orbit/whatever 404" in lines[-1]

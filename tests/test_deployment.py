@@ -1,0 +1,86 @@
+"""What an operator installs: the twistd plugin, mdmctl init, the systemd unit."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import REPO, TWISTD, daemon_env
+from mdmd.mdmctl import main as mdmctl
+
+
+def test_twistd_lists_the_mdmd_plugin() -> None:
+    result = subprocess.run(
+        [str(TWISTD), "--help"], env=daemon_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert any(line.split()[:1] == ["mdmd"] for line in result.stdout.splitlines()), result.stdout
+
+
+def test_mdmctl_init_creates_material_once(tmp_path: Path, capsys: object) -> None:
+    target = tmp_path / "state"
+    assert mdmctl(["init", str(target), "--host", "mdm.example.com"]) == 0
+    names = sorted(p.name for p in target.iterdir())
+    assert names == sorted(
+        [
+            "admin_token",
+            "enroll_secret",
+            "tls-root.key",
+            "tls-root.pem",
+            "tls-server.key",
+            "tls-server.pem",
+            "wstep-identity.key",
+            "wstep-identity.pem",
+        ]
+    )
+    for name in ("admin_token", "enroll_secret", "tls-root.key", "tls-server.key", "wstep-identity.key"):
+        assert stat.S_IMODE(os.stat(target / name).st_mode) == 0o600, name
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert mdmctl(["init", str(target)]) == 0
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_mdmctl_init_without_tls_leaves_the_server_certificate_to_the_operator(tmp_path: Path) -> None:
+    target = tmp_path / "state"
+    assert mdmctl(["init", "--no-tls", str(target)]) == 0
+    assert not (target / "tls-server.pem").exists()
+    assert (target / "wstep-identity.pem").exists()
+
+
+def test_mdmctl_is_a_console_script() -> None:
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    assert "mdmctl = mdmd.mdmctl:main" in parser["options.entry_points"]["console_scripts"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mdmd.mdmctl", "--help"], env=daemon_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "init" in result.stdout
+
+
+def _unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(REPO / "systemd" / "mdmd.service")
+    return parser
+
+
+def test_systemd_unit_runs_twistd_hardened() -> None:
+    service = _unit()["Service"]
+    assert service["ExecStart"].endswith("twistd --nodaemon --pidfile= mdmd --config /etc/mdmd/mdmd.ini")
+    assert service["User"] == "mdmd" and service["StateDirectory"] == "mdmd"
+    assert service["UMask"] == "0077"
+    assert service["Restart"] == "on-failure"
+    for key, value in {
+        "ProtectSystem": "strict",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "ProtectHome": "yes",
+        "PrivateDevices": "yes",
+    }.items():
+        assert service[key] == value, key
+    # TWISTED-NOTES: TLS contexts cannot be built under it.
+    assert "MemoryDenyWriteExecute" not in service

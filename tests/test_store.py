@@ -1,0 +1,246 @@
+"""The SQLite store: schema, transactions, durability of acknowledged writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from harness import REPO
+from mdmd.store import (
+    SCHEMA_VERSION,
+    DeviceEnrollment,
+    HostEnrollment,
+    SQLiteStore,
+    StoreError,
+)
+
+T = TypeVar("T")
+
+
+class ThreadReactor:
+    """Just enough reactor for the store outside a running reactor: results
+    are delivered on the store thread and awaited with a bounded wait."""
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        f(*args, **kw)
+
+
+def wait(d: Deferred[T], timeout: float = 10.0) -> T:
+    done = threading.Event()
+    box: list[Any] = []
+    d.addBoth(lambda r: (box.append(r), done.set()))
+    assert done.wait(timeout), "store call did not complete"
+    result = box[0]
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore(str(tmp_path / "mdmd.sqlite3"), ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    s.start()
+    yield s
+    s.stop()
+
+
+def _host(n: int, key: bytes | None = None) -> HostEnrollment:
+    return HostEnrollment(
+        hardware_uuid=f"uuid-{n}",
+        node_key_hash=hashlib.sha256(key or f"key-{n}".encode()).digest(),
+        platform="windows",
+        hostname=f"host{n}",
+        hardware_serial=f"serial{n}",
+        info={"n": n},
+    )
+
+
+def _enrollment(device_id: str, host_id: int, serial: str, hw: str | None = "hw") -> DeviceEnrollment:
+    return DeviceEnrollment(
+        device_id=device_id,
+        host_id=host_id,
+        hw_dev_id=hw,
+        enrollment_type="Full",
+        device_name="PC",
+        os_version="10.0.19045.1",
+        context=(("MAC", "a"), ("MAC", "b")),
+        cert_serial=serial,
+        cert_thumbprint=serial.upper() * 2,
+        cert_not_before=1.0,
+        cert_not_after=2.0,
+    )
+
+
+def test_new_database_is_migrated_wal_and_private(tmp_path: Path) -> None:
+    path = tmp_path / "mdmd.sqlite3"
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    assert s.open() == 0
+    s.stop()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    s2 = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    assert s2.open() == SCHEMA_VERSION
+    s2.stop()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "mdmd.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        SQLiteStore(str(path), ThreadReactor()).open()  # type: ignore[arg-type]
+
+
+def test_garbage_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "mdmd.sqlite3"
+    path.write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError):
+        SQLiteStore(str(path), ThreadReactor()).open()  # type: ignore[arg-type]
+
+
+def test_host_reenrollment_keeps_the_host_and_replaces_the_key(store: SQLiteStore) -> None:
+    first = wait(store.enroll_host(_host(1, b"old"), now=10.0))
+    again = wait(store.enroll_host(_host(1, b"new"), now=20.0))
+    assert again.id == first.id
+    assert wait(store.host_by_node_key(hashlib.sha256(b"old").digest())) is None
+    found = wait(store.host_by_node_key(hashlib.sha256(b"new").digest()))
+    assert found is not None and found.id == first.id and found.enrolled_at == 10.0
+
+
+def test_device_reenrollment_revokes_the_old_certificate(store: SQLiteStore) -> None:
+    host = wait(store.enroll_host(_host(1), now=1.0))
+    wait(store.record_device_enrollment(_enrollment("DEV1", host.id, "aa"), now=2.0))
+    outcome = wait(store.record_device_enrollment(_enrollment("DEV1", host.id, "bb"), now=3.0))
+    assert outcome.revoked_serials == ("aa",)
+    old, new = wait(store.certificate("aa")), wait(store.certificate("bb"))
+    assert old is not None and old.revoked_at == 3.0
+    assert new is not None and new.revoked_at is None
+
+
+def test_new_device_id_on_the_same_host_replaces_the_old_device(store: SQLiteStore) -> None:
+    host = wait(store.enroll_host(_host(1), now=1.0))
+    wait(store.record_device_enrollment(_enrollment("DEV1", host.id, "aa"), now=2.0))
+    outcome = wait(store.record_device_enrollment(_enrollment("DEV2", host.id, "bb"), now=3.0))
+    assert outcome.replaced_device_ids == ("DEV1",) and outcome.revoked_serials == ("aa",)
+    old = wait(store.device("DEV1"))
+    assert old is not None and old.state == "unenrolled"
+    refreshed = wait(store.host_by_node_key(hashlib.sha256(b"key-1").digest()))
+    assert refreshed is not None and refreshed.mdm_device_id == "DEV2"
+
+
+def test_hw_dev_id_collision_is_flagged_not_merged(store: SQLiteStore) -> None:
+    a = wait(store.enroll_host(_host(1), now=1.0))
+    b = wait(store.enroll_host(_host(2), now=1.0))
+    wait(store.record_device_enrollment(_enrollment("DEV-A", a.id, "aa", hw="CLONE"), now=2.0))
+    outcome = wait(store.record_device_enrollment(_enrollment("DEV-B", b.id, "bb", hw="CLONE"), now=3.0))
+    assert outcome.hw_dev_id_collisions == ("DEV-A",) and outcome.revoked_serials == ()
+    first, second = wait(store.device("DEV-A")), wait(store.device("DEV-B"))
+    assert first is not None and first.state == "enrolled" and first.hw_dev_id_collision
+    assert second is not None and second.hw_dev_id_collision
+    cert = wait(store.certificate("aa"))
+    assert cert is not None and cert.revoked_at is None
+
+
+def test_a_failed_transaction_changes_nothing(store: SQLiteStore) -> None:
+    host = wait(store.enroll_host(_host(1), now=1.0))
+    wait(store.record_device_enrollment(_enrollment("DEV1", host.id, "aa"), now=2.0))
+    # Same serial again violates the primary key after the revocation step:
+    # the whole transaction, revocation included, must roll back.
+    with pytest.raises(sqlite3.IntegrityError):
+        wait(store.record_device_enrollment(_enrollment("DEV1", host.id, "aa"), now=3.0))
+    cert = wait(store.certificate("aa"))
+    assert cert is not None and cert.revoked_at is None
+
+
+def test_writes_survive_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "mdmd.sqlite3")
+    s = SQLiteStore(path, ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    s.start()
+    wait(s.enroll_host(_host(7), now=1.0))
+    s.stop()
+    s = SQLiteStore(path, ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    s.start()
+    try:
+        found = wait(s.host_by_node_key(hashlib.sha256(b"key-7").digest()))
+        assert found is not None and found.hostname == "host7"
+    finally:
+        s.stop()
+
+
+_WRITER = textwrap.dedent(
+    """
+    import hashlib, sys
+    from twisted.internet import reactor, task
+    from twisted.internet.defer import Deferred
+    from mdmd.store import HostEnrollment, SQLiteStore
+
+    store = SQLiteStore(sys.argv[1], reactor)
+    store.open()
+    store.start()
+
+    async def writer(lane: int) -> None:
+        n = lane
+        while True:
+            await store.enroll_host(
+                HostEnrollment(f"uuid-{n}", hashlib.sha256(b"%d" % n).digest(), "windows",
+                               f"h{n}", "s", {}), now=float(n))
+            # The acknowledgement: printed only after the commit.
+            sys.stdout.write(f"ack {n}\\n")
+            sys.stdout.flush()
+            n += 4
+
+    for lane in range(4):
+        Deferred.fromCoroutine(writer(lane))
+    reactor.run()
+    """
+)
+
+
+def test_sigkill_during_a_stream_of_writes_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    db = tmp_path / "mdmd.sqlite3"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(db)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    acked: list[int] = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while len(acked) < 400 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        acked.append(int(line.split()[1]))
+    # Kill in the middle of the stream: writes are still in flight.
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(acked) >= 400, "writer did not acknowledge enough writes"
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {row[0] for row in conn.execute("SELECT hardware_uuid FROM hosts")}
+    finally:
+        conn.close()
+    missing = [n for n in acked if f"uuid-{n}" not in stored]
+    assert missing == []
