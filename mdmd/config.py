@@ -9,6 +9,7 @@ one :class:`ConfigError` naming the file, the section and the key.
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -16,13 +17,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from mdmd.provisioning import PollSchedule
+
 __all__ = [
     "AdminConfig",
     "ConfigError",
     "EnrollmentConfig",
     "ManagementConfig",
     "MdmdConfig",
-    "PollSchedule",
     "WstepConfig",
     "load_config",
 ]
@@ -44,19 +46,6 @@ class ConfigError(Exception):
             if key is not None:
                 where += f" {key}"
         super().__init__(f"{where}: {message}")
-
-
-@dataclass(frozen=True, slots=True)
-class PollSchedule:
-    """DMClient ``Poll`` node values (MS-MDE2 2.2.9.3), intervals in minutes."""
-
-    first_interval: int = 15
-    first_retries: int = 5
-    second_interval: int = 60
-    second_retries: int = 10
-    remaining_interval: int = 1440
-    remaining_retries: int = 0
-    poll_on_login: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,29 +182,29 @@ def _provider_id(value: str) -> str:
     return value
 
 
-def _poll_schedule(value: str) -> tuple[int, int, int, int, int, int]:
-    parts = [p.strip() for p in value.replace(",", " ").split()]
-    if len(parts) != 3:
-        raise ValueError(
-            "expected three INTERVALxCOUNT pairs (first, second, remaining), e.g. '15x5 60x10 1440x0'"
-        )
+def _poll_schedule(value: str) -> PollSchedule:
+    parts = value.replace(",", " ").split()
     numbers: list[int] = []
     for part in parts:
         match = re.fullmatch(r"(\d{1,6})x(\d{1,6})", part)
         if not match:
             raise ValueError(f"{part!r} is not INTERVALxCOUNT (minutes x retries)")
         numbers += [int(match.group(1)), int(match.group(2))]
+    if len(numbers) != 6:
+        raise ValueError(
+            "expected three INTERVALxCOUNT pairs (first, second, remaining), e.g. '15x5 60x10 1440x0'"
+        )
+    # PollSchedule enforces MS-MDE2 2.2.9.3 (first count not 0, remaining
+    # interval 0 or at least a day, not all zero).
     first_i, first_n, second_i, second_n, rest_i, rest_n = numbers
-    # MS-MDE2 2.2.9.3: NumberOfFirstRetries must not be 0, the long-run
-    # interval must be at least a day, and an all-zero schedule is a
-    # configuration failure on the device.
-    if first_i == 0 or first_n == 0:
-        raise ValueError("the first set needs a non-zero interval and a non-zero retry count")
-    if rest_i != 0 and rest_i < 1440:
-        raise ValueError("the remaining interval must be 0 (none) or at least 1440 minutes")
-    if rest_i == 0 and rest_n != 0:
-        raise ValueError("a remaining retry count needs a remaining interval")
-    return first_i, first_n, second_i, second_n, rest_i, rest_n
+    return PollSchedule(
+        first_interval=first_i,
+        first_retries=first_n,
+        second_interval=second_i,
+        second_retries=second_n,
+        remaining_interval=rest_i,
+        remaining_retries=rest_n,
+    )
 
 
 # --- the schema: section -> key -> (parser, default or REQUIRED) ---
@@ -248,7 +237,7 @@ _SCHEMA: _Schema = {
         "max_msg_size": (_bounded_int(4096, 16 * 1024 * 1024), 512 * 1024),
         "provider_id": (_provider_id, "mdmd"),
         "provider_name": (_text, "mdmd"),
-        "poll_schedule": (_poll_schedule, (15, 5, 60, 10, 1440, 0)),
+        "poll_schedule": (_poll_schedule, PollSchedule()),
         "poll_on_login": (_boolean, True),
     },
     "wstep": {
@@ -335,7 +324,7 @@ def load_config(path: str) -> MdmdConfig:
     if (m["tls_cert"] is None) != (m["tls_key"] is None):
         missing = "tls_key" if m["tls_key"] is None else "tls_cert"
         raise ConfigError(path, "management", missing, "tls_cert and tls_key go together")
-    first_i, first_n, second_i, second_n, rest_i, rest_n = typed(tuple, m["poll_schedule"])
+    poll = typed(PollSchedule, m["poll_schedule"])
     admin_url = a["url"] if a["url"] is not None else _admin_url_from_listen(str(a["listen"]))
     if admin_url is None:
         raise ConfigError(path, "admin", "url", "required when admin listen is not a tcp: endpoint")
@@ -366,9 +355,7 @@ def load_config(path: str) -> MdmdConfig:
             max_msg_size=typed(int, m["max_msg_size"]),
             provider_id=typed(str, m["provider_id"]),
             provider_name=typed(str, m["provider_name"]),
-            poll=PollSchedule(
-                first_i, first_n, second_i, second_n, rest_i, rest_n, typed(bool, m["poll_on_login"])
-            ),
+            poll=dataclasses.replace(poll, poll_on_login=typed(bool, m["poll_on_login"])),
         ),
         wstep=WstepConfig(
             identity_cert=in_state("wstep", "identity_cert"),

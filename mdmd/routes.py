@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from twisted.web.resource import Resource
 
+from mdmd.agent import OrbitConfig, OrbitDeviceToken, OrbitEnroll, OrbitPing
 from mdmd.app import Mdmd
+from mdmd.enrollment import DiscoveryService, EnrollmentService, PolicyService
 from mdmd.web import Endpoint, HTTPResponse, MdmdRequest, json_error, json_response
 
 __all__ = ["admin_routes", "enrollment_routes", "management_routes"]
@@ -24,11 +26,13 @@ class HealthEndpoint(Endpoint):
 
 def enrollment_routes(app: Mdmd) -> dict[bytes, Resource]:
     return {
-        b"/api/fleet/orbit/enroll": NotImplementedEndpoint(),
-        b"/api/fleet/orbit/config": NotImplementedEndpoint(),
-        b"/api/mdm/microsoft/discovery": NotImplementedEndpoint(),
-        b"/api/mdm/microsoft/policy": NotImplementedEndpoint(),
-        b"/api/mdm/microsoft/enroll": NotImplementedEndpoint(),
+        b"/api/fleet/orbit/enroll": OrbitEnroll(app),
+        b"/api/fleet/orbit/config": OrbitConfig(app),
+        b"/api/fleet/orbit/device_token": OrbitDeviceToken(app),
+        b"/api/fleet/orbit/ping": OrbitPing(),
+        b"/api/mdm/microsoft/discovery": DiscoveryService(app),
+        b"/api/mdm/microsoft/policy": PolicyService(app),
+        b"/api/mdm/microsoft/enroll": EnrollmentService(app),
     }
 
 

@@ -133,9 +133,11 @@ class Store(Protocol):
 
     def enroll_host(self, enrollment: HostEnrollment, now: float) -> Deferred[HostRecord]: ...
 
-    def host_by_node_key(self, node_key_hash: bytes) -> Deferred[HostRecord | None]: ...
+    def host_by_node_key(
+        self, node_key_hash: bytes, *, seen_at: float | None = None
+    ) -> Deferred[HostRecord | None]: ...
 
-    def touch_host(self, host_id: int, now: float) -> Deferred[None]: ...
+    def request_unenrollment(self, device_id: str) -> Deferred[bool]: ...
 
     def record_device_enrollment(
         self, enrollment: DeviceEnrollment, now: float
@@ -381,16 +383,34 @@ class SQLiteStore:
 
         return self._run(txn)
 
-    def host_by_node_key(self, node_key_hash: bytes) -> Deferred[HostRecord | None]:
+    def host_by_node_key(
+        self, node_key_hash: bytes, *, seen_at: float | None = None
+    ) -> Deferred[HostRecord | None]:
+        """The host holding this node key; with *seen_at*, also record it as
+        last seen (one transaction: agents poll often)."""
+
         def txn(conn: sqlite3.Connection) -> HostRecord | None:
+            if seen_at is not None:
+                conn.execute(
+                    "UPDATE hosts SET last_seen = ? WHERE node_key_hash = ?", (seen_at, node_key_hash)
+                )
             row = conn.execute(_HOST_SELECT + " WHERE h.node_key_hash = ?", (node_key_hash,)).fetchone()
             return None if row is None else _host(row)
 
         return self._run(txn)
 
-    def touch_host(self, host_id: int, now: float) -> Deferred[None]:
-        def txn(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE hosts SET last_seen = ? WHERE id = ?", (now, host_id))
+    def request_unenrollment(self, device_id: str) -> Deferred[bool]:
+        """Ask the agent of this device's host to unenroll it from MDM."""
+
+        def txn(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                """
+                UPDATE hosts SET unenroll_requested = 1
+                WHERE id = (SELECT host_id FROM devices WHERE device_id = ? AND state = 'enrolled')
+                """,
+                (device_id,),
+            )
+            return cursor.rowcount > 0
 
         return self._run(txn)
 

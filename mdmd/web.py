@@ -39,6 +39,7 @@ __all__ = [
     "Router",
     "json_error",
     "json_response",
+    "request_body",
 ]
 
 log = Logger(namespace="mdmd.web")
@@ -59,6 +60,13 @@ class HTTPError(Exception):
         super().__init__(reason)
         self.response = response
         self.reason = reason
+
+
+def request_body(request: server.Request) -> bytes:
+    """The whole request body (bounded by the listener's max_body_bytes)."""
+    assert request.content is not None
+    request.content.seek(0)
+    return bytes(request.content.read())
 
 
 def json_response(status: int, obj: object) -> HTTPResponse:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness import EXAMPLE_CONFIG, edit_ini, run_twistd, write_config
-from mdmd.config import ConfigError, PollSchedule, load_config
+from mdmd.config import ConfigError, load_config
+from mdmd.provisioning import PollSchedule
 
 
 def _write(tmp_path: Path, changes: dict[str, dict[str, str | None]], extra: str = "") -> Path:
@@ -63,9 +64,10 @@ def test_every_example_key_is_documented() -> None:
             {"management": {"poll_schedule": "15x0 60x10 1440x0"}},
             "",
             "[management] poll_schedule",
-            "non-zero",
+            "must not be 0",
         ),
         ({"management": {"poll_schedule": "15x5 60x10 60x0"}}, "", "[management] poll_schedule", "1440"),
+        ({"management": {"poll_schedule": "15x5 60x10"}}, "", "[management] poll_schedule", "three"),
         ({"management": {"provider_id": "My MDM"}}, "", "[management] provider_id", "letters"),
         ({"management": {"url": "https://mdm.example.com"}}, "", "[management] url", "path"),
         ({"management": {"tls_cert": "a.pem"}}, "", "[management] tls_key", "go together"),

@@ -59,7 +59,9 @@ def _identity(daemon: Daemon) -> tuple[x509.Certificate, object]:
 def test_each_listener_logs_its_url(daemon: Daemon) -> None:
     text = daemon.log_text()
     enrollment, management = daemon.port("enrollment"), daemon.port("management")
-    assert f"enrollment listener (TLS) on 127.0.0.1:{enrollment}, public URL {daemon.url('enrollment')}" in text
+    assert (
+        f"enrollment listener (TLS) on 127.0.0.1:{enrollment}, public URL {daemon.url('enrollment')}" in text
+    )
     assert (
         f"management listener (mutual TLS) on 127.0.0.1:{management}, "
         f"public URL {daemon.url('management')}" in text

@@ -1,0 +1,303 @@
+"""The enrollment provisioning document (``wap-provisioningdoc``, MS-MDE2 2.2.9).
+
+Windows applies this document after enrollment: it installs the CA and the
+device certificate (CertificateStore CSP, MS-MDE2 2.2.9.2), creates the OMA-DM
+account (w7 APPLICATION, MS-MDE2 2.2.9.5) and sets the DMClient options
+(MS-MDE2 2.2.9.3).  The bytes returned here are base64-encoded into the RSTRC
+by :mod:`mdmd.wstep`.
+
+Deliberately absent:
+
+* ``CertificateStore/My/WSTEP/Renew``: renewal is not served, and announcing
+  it makes Windows try and then mark a healthy enrollment failed (LESSONS.md
+  "Do not advertise renewal you do not serve").
+* ``INIT`` (mobile operators only, fails for MDM) and ``USEHWDEVID`` (the
+  DeviceID of the RST must stay the SyncML Source LocURI).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import quote
+
+from lxml import etree
+
+__all__ = [
+    "DEFAULT_ENCODING",
+    "EnrollmentType",
+    "PollSchedule",
+    "ProvisioningDocParams",
+    "build_provisioning_doc",
+    "cert_thumbprint",
+]
+
+#: OMA-DM encoding mdmd speaks.  Microsoft's sample document sets WBXML; the
+#: spec default is XML, and it is set explicitly (LESSONS.md).
+DEFAULT_ENCODING = "application/vnd.syncml.dm+xml"
+
+EnrollmentType = Literal["Full", "Device"]
+
+# RFC 2396 "unreserved" = alphanumerics and these marks; everything else in
+# SSLCLIENTCERTSEARCHCRITERIA names and values is URI-escaped (MS-MDE2 2.2.9.5).
+_RFC2396_MARKS = "-_.!~*'()"
+
+_MIN_REMAINING_INTERVAL = 1440  # minutes; MS-MDE2 2.2.9.3
+
+
+def cert_thumbprint(der: bytes) -> str:
+    """SHA-1 of a DER certificate as upper-case hex: the CertificateStore node name.
+
+    SHA-1 here is Windows' certificate-hash naming (MS-MDE2 2.2.9.2), not a
+    security decision.
+    """
+    return hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+
+
+@dataclass(frozen=True)
+class PollSchedule:
+    """DMClient ``Poll`` schedule (MS-MDE2 2.2.9.3), intervals in minutes.
+
+    Defaults are the spec's recommended sigmoid schedule: 15 min x 5, then
+    60 min x 10, then daily forever (remaining_retries 0 = infinite).
+    """
+
+    first_interval: int = 15
+    first_retries: int = 5
+    second_interval: int = 60
+    second_retries: int = 10
+    remaining_interval: int = 1440
+    remaining_retries: int = 0
+    poll_on_login: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError unless the schedule obeys MS-MDE2 2.2.9.3."""
+        numbers = {
+            "first_interval": self.first_interval,
+            "first_retries": self.first_retries,
+            "second_interval": self.second_interval,
+            "second_retries": self.second_retries,
+            "remaining_interval": self.remaining_interval,
+            "remaining_retries": self.remaining_retries,
+        }
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"poll {name} must be a non-negative integer, got {value!r}")
+        if not any(numbers.values()):
+            raise ValueError("poll schedule must not set all six values to 0")
+        if self.first_retries == 0:
+            # "The server MUST NOT set NumberOfFirstRetries to 0" (0 = infinite
+            # first schedule, which disables the other two).
+            raise ValueError("poll first_retries (NumberOfFirstRetries) must not be 0")
+        if 0 < self.remaining_interval < _MIN_REMAINING_INTERVAL:
+            raise ValueError(
+                "poll remaining_interval (IntervalForRemainingScheduledRetries) must be 0 "
+                f"or at least {_MIN_REMAINING_INTERVAL} minutes, got {self.remaining_interval}"
+            )
+
+
+def _default_poll() -> PollSchedule:
+    return PollSchedule()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProvisioningDocParams:
+    """Everything the provisioning document says about one enrollment."""
+
+    #: CA certificates, DER, root first (then at most one intermediate).
+    ca_certs_der: Sequence[bytes]
+    #: The certificate just issued to the device, DER.
+    device_cert_der: bytes
+    #: RST context item EnrollmentType: "Full" (user) -> My/User,
+    #: "Device" -> My/System.
+    enrollment_type: EnrollmentType
+    #: w7 ADDR: HTTPS URL of the OMA-DM endpoint (Windows appends a query).
+    management_url: str
+    #: w7 PROVIDER-ID = DMClient/Provider/<id>; keep it free of characters
+    #: that need URI or XML escaping (it becomes a LocURI segment).
+    provider_id: str
+    #: w7 NAME (display / registry name).
+    provider_name: str
+    #: The RST DeviceID; the issued certificate's subject is CN=<device_id>.
+    device_id: str
+    #: DMClient EntDMID: mdmd's own id for the device (needed before renewal).
+    ent_dmid: str
+    ent_device_name: str | None = None
+    poll: PollSchedule = field(default_factory=_default_poll)
+    #: APPAUTH AAUTHLEVEL=CLIENT (server authenticates itself to the device):
+    #: AAUTHSECRET.
+    client_secret: str = field(repr=False)
+    #: APPAUTH AAUTHLEVEL=APPSRV (device authenticates itself to the server):
+    #: AAUTHNAME and AAUTHSECRET.
+    server_name: str
+    server_secret: str = field(repr=False)
+    #: AAUTHDATA of both blocks: base64 nonce for DIGEST (syncml:auth-md5).
+    nonce: str
+    #: w7 ROLE: 32 = enterprise (MS-MDE2 2.2.9.5); None leaves it out.
+    role: int | None = 32
+    conn_retry_freq: int = 6
+    initial_backoff_ms: int = 30000
+    max_backoff_ms: int = 120000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ca_certs_der", tuple(bytes(c) for c in self.ca_certs_der))
+        if not self.ca_certs_der or not all(self.ca_certs_der):
+            raise ValueError("ca_certs_der must hold at least the root certificate")
+        if not self.device_cert_der:
+            raise ValueError("device_cert_der must not be empty")
+        if self.enrollment_type not in ("Full", "Device"):
+            raise ValueError(f"enrollment_type must be Full or Device, got {self.enrollment_type!r}")
+        for name in (
+            "management_url",
+            "provider_id",
+            "provider_name",
+            "device_id",
+            "ent_dmid",
+            "client_secret",
+            "server_name",
+            "server_secret",
+            "nonce",
+        ):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if "/" in self.provider_id or any(ord(ch) < 0x20 for ch in self.provider_id):
+            raise ValueError("provider_id must not contain '/' or control characters")
+        try:
+            base64.b64decode(self.nonce, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("nonce must be base64") from None
+        for name in ("conn_retry_freq", "initial_backoff_ms", "max_backoff_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+
+def _characteristic(parent: etree._Element, type_: str) -> etree._Element:
+    return etree.SubElement(parent, "characteristic", {"type": type_})
+
+
+def _parm(
+    parent: etree._Element, name: str, value: str | None = None, datatype: str | None = None
+) -> etree._Element:
+    element = etree.SubElement(parent, "parm", {"name": name})
+    if value is not None:
+        element.set("value", value)
+    if datatype is not None:
+        element.set("datatype", datatype)
+    return element
+
+
+def _certificate(store: etree._Element, der: bytes) -> None:
+    node = _characteristic(store, cert_thumbprint(der))
+    # MS-MDE2 2.2.9.4: base64 "cannot include extra formatting characters
+    # such as embedded linefeeds".
+    _parm(node, "EncodedCertificate", base64.b64encode(der).decode("ascii"))
+
+
+def _store_path(root: etree._Element, *path: str) -> etree._Element:
+    node = _characteristic(root, "CertificateStore")
+    for part in path:
+        node = _characteristic(node, part)
+    return node
+
+
+def _search_criteria(device_id: str, store: str) -> str:
+    # MS-MDE2 2.2.9.5: "Subject=<escaped subject>&Stores=<escaped store>";
+    # the store's backslash is %5C.
+    subject = quote(f"CN={device_id}", safe=_RFC2396_MARKS)
+    stores = quote(f"My\\{store}", safe=_RFC2396_MARKS)
+    return f"Subject={subject}&Stores={stores}"
+
+
+def _appauth(
+    application: etree._Element, level: str, secret: str, nonce: str, name: str | None = None
+) -> None:
+    auth = _characteristic(application, "APPAUTH")
+    _parm(auth, "AAUTHLEVEL", level)
+    # MS-MDE2 2.2.9.5: for CLIENT, AAUTHTYPE MUST be DIGEST.
+    _parm(auth, "AAUTHTYPE", "DIGEST")
+    if name is not None:
+        _parm(auth, "AAUTHNAME", name)
+    _parm(auth, "AAUTHSECRET", secret)
+    _parm(auth, "AAUTHDATA", nonce)
+
+
+def _poll(provider: etree._Element, poll: PollSchedule) -> None:
+    node = _characteristic(provider, "Poll")
+    for name, value in (
+        ("IntervalForFirstSetOfRetries", poll.first_interval),
+        ("NumberOfFirstRetries", poll.first_retries),
+        ("IntervalForSecondSetOfRetries", poll.second_interval),
+        ("NumberOfSecondRetries", poll.second_retries),
+        ("IntervalForRemainingScheduledRetries", poll.remaining_interval),
+        ("NumberOfRemainingScheduledRetries", poll.remaining_retries),
+    ):
+        _parm(node, name, str(value), "integer")
+    _parm(node, "PollOnLogin", "true" if poll.poll_on_login else "false", "boolean")
+
+
+def build_provisioning_doc(params: ProvisioningDocParams) -> bytes:
+    """Build the UTF-8 ``wap-provisioningdoc`` (PROTOCOL.md 4 and 8.6).
+
+    No XML declaration (optional; UTF-8 is the default), no pretty printing.
+    Attribute values are escaped by lxml (``&`` becomes ``&amp;``).
+    """
+    params.poll.validate()
+    doc = etree.Element("wap-provisioningdoc", {"version": "1.1"})
+
+    # Root CA into the machine root store; an intermediate (if any) into the
+    # machine intermediate store.  Learn puts enrollment intermediates in
+    # My/User, which is the wrong store for a CA and unused by mdmd's
+    # root-signed device certificates.
+    root_der, *intermediates = params.ca_certs_der
+    _certificate(_store_path(doc, "Root", "System"), root_der)
+    if intermediates:
+        ca_store = _store_path(doc, "CA", "System")
+        for der in intermediates:
+            _certificate(ca_store, der)
+
+    # Device certificate: My/User for a user (Full) enrollment, My/System for
+    # a Device enrollment.  PrivateKeyContainer is required; Microsoft's
+    # enrollment sample makes it a sibling of the thumbprint node (its renewal
+    # sample nests it inside; PROTOCOL.md 3.4).
+    my_store_name = "User" if params.enrollment_type == "Full" else "System"
+    my_store = _store_path(doc, "My", my_store_name)
+    _certificate(my_store, params.device_cert_der)
+    _characteristic(my_store, "PrivateKeyContainer")
+
+    application = _characteristic(doc, "APPLICATION")
+    _parm(application, "APPID", "w7")
+    _parm(application, "PROVIDER-ID", params.provider_id)
+    _parm(application, "NAME", params.provider_name)
+    _parm(application, "ADDR", params.management_url)
+    _parm(application, "CONNRETRYFREQ", str(params.conn_retry_freq))
+    _parm(application, "INITIALBACKOFFTIME", str(params.initial_backoff_ms))
+    _parm(application, "MAXBACKOFFTIME", str(params.max_backoff_ms))
+    # Presence alone disables retrying with an older protocol version.
+    _parm(application, "BACKCOMPATRETRYDISABLED")
+    _parm(application, "DEFAULTENCODING", DEFAULT_ENCODING)
+    _parm(
+        application,
+        "SSLCLIENTCERTSEARCHCRITERIA",
+        _search_criteria(params.device_id, my_store_name),
+    )
+    if params.role is not None:
+        _parm(application, "ROLE", str(params.role))
+    # "Both APPSRV and CLIENT credentials MUST be provided" (MS-MDE2 2.2.9.5).
+    _appauth(application, "CLIENT", params.client_secret, params.nonce)
+    _appauth(application, "APPSRV", params.server_secret, params.nonce, name=params.server_name)
+
+    dmclient = _characteristic(doc, "DMClient")
+    provider = _characteristic(_characteristic(dmclient, "Provider"), params.provider_id)
+    _parm(provider, "EntDMID", params.ent_dmid, "string")
+    if params.ent_device_name:
+        _parm(provider, "EntDeviceName", params.ent_device_name, "string")
+    _poll(provider, params.poll)
+
+    return etree.tostring(doc, encoding="utf-8", xml_declaration=False)
