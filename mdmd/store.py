@@ -124,6 +124,70 @@ class CertificateRecord:
     revoked_at: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """A Status or a Results item a device returned for a queued command
+    (for Atomic/Sequence: one per inner command, by CmdID)."""
+
+    kind: str  # "status" | "results"
+    cmd_id: str | None
+    cmd: str | None
+    status: int | None
+    loc_uri: str | None = None
+    format: str | None = None
+    type: str | None = None
+    data: str | None = None
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    uuid: str
+    device_id: str
+    verb: str
+    body: str  # the command as SyncML, without CmdIDs
+    state: str  # pending | sent | acknowledged | failed
+    status: int | None
+    created_at: float
+    sent_at: float | None
+    acked_at: float | None
+    results: tuple[CommandResult, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    code: str
+    type: str | None
+    format: str | None
+    source: str | None
+    data: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ManagementContext:
+    """Everything one SyncML message needs, read in one transaction."""
+
+    certificate: CertificateRecord
+    device: DeviceRecord
+    session: dict[str, Any] | None
+    queue: tuple[CommandRecord, ...]  # pending or sent-but-unanswered, in queue order
+
+
+@dataclass(frozen=True, slots=True)
+class ManagementStep:
+    """What one SyncML message changed; committed before the reply leaves."""
+
+    device_id: str
+    session: dict[str, Any] | None  # the session state to keep; None ends it
+    inventory: dict[str, str] = field(default_factory=dict)
+    alerts: tuple[AlertRecord, ...] = ()
+    answered: tuple[tuple[str, int], ...] = ()  # (command uuid, top-level status code)
+    results: tuple[tuple[str, CommandResult], ...] = ()
+    sent: tuple[tuple[str, str, int], ...] = ()  # (command uuid, SessionID, server MsgID)
+    failed: tuple[tuple[str, int], ...] = ()  # (command uuid, status) refused by the server
+    unenroll: bool = False
+
+
 # --- the interface ---
 
 
@@ -146,6 +210,24 @@ class Store(Protocol):
     def device(self, device_id: str) -> Deferred[DeviceRecord | None]: ...
 
     def certificate(self, serial: str) -> Deferred[CertificateRecord | None]: ...
+
+    def devices(self) -> Deferred[list[DeviceRecord]]: ...
+
+    def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]: ...
+
+    def management_context(
+        self, cert_serial: str, *, queue_limit: int = 100
+    ) -> Deferred[ManagementContext | None]: ...
+
+    def commit_management_step(self, step: ManagementStep, now: float) -> Deferred[None]: ...
+
+    def queue_command(
+        self, device_id: str, uuid: str, verb: str, body: str, now: float
+    ) -> Deferred[CommandRecord | None]: ...
+
+    def command(self, uuid: str) -> Deferred[CommandRecord | None]: ...
+
+    def device_commands(self, device_id: str, *, limit: int = 100) -> Deferred[list[CommandRecord]]: ...
 
 
 # --- schema ---
@@ -206,26 +288,25 @@ _MIGRATIONS: tuple[str, ...] = (
         sent_at REAL,
         acked_at REAL,
         session_id TEXT,
-        msg_id INTEGER,
-        cmd_ids TEXT
+        msg_id INTEGER
     );
     CREATE INDEX commands_queue ON commands(device_id, state, seq);
     CREATE TABLE command_results (
+        id INTEGER PRIMARY KEY,
         command_uuid TEXT NOT NULL REFERENCES commands(uuid),
-        idx INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('status', 'results')),
         cmd_id TEXT,
+        cmd TEXT,
         status INTEGER,
         loc_uri TEXT,
         format TEXT,
         type TEXT,
         data TEXT,
-        received_at REAL NOT NULL,
-        PRIMARY KEY (command_uuid, idx)
+        received_at REAL NOT NULL
     );
+    CREATE INDEX command_results_by_command ON command_results(command_uuid, id);
     CREATE TABLE syncml_sessions (
         device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
-        session_id TEXT NOT NULL,
-        last_client_msg_id INTEGER NOT NULL,
         state TEXT NOT NULL,
         updated_at REAL NOT NULL
     );
@@ -521,6 +602,181 @@ class SQLiteStore:
 
         return self._run(txn)
 
+    def devices(self) -> Deferred[list[DeviceRecord]]:
+        def txn(conn: sqlite3.Connection) -> list[DeviceRecord]:
+            return [_device(r) for r in conn.execute("SELECT * FROM devices ORDER BY enrolled_at, device_id")]
+
+        return self._run(txn)
+
+    def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]:
+        def txn(conn: sqlite3.Connection) -> list[CertificateRecord]:
+            rows = conn.execute(
+                "SELECT * FROM certificates WHERE device_id = ? ORDER BY issued_at DESC", (device_id,)
+            )
+            return [_certificate(r) for r in rows]
+
+        return self._run(txn)
+
+    # -- OMA-DM management --
+
+    def management_context(
+        self, cert_serial: str, *, queue_limit: int = 100
+    ) -> Deferred[ManagementContext | None]:
+        def txn(conn: sqlite3.Connection) -> ManagementContext | None:
+            cert_row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (cert_serial,)).fetchone()
+            if cert_row is None:
+                return None
+            device_row = conn.execute(
+                "SELECT * FROM devices WHERE device_id = ?", (cert_row["device_id"],)
+            ).fetchone()
+            session_row = conn.execute(
+                "SELECT state FROM syncml_sessions WHERE device_id = ?", (cert_row["device_id"],)
+            ).fetchone()
+            queue = conn.execute(
+                """
+                SELECT * FROM commands WHERE device_id = ? AND state IN ('pending', 'sent')
+                ORDER BY seq LIMIT ?
+                """,
+                (cert_row["device_id"], queue_limit),
+            )
+            return ManagementContext(
+                certificate=_certificate(cert_row),
+                device=_device(device_row),
+                session=None if session_row is None else json.loads(session_row["state"]),
+                queue=tuple(_command(r) for r in queue),
+            )
+
+        return self._run(txn)
+
+    def commit_management_step(self, step: ManagementStep, now: float) -> Deferred[None]:
+        def txn(conn: sqlite3.Connection) -> None:
+            device_id = step.device_id
+            row = conn.execute("SELECT inventory FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            inventory = json.loads(row["inventory"]) if row else {}
+            inventory.update(step.inventory)
+            conn.execute(
+                "UPDATE devices SET inventory = ?, last_seen = ? WHERE device_id = ?",
+                (json.dumps(inventory, sort_keys=True), now, device_id),
+            )
+            conn.executemany(
+                """
+                INSERT INTO device_alerts (device_id, code, type, format, source, data, received_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """,
+                [(device_id, a.code, a.type, a.format, a.source, a.data, now) for a in step.alerts],
+            )
+            # Every update is scoped to this device: a device can never touch
+            # another device's commands, whatever it sends.
+            conn.executemany(
+                """
+                UPDATE commands SET state = 'sent', sent_at = ?, session_id = ?, msg_id = ?
+                WHERE uuid = ? AND device_id = ? AND state IN ('pending', 'sent')
+                """,
+                [(now, session_id, msg_id, uuid, device_id) for uuid, session_id, msg_id in step.sent],
+            )
+            conn.executemany(
+                """
+                UPDATE commands SET state = ?, status = ?, acked_at = ?
+                WHERE uuid = ? AND device_id = ? AND state IN ('pending', 'sent')
+                """,
+                [
+                    ("acknowledged" if 200 <= code < 300 else "failed", code, now, uuid, device_id)
+                    for uuid, code in step.answered + step.failed
+                ],
+            )
+            conn.executemany(
+                """
+                INSERT INTO command_results (command_uuid, kind, cmd_id, cmd, status, loc_uri, format,
+                                             type, data, received_at)
+                SELECT uuid, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM commands WHERE uuid = ? AND device_id = ?
+                """,
+                [
+                    (
+                        r.kind,
+                        r.cmd_id,
+                        r.cmd,
+                        r.status,
+                        r.loc_uri,
+                        r.format,
+                        r.type,
+                        r.data,
+                        now,
+                        uuid,
+                        device_id,
+                    )
+                    for uuid, r in step.results
+                ],
+            )
+            if step.unenroll:
+                conn.execute(
+                    "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
+                    (now, device_id),
+                )
+                conn.execute(
+                    """
+                    UPDATE certificates SET revoked_at = ?, revoke_reason = 'unenrolled'
+                    WHERE device_id = ? AND revoked_at IS NULL
+                    """,
+                    (now, device_id),
+                )
+            if step.session is None or step.unenroll:
+                conn.execute("DELETE FROM syncml_sessions WHERE device_id = ?", (device_id,))
+            else:
+                conn.execute(
+                    """
+                    INSERT INTO syncml_sessions (device_id, state, updated_at) VALUES (?, ?, ?)
+                    ON CONFLICT (device_id) DO UPDATE
+                    SET state = excluded.state, updated_at = excluded.updated_at
+                    """,
+                    (device_id, json.dumps(step.session, separators=(",", ":")), now),
+                )
+
+        return self._run(txn)
+
+    # -- the command queue --
+
+    def queue_command(
+        self, device_id: str, uuid: str, verb: str, body: str, now: float
+    ) -> Deferred[CommandRecord | None]:
+        def txn(conn: sqlite3.Connection) -> CommandRecord | None:
+            known = conn.execute(
+                "SELECT 1 FROM devices WHERE device_id = ? AND state = 'enrolled'", (device_id,)
+            ).fetchone()
+            if known is None:
+                return None
+            conn.execute(
+                """
+                INSERT INTO commands (uuid, device_id, verb, body, state, created_at)
+                VALUES (?, ?, ?, ?, 'pending', ?)
+                """,
+                (uuid, device_id, verb, body, now),
+            )
+            row = conn.execute("SELECT * FROM commands WHERE uuid = ?", (uuid,)).fetchone()
+            return _command(row)
+
+        return self._run(txn)
+
+    def command(self, uuid: str) -> Deferred[CommandRecord | None]:
+        def txn(conn: sqlite3.Connection) -> CommandRecord | None:
+            row = conn.execute("SELECT * FROM commands WHERE uuid = ?", (uuid,)).fetchone()
+            if row is None:
+                return None
+            results = conn.execute(
+                "SELECT * FROM command_results WHERE command_uuid = ? ORDER BY id", (uuid,)
+            )
+            return _command(row, tuple(_result(r) for r in results))
+
+        return self._run(txn)
+
+    def device_commands(self, device_id: str, *, limit: int = 100) -> Deferred[list[CommandRecord]]:
+        def txn(conn: sqlite3.Connection) -> list[CommandRecord]:
+            rows = conn.execute(
+                "SELECT * FROM commands WHERE device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, limit)
+            )
+            return [_command(r) for r in rows]
+
+        return self._run(txn)
+
 
 _HOST_SELECT = """
     SELECT h.*, (SELECT d.device_id FROM devices d
@@ -570,4 +826,33 @@ def _certificate(row: sqlite3.Row) -> CertificateRecord:
         not_after=row["not_after"],
         issued_at=row["issued_at"],
         revoked_at=row["revoked_at"],
+    )
+
+
+def _command(row: sqlite3.Row, results: tuple[CommandResult, ...] = ()) -> CommandRecord:
+    return CommandRecord(
+        uuid=row["uuid"],
+        device_id=row["device_id"],
+        verb=row["verb"],
+        body=row["body"],
+        state=row["state"],
+        status=row["status"],
+        created_at=row["created_at"],
+        sent_at=row["sent_at"],
+        acked_at=row["acked_at"],
+        results=results,
+    )
+
+
+def _result(row: sqlite3.Row) -> CommandResult:
+    return CommandResult(
+        kind=row["kind"],
+        cmd_id=row["cmd_id"],
+        cmd=row["cmd"],
+        status=row["status"],
+        loc_uri=row["loc_uri"],
+        format=row["format"],
+        type=row["type"],
+        data=row["data"],
+        received_at=row["received_at"],
     )

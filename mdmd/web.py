@@ -244,16 +244,22 @@ def _write(request: MdmdRequest, response: HTTPResponse, finished: list[bool] | 
 
 
 class Router(Resource):
-    """Exact-path dispatch to leaf resources; JSON 404 for everything else."""
+    """Exact-path dispatch to leaf resources; a key ending in ``/`` also
+    serves every path below it (the resource reads ``request.path``).  JSON
+    404 for everything else."""
 
     isLeaf = True
 
     def __init__(self, routes: Mapping[bytes, Resource]) -> None:
         super().__init__()
         self.routes = dict(routes)
+        self._prefixes = sorted((k for k in self.routes if k.endswith(b"/")), key=len, reverse=True)
 
     def render(self, request: server.Request) -> int | bytes:
-        target = self.routes.get(request.path.rstrip(b"/") or b"/")
+        path = request.path
+        target = self.routes.get(path.rstrip(b"/") or b"/")
+        if target is None:
+            target = next((self.routes[p] for p in self._prefixes if path.startswith(p)), None)
         if target is None:
             _write(
                 cast(MdmdRequest, request),
