@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from twisted.web.resource import Resource
 
 from mdmd.agent import OrbitConfig, OrbitDeviceToken, OrbitEnroll, OrbitPing
 from mdmd.app import Mdmd
 from mdmd.enrollment import DiscoveryService, EnrollmentService, PolicyService
+from mdmd.management_endpoint import ManagementService
 from mdmd.web import Endpoint, HTTPResponse, MdmdRequest, json_error, json_response
 
 __all__ = ["admin_routes", "enrollment_routes", "management_routes"]
@@ -37,7 +40,11 @@ def enrollment_routes(app: Mdmd) -> dict[bytes, Resource]:
 
 
 def management_routes(app: Mdmd) -> dict[bytes, Resource]:
-    return {b"/api/mdm/microsoft/management": NotImplementedEndpoint()}
+    service = ManagementService(app)
+    # The provisioned ADDR may carry another path (behind a reverse proxy);
+    # Windows appends a query string, which routing ignores.
+    configured = urlsplit(app.config.management.url).path.rstrip("/").encode() or b"/"
+    return {b"/api/mdm/microsoft/management": service, configured: service}
 
 
 def admin_routes(app: Mdmd) -> dict[bytes, Resource]:

@@ -36,7 +36,9 @@ PROVISION_DOC = (
 BASE64 = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd#base64binary"
 WSU = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd"
 AC = "http://schemas.xmlsoap.org/ws/2006/12/authorization"
-DEVICE_ENROLLMENT_TOKEN = "http://schemas.microsoft.com/5.0.0.0/ConfigurationManager/Enrollment/DeviceEnrollmentToken"
+DEVICE_ENROLLMENT_TOKEN = (
+    "http://schemas.microsoft.com/5.0.0.0/ConfigurationManager/Enrollment/DeviceEnrollmentToken"
+)
 ISSUE = "http://docs.oasis-open.org/ws-sx/ws-trust/200512/Issue"
 PKCS10 = "http://schemas.microsoft.com/windows/pki/2009/01/enrollment#PKCS10"
 RST_ACTION = "http://schemas.microsoft.com/windows/pki/2009/01/enrollment/RST/wstep"
@@ -46,7 +48,6 @@ _ENVELOPE = (
     f'xmlns:wsse="{WSSE}" xmlns:wst="{WST}" xmlns:ac="{AC}">'
 )
 _CSR_TOKEN = f'<wsse:BinarySecurityToken ValueType="{PKCS10}" EncodingType="{BASE64}">'
-
 
 
 class ProtocolError(Exception):
@@ -370,3 +371,226 @@ class WindowsDevice:
         )
         self.enrollment = result
         return result
+
+
+# -- OMA-DM (MS-MDM) --
+
+SYNCML = "SYNCML:SYNCML1.2"
+METINF = "syncml:metinf"
+_SERVER_VERBS = ("Get", "Add", "Replace", "Delete", "Exec", "Atomic", "Sequence", "Alert")
+
+
+@dataclass
+class ServerMessage:
+    """What the device read from one server reply."""
+
+    msg_id: int
+    hdr_status: int | None  # the server's verdict on our SyncHdr
+    commands: list[etree._Element]
+    final: bool
+    statuses: list[tuple[str, str, int]]  # (MsgRef, CmdRef, code) the server sent us
+
+
+class ManagementClient:
+    """The Windows MDM client side of OMA-DM sessions for one device."""
+
+    def __init__(self, device: WindowsDevice, *, max_msg_size: int | None = None) -> None:
+        self.device = device
+        self.max_msg_size = max_msg_size
+        self.session_id = 0
+        self.msg_id = 0
+        # The device's management tree, as far as this emulator knows it.
+        self.nodes: dict[str, tuple[str, str]] = {
+            "./DevInfo/DevId": ("chr", device.device_id),
+            "./DevInfo/Man": ("chr", "Microsoft Corporation"),
+            "./DevInfo/Mod": ("chr", "Virtual Machine"),
+            "./DevInfo/DmV": ("chr", "1.3"),
+            "./DevInfo/Lang": ("chr", "en-US"),
+            "./DevDetail/SwV": ("chr", device.os_version),
+            "./DevDetail/OEM": ("chr", "Microsoft Corporation"),
+            "./DevDetail/DevTyp": ("chr", "Virtual Machine"),
+            "./DevDetail/FwV": ("chr", "Hyper-V UEFI Release v4.1"),
+            "./DevDetail/HwV": ("chr", "Hyper-V UEFI Release v4.1"),
+            "./DevDetail/Ext/Microsoft/DeviceName": ("chr", device.hostname),
+            "./DevDetail/Ext/Microsoft/OSPlatform": ("chr", "Windows 11 Pro"),
+            "./DevDetail/Ext/Microsoft/ProcessorArchitecture": ("int", "9"),
+            "./DevDetail/Ext/Microsoft/TotalRAM": ("int", "8192"),
+        }
+        self.executed: list[str] = []
+        self.server_url = ""
+
+    def _hdr(self, server_url: str) -> str:
+        meta = (
+            f'<Meta><MaxMsgSize xmlns="{METINF}">{self.max_msg_size}</MaxMsgSize></Meta>'
+            if self.max_msg_size
+            else ""
+        )
+        return (
+            f"<SyncHdr><VerDTD>1.2</VerDTD><VerProto>DM/1.2</VerProto>"
+            f"<SessionID>{self.session_id:X}</SessionID><MsgID>{self.msg_id}</MsgID>"
+            f"<Target><LocURI>{_escape(server_url)}</LocURI></Target>"
+            f"<Source><LocURI>{_escape(self.device.device_id)}</LocURI></Source>{meta}</SyncHdr>"
+        )
+
+    def session_start(self, server_url: str, *, unenroll: bool = False, source: str | None = None) -> bytes:
+        """Package 1 of a new session, as Windows sends it (fixtures)."""
+        self.session_id = (self.session_id + 1) & 0xFFFF
+        self.msg_id = 1
+        self.server_url = server_url
+        alerts = [
+            "<Alert><CmdID>2</CmdID><Data>1201</Data></Alert>",
+            "<Alert><CmdID>3</CmdID><Data>1224</Data><Item><Meta>"
+            f'<Type xmlns="{METINF}">com.microsoft/MDM/LoginStatus</Type></Meta>'
+            "<Data>user</Data></Item></Alert>",
+        ]
+        cmd_id = 4
+        if unenroll:
+            alerts.append(
+                f"<Alert><CmdID>{cmd_id}</CmdID><Data>1226</Data><Item><Meta>"
+                f'<Type xmlns="{METINF}">com.microsoft:mdm.unenrollment.userrequest</Type>'
+                f'<Format xmlns="{METINF}">int</Format></Meta><Data>1</Data></Item></Alert>'
+            )
+            cmd_id += 1
+        items = "".join(
+            f"<Item><Source><LocURI>{uri}</LocURI></Source><Data>{_escape(self.nodes[uri][1])}</Data></Item>"
+            for uri in (
+                "./DevInfo/DevId",
+                "./DevInfo/Man",
+                "./DevInfo/Mod",
+                "./DevInfo/DmV",
+                "./DevInfo/Lang",
+            )
+        )
+        hdr = self._hdr(server_url)
+        if source is not None:
+            hdr = hdr.replace(
+                f"<Source><LocURI>{_escape(self.device.device_id)}</LocURI></Source>",
+                f"<Source><LocURI>{_escape(source)}</LocURI></Source>",
+            )
+        return (
+            f'<SyncML xmlns="{SYNCML}">{hdr}<SyncBody>{"".join(alerts)}'
+            f"<Replace><CmdID>{cmd_id}</CmdID>{items}</Replace><Final/></SyncBody></SyncML>"
+        ).encode()
+
+    def read(self, reply: bytes) -> ServerMessage:
+        root = _parse(reply)
+        ns = f"{{{SYNCML}}}"
+        if root.tag != f"{ns}SyncML":
+            raise ProtocolError(f"reply root is {root.tag}, not SyncML 1.2")
+        hdr = root.find(f"{ns}SyncHdr")
+        body = root.find(f"{ns}SyncBody")
+        if hdr is None or body is None:
+            raise ProtocolError("reply lacks SyncHdr or SyncBody")
+        if hdr.findtext(f"{ns}SessionID") != f"{self.session_id:X}":
+            raise ProtocolError(f"reply SessionID {hdr.findtext(f'{ns}SessionID')} is not ours")
+        if hdr.findtext(f"{ns}Target/{ns}LocURI") != self.device.device_id:
+            raise ProtocolError("reply Target is not this device")
+        statuses: list[tuple[str, str, int]] = []
+        hdr_status = None
+        commands: list[etree._Element] = []
+        ids: set[str] = set()
+        for child in body:
+            name = etree.QName(child).localname
+            cmd_id = child.findtext(f"{ns}CmdID") or ""
+            if name != "Final":
+                if cmd_id in ids:
+                    raise ProtocolError(f"CmdID {cmd_id} repeated in one message")
+                ids.add(cmd_id)
+            if name == "Status":
+                code = int(child.findtext(f"{ns}Data") or 0)
+                ref = child.findtext(f"{ns}CmdRef") or ""
+                statuses.append((child.findtext(f"{ns}MsgRef") or "", ref, code))
+                if ref == "0":
+                    hdr_status = code
+            elif name in _SERVER_VERBS:
+                commands.append(child)
+            elif name != "Final":
+                raise ProtocolError(f"unexpected {name} in the server's SyncBody")
+        if statuses and statuses[0][1] != "0":
+            raise ProtocolError("the first Status is not the SyncHdr's (MS-MDM 2.2.6.1)")
+        return ServerMessage(
+            msg_id=int(hdr.findtext(f"{ns}MsgID") or 0),
+            hdr_status=hdr_status,
+            commands=commands,
+            final=body.find(f"{ns}Final") is not None,
+            statuses=statuses,
+        )
+
+    def respond(self, message: ServerMessage) -> bytes | None:
+        """The device's next message, or None when the session is over."""
+        ns = f"{{{SYNCML}}}"
+        if message.hdr_status not in (200, 212):
+            raise ProtocolError(f"server refused our SyncHdr with status {message.hdr_status}")
+        if not message.commands and message.final:
+            return None  # statuses only: the session ends (MS-MDM 2.2.6.1)
+        self.msg_id += 1
+        out: list[str] = [
+            f"<Status><CmdID>1</CmdID><MsgRef>{message.msg_id}</MsgRef><CmdRef>0</CmdRef>"
+            f"<Cmd>SyncHdr</Cmd><Data>200</Data></Status>"
+        ]
+        next_id = 2
+
+        def status(cmd_ref: str, verb: str, code: int) -> None:
+            nonlocal next_id
+            out.append(
+                f"<Status><CmdID>{next_id}</CmdID><MsgRef>{message.msg_id}</MsgRef>"
+                f"<CmdRef>{_escape(cmd_ref)}</CmdRef><Cmd>{verb}</Cmd><Data>{code}</Data></Status>"
+            )
+            next_id += 1
+
+        def execute(cmd: etree._Element) -> None:
+            nonlocal next_id
+            verb = etree.QName(cmd).localname
+            cmd_ref = cmd.findtext(f"{ns}CmdID") or ""
+            if verb in ("Atomic", "Sequence"):
+                status(cmd_ref, verb, 200)
+                for inner in cmd:
+                    if etree.QName(inner).localname in _SERVER_VERBS:
+                        execute(inner)
+                return
+            if verb == "Alert":
+                status(cmd_ref, verb, 200)
+                return
+            items = cmd.findall(f"{ns}Item")
+            uris = [i.findtext(f"{ns}Target/{ns}LocURI") or "" for i in items]
+            if verb == "Get":
+                found = [u for u in uris if u in self.nodes]
+                if len(found) != len(uris):
+                    status(cmd_ref, verb, 404)
+                    return
+                status(cmd_ref, verb, 200)
+                results = "".join(
+                    f"<Item><Source><LocURI>{_escape(u)}</LocURI></Source><Meta>"
+                    f'<Format xmlns="{METINF}">{self.nodes[u][0]}</Format></Meta>'
+                    f"<Data>{_escape(self.nodes[u][1])}</Data></Item>"
+                    for u in found
+                )
+                out.append(
+                    f"<Results><CmdID>{next_id}</CmdID><MsgRef>{message.msg_id}</MsgRef>"
+                    f"<CmdRef>{_escape(cmd_ref)}</CmdRef><Cmd>Get</Cmd>{results}</Results>"
+                )
+                next_id += 1
+                return
+            if verb in ("Add", "Replace"):
+                for item, uri in zip(items, uris, strict=True):
+                    fmt = item.findtext(f"{ns}Meta/{{{METINF}}}Format") or "chr"
+                    self.nodes[uri] = (fmt, item.findtext(f"{ns}Data") or "")
+            elif verb == "Delete":
+                if any(u not in self.nodes for u in uris):
+                    status(cmd_ref, verb, 404)
+                    return
+                for uri in uris:
+                    del self.nodes[uri]
+            elif verb == "Exec":
+                self.executed.extend(uris)
+            status(cmd_ref, verb, 200)
+
+        for cmd in message.commands:
+            execute(cmd)
+        if not message.final:
+            # The server's package continues: ask for its next message.
+            out.append(f"<Alert><CmdID>{next_id}</CmdID><Data>1222</Data></Alert>")
+        return (
+            f'<SyncML xmlns="{SYNCML}">{self._hdr(self.server_url)}<SyncBody>{"".join(out)}'
+            f"<Final/></SyncBody></SyncML>"
+        ).encode()

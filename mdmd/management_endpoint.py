@@ -1,0 +1,178 @@
+"""twisted.web adapter for OMA-DM management (management listener, mutual TLS).
+
+Who is speaking is decided here, before the message is processed: the TLS
+layer has verified that the client certificate was issued by the WSTEP
+identity CA; this adapter checks that mdmd issued that very certificate
+(serial and thumbprint in the store), that it is not revoked, that its device
+is enrolled, and that the SyncHdr ``Source/LocURI`` is that device's ID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
+
+from mdmd import pki
+from mdmd.app import Mdmd
+from mdmd.management import Reply, SessionError, process_message, refusal
+from mdmd.store import ManagementContext
+from mdmd.syncml import SyncMLError, SyncMLMessage, parse_message
+from mdmd.tls import peer_certificate
+from mdmd.web import Endpoint, HTTPError, HTTPResponse, MdmdRequest, request_body
+from mdmd.xmlsafe import XMLInputError
+
+__all__ = ["SYNCML_CONTENT_TYPE", "ManagementService"]
+
+log = Logger(namespace="mdmd.management")
+
+SYNCML_CONTENT_TYPE = "application/vnd.syncml.dm+xml"
+
+
+def _syncml(body: bytes) -> HTTPResponse:
+    return HTTPResponse(200, body, content_type=SYNCML_CONTENT_TYPE)
+
+
+def _plain(status: int, text: str) -> HTTPResponse:
+    return HTTPResponse(status, (text + "\n").encode(), content_type="text/plain")
+
+
+class ManagementService(Endpoint):
+    """``POST /api/mdm/microsoft/management`` (plus Windows' query string)."""
+
+    def __init__(self, app: Mdmd) -> None:
+        super().__init__()
+        self.app = app
+        # One message at a time per device: its session state is read,
+        # advanced and written as one step.
+        self._locks: dict[str, DeferredLock] = {}
+
+    @contextmanager
+    def _lock_entry(self, key: str) -> Iterator[DeferredLock]:
+        lock = self._locks.setdefault(key, DeferredLock())
+        try:
+            yield lock
+        finally:
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(key, None)
+
+    async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
+        cert = peer_certificate(request)
+        if cert is None:  # the mTLS context makes this unreachable; belt and braces
+            raise HTTPError(_plain(403, "client certificate required"), "no client certificate")
+        serial = pki.serial_hex(cert)
+        content_type = (request.getHeader(b"Content-Type") or b"").decode("latin-1")
+        if content_type.split(";")[0].strip().lower() != SYNCML_CONTENT_TYPE:
+            raise HTTPError(
+                _plain(415, f"Content-Type must be {SYNCML_CONTENT_TYPE}"),
+                f"Content-Type {content_type!r} from certificate {serial}",
+            )
+        body = request_body(request)
+        with self._lock_entry(serial) as lock:
+            await lock.acquire()
+            try:
+                return await self._handle(request, serial, pki.thumbprint(cert), body)
+            finally:
+                lock.release()
+
+    async def _handle(self, request: MdmdRequest, serial: str, thumbprint: str, body: bytes) -> HTTPResponse:
+        app = self.app
+        ctx = await app.store.management_context(serial)
+        problem = self._identity_problem(ctx, thumbprint)
+        if ctx is not None:
+            request.device_id = ctx.device.device_id
+        server_url = app.config.management.url
+        try:
+            message = parse_message(body)
+        except (XMLInputError, SyncMLError) as e:
+            if problem is not None:
+                raise HTTPError(_plain(403, "forbidden"), f"certificate {serial}: {problem[1]}") from None
+            hdr = getattr(e, "hdr", None)
+            if isinstance(e, SyncMLError) and hdr is not None:
+                log.warn(
+                    "device {device_id}: message refused with SyncHdr status {status}: {reason}",
+                    device_id=request.device_id,
+                    status=e.status,
+                    reason=e.reason,
+                )
+                return _syncml(refusal(hdr, e.status, server_url=server_url))
+            raise HTTPError(
+                _plain(400, f"not a SyncML 1.2 message: {e}"), f"unparsable SyncML: {e}"
+            ) from None
+
+        if problem is None and ctx is not None and message.hdr.source != ctx.device.device_id:
+            problem = (
+                403,
+                f"certificate of device {ctx.device.device_id} used with SyncHdr Source "
+                f"{message.hdr.source[:64]!r}",
+            )
+        if problem is not None:
+            log.warn(
+                "management message refused ({status}): {reason}",
+                status=problem[0],
+                reason=problem[1],
+                device_id=request.device_id,
+            )
+            return _syncml(refusal(message.hdr, problem[0], server_url=server_url))
+        assert ctx is not None
+        return await self._session(request, ctx, message, body)
+
+    @staticmethod
+    def _identity_problem(ctx: ManagementContext | None, thumbprint: str) -> tuple[int, str] | None:
+        if ctx is None:
+            return 401, "certificate unknown to this server"
+        if ctx.certificate.thumbprint != thumbprint:
+            return 401, "certificate does not match the one issued with this serial"
+        if ctx.certificate.revoked_at is not None:
+            return 403, f"certificate of device {ctx.device.device_id} is revoked"
+        if ctx.device.state != "enrolled":
+            return 403, f"device {ctx.device.device_id} is not enrolled"
+        return None
+
+    async def _session(
+        self, request: MdmdRequest, ctx: ManagementContext, message: SyncMLMessage, body: bytes
+    ) -> HTTPResponse:
+        app = self.app
+        hdr = message.hdr
+        try:
+            reply: Reply = process_message(
+                message,
+                body,
+                device_id=ctx.device.device_id,
+                session=ctx.session,
+                queue=ctx.queue,
+                server_url=app.config.management.url,
+                default_max_msg_size=app.config.management.max_msg_size,
+            )
+        except SessionError as e:
+            log.warn(
+                "device {device_id} session {session_id} msg {msg_id} refused: {reason}",
+                device_id=ctx.device.device_id,
+                session_id=hdr.session_id,
+                msg_id=hdr.msg_id,
+                reason=e.reason,
+            )
+            out = int(ctx.session.get("out", 1)) if ctx.session else 1
+            return _syncml(refusal(hdr, e.status, server_url=app.config.management.url, msg_id=out))
+        if reply.step is not None:
+            # Durable before the reply that acknowledges it leaves.
+            await app.store.commit_management_step(reply.step, app.now())
+        for event in reply.events:
+            log.info(
+                "device {device_id} session {session_id} msg {msg_id}: {event}",
+                device_id=ctx.device.device_id,
+                session_id=hdr.session_id,
+                msg_id=hdr.msg_id,
+                event=event,
+            )
+        log.debug(
+            "device {device_id} session {session_id} msg {msg_id}: {sent} command(s) sent{ended}",
+            device_id=ctx.device.device_id,
+            session_id=hdr.session_id,
+            msg_id=hdr.msg_id,
+            sent=reply.commands_sent,
+            ended=", session ended" if reply.session_ended else "",
+        )
+        return _syncml(reply.body)
