@@ -250,3 +250,57 @@ def running_daemon(
 
 def copy_state(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
+
+
+SOAP = {"Content-Type": "application/soap+xml; charset=utf-8"}
+SYNCML = {"Content-Type": "application/vnd.syncml.dm+xml"}
+MANAGEMENT_PATH = "/api/mdm/microsoft/management?mode=Maintenance&Platform=WoA"
+
+
+def enroll_device(daemon: Daemon, device: object) -> object:
+    """Run the whole enrollment flow for *device* (a WindowsDevice) over real
+    TLS, as the agent and Windows do; return its EnrollmentResult."""
+    from mdmd.sim.device import WindowsDevice
+
+    assert isinstance(device, WindowsDevice)
+    status, answer = daemon.post_json(
+        "/api/fleet/orbit/enroll", device.orbit_enroll_request(daemon.enroll_secret)
+    )
+    assert status == 200, answer
+    device.orbit_enrolled(answer)
+    status, config = daemon.post_json("/api/fleet/orbit/config", device.orbit_config_request())
+    assert status == 200, config
+    discovery = device.discovery_endpoint(config)
+    assert discovery is not None
+    _, body = daemon.request("POST", "/api/mdm/microsoft/discovery", device.discover_request(discovery), SOAP)
+    policy_url, enrollment_url = device.discover_result(body)
+    _, body = daemon.request(
+        "POST", "/api/mdm/microsoft/policy", device.get_policies_request(policy_url), SOAP
+    )
+    device.policy_min_key_bits(body)
+    _, body = daemon.request("POST", "/api/mdm/microsoft/enroll", device.enroll_request(enrollment_url), SOAP)
+    return device.enrolled(body)
+
+
+def client_tls_context(daemon: Daemon, directory: Path, cert: object, key: object) -> ssl.SSLContext:
+    """A TLS client context presenting *cert* and *key* (cryptography objects)."""
+    from mdmd import pki
+
+    ctx = daemon.server_context()
+    cert_path = directory / f"client-{id(cert)}.pem"
+    key_path = directory / f"client-{id(cert)}.key"
+    cert_path.write_bytes(pki.cert_to_pem(cert))  # type: ignore[arg-type]
+    key_path.write_bytes(pki.key_to_pem(key))  # type: ignore[arg-type]
+    ctx.load_cert_chain(str(cert_path), str(key_path))
+    return ctx
+
+
+def db_rows(daemon: Daemon, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """Read the daemon's store (read-only) the way an auditor would."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{daemon.state / 'mdmd.sqlite3'}?mode=ro", uri=True)
+    try:
+        return list(conn.execute(sql, args))
+    finally:
+        conn.close()
