@@ -26,7 +26,6 @@ log = Logger(namespace="mdmd.orbit")
 _CAPABILITIES = ("X-Fleet-Capabilities", "orbit_endpoints")
 
 
-
 def _bad_request(error: OrbitRequestError) -> HTTPError:
     extra = {"errors": [{"name": error.field or "base", "reason": str(error)}]}
     return HTTPError(json_error(400, str(error), **extra), str(error))

@@ -42,7 +42,7 @@ from mdmd.soap import (
     build_soap_fault,
     parse_soap_request,
 )
-from mdmd.store import DeviceEnrollment, HostRecord
+from mdmd.store import DeviceConflict, DeviceEnrollment, HostRecord
 from mdmd.web import Endpoint, HTTPError, HTTPResponse, MdmdRequest, request_body
 from mdmd.wstep import (
     RequestSecurityToken,
@@ -67,13 +67,19 @@ _DEVICE_ID = re.compile(r"^[A-Za-z0-9{}._-]{1,128}$")
 _ENROLLMENT_STORES = {"Full": "User", "Device": "System"}
 
 
-
 def _soap(body: bytes) -> HTTPResponse:
     return HTTPResponse(200, body, content_type=SOAP_CONTENT_TYPE)
 
 
 def _squash(value: str | None) -> str:
     return "".join((value or "").split())
+
+
+def _conflict(device_id: str, host_id: int) -> SoapFault:
+    return SoapFault(
+        FaultCode.AUTHORIZATION,
+        f"device {device_id} is enrolled for another host; host {host_id} cannot enroll it",
+    )
 
 
 class _SoapService(Endpoint):
@@ -89,13 +95,6 @@ class _SoapService(Endpoint):
         activity_id = str(uuid.uuid4())
         relates_to: str | None = None
         try:
-            content_type = (request.getHeader(b"Content-Type") or b"").decode("latin-1")
-            if content_type.split(";")[0].strip().lower() != "application/soap+xml":
-                raise SoapFault(
-                    FaultCode.MESSAGE_FORMAT,
-                    f"Content-Type {content_type or '(none)'!r} received; "
-                    "application/soap+xml (SOAP 1.2) is required",
-                )
             try:
                 soap = parse_soap_request(request_body(request))
             except XMLInputError as e:
@@ -104,6 +103,13 @@ class _SoapService(Endpoint):
                     f"{self.service}: body is not acceptable XML ({e})",
                 ) from None
             relates_to = soap.message_id
+            content_type = (request.getHeader(b"Content-Type") or b"").decode("latin-1")
+            if content_type.split(";")[0].strip().lower() != "application/soap+xml":
+                raise SoapFault(
+                    FaultCode.MESSAGE_FORMAT,
+                    f"Content-Type {content_type or '(none)'!r} received; "
+                    "application/soap+xml (SOAP 1.2) is required",
+                )
             return _soap(await self.answer(request, soap, activity_id))
         except SoapFault as fault:
             # Logged once here, with what the client will be told.
@@ -230,6 +236,9 @@ class EnrollmentService(_SoapService):
         host = await self.authenticate(soap)
         device_id, enrollment_type = self._device(rst)
         request.device_id = device_id
+        existing = await self.app.store.device(device_id)
+        if existing is not None and existing.state == "enrolled" and existing.host_id != host.id:
+            raise _conflict(device_id, host.id)
         try:
             csr = pki.load_certification_request(rst.csr_der)
         except pki.CSRError as e:
@@ -277,22 +286,25 @@ class EnrollmentService(_SoapService):
         answer = build_request_security_token_response(doc, soap.message_id, activity_id=activity_id, now=now)
         # Stored before answering (and after everything that could fail): a
         # device holding a certificate mdmd does not know could never be managed.
-        outcome = await app.store.record_device_enrollment(
-            DeviceEnrollment(
-                device_id=device_id,
-                host_id=host.id,
-                hw_dev_id=rst.context_value("HWDevID"),
-                enrollment_type=enrollment_type,
-                device_name=rst.context_value("DeviceName"),
-                os_version=rst.context_value("OSVersion"),
-                context=rst.context,
-                cert_serial=serial,
-                cert_thumbprint=thumbprint,
-                cert_not_before=cert.not_valid_before_utc.timestamp(),
-                cert_not_after=cert.not_valid_after_utc.timestamp(),
-            ),
-            now=app.now(),
-        )
+        try:
+            outcome = await app.store.record_device_enrollment(
+                DeviceEnrollment(
+                    device_id=device_id,
+                    host_id=host.id,
+                    hw_dev_id=rst.context_value("HWDevID"),
+                    enrollment_type=enrollment_type,
+                    device_name=rst.context_value("DeviceName"),
+                    os_version=rst.context_value("OSVersion"),
+                    context=rst.context,
+                    cert_serial=serial,
+                    cert_thumbprint=thumbprint,
+                    cert_not_before=cert.not_valid_before_utc.timestamp(),
+                    cert_not_after=cert.not_valid_after_utc.timestamp(),
+                ),
+                now=app.now(),
+            )
+        except DeviceConflict:
+            raise _conflict(device_id, host.id) from None
         log.info(
             "enrolled device {device_id} (host {host_id}, {enrollment_type}), certificate serial "
             "{serial} thumbprint {thumbprint}, CSR signed with {csr_hash}; revoked {revoked}",

@@ -177,6 +177,9 @@ def parse_enrollment_token(value: str) -> str:
     if not isinstance(token, dict) or not isinstance(token.get("payload"), dict):
         raise EnrollmentTokenError("the enrollment token has no payload object")
     kind = token.get("type")
+    # JSON true and 1.0 compare equal to 1 in Python; only the integer counts.
+    if type(kind) is not int:
+        raise EnrollmentTokenError(f"unknown enrollment token type {kind!r}; supported: 1")
     if kind == AUTOMATIC_ENROLLMENT:
         raise EnrollmentTokenError(
             "automatic enrollment tokens (type 2) are not supported; enroll through the agent (type 1)"

@@ -28,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 __all__ = [
     "SCHEMA_VERSION",
     "CertificateRecord",
+    "DeviceConflict",
     "DeviceEnrollment",
     "DeviceRecord",
     "EnrollmentOutcome",
@@ -43,6 +44,15 @@ R = TypeVar("R")
 
 class StoreError(Exception):
     """The database cannot be used (corrupt, newer schema, unreadable)."""
+
+
+class DeviceConflict(Exception):
+    """The device ID is enrolled for another host: refused, nothing changed."""
+
+    def __init__(self, device_id: str, host_id: int) -> None:
+        super().__init__(f"device {device_id} is enrolled for host {host_id}")
+        self.device_id = device_id
+        self.host_id = host_id
 
 
 # --- records ---
@@ -502,6 +512,14 @@ class SQLiteStore:
     ) -> Deferred[EnrollmentOutcome]:
         def txn(conn: sqlite3.Connection) -> EnrollmentOutcome:
             e = enrollment
+            # DeviceIDs are not secrets (certificate CN, SyncML headers): an
+            # enrolled device belongs to its host, and another host presenting
+            # the same ID must not take it over.
+            owner = conn.execute(
+                "SELECT host_id FROM devices WHERE device_id = ? AND state = 'enrolled'", (e.device_id,)
+            ).fetchone()
+            if owner is not None and owner["host_id"] not in (None, e.host_id):
+                raise DeviceConflict(e.device_id, owner["host_id"])
             # Re-enrollment of the same device, or a new MDM device ID on the
             # same host (Windows reinstalled): the old certificates must stop
             # opening sessions.

@@ -132,8 +132,10 @@ class MdmdRequest(server.Request):
         log.warn(
             "{listener} {method} {path} 413: body of {declared} bytes over the {limit}-byte limit",
             listener=site.listener,
-            method=(self.method or b"?").decode("latin-1"),
-            path=(self.uri or b"?").decode("latin-1").split("?")[0],
+            # The request line is still the channel's: Request.method and
+            # .uri are only set once the body has arrived.
+            method=bytes(getattr(self.channel, "_command", b"?") or b"?").decode("latin-1"),
+            path=bytes(getattr(self.channel, "_path", b"?") or b"?").decode("latin-1").split("?")[0],
             declared="unknown" if declared is None else declared,
             limit=site.max_body_bytes,
         )
