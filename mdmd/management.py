@@ -420,7 +420,7 @@ def _server_commands(
         # Nothing fitted after the statuses.  If the first command fits a
         # message of its own, the statuses took the room: send them now
         # without Final, and the device asks for the rest (Alert 1222).
-        alone, fits_alone = pack_body(
+        _, fits_alone = pack_body(
             reply_hdr, work.statuses[:1], commands[:1], max_msg_size=max_size, final_if_all=False
         )
         if fits_alone:

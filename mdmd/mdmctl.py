@@ -1,23 +1,64 @@
 """``mdmctl``: the administrator's command line.
 
 ``mdmctl init DIR`` creates the key material a production deployment needs
-without starting the server.
+without starting the server.  Every other command talks to the admin API of
+a running mdmd (``[admin] url`` and the token in ``[admin] token_file`` of
+``--config``, default ``/etc/mdmd/mdmd.ini``)::
+
+    mdmctl devices                      mdmctl device ID
+    mdmctl get ID ./DevDetail/SwV       mdmctl replace ID LOCURI --format int --data 1
+    mdmctl add ID LOCURI ...            mdmctl delete ID LOCURI
+    mdmctl exec ID LOCURI [--data ...]  mdmctl queue ID --syncml FILE|-
+    mdmctl command UUID                 mdmctl commands ID
+    mdmctl unenroll ID
+
+Output is aligned text, or the API's JSON with ``--json``.  A failure is one
+line on stderr (``mdmctl: ...``) and exit status 1; usage errors exit 2.
+
+Only the standard library speaks HTTP here, so that mdmctl works wherever
+the daemon's Python does, without extra packages.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
 
-from mdmd import pki
+from mdmd.config import ConfigError, load_config
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_CONFIG", "CliError", "main"]
+
+DEFAULT_CONFIG = "/etc/mdmd/mdmd.ini"
+_HTTP_TIMEOUT = 30.0
+# --wait polls the command this often: a device answers within seconds of
+# its session, and a loopback GET costs next to nothing.
+_POLL_INTERVAL = 0.5
+
+
+class CliError(Exception):
+    """A failure reported as ``mdmctl: <message>`` with exit status 1."""
+
+
+# --------------------------------------------------------------------------
+# init (no server needed)
+# --------------------------------------------------------------------------
 
 
 def _init(args: argparse.Namespace) -> int:
+    # Imported here: the API commands need none of its cryptography, and
+    # mdmctl starts faster without it.
+    from mdmd import pki
+
     directory = os.path.abspath(args.dir)
     hosts: list[str] = args.host or ["localhost"]
     plan = pki.BootstrapPlan(
@@ -47,8 +88,377 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------
+# The admin API client
+# --------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _api_error(status: int, body: bytes) -> str:
+    """The API's own words for a refusal (its JSON ``message``; every field
+    error when there are several), else the HTTP status."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or not isinstance(answer.get("message"), str):
+        return f"the admin API answered HTTP {status}"
+    message: str = answer["message"]
+    errors = answer.get("errors")
+    if isinstance(errors, list) and len(errors) > 1:
+        fields = [
+            f"{e.get('name')}: {e.get('reason')}" for e in errors if isinstance(e, dict) and e.get("reason")
+        ]
+        message = "request refused: " + "; ".join(fields)
+    if status == 401:
+        message += " (is the token in [admin] token_file the server's?)"
+    return _one_line(message)
+
+
+class AdminClient:
+    """Blocking JSON calls to the admin API with the bearer token."""
+
+    def __init__(self, base_url: str, token: str, *, timeout: float = _HTTP_TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: object | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.base_url + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Accept": "application/json",
+                **({"Content-Type": "application/json"} if data is not None else {}),
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as e:
+            with e:
+                try:
+                    refusal = e.read()
+                except (http.client.HTTPException, OSError):
+                    refusal = b""  # the status alone still says what happened
+            raise CliError(_api_error(e.code, refusal)) from None
+        except urllib.error.URLError as e:
+            raise CliError(_one_line(f"cannot reach the admin API at {self.base_url}: {e.reason}")) from None
+        except (http.client.HTTPException, OSError) as e:
+            raise CliError(_one_line(f"cannot reach the admin API at {self.base_url}: {e}")) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise CliError(f"the admin API at {self.base_url} did not answer with JSON") from None
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        raise CliError(_one_line(str(e))) from None
+    path = config.admin.token_file
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise CliError(f"cannot read the admin token from {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"the admin token in {path} is not text") from None
+    if not token:
+        raise CliError(f"the admin token file {path} is empty")
+    return AdminClient(config.admin.url, token)
+
+
+def _q(ident: str) -> str:
+    # IDs go into one path segment: escape everything, "/" included.
+    return quote(ident, safe="")
+
+
+# --------------------------------------------------------------------------
+# Text output
+# --------------------------------------------------------------------------
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    # Keep each row on one line: a multi-line value would break the columns.
+    return str(value).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    cells = [list(headers), *([_cell(v) for v in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+
+
+def _fields(pairs: Sequence[tuple[str, object]]) -> list[str]:
+    width = max(len(k) for k, _ in pairs)
+    return [f"{k.ljust(width)}  {_cell(v)}" for k, v in pairs]
+
+
+def _print(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(line)
+
+
+def _show_devices(answer: Any) -> None:
+    devices = answer.get("devices", [])
+    if not devices:
+        print("no devices")
+        return
+    rows = [
+        (
+            d["device_id"] + ("*" if d.get("hw_dev_id_collision") else ""),
+            d.get("name"),
+            d.get("manufacturer"),
+            d.get("model"),
+            d.get("os_version"),
+            d.get("state"),
+            d.get("enrolled_at"),
+            d.get("last_seen"),
+        )
+        for d in devices
+    ]
+    headers = ("DEVICE ID", "NAME", "MANUFACTURER", "MODEL", "OS VERSION", "STATE", "ENROLLED", "LAST SEEN")
+    _print(_table(headers, rows))
+    if any(d.get("hw_dev_id_collision") for d in devices):
+        print("* shares its HWDevID with another enrolled device (a clone made without sysprep?)")
+
+
+def _command_rows(commands: Sequence[Any]) -> list[tuple[object, ...]]:
+    return [
+        (c["command_uuid"], c.get("verb"), c.get("state"), c.get("status"), c.get("created_at"))
+        for c in commands
+    ]
+
+
+_COMMAND_HEADERS = ("COMMAND UUID", "VERB", "STATE", "STATUS", "CREATED")
+
+
+def _show_device(d: Any) -> None:
+    _print(
+        _fields(
+            [
+                ("device_id", d["device_id"]),
+                ("name", d.get("name")),
+                ("manufacturer", d.get("manufacturer")),
+                ("model", d.get("model")),
+                ("os_version", d.get("os_version")),
+                ("state", d.get("state")),
+                ("enrollment_type", d.get("enrollment_type")),
+                ("host_id", d.get("host_id")),
+                ("hw_dev_id", d.get("hw_dev_id")),
+                ("hw_dev_id_collision", d.get("hw_dev_id_collision")),
+                ("enrolled_at", d.get("enrolled_at")),
+                ("unenrolled_at", d.get("unenrolled_at")),
+                ("last_seen", d.get("last_seen")),
+            ]
+        )
+    )
+    cert = d.get("certificate")
+    print("\ncertificate:")
+    if cert:
+        _print(["  " + line for line in _fields(list(cert.items()))])
+    else:
+        print("  none")
+    inventory = d.get("inventory") or {}
+    print("\ninventory:")
+    if inventory:
+        _print(["  " + line for line in _fields(sorted(inventory.items()))])
+    else:
+        print("  none reported yet")
+    commands = d.get("recent_commands") or []
+    print("\nrecent commands:")
+    if commands:
+        _print(["  " + line for line in _table(_COMMAND_HEADERS, _command_rows(commands))])
+    else:
+        print("  none")
+
+
+def _show_commands(answer: Any) -> None:
+    commands = answer.get("commands", [])
+    if not commands:
+        print("no commands")
+        return
+    rows = [
+        (*row, c.get("acknowledged_at")) for row, c in zip(_command_rows(commands), commands, strict=True)
+    ]
+    _print(_table((*_COMMAND_HEADERS, "ACKNOWLEDGED"), rows))
+
+
+def _show_command(c: Any) -> None:
+    _print(
+        _fields(
+            [
+                ("command_uuid", c["command_uuid"]),
+                ("device_id", c.get("device_id")),
+                ("verb", c.get("verb")),
+                ("state", c.get("state")),
+                ("status", c.get("status")),
+                ("created_at", c.get("created_at")),
+                ("sent_at", c.get("sent_at")),
+                ("acknowledged_at", c.get("acknowledged_at")),
+            ]
+        )
+    )
+    print("\nsyncml:")
+    print("  " + str(c.get("syncml", "")))
+    results = c.get("results") or []
+    print("\nresults:")
+    if not results:
+        print("  none yet")
+        return
+    rows = [
+        (r.get("kind"), r.get("cmd_id"), r.get("status"), r.get("target"), r.get("format"), r.get("data"))
+        for r in results
+    ]
+    _print(["  " + line for line in _table(("KIND", "CMD ID", "STATUS", "TARGET", "FORMAT", "DATA"), rows)])
+
+
+def _output(args: argparse.Namespace, answer: Any, show: Callable[[Any], None]) -> None:
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        show(answer)
+
+
+# --------------------------------------------------------------------------
+# API commands
+# --------------------------------------------------------------------------
+
+
+def _devices(args: argparse.Namespace) -> int:
+    _output(args, _client(args).call("GET", "/api/v1/devices"), _show_devices)
+    return 0
+
+
+def _device(args: argparse.Namespace) -> int:
+    _output(args, _client(args).call("GET", f"/api/v1/devices/{_q(args.id)}"), _show_device)
+    return 0
+
+
+def _commands(args: argparse.Namespace) -> int:
+    _output(args, _client(args).call("GET", f"/api/v1/devices/{_q(args.id)}/commands"), _show_commands)
+    return 0
+
+
+def _command(args: argparse.Namespace) -> int:
+    _output(args, _client(args).call("GET", f"/api/v1/commands/{_q(args.uuid)}"), _show_command)
+    return 0
+
+
+def _unenroll(args: argparse.Namespace) -> int:
+    answer = _client(args).call("POST", f"/api/v1/devices/{_q(args.id)}/unenroll")
+    _output(
+        args,
+        answer,
+        lambda a: print(
+            f"unenrollment requested for {a['device_id']}: its agent unenrolls it at its next check-in"
+        ),
+    )
+    return 0
+
+
+def _item(args: argparse.Namespace, target: str) -> dict[str, str]:
+    item = {"target": target}
+    for key in ("format", "type", "data"):
+        value = getattr(args, key, None)
+        if value is not None:
+            item[key] = value
+    return item
+
+
+def _queue_request(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "queue":
+        try:
+            if args.syncml == "-":
+                text = sys.stdin.read()
+            else:
+                with open(args.syncml, encoding="utf-8") as f:
+                    text = f.read()
+        except OSError as e:
+            raise CliError(f"cannot read {args.syncml}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise CliError(f"{args.syncml} is not UTF-8 text") from None
+        return {"syncml": text}
+    return {"verb": args.command.capitalize(), "items": [_item(args, t) for t in args.locuris]}
+
+
+def _wait(client: AdminClient, command_uuid: str, seconds: float) -> Any:
+    """Poll the command until the device answered it or *seconds* passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        command = client.call("GET", f"/api/v1/commands/{_q(command_uuid)}")
+        remaining = deadline - time.monotonic()
+        if command.get("state") in ("acknowledged", "failed") or remaining <= 0:
+            return command
+        time.sleep(min(_POLL_INTERVAL, remaining))
+
+
+def _queue(args: argparse.Namespace) -> int:
+    client = _client(args)
+    body = _queue_request(args)
+    answer = client.call("POST", f"/api/v1/devices/{_q(args.id)}/commands", body)
+    command_uuid = str(answer.get("command_uuid", ""))
+    if args.wait is None:
+        _output(args, answer, lambda a: print(a["command_uuid"]))
+        return 0
+    if not args.json:
+        # The UUID first, at once: whoever waits may want it before the end.
+        print(command_uuid, flush=True)
+    command = _wait(client, command_uuid, args.wait)
+    if args.json:
+        print(json.dumps(command, indent=2))
+    else:
+        print()
+        _show_command(command)
+    state = command.get("state")
+    if state == "acknowledged":
+        return 0
+    if state == "failed":
+        raise CliError(f"command {command_uuid} failed with status {command.get('status')}")
+    raise CliError(f"command {command_uuid} is still {state} after {args.wait:g} seconds")
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError("must be between 0 and 86400 seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdmctl", description="Administer an mdmd server.")
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        metavar="PATH",
+        help=f"mdmd's INI file, for the admin URL and token (default {DEFAULT_CONFIG})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    # The same options after the command name (mdmctl devices --json); SUPPRESS
+    # keeps a sub-command from resetting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = commands.add_parser(
@@ -73,12 +483,82 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not create a server TLS certificate (you bring a public one)",
     )
     init.set_defaults(run=_init)
+
+    def api(name: str, text: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text, parents=[common])
+        sub.set_defaults(run=run)
+        return sub
+
+    api("devices", "list MDM devices", _devices)
+    api("device", "show one device: certificate, inventory, recent commands", _device).add_argument(
+        "id", metavar="ID", help="MDM device ID"
+    )
+    api("commands", "list a device's commands, newest first", _commands).add_argument(
+        "id", metavar="ID", help="MDM device ID"
+    )
+    api("command", "show one command with the device's answers", _command).add_argument(
+        "uuid", metavar="UUID", help="command UUID"
+    )
+    api("unenroll", "ask the device's agent to unenroll it from MDM", _unenroll).add_argument(
+        "id", metavar="ID", help="MDM device ID"
+    )
+
+    queue_helps = {
+        "get": "queue a Get of one or more LocURIs",
+        "replace": "queue a Replace of a LocURI's value",
+        "add": "queue an Add of a node or value",
+        "delete": "queue a Delete of one or more LocURIs",
+        "exec": "queue an Exec of a LocURI",
+        "queue": "queue raw SyncML: one command (Atomic and Sequence allowed), without CmdIDs",
+    }
+    for name, text in queue_helps.items():
+        sub = api(name, text + "; prints the command UUID", _queue)
+        sub.add_argument("id", metavar="ID", help="MDM device ID")
+        if name == "queue":
+            sub.add_argument(
+                "--syncml", required=True, metavar="FILE", help="file with the SyncML command, - for stdin"
+            )
+        else:
+            many = name in ("get", "delete")
+            sub.add_argument(
+                "locuris",
+                nargs="+" if many else 1,
+                metavar="LOCURI",
+                help="node address, e.g. ./DevDetail/SwV" + (" (repeatable)" if many else ""),
+            )
+        if name in ("replace", "add", "exec"):
+            sub.add_argument(
+                "--format", metavar="FORMAT", help="Meta/Format: chr, int, bool, b64, xml, node, null, ..."
+            )
+            sub.add_argument("--type", metavar="TYPE", help="Meta/Type, e.g. text/plain")
+            sub.add_argument("--data", metavar="DATA", help="the value (Data)")
+        sub.add_argument(
+            "--wait",
+            type=_seconds,
+            metavar="SECONDS",
+            help="then wait up to SECONDS for the device's answer and show it "
+            "(exit 1 if it failed or did not come)",
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except CliError as e:
+        print(f"mdmctl: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader (head, less) went away: nothing left to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:
+        # An administrator's tool: one line, never a traceback, even for a bug.
+        print(f"mdmctl: internal error ({type(e).__name__}: {_one_line(str(e))})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 
 from twisted.web.resource import Resource
 
+from mdmd.admin import AdminAPI
 from mdmd.agent import OrbitConfig, OrbitDeviceToken, OrbitEnroll, OrbitPing
 from mdmd.app import Mdmd
 from mdmd.enrollment import DiscoveryService, EnrollmentService, PolicyService
@@ -48,4 +49,4 @@ def management_routes(app: Mdmd) -> dict[bytes, Resource]:
 
 
 def admin_routes(app: Mdmd) -> dict[bytes, Resource]:
-    return {b"/healthz": HealthEndpoint()}
+    return {b"/healthz": HealthEndpoint(), b"/api/v1/": AdminAPI(app)}

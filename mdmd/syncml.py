@@ -71,6 +71,7 @@ __all__ = [
     "parse_message",
     "renumber",
     "reply_header",
+    "serialize_command",
     "status_for",
     "walk",
 ]
@@ -1112,6 +1113,38 @@ def build_message(
     if final:
         _sub(body_el, namespace, "Final")
     return etree.tostring(root, encoding="UTF-8", xml_declaration=False)
+
+
+def serialize_command(cmd: Command) -> str:
+    """One command (Add, Atomic, Delete, Exec, Get, Replace, Sequence) as
+    SyncML text for the command queue, the inverse of
+    :func:`parse_commands_fragment`: ``parse_commands_fragment(text)`` gives
+    ``cmd`` back with every CmdID ``""`` (values are trimmed when read, so
+    leading or trailing whitespace in them does not come back).
+
+    CmdIDs are left out (the server numbers commands when it sends them, see
+    :func:`renumber`) and so is the SyncML default namespace, so the text
+    reads like what an administrator writes; Meta children keep their own
+    ``xmlns="syncml:metinf"``.  Raises ``ValueError`` for what
+    :func:`build_message` refuses (a malformed command, a command without
+    Items, strings XML cannot carry).
+    """
+    holder = etree.Element(f"{{{SYNCML_NS}}}SyncBody", nsmap=_default_nsmap(SYNCML_NS))
+    # The builder insists on CmdIDs (a message without them is invalid):
+    # number the copy, build it, then drop them again.
+    _build_command(holder, SYNCML_NS, renumber(cmd, id_counter()))
+    (el,) = holder
+    holder.remove(el)
+    # Only commands have CmdID children: Data is always written as text.
+    for node in list(el.iter(f"{{{SYNCML_NS}}}CmdID")):
+        parent = node.getparent()
+        assert parent is not None
+        parent.remove(node)
+    for node in el.iter():
+        if etree.QName(node).namespace == SYNCML_NS:
+            node.tag = etree.QName(node).localname
+    etree.cleanup_namespaces(el)
+    return etree.tostring(el, encoding="unicode")
 
 
 def pack_body(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -397,7 +398,9 @@ class ManagementClient:
     def __init__(self, device: WindowsDevice, *, max_msg_size: int | None = None) -> None:
         self.device = device
         self.max_msg_size = max_msg_size
-        self.session_id = 0
+        # Windows numbers its sessions; start anywhere so that two emulator
+        # instances for one device do not reuse each other's SessionIDs.
+        self.session_id = secrets.randbelow(0x8000)
         self.msg_id = 0
         # The device's management tree, as far as this emulator knows it.
         self.nodes: dict[str, tuple[str, str]] = {

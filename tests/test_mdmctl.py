@@ -1,0 +1,306 @@
+"""``mdmctl`` as an administrator runs it: a separate process reading the
+daemon's INI file, talking to the real admin API."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness import (
+    MANAGEMENT_PATH,
+    SYNCML,
+    Daemon,
+    client_tls_context,
+    daemon_env,
+    edit_ini,
+    enroll_device,
+    free_port,
+    running_daemon,
+)
+from mdmd import pki
+from mdmd.sim.device import EnrollmentResult, ManagementClient, WindowsDevice
+from mdmd.syncml import Item, Meta, parse_commands_fragment
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+SWV = "./DevDetail/SwV"
+
+
+@dataclass
+class Managed:
+    device: WindowsDevice
+    enrollment: EnrollmentResult
+    client: ManagementClient
+    tls_dir: Path
+
+    @property
+    def id(self) -> str:
+        return self.device.device_id
+
+    def sync(self, daemon: Daemon) -> None:
+        """One whole OMA-DM session, as Windows runs it."""
+        tls = client_tls_context(daemon, self.tls_dir, self.enrollment.certificate, self.device.key)
+        message: bytes | None = self.client.session_start(self.enrollment.management_url)
+        while message is not None:
+            response, body = daemon.request(
+                "POST", MANAGEMENT_PATH, message, SYNCML, section="management", context=tls
+            )
+            assert response.status == 200, body
+            message = self.client.respond(self.client.read(body))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("mdmctl")) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def pc(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Managed:
+    device = WindowsDevice(key=pki.generate_rsa_key(), hostname="DESKTOP-CTL")
+    result = enroll_device(daemon, device)
+    assert isinstance(result, EnrollmentResult)
+    return Managed(device, result, ManagementClient(device), tmp_path_factory.mktemp("mdmctl-tls"))
+
+
+def mdmctl(
+    daemon: Daemon, *args: str, config: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mdmd.mdmctl", "--config", str(config or daemon.config), *args],
+        env=daemon_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    return done.stdout
+
+
+def failed(done: subprocess.CompletedProcess[str]) -> str:
+    """The one error line of a failed run (exit status 1, no traceback)."""
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mdmctl: "), done.stderr
+    return lines[0]
+
+
+def api_command(daemon: Daemon, uuid: str) -> dict[str, object]:
+    status, command = daemon.admin("GET", f"/api/v1/commands/{uuid}")
+    assert status == 200 and isinstance(command, dict)
+    return command
+
+
+def test_devices_prints_an_aligned_table(daemon: Daemon, pc: Managed) -> None:
+    lines = ok(mdmctl(daemon, "devices")).splitlines()
+    header = lines[0]
+    assert header.split("  ")[0] == "DEVICE ID"
+    for column in ("NAME", "MANUFACTURER", "MODEL", "OS VERSION", "STATE", "ENROLLED", "LAST SEEN"):
+        assert column in header
+    (row,) = [line for line in lines[1:] if line.startswith(pc.id)]
+    # Aligned: each value starts where its column's title does.
+    assert row.index("DESKTOP-CTL") == header.index("NAME")
+    assert row.index("enrolled") == header.index("STATE")
+    assert row.index(pc.device.os_version) == header.index("OS VERSION")
+
+
+def test_json_prints_the_api_answer(daemon: Daemon, pc: Managed) -> None:
+    before = json.loads(ok(mdmctl(daemon, "--json", "devices")))
+    after = json.loads(ok(mdmctl(daemon, "devices", "--json")))
+    assert before == after
+    assert [d["name"] for d in before["devices"] if d["device_id"] == pc.id] == ["DESKTOP-CTL"]
+    device = json.loads(ok(mdmctl(daemon, "--json", "device", pc.id)))
+    assert device["certificate"]["serial"] == pki.serial_hex(pc.enrollment.certificate)
+
+
+def test_device_shows_fields_and_certificate(daemon: Daemon, pc: Managed) -> None:
+    out = ok(mdmctl(daemon, "device", pc.id))
+    assert re.search(rf"^device_id +{pc.id}$", out, re.M)
+    assert re.search(r"^state +enrolled$", out, re.M)
+    assert "\ncertificate:\n" in out
+    assert re.search(rf"^  serial +{pki.serial_hex(pc.enrollment.certificate)}$", out, re.M)
+    assert re.search(r"^  revoked +no$", out, re.M)
+
+
+def test_get_prints_the_uuid_of_a_pending_command(daemon: Daemon, pc: Managed) -> None:
+    out = ok(mdmctl(daemon, "get", pc.id, SWV, "./DevInfo/Lang"))
+    assert UUID.fullmatch(out.strip())
+    uuid = out.strip()
+    command = api_command(daemon, uuid)
+    assert command["verb"] == "Get" and command["state"] == "pending"
+    shown = ok(mdmctl(daemon, "command", uuid))
+    assert re.search(r"^state +pending$", shown, re.M)
+    assert re.search(rf"^command_uuid +{uuid}$", shown, re.M)
+    assert "<LocURI>./DevInfo/Lang</LocURI>" in shown
+    listed = ok(mdmctl(daemon, "commands", pc.id))
+    assert uuid in listed and listed.startswith("COMMAND UUID")
+
+
+def test_replace_sends_format_type_and_data(daemon: Daemon, pc: Managed) -> None:
+    target = "./Device/Vendor/MSFT/Policy/Config/Camera/AllowCamera"
+    uuid = ok(
+        mdmctl(daemon, "replace", pc.id, target, "--format", "int", "--data", "1", "--type", "text/plain")
+    ).strip()
+    command = api_command(daemon, uuid)
+    assert command["verb"] == "Replace"
+    (stored,) = parse_commands_fragment(str(command["syncml"]))
+    assert stored.items == (Item(target=target, meta=Meta(format="int", type="text/plain"), data="1"),)
+
+
+def test_add_delete_and_exec_queue_their_verbs(daemon: Daemon, pc: Managed) -> None:
+    node = "./Vendor/MSFT/Test/Node"
+    for args, verb in (
+        (["add", pc.id, node, "--format", "node"], "Add"),
+        (["delete", pc.id, node, node + "2"], "Delete"),
+        (["exec", pc.id, "./Device/Vendor/MSFT/Reboot/RebootNow"], "Exec"),
+    ):
+        uuid = ok(mdmctl(daemon, *args)).strip()
+        assert api_command(daemon, uuid)["verb"] == verb
+
+
+def test_queue_reads_raw_syncml_from_stdin(daemon: Daemon, pc: Managed) -> None:
+    syncml = (
+        "<Atomic><Replace><Item><Target><LocURI>./Vendor/MSFT/A</LocURI></Target>"
+        "<Data>x</Data></Item></Replace></Atomic>"
+    )
+    uuid = ok(mdmctl(daemon, "queue", pc.id, "--syncml", "-", stdin=syncml)).strip()
+    command = api_command(daemon, uuid)
+    assert (command["verb"], command["syncml"]) == ("Atomic", syncml)
+
+
+def test_get_wait_shows_the_devices_answer(daemon: Daemon, pc: Managed) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mdmd.mdmctl",
+            "--config",
+            str(daemon.config),
+            "get",
+            pc.id,
+            SWV,
+            "--wait",
+            "60",
+        ],
+        env=daemon_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        # The UUID comes first, before the wait: the command is queued now.
+        uuid = proc.stdout.readline().strip()
+        assert UUID.fullmatch(uuid), uuid
+        pc.sync(daemon)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert re.search(r"^state +acknowledged$", out, re.M)
+    (row,) = [line for line in out.splitlines() if line.startswith("  results ")]
+    assert SWV in row and row.rstrip().endswith(pc.device.os_version)
+
+
+def test_wait_that_sees_no_answer_exits_1(daemon: Daemon, pc: Managed) -> None:
+    done = mdmctl(daemon, "get", pc.id, SWV, "--wait", "0")
+    assert UUID.fullmatch(done.stdout.splitlines()[0])
+    assert re.fullmatch(r"mdmctl: command \S+ is still pending after 0 seconds", failed(done))
+
+
+def test_unenroll_confirms(daemon: Daemon, pc: Managed) -> None:
+    out = ok(mdmctl(daemon, "unenroll", pc.id))
+    assert out.startswith(f"unenrollment requested for {pc.id}")
+
+
+# --- failures ---
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["get"],
+        ["get", "ID"],
+        ["replace", "ID", "./a", "./b"],
+        ["get", "ID", "./a", "--wait", "-1"],
+        ["get", "ID", "./a", "--wait", "soon"],
+        ["queue", "ID"],
+        ["--bogus", "devices"],
+    ],
+)
+def test_usage_errors_exit_2(daemon: Daemon, args: list[str]) -> None:
+    done = mdmctl(daemon, *args)
+    assert done.returncode == 2, done.stderr
+    assert "usage: mdmctl" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unknown_device_reports_the_api_message(daemon: Daemon) -> None:
+    assert failed(mdmctl(daemon, "device", "NOSUCHDEVICE")) == "mdmctl: no such device: NOSUCHDEVICE"
+    assert failed(mdmctl(daemon, "get", "NOSUCHDEVICE", SWV)) == "mdmctl: no enrolled device: NOSUCHDEVICE"
+
+
+def test_a_refused_command_reports_the_field(daemon: Daemon, pc: Managed) -> None:
+    line = failed(mdmctl(daemon, "replace", pc.id, "/abs", "--data", "1"))
+    assert line.startswith("mdmctl: invalid command: items[0].target: LocURI '/abs'")
+    line = failed(mdmctl(daemon, "replace", pc.id, "./a", "--format", "words", "--data", "1"))
+    assert line.startswith("mdmctl: invalid command: items[0].format: must be one of")
+    line = failed(mdmctl(daemon, "replace", pc.id, "/abs", "--format", "int", "--data", "x"))
+    assert line.startswith("mdmctl: request refused: items[0].target:") and "items[0].data:" in line
+
+
+def test_unreachable_server_is_one_line(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    config = daemon.config.parent / "unreachable.ini"
+    config.write_text(edit_ini(daemon.config.read_text(), {"admin": {"url": f"http://127.0.0.1:{port}"}}))
+    line = failed(mdmctl(daemon, "devices", config=config))
+    assert line.startswith(f"mdmctl: cannot reach the admin API at http://127.0.0.1:{port}: ")
+
+
+def test_a_wrong_token_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("not-the-token\n")
+    config = daemon.config.parent / "wrong-token.ini"
+    config.write_text(edit_ini(daemon.config.read_text(), {"admin": {"token_file": str(token)}}))
+    assert "admin bearer token required" in failed(mdmctl(daemon, "devices", config=config))
+
+
+def test_unreadable_configuration_or_token_is_one_line(daemon: Daemon, tmp_path: Path) -> None:
+    line = failed(mdmctl(daemon, "devices", config=tmp_path / "missing.ini"))
+    assert "missing.ini" in line and "cannot read the configuration" in line
+    config = daemon.config.parent / "no-token.ini"
+    config.write_text(edit_ini(daemon.config.read_text(), {"admin": {"token_file": str(tmp_path / "none")}}))
+    assert "cannot read the admin token" in failed(mdmctl(daemon, "devices", config=config))
+
+
+def test_init_still_creates_key_material(tmp_path: Path) -> None:
+    target = tmp_path / "state"
+    done = subprocess.run(
+        [sys.executable, "-m", "mdmd.mdmctl", "init", "--no-tls", str(target)],
+        env=daemon_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(target)) == [
+        "admin_token",
+        "enroll_secret",
+        "wstep-identity.key",
+        "wstep-identity.pem",
+    ]
