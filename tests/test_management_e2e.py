@@ -27,6 +27,7 @@ from harness import (
     db_rows,
     enroll_device,
     running_daemon,
+    start_daemon,
 )
 from mdmd import pki
 from mdmd.sim.device import EnrollmentResult, ManagementClient, ServerMessage, WindowsDevice
@@ -376,3 +377,27 @@ def test_unknown_verb_gets_406_and_the_server_keeps_serving(daemon: Daemon, enro
     status, body = post(daemon, enrolled, odd)
     assert status == 200 and b"<CmdRef>9</CmdRef><Cmd>Sync</Cmd><Data>406</Data>" in body
     assert len(run_session(daemon, enrolled, ManagementClient(enrolled.device))) >= 1
+
+
+def test_management_keeps_serving_when_new_enrollment_is_switched_off(
+    tmp_path: Path, keys: list[object]
+) -> None:
+    # LESSONS: enrolled devices must still reach the server (to be managed,
+    # and to unenroll) after new MDM enrollments are switched off.
+    device = WindowsDevice(key=keys[0])  # type: ignore[arg-type]
+    (tmp_path / "d").mkdir()
+    with running_daemon(tmp_path / "d") as first:
+        result = enroll_device(first, device)
+        assert isinstance(result, EnrollmentResult)
+        config = first.config
+    config.write_text(config.read_text().replace("windows_mdm = yes", "windows_mdm = no"))
+    second = start_daemon(config)
+    try:
+        code, agent_config = second.post_json("/api/fleet/orbit/config", device.orbit_config_request())
+        assert code == 200 and agent_config["notifications"] == {}
+        context = client_tls_context(second, tmp_path, result.certificate, device.key)
+        client = ManagementClient(device)
+        status, body = post(second, context, client.session_start(result.management_url))
+        assert status == 200 and hdr_status(body) == 200
+    finally:
+        second.stop()
