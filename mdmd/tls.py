@@ -92,4 +92,6 @@ class TLSServerEndpoint:
         self._options = options
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self._wrapped.listen(TLSMemoryBIOFactory(self._options, False, factory))
+        tls = TLSMemoryBIOFactory(self._options, False, factory)
+        tls.noisy = False  # mdmd logs its own line per listener
+        return self._wrapped.listen(tls)
