@@ -321,16 +321,16 @@ _MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     CREATE TABLE device_alerts (
-        id INTEGER PRIMARY KEY,
         device_id TEXT NOT NULL REFERENCES devices(device_id),
         code TEXT NOT NULL,
-        type TEXT,
+        type TEXT NOT NULL,
+        source TEXT NOT NULL,
         format TEXT,
-        source TEXT,
         data TEXT,
-        received_at REAL NOT NULL
+        received_at REAL NOT NULL,
+        count INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (device_id, code, type, source)
     );
-    CREATE INDEX device_alerts_by_device ON device_alerts(device_id, id);
     """,
 )
 
@@ -676,12 +676,21 @@ class SQLiteStore:
                 "UPDATE devices SET inventory = ?, last_seen = ? WHERE device_id = ?",
                 (json.dumps(inventory, sort_keys=True), now, device_id),
             )
+            # The latest alert of each kind, with a count: Windows sends a
+            # LoginStatus alert in every session, and a row per session would
+            # be the largest table for no information (LESSONS: store compactly).
             conn.executemany(
                 """
-                INSERT INTO device_alerts (device_id, code, type, format, source, data, received_at)
+                INSERT INTO device_alerts (device_id, code, type, source, format, data, received_at)
                 VALUES (?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (device_id, code, type, source) DO UPDATE SET
+                    format = excluded.format, data = excluded.data,
+                    received_at = excluded.received_at, count = count + 1
                 """,
-                [(device_id, a.code, a.type, a.format, a.source, a.data, now) for a in step.alerts],
+                [
+                    (device_id, a.code, a.type or "", a.source or "", a.format, a.data, now)
+                    for a in step.alerts
+                ],
             )
             # Every update is scoped to this device: a device can never touch
             # another device's commands, whatever it sends.

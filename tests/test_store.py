@@ -22,8 +22,11 @@ from twisted.internet.defer import Deferred
 from harness import REPO
 from mdmd.store import (
     SCHEMA_VERSION,
+    AlertRecord,
+    CommandResult,
     DeviceEnrollment,
     HostEnrollment,
+    ManagementStep,
     SQLiteStore,
     StoreError,
 )
@@ -244,3 +247,39 @@ def test_sigkill_during_a_stream_of_writes_loses_nothing_acknowledged(tmp_path: 
         conn.close()
     missing = [n for n in acked if f"uuid-{n}" not in stored]
     assert missing == []
+
+
+def _enrolled_with_command(store: SQLiteStore, device_id: str, n: int) -> str:
+    host = wait(store.enroll_host(_host(n), now=1.0))
+    wait(store.record_device_enrollment(_enrollment(device_id, host.id, f"serial{n}", hw=None), now=2.0))
+    record = wait(store.queue_command(device_id, f"cmd-{device_id}", "Get", "<Get/>", now=3.0))
+    assert record is not None and record.state == "pending"
+    return record.uuid
+
+
+def test_alerts_keep_the_latest_of_each_kind(store: SQLiteStore, tmp_path: Path) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    alert = AlertRecord("1224", "com.microsoft/MDM/LoginStatus", "chr", None, "user")
+    for now in (10.0, 20.0):
+        wait(store.commit_management_step(ManagementStep("DEV1", session={"sid": "1"}, alerts=(alert,)), now))
+    conn = sqlite3.connect(tmp_path / "mdmd.sqlite3")
+    try:
+        rows = conn.execute("SELECT code, data, received_at, count FROM device_alerts").fetchall()
+    finally:
+        conn.close()
+    assert rows == [("1224", "user", 20.0, 2)]
+
+
+def test_a_management_step_only_touches_its_own_devices_commands(store: SQLiteStore) -> None:
+    mine = _enrolled_with_command(store, "DEV1", 1)
+    theirs = _enrolled_with_command(store, "DEV2", 2)
+    step = ManagementStep(
+        "DEV1",
+        session=None,
+        answered=((mine, 200), (theirs, 200)),
+        results=((theirs, CommandResult("results", "5", "Get", None, "./X", "chr", None, "forged")),),
+    )
+    wait(store.commit_management_step(step, now=5.0))
+    own, other = wait(store.command(mine)), wait(store.command(theirs))
+    assert own is not None and own.state == "acknowledged" and own.status == 200
+    assert other is not None and other.state == "pending" and other.results == ()
