@@ -37,6 +37,7 @@ from mdmd.syncml import (
     ALERT_SESSION_ABORT,
     UNENROLL_USER_REQUEST_TYPE,
     Command,
+    Item,
     Results,
     Status,
     SyncHdr,
@@ -347,38 +348,32 @@ def _client_results(results: Results, hdr: SyncHdr, state: dict[str, Any], work:
                 )
                 continue
             work.results.append(
-                (
-                    uuid,
-                    CommandResult(
-                        kind="results",
-                        cmd_id=results.cmd_ref,
-                        cmd=results.cmd,
-                        status=None,
-                        loc_uri=item.source or item.target,
-                        format=pending.get("format"),
-                        type=pending.get("type"),
-                        data=assembled,
-                    ),
-                )
+                (uuid, _result(results, item, pending.get("format"), pending.get("type"), assembled))
             )
             continue
         meta = item.meta or results.meta
         work.results.append(
             (
                 uuid,
-                CommandResult(
-                    kind="results",
-                    cmd_id=results.cmd_ref,
-                    cmd=results.cmd,
-                    status=None,
-                    loc_uri=item.source or item.target,
-                    format=meta.format if meta else None,
-                    type=meta.type if meta else None,
-                    data=item.data,
-                ),
+                _result(results, item, meta.format if meta else None, meta.type if meta else None, item.data),
             )
         )
     work.statuses.append(status_for(results, hdr.msg_id, code, work.cmd_id()))
+
+
+def _result(
+    results: Results, item: Item, fmt: str | None, kind: str | None, data: str | None
+) -> CommandResult:
+    return CommandResult(
+        kind="results",
+        cmd_id=results.cmd_ref,
+        cmd=results.cmd,
+        status=None,
+        loc_uri=item.source or item.target,
+        format=fmt,
+        type=kind,
+        data=data,
+    )
 
 
 def _server_commands(
