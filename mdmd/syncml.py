@@ -404,21 +404,29 @@ def _kids(el: etree._Element, ns: str) -> Iterator[tuple[str, etree._Element]]:
     """Child elements as (name, element).  ``name`` is the local name for
     elements in the document namespace (or none) and the Clark name for
     elements of foreign namespaces, so that these never match SyncML names."""
+    # String operations on .tag, not etree.QName: this runs for every
+    # element of messages that can hold tens of thousands of Items.
+    prefix = "{" + ns + "}"
+    cut = len(prefix)
     for child in el:
-        if not _is_element(child):
-            continue
-        qname = etree.QName(child)
-        if (qname.namespace or "") in (ns, ""):
-            yield qname.localname, child
+        tag = child.tag
+        if not isinstance(tag, str):
+            continue  # comments and PIs (the safe parser removes them anyway)
+        if tag.startswith(prefix):
+            yield tag[cut:], child
         else:
-            yield child.tag, child
+            yield tag, child  # no namespace: the local name; foreign: Clark name
 
 
 def _find(el: etree._Element, ns: str, name: str) -> etree._Element | None:
-    for child_name, child in _kids(el, ns):
-        if child_name == name:
-            return child
-    return None
+    # lxml's find() walks the children in C; an element in the document
+    # namespace and one without any namespace are both accepted, the first
+    # in document order winning.
+    qualified = el.find(f"{{{ns}}}{name}") if ns else None
+    bare = el.find(name)
+    if qualified is None or bare is None:
+        return qualified if qualified is not None else bare
+    return qualified if el.index(qualified) < el.index(bare) else bare
 
 
 def _text(el: etree._Element | None) -> str:

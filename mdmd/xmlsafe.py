@@ -56,17 +56,11 @@ def _new_parser() -> etree.XMLParser:
 def _depth_exceeds(root: etree._Element, limit: int) -> bool:
     """Return True when any element is nested deeper than ``limit``.
 
-    Iterative so that the check itself cannot hit Python's recursion limit.
+    One XPath step per level, evaluated in C: the root is level 1, so an
+    element at level ``limit + 1`` exists iff ``/*`` repeated that many
+    times selects something.
     """
-    stack: list[tuple[etree._Element, int]] = [(root, 1)]
-    while stack:
-        element, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in element:
-            if isinstance(child.tag, str):
-                stack.append((child, depth + 1))
-    return False
+    return bool(root.xpath("boolean(" + "/*" * (limit + 1) + ")"))
 
 
 def parse_untrusted_xml(data: bytes) -> etree._Element:

@@ -401,3 +401,16 @@ def test_management_keeps_serving_when_new_enrollment_is_switched_off(
         assert status == 200 and hdr_status(body) == 200
     finally:
         second.stop()
+
+
+def test_a_large_result_is_stored_whole(daemon: Daemon, enrolled: Enrolled) -> None:
+    # Over 64 KiB: parsed and processed on a worker thread (LESSONS: real
+    # payloads often exceed 64 KB).
+    value = "0123456789abcdef" * 20000
+    uuid = queue(daemon, enrolled.id, get("./Vendor/MSFT/Big"))
+    client = ManagementClient(enrolled.device)
+    client.nodes["./Vendor/MSFT/Big"] = ("chr", value)
+    run_session(daemon, enrolled, client)
+    status, command = daemon.admin("GET", f"/api/v1/commands/{uuid}")
+    assert status == 200 and isinstance(command, dict) and command["state"] == "acknowledged"
+    assert [r["data"] for r in command["results"] if r["kind"] == "results"] == [value]
