@@ -418,14 +418,15 @@ class SQLiteStore:
 
     # -- plumbing --
 
-    def _run(self, fn: Callable[[sqlite3.Connection], R]) -> Deferred[R]:
-        """Run *fn* as one transaction on the store thread."""
+    def _run(self, fn: Callable[[sqlite3.Connection], R], *, write: bool = True) -> Deferred[R]:
+        """Run *fn* as one transaction on the store thread (a read-only one
+        takes no write lock and commits without a sync)."""
 
         def transaction() -> R:
             conn = self._conn
             if conn is None:
                 raise StoreError("store is not open")
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
             try:
                 result = fn(conn)
             except BaseException:
@@ -472,7 +473,7 @@ class SQLiteStore:
             ).fetchone()
             return _host(row)
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     def host_by_node_key(
         self, node_key_hash: bytes, *, seen_at: float | None = None
@@ -488,7 +489,7 @@ class SQLiteStore:
             row = conn.execute(_HOST_SELECT + " WHERE h.node_key_hash = ?", (node_key_hash,)).fetchone()
             return None if row is None else _host(row)
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     def request_unenrollment(self, device_id: str) -> Deferred[bool]:
         """Ask the agent of this device's host to unenroll it from MDM."""
@@ -503,7 +504,7 @@ class SQLiteStore:
             )
             return cursor.rowcount > 0
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     # -- MDM devices and certificates --
 
@@ -604,27 +605,27 @@ class SQLiteStore:
             conn.execute("DELETE FROM syncml_sessions WHERE device_id = ?", (e.device_id,))
             return EnrollmentOutcome(revoked, replaced, collisions)
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     def device(self, device_id: str) -> Deferred[DeviceRecord | None]:
         def txn(conn: sqlite3.Connection) -> DeviceRecord | None:
             row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
             return None if row is None else _device(row)
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     def certificate(self, serial: str) -> Deferred[CertificateRecord | None]:
         def txn(conn: sqlite3.Connection) -> CertificateRecord | None:
             row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (serial,)).fetchone()
             return None if row is None else _certificate(row)
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     def devices(self) -> Deferred[list[DeviceRecord]]:
         def txn(conn: sqlite3.Connection) -> list[DeviceRecord]:
             return [_device(r) for r in conn.execute("SELECT * FROM devices ORDER BY enrolled_at, device_id")]
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]:
         def txn(conn: sqlite3.Connection) -> list[CertificateRecord]:

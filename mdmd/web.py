@@ -153,7 +153,9 @@ class MdmdSite(server.Site):
     displayTracebacks = False
 
     def __init__(self, resource: Resource, *, listener: str, max_body_bytes: int) -> None:
-        super().__init__(resource)
+        # No endpoint takes HTML forms: skip Twisted's form and multipart
+        # parsing (it parses every Content-Type with email.message).
+        super().__init__(resource, parsePOSTFormSubmission=False)
         self.listener = listener
         self.max_body_bytes = max_body_bytes
         self.noisy = False

@@ -53,14 +53,15 @@ def _new_parser() -> etree.XMLParser:
     )
 
 
-def _depth_exceeds(root: etree._Element, limit: int) -> bool:
-    """Return True when any element is nested deeper than ``limit``.
+# One XPath step per level, evaluated in C and compiled once: the root is
+# level 1, so an element deeper than MAX_DEPTH exists iff ``/*`` repeated
+# MAX_DEPTH + 1 times selects something.
+_TOO_DEEP = etree.XPath("boolean(" + "/*" * (MAX_DEPTH + 1) + ")")
 
-    One XPath step per level, evaluated in C: the root is level 1, so an
-    element at level ``limit + 1`` exists iff ``/*`` repeated that many
-    times selects something.
-    """
-    return bool(root.xpath("boolean(" + "/*" * (limit + 1) + ")"))
+
+def _depth_exceeds(root: etree._Element) -> bool:
+    """Return True when any element is nested deeper than :data:`MAX_DEPTH`."""
+    return bool(_TOO_DEEP(root))
 
 
 def parse_untrusted_xml(data: bytes) -> etree._Element:
@@ -88,6 +89,6 @@ def parse_untrusted_xml(data: bytes) -> etree._Element:
     docinfo: Any = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None:
         raise XMLInputError("DOCTYPE declarations are not accepted")
-    if _depth_exceeds(root, MAX_DEPTH):
+    if _depth_exceeds(root):
         raise XMLInputError(f"XML nested deeper than {MAX_DEPTH} elements")
     return root
