@@ -84,3 +84,22 @@ def test_systemd_unit_runs_twistd_hardened() -> None:
         assert service[key] == value, key
     # TWISTED-NOTES: TLS contexts cannot be built under it.
     assert "MemoryDenyWriteExecute" not in service
+
+
+def test_bootstrapped_server_certificate_is_ecdsa_p256_for_cheap_handshakes(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    target = tmp_path / "state"
+    assert mdmctl(["init", str(target)]) == 0
+    server = x509.load_pem_x509_certificate((target / "tls-server.pem").read_bytes())
+    key = server.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    usage = server.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and not usage.key_encipherment
+    # The CAs stay RSA (Windows' certificate stores and the device chain).
+    root = x509.load_pem_x509_certificate((target / "tls-root.pem").read_bytes())
+    identity = x509.load_pem_x509_certificate((target / "wstep-identity.pem").read_bytes())
+    assert isinstance(root.public_key(), rsa.RSAPublicKey)
+    assert isinstance(identity.public_key(), rsa.RSAPublicKey)
+    server.verify_directly_issued_by(root)
