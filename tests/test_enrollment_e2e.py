@@ -387,6 +387,14 @@ def test_windows_device_enrolls_end_to_end(
     assert config == {"notifications": {}}
 
 
+def _agent_enrolled(daemon: Daemon, device: WindowsDevice) -> None:
+    status, answer = daemon.post_json(
+        "/api/fleet/orbit/enroll", device.orbit_enroll_request(daemon.enroll_secret)
+    )
+    assert status == 200
+    device.orbit_enrolled(answer)
+
+
 def _enroll(daemon: Daemon, device: WindowsDevice) -> tuple[Answer, bytes]:
     rst = device.enroll_request(daemon.url("enrollment") + ENROLL_PATH)
     return post_soap(daemon, ENROLL_PATH, rst), rst
@@ -396,11 +404,7 @@ def test_reenrollment_revokes_the_old_certificate(
     daemon: Daemon, device_key: rsa.RSAPrivateKey, identity_ca: x509.Certificate
 ) -> None:
     device = WindowsDevice(key=device_key)
-    status, answer = daemon.post_json(
-        "/api/fleet/orbit/enroll", device.orbit_enroll_request(daemon.enroll_secret)
-    )
-    assert status == 200
-    device.orbit_enrolled(answer)
+    _agent_enrolled(daemon, device)
     host = host_id(daemon, device.hardware_uuid)
 
     first_answer, first_rst = _enroll(daemon, device)
@@ -435,11 +439,7 @@ def test_new_device_id_on_the_same_host_unenrolls_the_first(
     daemon: Daemon, device_key: rsa.RSAPrivateKey, identity_ca: x509.Certificate
 ) -> None:
     device = WindowsDevice(key=device_key)
-    status, answer = daemon.post_json(
-        "/api/fleet/orbit/enroll", device.orbit_enroll_request(daemon.enroll_secret)
-    )
-    assert status == 200
-    device.orbit_enrolled(answer)
+    _agent_enrolled(daemon, device)
     host = host_id(daemon, device.hardware_uuid)
     first_answer, _ = _enroll(daemon, device)
     assert first_answer.fault is None
@@ -628,11 +628,7 @@ def test_clones_sharing_hwdevid_are_both_kept_and_flagged(
     devices = [WindowsDevice(key=device_key, hw_dev_id=hw_dev_id) for _ in range(2)]
     watch = LogWatch(daemon)
     for device in devices:
-        status, answer = daemon.post_json(
-            "/api/fleet/orbit/enroll", device.orbit_enroll_request(daemon.enroll_secret)
-        )
-        assert status == 200
-        device.orbit_enrolled(answer)
+        _agent_enrolled(daemon, device)
         enrolled, rst = _enroll(daemon, device)
         check_enrollment_answer(
             daemon,
@@ -663,11 +659,7 @@ def test_device_id_enrolled_by_another_host_is_not_taken_over(
 ) -> None:
     victim, attacker = WindowsDevice(key=device_key), WindowsDevice(key=device_key)
     for device in (victim, attacker):
-        status, answer = daemon.post_json(
-            "/api/fleet/orbit/enroll", device.orbit_enroll_request(daemon.enroll_secret)
-        )
-        assert status == 200
-        device.orbit_enrolled(answer)
+        _agent_enrolled(daemon, device)
     first, _ = _enroll(daemon, victim)
     assert first.fault is None
     victim_host = host_id(daemon, victim.hardware_uuid)
