@@ -103,3 +103,32 @@ def test_bootstrapped_server_certificate_is_ecdsa_p256_for_cheap_handshakes(tmp_
     assert isinstance(root.public_key(), rsa.RSAPublicKey)
     assert isinstance(identity.public_key(), rsa.RSAPublicKey)
     server.verify_directly_issued_by(root)
+
+
+def test_systemd_readiness_and_watchdog_notifications(tmp_path: Path) -> None:
+    import socket
+
+    from harness import write_config
+
+    config = write_config(tmp_path)
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(60)
+    env = dict(daemon_env(), NOTIFY_SOCKET=address, WATCHDOG_USEC="200000")
+    proc = subprocess.Popen(
+        [str(TWISTD), "-n", "--pidfile=", "mdmd", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        messages = [listener.recv(4096) for _ in range(3)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        listener.close()
+    # READY once all three listeners are up, then watchdog pings from the reactor.
+    assert b"READY=1" in b"".join(messages)
+    assert any(m == b"WATCHDOG=1" for m in messages)
