@@ -191,12 +191,9 @@ class ManagementService(Endpoint):
                 msg_id=hdr.msg_id,
                 event=event,
             )
-        log.debug(
-            "device {device_id} session {session_id} msg {msg_id}: {sent} command(s) sent{ended}",
-            device_id=ctx.device.device_id,
-            session_id=hdr.session_id,
-            msg_id=hdr.msg_id,
-            sent=reply.commands_sent,
-            ended=", session ended" if reply.session_ended else "",
+        # One line per message: the request log line carries this note.
+        request.note = (
+            f"session {hdr.session_id} msg {hdr.msg_id}: {reply.commands_sent} command(s) sent"
+            + (", session ended" if reply.session_ended else "")
         )
         return _syncml(reply.body)

@@ -419,14 +419,10 @@ def _kids(el: etree._Element, ns: str) -> Iterator[tuple[str, etree._Element]]:
 
 
 def _find(el: etree._Element, ns: str, name: str) -> etree._Element | None:
-    # lxml's find() walks the children in C; an element in the document
-    # namespace and one without any namespace are both accepted, the first
-    # in document order winning.
-    qualified = el.find(f"{{{ns}}}{name}") if ns else None
-    bare = el.find(name)
-    if qualified is None or bare is None:
-        return qualified if qualified is not None else bare
-    return qualified if el.index(qualified) < el.index(bare) else bare
+    # The first child named *name* in the document namespace or in none, in
+    # document order; lxml filters the children in C.
+    tags = (f"{{{ns}}}{name}", name) if ns else (name,)
+    return next(el.iterchildren(*tags), None)
 
 
 def _text(el: etree._Element | None) -> str:

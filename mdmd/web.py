@@ -85,6 +85,7 @@ class MdmdRequest(server.Request):
 
     site: MdmdSite
     device_id: str | None = None  # set by handlers once they know it, for the log line
+    note: str | None = None  # what the handler did, appended to the log line
     rejected: bool = False
 
     def __init__(self, channel: http.HTTPChannel, *args: Any, **kw: Any) -> None:
@@ -172,6 +173,8 @@ class MdmdSite(server.Site):
             duration_ms=round((time.monotonic() - req.started) * 1000, 1),
             device_id=req.device_id,
             device_text=f" device={req.device_id}" if req.device_id else "",
+            note=req.note,
+            note_text=f" ({req.note})" if req.note else "",
             peer=_peer(req),
         )
 
