@@ -164,7 +164,7 @@ class MdmdSite(server.Site):
     def log(self, request: http.Request) -> None:
         req = cast(MdmdRequest, request)
         log.info(
-            "{listener} {method} {path} {status} {bytes}B {duration_ms}ms{device_text}",
+            "{listener} {method} {path} {status} {bytes}B {duration_ms}ms{device_text}{note_text}",
             listener=self.listener,
             method=req.method.decode("latin-1"),
             path=req.path.decode("latin-1"),

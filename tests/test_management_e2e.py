@@ -414,3 +414,13 @@ def test_a_large_result_is_stored_whole(daemon: Daemon, enrolled: Enrolled) -> N
     status, command = daemon.admin("GET", f"/api/v1/commands/{uuid}")
     assert status == 200 and isinstance(command, dict) and command["state"] == "acknowledged"
     assert [r["data"] for r in command["results"] if r["kind"] == "results"] == [value]
+
+
+def test_one_log_line_per_management_message_says_what_happened(daemon: Daemon, enrolled: Enrolled) -> None:
+    run_session(daemon, enrolled, ManagementClient(enrolled.device))
+    lines = [
+        line
+        for line in daemon.log_text().splitlines()
+        if f"device={enrolled.id}" in line and "management POST" in line
+    ]
+    assert lines and "0 command(s) sent, session ended)" in lines[-1]
