@@ -160,7 +160,9 @@ class _SoapService(Endpoint):
             node_key = parse_enrollment_token(tokens[0].value)
         except EnrollmentTokenError as e:
             raise SoapFault(FaultCode.AUTHENTICATION, f"DeviceEnrollmentUserToken rejected: {e}") from None
-        host = await self.app.store.host_by_node_key(hash_node_key(node_key), seen_at=self.app.now())
+        # A read: the agent's config poll records last-seen, and a durable
+        # write here would cost an fsync per MS-MDE2 request.
+        host = await self.app.store.host_by_node_key(hash_node_key(node_key))
         if host is None:
             raise SoapFault(
                 FaultCode.AUTHENTICATION,

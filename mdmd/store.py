@@ -427,8 +427,13 @@ class SQLiteStore:
             if conn is None:
                 raise StoreError("store is not open")
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+            changes = conn.total_changes
             try:
                 result = fn(conn)
+                if not write and conn.total_changes != changes:
+                    # A method declared read-only wrote: a programming error
+                    # that must not commit silently.
+                    raise StoreError(f"{getattr(fn, '__qualname__', fn)} wrote in a read-only transaction")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -473,7 +478,7 @@ class SQLiteStore:
             ).fetchone()
             return _host(row)
 
-        return self._run(txn, write=False)
+        return self._run(txn)
 
     def host_by_node_key(
         self, node_key_hash: bytes, *, seen_at: float | None = None
@@ -489,7 +494,7 @@ class SQLiteStore:
             row = conn.execute(_HOST_SELECT + " WHERE h.node_key_hash = ?", (node_key_hash,)).fetchone()
             return None if row is None else _host(row)
 
-        return self._run(txn, write=False)
+        return self._run(txn, write=seen_at is not None)
 
     def request_unenrollment(self, device_id: str) -> Deferred[bool]:
         """Ask the agent of this device's host to unenroll it from MDM."""
@@ -504,7 +509,7 @@ class SQLiteStore:
             )
             return cursor.rowcount > 0
 
-        return self._run(txn, write=False)
+        return self._run(txn)
 
     # -- MDM devices and certificates --
 
@@ -605,7 +610,7 @@ class SQLiteStore:
             conn.execute("DELETE FROM syncml_sessions WHERE device_id = ?", (e.device_id,))
             return EnrollmentOutcome(revoked, replaced, collisions)
 
-        return self._run(txn, write=False)
+        return self._run(txn)
 
     def device(self, device_id: str) -> Deferred[DeviceRecord | None]:
         def txn(conn: sqlite3.Connection) -> DeviceRecord | None:
@@ -634,7 +639,7 @@ class SQLiteStore:
             )
             return [_certificate(r) for r in rows]
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     # -- OMA-DM management --
 
@@ -665,7 +670,7 @@ class SQLiteStore:
                 queue=tuple(_command(r) for r in queue),
             )
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     def commit_management_step(self, step: ManagementStep, now: float) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
@@ -794,7 +799,7 @@ class SQLiteStore:
             )
             return _command(row, tuple(_result(r) for r in results))
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     def device_commands(self, device_id: str, *, limit: int = 100) -> Deferred[list[CommandRecord]]:
         def txn(conn: sqlite3.Connection) -> list[CommandRecord]:
@@ -803,7 +808,7 @@ class SQLiteStore:
             )
             return [_command(r) for r in rows]
 
-        return self._run(txn)
+        return self._run(txn, write=False)
 
 
 _HOST_SELECT = """

@@ -283,3 +283,24 @@ def test_a_management_step_only_touches_its_own_devices_commands(store: SQLiteSt
     own, other = wait(store.command(mine)), wait(store.command(theirs))
     assert own is not None and own.state == "acknowledged" and own.status == 200
     assert other is not None and other.state == "pending" and other.results == ()
+
+
+def test_a_read_only_transaction_that_writes_is_rolled_back(store: SQLiteStore) -> None:
+    def sneaky(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO hosts (hardware_uuid, node_key_hash, platform, hostname, hardware_serial,"
+            " info, enrolled_at) VALUES ('x', x'00', 'windows', 'h', 's', '{}', 0)"
+        )
+
+    with pytest.raises(StoreError, match="read-only"):
+        wait(store._run(sneaky, write=False))
+    assert wait(store.host_by_node_key(b"\x00")) is None
+
+
+def test_lookups_by_node_key_write_only_when_recording_last_seen(store: SQLiteStore) -> None:
+    host = wait(store.enroll_host(_host(1), now=1.0))
+    key = hashlib.sha256(b"key-1").digest()
+    seen = wait(store.host_by_node_key(key))
+    assert seen is not None and seen.last_seen == 1.0
+    seen = wait(store.host_by_node_key(key, seen_at=9.0))
+    assert seen is not None and seen.id == host.id and seen.last_seen == 9.0
