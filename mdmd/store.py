@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -379,10 +380,11 @@ class SQLiteStore:
     def __init__(self, path: str, reactor: IReactorFromThreads) -> None:
         self.path = path
         self._reactor = reactor
-        # One thread: SQLite serialises writers anyway, and a single owner
-        # thread means no lock contention and a deterministic order of
-        # transactions (the order the reactor asked for them).
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mdmd-store")
+        # One thread owns the connection: SQLite serialises writers anyway,
+        # and a single owner means no lock contention and transactions in
+        # the order the reactor asked for them.
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
 
     # -- life cycle (synchronous: called before the reactor runs / after it stops) --
@@ -408,10 +410,14 @@ class SQLiteStore:
         return found
 
     def start(self) -> None:
-        self._pool.start()
+        self._thread = threading.Thread(target=self._work, name="mdmd-store", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        self._pool.stop()
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -419,28 +425,72 @@ class SQLiteStore:
     # -- plumbing --
 
     def _run(self, fn: Callable[[sqlite3.Connection], R], *, write: bool = True) -> Deferred[R]:
-        """Run *fn* as one transaction on the store thread (a read-only one
-        takes no write lock and commits without a sync)."""
+        """Run *fn* as one transaction on the store thread; the Deferred fires
+        once its effects are committed (a read-only one takes no write lock)."""
+        d: Deferred[R] = Deferred()
+        self._jobs.put(_Job(fn, write, d))
+        return d
 
-        def transaction() -> R:
-            conn = self._conn
+    def _work(self) -> None:
+        """The store thread: group commit.  Jobs that queued up while the
+        previous commit was syncing run as savepoints of one transaction
+        and share one COMMIT (one fsync); each Deferred fires only after
+        that COMMIT, so nothing is acknowledged before it is durable."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < _MAX_BATCH:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        conn = self._conn
+        outcomes: list[tuple[Deferred[Any], object, bool]] = []
+        try:
             if conn is None:
                 raise StoreError("store is not open")
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
-            changes = conn.total_changes
-            try:
-                result = fn(conn)
-                if not write and conn.total_changes != changes:
-                    # A method declared read-only wrote: a programming error
-                    # that must not commit silently.
-                    raise StoreError(f"{getattr(fn, '__qualname__', fn)} wrote in a read-only transaction")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            conn.execute("BEGIN IMMEDIATE" if any(j.write for j in batch) else "BEGIN DEFERRED")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                changes = conn.total_changes
+                try:
+                    result = job.fn(conn)
+                    if not job.write and conn.total_changes != changes:
+                        # A method declared read-only wrote: a programming
+                        # error that must not commit silently.
+                        raise StoreError(
+                            f"{getattr(job.fn, '__qualname__', job.fn)} wrote in a read-only transaction"
+                        )
+                except Exception:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((job.deferred, Failure(), False))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((job.deferred, result, True))
             conn.execute("COMMIT")
-            return result
-
-        return deferToThreadPool(self._reactor, self._pool, transaction)
+        except Exception:
+            # The commit itself failed (disk full, I/O error): nothing of
+            # the batch is durable, so every job fails.
+            failure = Failure()
+            if conn is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(job.deferred, failure, False) for job in batch]
+        for deferred, value, ok in outcomes:
+            fire = deferred.callback if ok else deferred.errback
+            self._reactor.callFromThread(fire, value)
 
     # -- hosts --
 
@@ -809,6 +859,16 @@ class SQLiteStore:
             return [_command(r) for r in rows]
 
         return self._run(txn, write=False)
+
+
+_MAX_BATCH = 64
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    write: bool
+    deferred: Deferred[Any]
 
 
 _HOST_SELECT = """

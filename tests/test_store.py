@@ -304,3 +304,27 @@ def test_lookups_by_node_key_write_only_when_recording_last_seen(store: SQLiteSt
     assert seen is not None and seen.last_seen == 1.0
     seen = wait(store.host_by_node_key(key, seen_at=9.0))
     assert seen is not None and seen.id == host.id and seen.last_seen == 9.0
+
+
+def test_group_commit_isolates_a_failing_job_from_its_batch(tmp_path: Path) -> None:
+    path = str(tmp_path / "mdmd.sqlite3")
+    s = SQLiteStore(path, ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    # Queued before the store thread starts: they run as one batch, one COMMIT.
+    first = s.enroll_host(_host(1), now=1.0)
+    broken = s.enroll_host(HostEnrollment("uuid-2", _host(1).node_key_hash, "windows", "h", "s"), now=2.0)
+    third = s.enroll_host(_host(3), now=3.0)
+    s.start()
+    try:
+        assert wait(first).hardware_uuid == "uuid-1"
+        with pytest.raises(sqlite3.IntegrityError):  # same node key hash as host 1
+            wait(broken)
+        assert wait(third).hardware_uuid == "uuid-3"
+    finally:
+        s.stop()
+    conn = sqlite3.connect(path)
+    try:
+        stored = sorted(r[0] for r in conn.execute("SELECT hardware_uuid FROM hosts"))
+    finally:
+        conn.close()
+    assert stored == ["uuid-1", "uuid-3"]
