@@ -11,16 +11,9 @@ from mdmd.agent import OrbitConfig, OrbitDeviceToken, OrbitEnroll, OrbitPing
 from mdmd.app import Mdmd
 from mdmd.enrollment import DiscoveryService, EnrollmentService, PolicyService
 from mdmd.management_endpoint import ManagementService
-from mdmd.web import Endpoint, HTTPResponse, MdmdRequest, json_error, json_response
+from mdmd.web import Endpoint, HTTPResponse, MdmdRequest, json_response
 
 __all__ = ["admin_routes", "enrollment_routes", "management_routes"]
-
-
-class NotImplementedEndpoint(Endpoint):
-    """A protocol endpoint that is routed but not served yet."""
-
-    async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        return json_error(501, "not implemented yet")
 
 
 class HealthEndpoint(Endpoint):

@@ -400,6 +400,19 @@ def _enroll(daemon: Daemon, device: WindowsDevice) -> tuple[Answer, bytes]:
     return post_soap(daemon, ENROLL_PATH, rst), rst
 
 
+def _enroll_checked(daemon: Daemon, device: WindowsDevice, identity_ca: x509.Certificate) -> x509.Certificate:
+    """Enroll *device* and check the answer completely; the issued certificate."""
+    answer, rst = _enroll(daemon, device)
+    return check_enrollment_answer(
+        daemon,
+        answer,
+        message_id_of(rst),
+        device_id=device.device_id,
+        public_key=device.key.public_key(),
+        identity_ca=identity_ca,
+    )
+
+
 def test_reenrollment_revokes_the_old_certificate(
     daemon: Daemon, device_key: rsa.RSAPrivateKey, identity_ca: x509.Certificate
 ) -> None:
@@ -407,27 +420,11 @@ def test_reenrollment_revokes_the_old_certificate(
     _agent_enrolled(daemon, device)
     host = host_id(daemon, device.hardware_uuid)
 
-    first_answer, first_rst = _enroll(daemon, device)
-    first = check_enrollment_answer(
-        daemon,
-        first_answer,
-        message_id_of(first_rst),
-        device_id=device.device_id,
-        public_key=device_key.public_key(),
-        identity_ca=identity_ca,
-    )
+    first = _enroll_checked(daemon, device, identity_ca)
     before = row_counts(daemon)
 
     # Same DeviceID again (Windows re-enrolls after a reset of its MDM state).
-    second_answer, second_rst = _enroll(daemon, device)
-    second = check_enrollment_answer(
-        daemon,
-        second_answer,
-        message_id_of(second_rst),
-        device_id=device.device_id,
-        public_key=device_key.public_key(),
-        identity_ca=identity_ca,
-    )
+    second = _enroll_checked(daemon, device, identity_ca)
     assert serial(second) != serial(first)
     assert row_counts(daemon) == dict(before, certificates=before["certificates"] + 1)
     old = db_rows(daemon, "SELECT * FROM certificates WHERE serial = ?", serial(first))[0]
@@ -451,15 +448,7 @@ def test_new_device_id_on_the_same_host_unenrolls_the_first(
     second_key = pki.generate_rsa_key()
     device.key = second_key
     device.device_id = uuid.uuid4().hex.upper()
-    second_answer, second_rst = _enroll(daemon, device)
-    second = check_enrollment_answer(
-        daemon,
-        second_answer,
-        message_id_of(second_rst),
-        device_id=device.device_id,
-        public_key=second_key.public_key(),
-        identity_ca=identity_ca,
-    )
+    second = _enroll_checked(daemon, device, identity_ca)
     old = db_rows(daemon, "SELECT * FROM devices WHERE device_id = ?", first_id)[0]
     assert old["state"] == "unenrolled" and old["unenrolled_at"] is not None
     for row in db_rows(daemon, "SELECT * FROM certificates WHERE device_id = ?", first_id):
