@@ -91,6 +91,7 @@ class MdmdConfig:
     path: str
     state_dir: str
     bootstrap: bool
+    workers: int
     tls_root_cert: str
     tls_root_key: str
     enrollment: EnrollmentConfig
@@ -126,6 +127,15 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
         return number
 
     return parse
+
+
+def _workers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
+    return _bounded_int(1, _MAX_WORKERS)(value)
+
+
+_MAX_WORKERS = 64
 
 
 def _text(value: str) -> str:
@@ -216,6 +226,7 @@ _SCHEMA: _Schema = {
     "mdmd": {
         "state_dir": (_text, _REQUIRED),
         "bootstrap": (_boolean, False),
+        "workers": (_workers, 1),
         "tls_root_cert": (_text, "tls-root.pem"),
         "tls_root_key": (_text, "tls-root.key"),
     },
@@ -333,6 +344,7 @@ def load_config(path: str) -> MdmdConfig:
         path=path,
         state_dir=state_dir,
         bootstrap=typed(bool, values["mdmd"]["bootstrap"]),
+        workers=typed(int, values["mdmd"]["workers"]),
         tls_root_cert=in_state("mdmd", "tls_root_cert"),
         tls_root_key=in_state("mdmd", "tls_root_key"),
         enrollment=EnrollmentConfig(

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from mdmd import pki
 from mdmd.app import Mdmd
 from mdmd.management import Reply, SessionError, process_message, refusal
-from mdmd.store import ManagementContext
+from mdmd.store import ManagementContext, SessionConflict
 from mdmd.syncml import SyncMLError, SyncMLMessage, parse_message
 from mdmd.tls import peer_certificate
 from mdmd.web import Endpoint, HTTPError, HTTPResponse, MdmdRequest, request_body
@@ -33,6 +33,10 @@ log = Logger(namespace="mdmd.management")
 SYNCML_CONTENT_TYPE = "application/vnd.syncml.dm+xml"
 # Messages above this size are parsed and processed on a worker thread.
 _LARGE_MESSAGE = 64 * 1024
+# A message whose session step lost a race with another worker process is
+# processed again from a fresh read; more conflicts than this in a row mean
+# something is wrong, and the device is told to retry later.
+_CONFLICT_ATTEMPTS = 3
 _T = TypeVar("_T")
 
 
@@ -75,10 +79,28 @@ class ManagementService(Endpoint):
                 f"Content-Type {content_type!r} from certificate {serial}",
             )
         body = request_body(request)
+        thumbprint = pki.thumbprint(cert)
+        # The lock orders one device's messages within this process; the
+        # store's compare-and-swap on the session step orders them across
+        # worker processes.
         with self._lock_entry(serial) as lock:
             await lock.acquire()
             try:
-                return await self._handle(request, serial, pki.thumbprint(cert), body)
+                for _ in range(_CONFLICT_ATTEMPTS - 1):
+                    try:
+                        return await self._handle(request, serial, thumbprint, body)
+                    except SessionConflict:
+                        log.info(
+                            "device {device_id}: session advanced by another process; reading it again",
+                            device_id=request.device_id,
+                        )
+                try:
+                    return await self._handle(request, serial, thumbprint, body)
+                except SessionConflict:
+                    raise HTTPError(
+                        _plain(503, "busy, retry later"),
+                        f"device {request.device_id}: session step conflicted {_CONFLICT_ATTEMPTS} times",
+                    ) from None
             finally:
                 lock.release()
 
@@ -182,7 +204,7 @@ class ManagementService(Endpoint):
             return _syncml(refusal(hdr, e.status, server_url=app.config.management.url, msg_id=out))
         if reply.step is not None:
             # Durable before the reply that acknowledges it leaves.
-            await app.store.commit_management_step(reply.step, app.now())
+            await app.store.commit_management_step(reply.step, app.now(), expected_seq=ctx.session_seq)
         for event in reply.events:
             log.info(
                 "device {device_id} session {session_id} msg {msg_id}: {event}",
@@ -192,8 +214,7 @@ class ManagementService(Endpoint):
                 event=event,
             )
         # One line per message: the request log line carries this note.
-        request.note = (
-            f"session {hdr.session_id} msg {hdr.msg_id}: {reply.commands_sent} command(s) sent"
-            + (", session ended" if reply.session_ended else "")
+        request.note = f"session {hdr.session_id} msg {hdr.msg_id}: {reply.commands_sent} command(s) sent" + (
+            ", session ended" if reply.session_ended else ""
         )
         return _syncml(reply.body)

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -27,6 +28,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IStreamServerEndpoint
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 
 from mdmd import pki
@@ -37,7 +39,15 @@ from mdmd.store import SQLiteStore
 from mdmd.tls import TLSServerEndpoint, mutual_tls_options, server_tls_options
 from mdmd.web import AdminRouter, MdmdSite, Router
 
-__all__ = ["Material", "bootstrap_plan", "build_service", "load_material"]
+__all__ = [
+    "DeviceListener",
+    "Material",
+    "bootstrap_plan",
+    "build_service",
+    "device_listeners",
+    "load_material",
+    "open_store",
+]
 
 log = Logger(namespace="mdmd.service")
 
@@ -240,25 +250,25 @@ def _notify_systemd(message: bytes) -> None:
         log.warn("cannot notify systemd: {error}", error=e)
 
 
-def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore) -> MultiService:
-    top = MultiService()
-    store = SQLiteStore(config.database, reactor)  # type: ignore[arg-type]
-    try:
-        found = store.open()
-    except Exception as e:
-        raise ConfigError(config.path, "mdmd", "state_dir", str(e)) from None
-    log.info("store {path} (schema version {found})", path=config.database, found=found)
-    StoreService(store).setServiceParent(top)
+@dataclass(frozen=True, slots=True)
+class DeviceListener:
+    """What a device-facing listener serves: its TLS options and its site.
+    The main process listens with it; worker processes adopt its socket."""
 
-    app = Mdmd(config=config, material=material, store=store, reactor=reactor)
+    name: str
+    tls: CertificateOptions
+    site: MdmdSite
+    public_url: str
+    description: str
 
-    listeners = [
-        ListenerService(
+
+def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
+    """The enrollment (TLS) and management (mutual TLS) listeners of *app*."""
+    config, material = app.config, app.material
+    return (
+        DeviceListener(
             "enrollment",
-            TLSServerEndpoint(
-                serverFromString(reactor, config.enrollment.listen),
-                server_tls_options(material.enrollment_chain, material.enrollment_key),
-            ),
+            server_tls_options(material.enrollment_chain, material.enrollment_key),
             MdmdSite(
                 Router(enrollment_routes(app)),
                 listener="enrollment",
@@ -267,14 +277,9 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
             config.enrollment.url,
             "TLS",
         ),
-        ListenerService(
+        DeviceListener(
             "management",
-            TLSServerEndpoint(
-                serverFromString(reactor, config.management.listen),
-                mutual_tls_options(
-                    material.management_chain, material.management_key, [material.identity_cert]
-                ),
-            ),
+            mutual_tls_options(material.management_chain, material.management_key, [material.identity_cert]),
             MdmdSite(
                 Router(management_routes(app)),
                 listener="management",
@@ -282,6 +287,39 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
             ),
             config.management.url,
             "mutual TLS",
+        ),
+    )
+
+
+def open_store(config: MdmdConfig, reactor: IReactorCore, *, check: bool = True) -> SQLiteStore:
+    store = SQLiteStore(config.database, reactor)  # type: ignore[arg-type]
+    try:
+        found = store.open(check=check)
+    except Exception as e:
+        raise ConfigError(config.path, "mdmd", "state_dir", str(e)) from None
+    log.info("store {path} (schema version {found})", path=config.database, found=found)
+    return store
+
+
+def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore) -> MultiService:
+    top = MultiService()
+    store = open_store(config, reactor)
+    StoreService(store).setServiceParent(top)
+
+    app = Mdmd(config=config, material=material, store=store, reactor=reactor)
+    enrollment, management = device_listeners(app)
+    listen = {"enrollment": config.enrollment.listen, "management": config.management.listen}
+
+    listeners = [
+        *(
+            ListenerService(
+                device.name,
+                TLSServerEndpoint(serverFromString(reactor, listen[device.name]), device.tls),
+                device.site,
+                device.public_url,
+                device.description,
+            )
+            for device in (enrollment, management)
         ),
         ListenerService(
             "admin",
@@ -297,11 +335,19 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
     ]
     for listener in listeners:
         listener.setServiceParent(top)
+    ready_when: list[Deferred[Any]] = [listener.listening for listener in listeners]
+
+    if config.workers > 1:
+        from mdmd.workers import WorkerPool
+
+        pool = WorkerPool(config, reactor, listeners[0].listening, listeners[1].listening)
+        pool.setServiceParent(top)
+        ready_when.append(pool.ready)
 
     def ready(_: object) -> None:
         _notify_systemd(b"READY=1\nSTATUS=serving")
 
-    DeferredList([listener.listening for listener in listeners], fireOnOneErrback=True).addCallback(ready)
+    DeferredList(ready_when, fireOnOneErrback=True).addCallback(ready)
 
     watchdog_usec = os.environ.get("WATCHDOG_USEC", "")
     if watchdog_usec.isdigit() and int(watchdog_usec) > 0:

@@ -36,6 +36,7 @@ __all__ = [
     "HostEnrollment",
     "HostRecord",
     "SQLiteStore",
+    "SessionConflict",
     "Store",
     "StoreError",
 ]
@@ -54,6 +55,15 @@ class DeviceConflict(Exception):
         super().__init__(f"device {device_id} is enrolled for host {host_id}")
         self.device_id = device_id
         self.host_id = host_id
+
+
+class SessionConflict(Exception):
+    """Another process advanced this device's SyncML session since it was
+    read: the step is refused, nothing changed; read again and redo it."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id}: SyncML session changed since it was read")
+        self.device_id = device_id
 
 
 # --- records ---
@@ -182,6 +192,9 @@ class ManagementContext:
     device: DeviceRecord
     session: dict[str, Any] | None
     queue: tuple[CommandRecord, ...]  # pending or sent-but-unanswered, in queue order
+    # Bumped by every committed step (and by re-enrollment): the step this
+    # context leads to commits only if nobody else's did in between.
+    session_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +243,9 @@ class Store(Protocol):
         self, cert_serial: str, *, queue_limit: int = 100
     ) -> Deferred[ManagementContext | None]: ...
 
-    def commit_management_step(self, step: ManagementStep, now: float) -> Deferred[None]: ...
+    def commit_management_step(
+        self, step: ManagementStep, now: float, *, expected_seq: int | None = None
+    ) -> Deferred[None]: ...
 
     def queue_command(
         self, device_id: str, uuid: str, verb: str, body: str, now: float
@@ -333,6 +348,12 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (device_id, code, type, source)
     );
     """,
+    # 2: with several worker processes, two messages of one device can be
+    # processed at once in different processes; the session step is a
+    # compare-and-swap on this counter.
+    """
+    ALTER TABLE devices ADD COLUMN session_seq INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -389,17 +410,25 @@ class SQLiteStore:
 
     # -- life cycle (synchronous: called before the reactor runs / after it stops) --
 
-    def open(self) -> int:
-        """Open (creating if needed) and migrate; return the schema version found."""
+    def open(self, *, check: bool = True) -> int:
+        """Open (creating if needed), check and migrate; return the schema
+        version found.  ``check=False`` is for worker processes: the main
+        process has checked and migrated the file, so only the version is
+        verified."""
         directory = os.path.dirname(self.path) or "."
         if not os.path.isdir(directory):
             raise StoreError(f"{directory}: state directory does not exist")
         try:
             conn = _connect(self.path)
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise StoreError(f"{self.path}: database integrity check failed: {check}")
-            found = migrate(conn)
+            if check:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise StoreError(f"{self.path}: database integrity check failed: {result}")
+                found = migrate(conn)
+            else:
+                found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if found != SCHEMA_VERSION:
+                    raise StoreError(f"{self.path}: schema version {found}, expected {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: {e}") from None
         # The database holds node-key hashes and device inventory: owner only.
@@ -656,8 +685,12 @@ class SQLiteStore:
                 """,
                 (e.cert_serial, e.device_id, e.cert_thumbprint, e.cert_not_before, e.cert_not_after, now),
             )
-            # A fresh enrollment starts a fresh OMA-DM account on the device.
+            # A fresh enrollment starts a fresh OMA-DM account on the device
+            # (and a session step read before it must not commit after it).
             conn.execute("DELETE FROM syncml_sessions WHERE device_id = ?", (e.device_id,))
+            conn.execute(
+                "UPDATE devices SET session_seq = session_seq + 1 WHERE device_id = ?", (e.device_id,)
+            )
             return EnrollmentOutcome(revoked, replaced, collisions)
 
         return self._run(txn)
@@ -718,18 +751,32 @@ class SQLiteStore:
                 device=_device(device_row),
                 session=None if session_row is None else json.loads(session_row["state"]),
                 queue=tuple(_command(r) for r in queue),
+                session_seq=device_row["session_seq"],
             )
 
         return self._run(txn, write=False)
 
-    def commit_management_step(self, step: ManagementStep, now: float) -> Deferred[None]:
+    def commit_management_step(
+        self, step: ManagementStep, now: float, *, expected_seq: int | None = None
+    ) -> Deferred[None]:
+        """Commit one message's step.  With *expected_seq* (the context's
+        ``session_seq``) it is a compare-and-swap: :class:`SessionConflict`,
+        and nothing written, if another step committed since."""
+
         def txn(conn: sqlite3.Connection) -> None:
             device_id = step.device_id
-            row = conn.execute("SELECT inventory FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            row = conn.execute(
+                "SELECT inventory, session_seq FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if expected_seq is not None and (row is None or row["session_seq"] != expected_seq):
+                raise SessionConflict(device_id)
             inventory = json.loads(row["inventory"]) if row else {}
             inventory.update(step.inventory)
             conn.execute(
-                "UPDATE devices SET inventory = ?, last_seen = ? WHERE device_id = ?",
+                """
+                UPDATE devices SET inventory = ?, last_seen = ?, session_seq = session_seq + 1
+                WHERE device_id = ?
+                """,
                 (json.dumps(inventory, sort_keys=True), now, device_id),
             )
             # The latest alert of each kind, with a count: Windows sends a

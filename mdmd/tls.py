@@ -31,6 +31,7 @@ __all__ = [
     "mutual_tls_options",
     "peer_certificate",
     "server_tls_options",
+    "tls_server_factory",
 ]
 
 # ECDHE only (forward secrecy) with AEAD ciphers; TLS 1.3 suites are
@@ -92,6 +93,11 @@ class TLSServerEndpoint:
         self._options = options
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        tls = TLSMemoryBIOFactory(self._options, False, factory)
-        tls.noisy = False  # mdmd logs its own line per listener
-        return self._wrapped.listen(tls)
+        return self._wrapped.listen(tls_server_factory(self._options, factory))
+
+
+def tls_server_factory(options: CertificateOptions, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
+    """*factory* behind TLS with *options*, server side."""
+    tls = TLSMemoryBIOFactory(options, False, factory)
+    tls.noisy = False  # mdmd logs its own line per listener
+    return tls

@@ -58,6 +58,8 @@ def test_every_example_key_is_documented() -> None:
         ({"enrollment": {"url": "http://mdm.example.com"}}, "", "[enrollment] url", "https"),
         ({"enrollment": {"listen": "ssl:443"}}, "", "[enrollment] listen", "Twisted server endpoint"),
         ({"mdmd": {"bootstrap": "maybe"}}, "", "[mdmd] bootstrap", "yes or no"),
+        ({"mdmd": {"workers": "0"}}, "", "[mdmd] workers", "between 1 and 64"),
+        ({"mdmd": {"workers": "all"}}, "", "[mdmd] workers", "whole number"),
         ({"wstep": {"device_cert_days": "0"}}, "", "[wstep] device_cert_days", "between 1 and 3650"),
         ({"wstep": {"device_cert_days": "a year"}}, "", "[wstep] device_cert_days", "whole number"),
         (
@@ -88,6 +90,11 @@ def test_config_errors_name_file_section_and_key(
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the configuration"):
         load_config(str(tmp_path / "absent.ini"))
+
+
+def test_workers_auto_is_one_per_cpu(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"mdmd": {"workers": "auto"}})
+    assert load_config(str(path)).workers == min(64, os.cpu_count() or 1)
 
 
 def test_percent_in_values_is_literal(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from mdmd.store import (
     DeviceEnrollment,
     HostEnrollment,
     ManagementStep,
+    SessionConflict,
     SQLiteStore,
     StoreError,
 )
@@ -328,3 +329,41 @@ def test_group_commit_isolates_a_failing_job_from_its_batch(tmp_path: Path) -> N
     finally:
         conn.close()
     assert stored == ["uuid-1", "uuid-3"]
+
+
+def test_a_session_step_read_before_another_commits_is_refused_and_changes_nothing(
+    store: SQLiteStore,
+) -> None:
+    # Two worker processes read the same session, each processes a message;
+    # only the first step may commit (compare-and-swap on session_seq).
+    uuid = _enrolled_with_command(store, "DEV1", 1)
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None
+    first = ManagementStep("DEV1", session={"out": 2}, sent=((uuid, "1", 1),))
+    second = ManagementStep("DEV1", session={"out": 9}, answered=((uuid, 500),), inventory={"./X": "y"})
+    wait(store.commit_management_step(first, now=5.0, expected_seq=ctx.session_seq))
+    with pytest.raises(SessionConflict):
+        wait(store.commit_management_step(second, now=6.0, expected_seq=ctx.session_seq))
+    after = wait(store.management_context("serial1"))
+    assert after is not None
+    assert after.session == {"out": 2} and after.session_seq == ctx.session_seq + 1
+    assert after.device.inventory == {} and after.device.last_seen == 5.0
+    command = wait(store.command(uuid))
+    assert command is not None and command.state == "sent" and command.status is None
+    # Read again, the step commits.
+    wait(store.commit_management_step(second, now=6.0, expected_seq=after.session_seq))
+    command = wait(store.command(uuid))
+    assert command is not None and command.state == "failed" and command.status == 500
+
+
+def test_re_enrollment_invalidates_a_session_step_read_before_it(store: SQLiteStore) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None
+    host = wait(store.enroll_host(_host(1), now=7.0))
+    wait(store.record_device_enrollment(_enrollment("DEV1", host.id, "serial1b", hw=None), now=8.0))
+    with pytest.raises(SessionConflict):
+        step = ManagementStep("DEV1", session={"out": 2})
+        wait(store.commit_management_step(step, 9.0, expected_seq=ctx.session_seq))
+    fresh = wait(store.management_context("serial1b"))
+    assert fresh is not None and fresh.session is None

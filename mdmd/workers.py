@@ -1,0 +1,414 @@
+"""Worker processes: one CPython reactor per core on the device listeners.
+
+One Python process serves from one core.  With ``[mdmd] workers = N`` the
+main process (``twistd mdmd``) opens the enrollment and management
+listening sockets as usual, serves them itself, and starts N - 1 workers
+(``python -m mdmd.workers``) that inherit both sockets and accept
+connections on them too: whichever process is idle takes the next
+connection.  Each worker loads the same configuration and key material,
+opens the same SQLite database (WAL: many processes can share it; each has
+its own store thread and group commit) and serves the same sites.
+
+What stays in the main process: bootstrap, the database check and
+migrations, the admin listener, systemd notifications (``READY=1`` once
+every worker serves, the watchdog) and the workers' supervision:
+
+- a worker writes ``R`` on its status pipe once it serves, then ``.`` every
+  :data:`HEARTBEAT` seconds from its reactor; one silent for
+  :data:`SILENCE` seconds has a blocked reactor and is killed;
+- a worker that exits is started again, after a delay that grows while it
+  keeps dying young (a crash loop must not spin);
+- a worker stops when the main process tells it to (SIGTERM, sent on
+  shutdown) or when its stdin, a pipe from the main process, closes: the
+  main process was killed, and a worker must not serve on alone.
+
+A device's SyncML session can therefore be advanced by two processes at
+once (a retransmission on a new connection, say); the store's
+compare-and-swap on ``session_seq`` makes that safe (see
+:mod:`mdmd.management_endpoint`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import fdesc
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.error import ConnectionDone, ProcessDone
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorCore, IReadDescriptor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    Logger,
+    formatEventAsClassicLogText,
+    globalLogBeginner,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mdmd.config import ConfigError, MdmdConfig, load_config
+
+__all__ = ["HEARTBEAT", "SILENCE", "WorkerPool", "main"]
+
+log = Logger(namespace="mdmd.workers")
+
+HEARTBEAT = 1.0
+SILENCE = 30.0
+# The worker's end of the pipes and sockets it is started with.
+_STDIN, _STATUS = 0, 5
+_FIRST_LISTENER_FD = 3
+_STOP_GRACE = 15.0
+_RESTART_MIN, _RESTART_MAX = 0.5, 30.0
+# A worker that lived this long before exiting was not crash-looping.
+_STABLE = 60.0
+
+
+# --------------------------------------------------------------------------
+# The main process side
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    index: int
+    protocol: _WorkerProtocol | None = None
+    started_at: float = 0.0
+    heard_at: float = 0.0
+    serving: bool = False
+    restart_delay: float = _RESTART_MIN
+    restart_call: IDelayedCall | None = None
+    kill_call: IDelayedCall | None = None
+    ended: list[Deferred[None]] = field(default_factory=list)
+
+
+class _WorkerProtocol(ProcessProtocol):
+    def __init__(self, pool: WorkerPool, worker: _Worker) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.pid: int | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == _STATUS:
+            self.pool._heard(self.worker, self, data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.pool._ended(self.worker, self, reason)
+
+
+class WorkerPool(Service):
+    """Starts and supervises ``workers - 1`` worker processes sharing the
+    enrollment and management listening sockets of this process."""
+
+    name = "workers"
+
+    def __init__(
+        self,
+        config: MdmdConfig,
+        reactor: IReactorCore,
+        enrollment: Deferred[IListeningPort],
+        management: Deferred[IListeningPort],
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.ready: Deferred[None] = Deferred()
+        self._ports = (enrollment, management)
+        self._listeners: list[tuple[int, int]] = []  # (fd, address family)
+        self._workers = [_Worker(index) for index in range(1, config.workers)]
+        self._stopping = False
+        self._watch = LoopingCall(self._check_heartbeats)
+        self._watch.clock = reactor  # type: ignore[assignment]
+
+    # -- life cycle --
+
+    def startService(self) -> None:
+        super().startService()
+        # gatherResults passes the results on: the listeners' other
+        # observers (readiness) still see them.
+        gatherResults(list(self._ports)).addCallback(self._start_workers).addErrback(
+            lambda f: log.failure("workers not started", f)
+        )
+
+    def _start_workers(self, ports: Sequence[IListeningPort]) -> None:
+        if self._stopping:
+            return
+        for port in ports:
+            sock: socket.socket = port.socket  # type: ignore[attr-defined]
+            self._listeners.append((sock.fileno(), sock.family))
+        for worker in self._workers:
+            self._spawn(worker)
+        self._watch.start(SILENCE / 3, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        if self._watch.running:
+            self._watch.stop()
+        waiting: list[Deferred[None]] = []
+        for worker in self._workers:
+            if worker.restart_call is not None and worker.restart_call.active():
+                worker.restart_call.cancel()
+            protocol = worker.protocol
+            if protocol is None or protocol.transport is None:
+                continue
+            ended: Deferred[None] = Deferred()
+            worker.ended.append(ended)
+            waiting.append(ended)
+            self._signal(worker, "TERM")
+            worker.kill_call = self.reactor.callLater(  # type: ignore[attr-defined]
+                _STOP_GRACE, self._signal, worker, "KILL"
+            )
+        done: Deferred[Any] = DeferredList(waiting)
+        return done.addCallback(lambda _: None)
+
+    # -- one worker --
+
+    def _spawn(self, worker: _Worker) -> None:
+        worker.restart_call = None
+        if self._stopping:
+            return
+        child_fds: dict[int, int | str] = {_STDIN: "w", 1: 1, 2: 2, _STATUS: "r"}
+        argv = [sys.executable, "-m", "mdmd.workers", "--config", self.config.path]
+        argv += ["--index", str(worker.index)]
+        for n, (fd, family) in enumerate(self._listeners):
+            child_fds[_FIRST_LISTENER_FD + n] = fd
+            argv += ["--listener", f"{_FIRST_LISTENER_FD + n}:{int(family)}"]
+        protocol = _WorkerProtocol(self, worker)
+        worker.protocol = protocol
+        worker.serving = False
+        worker.started_at = worker.heard_at = self.reactor.seconds()  # type: ignore[attr-defined]
+        self.reactor.spawnProcess(  # type: ignore[attr-defined]
+            protocol, sys.executable, argv, env=dict(os.environ), childFDs=child_fds
+        )
+        log.info("worker {index} started (pid {pid})", index=worker.index, pid=protocol.pid)
+
+    def _heard(self, worker: _Worker, protocol: _WorkerProtocol, data: bytes) -> None:
+        if worker.protocol is not protocol:
+            return
+        worker.heard_at = self.reactor.seconds()  # type: ignore[attr-defined]
+        if b"R" in data and not worker.serving:
+            worker.serving = True
+            log.info("worker {index} (pid {pid}) serving", index=worker.index, pid=protocol.pid)
+            if not self.ready.called and all(w.serving for w in self._workers):
+                self.ready.callback(None)
+
+    def _check_heartbeats(self) -> None:
+        now = self.reactor.seconds()  # type: ignore[attr-defined]
+        for worker in self._workers:
+            protocol = worker.protocol
+            if protocol is None or protocol.transport is None:
+                continue
+            silent = now - worker.heard_at
+            if silent > SILENCE:
+                log.error(
+                    "worker {index} (pid {pid}) silent for {silent:.0f}s, its reactor is blocked: killing it",
+                    index=worker.index,
+                    pid=protocol.pid,
+                    silent=silent,
+                )
+                self._signal(worker, "KILL")
+
+    @staticmethod
+    def _signal(worker: _Worker, name: str) -> None:
+        protocol = worker.protocol
+        if protocol is not None and protocol.transport is not None:
+            # ProcessExitedAlready: it has just ended; _ended will follow.
+            with contextlib.suppress(Exception):
+                protocol.transport.signalProcess(name)
+
+    def _ended(self, worker: _Worker, protocol: _WorkerProtocol, reason: Failure) -> None:
+        if worker.protocol is protocol:
+            worker.protocol = None
+        if worker.kill_call is not None and worker.kill_call.active():
+            worker.kill_call.cancel()
+        ended, worker.ended = worker.ended, []
+        for d in ended:
+            d.callback(None)
+        if self._stopping:
+            log.info("worker {index} (pid {pid}) stopped", index=worker.index, pid=protocol.pid)
+            return
+        now = self.reactor.seconds()  # type: ignore[attr-defined]
+        lived = now - worker.started_at
+        if lived >= _STABLE:
+            worker.restart_delay = _RESTART_MIN
+        delay = worker.restart_delay
+        worker.restart_delay = min(_RESTART_MAX, delay * 2)
+        how = "exited normally" if reason.check(ProcessDone) else str(reason.value)
+        log.warn(
+            "worker {index} (pid {pid}) ended after {lived:.1f}s: {how}; starting it again in {delay:.1f}s",
+            index=worker.index,
+            pid=protocol.pid,
+            lived=lived,
+            how=how,
+            delay=delay,
+        )
+        worker.restart_call = self.reactor.callLater(delay, self._spawn, worker)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------
+# The worker process side: python -m mdmd.workers
+# --------------------------------------------------------------------------
+
+
+class _AdoptedListener(Service):
+    """Serves a device listener on a socket inherited from the main process."""
+
+    def __init__(self, reactor: Any, fd: int, family: int, factory: Any, name: str) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+        self.factory = factory
+        self.setName(name)
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        fdesc.setNonBlocking(self.fd)
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        # adoptStreamPort works on a duplicate; ours is not needed any more.
+        os.close(self.fd)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        return self.port.stopListening()
+
+
+@implementer(IReadDescriptor)
+class _MainProcessWatch:
+    """Reads the worker's stdin, a pipe from the main process: EOF means the
+    main process is gone, and the worker stops."""
+
+    def __init__(self, reactor: Any, gone: Callable[[], None]) -> None:
+        self.reactor = reactor
+        self.gone = gone
+        fdesc.setNonBlocking(_STDIN)
+
+    def fileno(self) -> int:
+        return _STDIN
+
+    def logPrefix(self) -> str:
+        return "main-process-watch"
+
+    def doRead(self) -> Failure | None:
+        try:
+            data = os.read(_STDIN, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self.connectionLost(Failure(ConnectionDone()))
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.reactor.removeReader(self)
+        self.gone()
+
+
+def _write_status(data: bytes, stop: Callable[[], None]) -> None:
+    try:
+        os.write(_STATUS, data)
+    except OSError:  # the main process is gone
+        stop()
+
+
+def _tagged_observer(index: int) -> ILogObserver:
+    """Log lines like the main process's, with ``worker N`` in the system."""
+
+    def format_event(event: dict[str, Any]) -> str | None:
+        level = event.get("log_level")
+        system = event.get("log_system") or f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}"
+        return formatEventAsClassicLogText({**event, "log_system": f"{system} worker {index}"})
+
+    return FileLogObserver(sys.stdout, format_event)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mdmd.workers", description="an mdmd worker process")
+    p.add_argument("--config", required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--listener", action="append", default=[], help="FD:ADDRESS_FAMILY, in listener order")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse(argv)
+    from twisted.internet import reactor
+
+    from mdmd.app import Mdmd
+    from mdmd.service import StoreService, device_listeners, load_material, open_store
+    from mdmd.tls import tls_server_factory
+
+    globalLogBeginner.beginLoggingTo([_tagged_observer(args.index)], redirectStandardIO=False)
+    try:
+        config = load_config(args.config)
+        material = load_material(config)
+        store = open_store(config, reactor, check=False)
+    except ConfigError as e:
+        log.critical("cannot start: {error}", error=str(e))
+        raise SystemExit(78) from None
+    app = Mdmd(config=config, material=material, store=store, reactor=reactor)
+
+    top = MultiService()
+    StoreService(store).setServiceParent(top)
+    for listener, spec in zip(device_listeners(app), args.listener, strict=True):
+        fd, family = (int(x) for x in spec.split(":"))
+        factory = tls_server_factory(listener.tls, listener.site)
+        _AdoptedListener(reactor, fd, family, factory, listener.name).setServiceParent(top)
+
+    stopping = False
+    heartbeat = LoopingCall(lambda: _write_status(b".", stop_once))
+
+    def stop_once() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            reactor.stop()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # systemd signals every process of the unit, and the main process
+        # signals its workers too: the second SIGTERM must not make
+        # Twisted's handler stop a reactor that is already stopping.
+        reactor.callFromThread(stop_once)  # type: ignore[attr-defined]
+
+    def main_process_gone() -> None:
+        if not stopping:
+            log.warn("the main process is gone; this worker stops")
+            stop_once()
+
+    def start() -> None:
+        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGINT, on_sigterm)
+        top.startService()
+        reactor.addReader(_MainProcessWatch(reactor, main_process_gone))
+        _write_status(b"R", stop_once)
+        heartbeat.start(HEARTBEAT, now=False)
+
+    def stop() -> Deferred[None] | None:
+        if heartbeat.running:
+            heartbeat.stop()
+        return top.stopService()  # type: ignore[no-any-return]
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

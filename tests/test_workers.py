@@ -1,0 +1,120 @@
+"""[mdmd] workers = N: worker processes share the device listeners.
+
+Each test proves that a worker, not the main process, served the requests:
+the main process is stopped (SIGSTOP) while the device talks, so only a
+worker can accept its connections.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from test_management_e2e import Enrolled, post
+
+from harness import Daemon, client_tls_context, db_rows, enroll_device, running_daemon
+from mdmd import pki
+from mdmd.sim.device import EnrollmentResult, ManagementClient, WindowsDevice
+
+WORKERS = 2
+_SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
+
+
+def poll(what: str, check: object, timeout: float = 20.0) -> None:
+    """Bounded polling for something another process does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def serving_workers(daemon: Daemon) -> dict[int, int]:
+    """index -> pid of the latest 'serving' line of each worker."""
+    return {int(i): int(pid) for i, pid in _SERVING.findall(daemon.log_text())}
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def main_process_stopped(daemon: Daemon) -> Iterator[None]:
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("workers"), {"mdmd": {"workers": str(WORKERS)}}) as d:
+        poll("every worker serving", lambda: len(serving_workers(d)) == WORKERS - 1)
+        yield d
+
+
+@pytest.fixture(scope="module")
+def key() -> object:
+    return pki.generate_rsa_key()
+
+
+def enroll_and_check_in(daemon: Daemon, key: object, tmp_path: Path, name: str) -> str:
+    device = WindowsDevice(key=key, hostname=name)  # type: ignore[arg-type]
+    result = enroll_device(daemon, device)
+    assert isinstance(result, EnrollmentResult)
+    enrolled = Enrolled(device, result, client_tls_context(daemon, tmp_path, result.certificate, device.key))
+    client = ManagementClient(device)
+    status, body = post(daemon, enrolled, client.session_start(result.management_url))
+    assert status == 200, body
+    assert client.read(body).final
+    return device.device_id
+
+
+def test_a_worker_alone_serves_enrollment_and_management(daemon: Daemon, key: object, tmp_path: Path) -> None:
+    with main_process_stopped(daemon):
+        device_id = enroll_and_check_in(daemon, key, tmp_path, "PC-W1")
+    # The worker's store wrote what it acknowledged, in the shared database.
+    rows = db_rows(daemon, "SELECT state, last_seen IS NOT NULL FROM devices WHERE device_id = ?", device_id)
+    assert rows == [("enrolled", 1)]
+    lines = [line for line in daemon.log_text().splitlines() if device_id in line and " worker 1]" in line]
+    assert any("/api/mdm/microsoft/management" in line for line in lines), lines
+
+
+def test_the_main_process_restarts_a_worker_that_dies(daemon: Daemon, key: object, tmp_path: Path) -> None:
+    old = serving_workers(daemon)[1]
+    os.kill(old, signal.SIGKILL)
+    poll("worker 1 serving again", lambda: serving_workers(daemon)[1] != old)
+    assert re.search(rf"worker 1 \(pid {old}\) ended after .*; starting it again", daemon.log_text())
+    with main_process_stopped(daemon):
+        enroll_and_check_in(daemon, key, tmp_path, "PC-W2")
+
+
+def test_workers_stop_with_the_main_process(tmp_path: Path) -> None:
+    with running_daemon(tmp_path, {"mdmd": {"workers": "3"}}) as d:
+        poll("both workers serving", lambda: len(serving_workers(d)) == 2)
+        pids = list(serving_workers(d).values())
+        assert d.stop() == -signal.SIGTERM  # twistd ends by the signal it was stopped with
+    assert not [pid for pid in pids if alive(pid)]
+    assert "Traceback" not in d.log_text()
+
+
+def test_a_worker_stops_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    with running_daemon(tmp_path, {"mdmd": {"workers": "2"}}) as d:
+        poll("the worker serving", lambda: len(serving_workers(d)) == 1)
+        (pid,) = serving_workers(d).values()
+        d.proc.kill()
+        d.proc.wait()
+        poll("the orphaned worker gone", lambda: not alive(pid))
+        assert "the main process is gone; this worker stops" in d.log_text()
