@@ -4,11 +4,13 @@ queue with its results, and SyncML session state.
 :class:`Store` is the interface the protocol handlers use; every method
 returns a Deferred and never blocks the reactor.  :class:`SQLiteStore` is the
 implementation: one SQLite file in WAL mode with ``synchronous=FULL`` (a
-committed transaction survives power loss), driven from a single dedicated
-thread so that writes are serialised without locks and the reactor thread
-never touches the database.  Each store method is one transaction, and its
-Deferred fires only after the commit: a handler that awaits the store before
-answering never acknowledges anything that is not on disk.
+committed transaction survives power loss).  Writes run on one dedicated
+thread, so they are serialised without locks, and share commits (group
+commit); reads run on a second thread and connection beside them.  The
+reactor thread never touches the database.  Each store method is one
+transaction, and its Deferred fires only after the commit: a handler that
+awaits the store before answering never acknowledges anything that is not
+on disk.
 """
 
 from __future__ import annotations
@@ -401,12 +403,17 @@ class SQLiteStore:
     def __init__(self, path: str, reactor: IReactorFromThreads) -> None:
         self.path = path
         self._reactor = reactor
-        # One thread owns the connection: SQLite serialises writers anyway,
-        # and a single owner means no lock contention and transactions in
-        # the order the reactor asked for them.
+        # One thread owns the writing connection: SQLite serialises writers
+        # anyway, and a single owner means no lock contention and writes in
+        # the order the reactor asked for them.  Reads run on a second
+        # connection and thread (WAL lets them run beside a commit), so a
+        # lookup never waits for another request's fsync; a read sees every
+        # write whose Deferred has fired.
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._read_jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._conn: sqlite3.Connection | None = None
+        self._read_conn: sqlite3.Connection | None = None
 
     # -- life cycle (synchronous: called before the reactor runs / after it stops) --
 
@@ -436,20 +443,28 @@ class SQLiteStore:
             if os.path.exists(self.path + suffix):
                 os.chmod(self.path + suffix, 0o600)
         self._conn = conn
+        self._read_conn = _connect(self.path)
         return found
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="mdmd-store", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name="mdmd-store", daemon=True),
+            threading.Thread(target=self._read_work, name="mdmd-store-read", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            self._read_jobs.put(None)
+            for thread in self._threads:
+                thread.join()
+            self._threads = []
+        for conn in (self._conn, self._read_conn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._read_conn = None
 
     # -- plumbing --
 
@@ -457,8 +472,36 @@ class SQLiteStore:
         """Run *fn* as one transaction on the store thread; the Deferred fires
         once its effects are committed (a read-only one takes no write lock)."""
         d: Deferred[R] = Deferred()
-        self._jobs.put(_Job(fn, write, d))
+        (self._jobs if write else self._read_jobs).put(_Job(fn, write, d))
         return d
+
+    def _read_work(self) -> None:
+        """The reading thread: one read transaction per job, always rolled
+        back, so not even a buggy reader can commit anything."""
+        while True:
+            job = self._read_jobs.get()
+            if job is None:
+                return
+            conn = self._read_conn
+            outcome: object
+            try:
+                if conn is None:
+                    raise StoreError("store is not open")
+                conn.execute("BEGIN DEFERRED")
+                changes = conn.total_changes
+                try:
+                    outcome = job.fn(conn)
+                    if conn.total_changes != changes:
+                        raise StoreError(
+                            f"{getattr(job.fn, '__qualname__', job.fn)} wrote in a read-only transaction"
+                        )
+                finally:
+                    conn.execute("ROLLBACK")
+                ok = True
+            except Exception:
+                outcome, ok = Failure(), False
+            fire = job.deferred.callback if ok else job.deferred.errback
+            self._reactor.callFromThread(fire, outcome)
 
     def _work(self) -> None:
         """The store thread: group commit.  Jobs that queued up while the

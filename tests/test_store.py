@@ -367,3 +367,24 @@ def test_re_enrollment_invalidates_a_session_step_read_before_it(store: SQLiteSt
         wait(store.commit_management_step(step, 9.0, expected_seq=ctx.session_seq))
     fresh = wait(store.management_context("serial1b"))
     assert fresh is not None and fresh.session is None
+
+
+def test_a_read_does_not_wait_for_a_write_in_progress(store: SQLiteStore) -> None:
+    wait(store.enroll_host(_host(1), now=1.0))
+    release = threading.Event()
+
+    def slow_write(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE hosts SET last_seen = 2.0")
+        assert release.wait(10), "never released"
+
+    writing = store._run(slow_write)
+    try:
+        # Reads its own snapshot beside the open write transaction.
+        host = wait(store.host_by_node_key(_host(1).node_key_hash))
+        assert host is not None and host.last_seen == 1.0
+        assert not writing.called
+    finally:
+        release.set()
+    wait(writing)
+    host = wait(store.host_by_node_key(_host(1).node_key_hash))
+    assert host is not None and host.last_seen == 2.0
