@@ -93,6 +93,7 @@ class SimOptions:
     save_devices: str | None
     load_devices: str | None
     progress: bool | None
+    samples: bool = False
 
 
 def _positive_int(text: str) -> int:
@@ -168,6 +169,11 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
     )
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the summary as JSON")
+    out.add_argument(
+        "--samples",
+        action="store_true",
+        help="with --json: every latency sample too (to merge the summaries of several processes)",
+    )
     progress = out.add_mutually_exclusive_group()
     progress.add_argument(
         "--progress",
@@ -222,6 +228,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
         save_devices=a.save_devices,
         load_devices=a.load_devices,
         progress=a.progress,
+        samples=a.samples,
     )
 
 
@@ -531,7 +538,11 @@ class Stats:
             "first_errors": self.first_errors,
             "sim_cpu_s": round(_cpu_seconds() - self.cpu_at_start, 3),
             "interrupted": interrupted,
-        }
+        } | (
+            {"latency_samples_ms": {s: [round(v * 1000, 3) for v in vs] for s, vs in self.latencies.items()}}
+            if options.samples
+            else {}
+        )
 
 
 def _cpu_seconds() -> float:
