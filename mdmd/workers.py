@@ -191,8 +191,10 @@ class WorkerPool(Service):
         worker.protocol = protocol
         worker.serving = False
         worker.started_at = worker.heard_at = self.reactor.seconds()  # type: ignore[attr-defined]
+        # Only the main process speaks to systemd (NotifyAccess=main).
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         self.reactor.spawnProcess(  # type: ignore[attr-defined]
-            protocol, sys.executable, argv, env=dict(os.environ), childFDs=child_fds
+            protocol, sys.executable, argv, env=env, childFDs=child_fds
         )
         log.info("worker {index} started (pid {pid})", index=worker.index, pid=protocol.pid)
 
