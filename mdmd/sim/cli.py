@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, error, task
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorCore, IReactorTime
@@ -405,7 +406,9 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 
 def _ssl_failure(e: BaseException) -> bool:
-    if isinstance(e, SSL.Error):
+    # A server certificate for another host name fails after the handshake,
+    # in service_identity: still a TLS failure to the device.
+    if isinstance(e, SSL.Error | VerificationError):
         return True
     if isinstance(e, ResponseFailed):
         return any(_ssl_failure(f.value) for f in e.reasons)
