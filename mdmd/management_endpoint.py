@@ -86,21 +86,20 @@ class ManagementService(Endpoint):
         with self._lock_entry(serial) as lock:
             await lock.acquire()
             try:
-                for _ in range(_CONFLICT_ATTEMPTS - 1):
+                for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
                     try:
                         return await self._handle(request, serial, thumbprint, body)
                     except SessionConflict:
+                        if attempt == _CONFLICT_ATTEMPTS:
+                            raise HTTPError(
+                                _plain(503, "busy, retry later"),
+                                f"device {request.device_id}: session step conflicted {attempt} times",
+                            ) from None
                         log.info(
                             "device {device_id}: session advanced by another process; reading it again",
                             device_id=request.device_id,
                         )
-                try:
-                    return await self._handle(request, serial, thumbprint, body)
-                except SessionConflict:
-                    raise HTTPError(
-                        _plain(503, "busy, retry later"),
-                        f"device {request.device_id}: session step conflicted {_CONFLICT_ATTEMPTS} times",
-                    ) from None
+                raise AssertionError("unreachable")
             finally:
                 lock.release()
 

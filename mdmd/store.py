@@ -472,7 +472,7 @@ class SQLiteStore:
         """Run *fn* as one transaction on the store thread; the Deferred fires
         once its effects are committed (a read-only one takes no write lock)."""
         d: Deferred[R] = Deferred()
-        (self._jobs if write else self._read_jobs).put(_Job(fn, write, d))
+        (self._jobs if write else self._read_jobs).put(_Job(fn, d))
         return d
 
     def _read_work(self) -> None:
@@ -492,6 +492,8 @@ class SQLiteStore:
                 try:
                     outcome = job.fn(conn)
                     if conn.total_changes != changes:
+                        # A method declared read-only wrote: a programming
+                        # error, reported (and rolled back below).
                         raise StoreError(
                             f"{getattr(job.fn, '__qualname__', job.fn)} wrote in a read-only transaction"
                         )
@@ -533,18 +535,12 @@ class SQLiteStore:
         try:
             if conn is None:
                 raise StoreError("store is not open")
-            conn.execute("BEGIN IMMEDIATE" if any(j.write for j in batch) else "BEGIN DEFERRED")
+            # Only writes come here: reads have their own thread (_read_work).
+            conn.execute("BEGIN IMMEDIATE")
             for job in batch:
                 conn.execute("SAVEPOINT job")
-                changes = conn.total_changes
                 try:
                     result = job.fn(conn)
-                    if not job.write and conn.total_changes != changes:
-                        # A method declared read-only wrote: a programming
-                        # error that must not commit silently.
-                        raise StoreError(
-                            f"{getattr(job.fn, '__qualname__', job.fn)} wrote in a read-only transaction"
-                        )
                 except Exception:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
@@ -957,7 +953,6 @@ _MAX_BATCH = 64
 @dataclass(slots=True)
 class _Job:
     fn: Callable[[sqlite3.Connection], Any]
-    write: bool
     deferred: Deferred[Any]
 
 
