@@ -29,7 +29,8 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from mdmd.app import Mdmd
-from mdmd.store import CertificateRecord, CommandRecord, CommandResult, DeviceRecord
+from mdmd.management import CommandResult
+from mdmd.store import CertificateRecord, CommandRecord, DeviceRecord
 from mdmd.syncml import (
     Command,
     Item,

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorCore
 
 from mdmd.config import MdmdConfig
+from mdmd.material import Material
 from mdmd.store import Store
-
-if TYPE_CHECKING:
-    from mdmd.service import Material
 
 __all__ = ["Mdmd"]
 

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from mdmd import pki
 from mdmd.app import Mdmd
-from mdmd.management import Reply, SessionError, process_message, refusal
+from mdmd.management import Reply, SessionError, is_retransmission, process_message, refusal
 from mdmd.store import ManagementContext, SessionConflict
 from mdmd.syncml import SyncMLError, SyncMLMessage, parse_message
 from mdmd.tls import peer_certificate
@@ -179,13 +179,21 @@ class ManagementService(Endpoint):
     ) -> HTTPResponse:
         app = self.app
         hdr = message.hdr
+        device_id = ctx.device.device_id
+        if is_retransmission(message, body, ctx.session):
+            # The device did not get our reply and sent the same message
+            # again: the same answer, and nothing changes.
+            previous = await app.store.last_reply(device_id)
+            if previous is not None:
+                request.note = f"session {hdr.session_id} msg {hdr.msg_id}: retransmission answered again"
+                return _syncml(previous)
         try:
             reply: Reply = await self._off_reactor_if_large(
                 body,
                 process_message,
                 message,
                 body,
-                device_id=ctx.device.device_id,
+                device_id=device_id,
                 session=ctx.session,
                 queue=ctx.queue,
                 server_url=app.config.management.url,
@@ -194,20 +202,19 @@ class ManagementService(Endpoint):
         except SessionError as e:
             log.warn(
                 "device {device_id} session {session_id} msg {msg_id} refused: {reason}",
-                device_id=ctx.device.device_id,
+                device_id=device_id,
                 session_id=hdr.session_id,
                 msg_id=hdr.msg_id,
                 reason=e.reason,
             )
-            out = int(ctx.session.get("out", 1)) if ctx.session else 1
+            out = ctx.session.next_msg_id if ctx.session else 1
             return _syncml(refusal(hdr, e.status, server_url=app.config.management.url, msg_id=out))
-        if reply.step is not None:
-            # Durable before the reply that acknowledges it leaves.
-            await app.store.commit_management_step(reply.step, app.now(), expected_seq=ctx.session_seq)
+        # Durable before the reply that acknowledges it leaves.
+        await app.store.commit_management_step(reply.step, app.now(), expected_seq=ctx.session_seq)
         for event in reply.events:
             log.info(
                 "device {device_id} session {session_id} msg {msg_id}: {event}",
-                device_id=ctx.device.device_id,
+                device_id=device_id,
                 session_id=hdr.session_id,
                 msg_id=hdr.msg_id,
                 event=event,

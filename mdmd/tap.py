@@ -41,7 +41,8 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from mdmd.service import build_service, prepare
+    from mdmd.material import prepare
+    from mdmd.service import build_service
 
     try:
         material = prepare(options.config)

@@ -354,7 +354,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import reactor
 
     from mdmd.app import Mdmd
-    from mdmd.service import StoreService, device_listeners, load_material, open_store
+    from mdmd.listeners import device_listeners
+    from mdmd.material import load_material
+    from mdmd.store.service import StoreService, open_store
     from mdmd.tls import tls_server_factory
 
     globalLogBeginner.beginLoggingTo([_tagged_observer(args.index)], redirectStandardIO=False)

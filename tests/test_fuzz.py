@@ -11,10 +11,9 @@ from pathlib import Path
 
 from mdmd import pki
 from mdmd.discovery import negotiate_discover, parse_discover
-from mdmd.management import SessionError, process_message
+from mdmd.management import QueuedCommand, SentRef, SessionError, SessionState, process_message
 from mdmd.policy import parse_get_policies
 from mdmd.soap import SoapFault, parse_soap_request
-from mdmd.store import CommandRecord
 from mdmd.syncml import SyncMLError, parse_message
 from mdmd.wstep import parse_request_security_token
 from mdmd.xmlsafe import XMLInputError
@@ -69,7 +68,9 @@ def test_mutated_enrollment_requests_only_raise_protocol_errors(windows_fixtures
             continue
         parsed += 1
         with contextlib.suppress(SoapFault):
-            negotiate_discover(parse_discover(request), policy_url="https://x/p", enrollment_url="https://x/e")
+            negotiate_discover(
+                parse_discover(request), policy_url="https://x/p", enrollment_url="https://x/e"
+            )
         with contextlib.suppress(SoapFault):
             parse_get_policies(request)
         with contextlib.suppress(SoapFault, pki.CSRError):
@@ -100,9 +101,9 @@ def test_random_syncml_messages_get_a_reply_or_a_protocol_error() -> None:
     rng = random.Random(11)
     get = "<Get><Item><Target><LocURI>./DevDetail/SwV</LocURI></Target></Item></Get>"
     queue = [
-        CommandRecord("u1", "DEV", "Get", get, "pending", None, 0.0, None, None),
-        CommandRecord("u2", "DEV", "Atomic", "<Atomic><Replace><Item><Target><LocURI>./a</LocURI></Target>"
-                      "<Data>1</Data></Item></Replace></Atomic>", "pending", None, 0.0, None, None),
+        QueuedCommand("u1", get),
+        QueuedCommand("u2", "<Atomic><Replace><Item><Target><LocURI>./a</LocURI></Target>"
+                      "<Data>1</Data></Item></Replace></Atomic>"),
     ]  # fmt: skip
     replies = 0
     for _ in range(3000):
@@ -122,11 +123,12 @@ def test_random_syncml_messages_get_a_reply_or_a_protocol_error() -> None:
         session = rng.choice(
             [
                 None,
-                {
-                    "sid": message.hdr.session_id, "last": max(0, message.hdr.msg_id - 1), "out": 2,
-                    "max": 2000, "refs": {"1:5": ["u1", "Get", True], "1:1": ["u2", "Atomic", True]},
-                    "sent": [], "done": [], "chunks": {},
-                },
+                SessionState(
+                    session_id=message.hdr.session_id, last_msg_id=max(0, message.hdr.msg_id - 1),
+                    next_msg_id=2, max_msg_size=2000,
+                    refs={"1:5": SentRef("u1", "Get", True), "1:1": SentRef("u2", "Atomic", True)},
+                    package_open=rng.random() < 0.5,
+                ),
             ]
         )  # fmt: skip
         try:

@@ -3,13 +3,22 @@ replies and store steps out."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from mdmd.management import Reply, SessionError, process_message
-from mdmd.store import CommandRecord
+from mdmd.management import (
+    CommandResult,
+    QueuedCommand,
+    Reply,
+    SessionError,
+    SessionState,
+    decode_session,
+    encode_session,
+    is_retransmission,
+    process_message,
+)
 from mdmd.syncml import (
     Command,
     Item,
@@ -27,18 +36,8 @@ DEVICE = "B5B954E81FBCB94EB79BD08BE625F4EE"
 GET_SWV = "<Get><Item><Target><LocURI>./DevDetail/SwV</LocURI></Target></Item></Get>"
 
 
-def _queued(uuid: str, body: str = GET_SWV, verb: str = "Get") -> CommandRecord:
-    return CommandRecord(
-        uuid=uuid,
-        device_id=DEVICE,
-        verb=verb,
-        body=body,
-        state="pending",
-        status=None,
-        created_at=0.0,
-        sent_at=None,
-        acked_at=None,
-    )
+def _queued(uuid: str, body: str = GET_SWV) -> QueuedCommand:
+    return QueuedCommand(uuid=uuid, body=body)
 
 
 def _hdr(session: str, msg: int, max_msg_size: int | None = None) -> SyncHdr:
@@ -68,13 +67,18 @@ def _start(session: str = "1", max_msg_size: int | None = None) -> bytes:
 
 
 class Device:
-    """Drives process_message like the endpoint does, keeping the session."""
+    """Drives process_message like the endpoint does, and keeps what the
+    store would keep: the session (through its stored form), the last
+    reply, the pieces of large objects, the answers."""
 
-    def __init__(self, queue: list[CommandRecord] | None = None, default_max: int = 512 * 1024) -> None:
-        self.session: dict[str, Any] | None = None
+    def __init__(self, queue: list[QueuedCommand] | None = None, default_max: int = 512 * 1024) -> None:
+        self.session: SessionState | None = None
         self.queue = queue or []
         self.default_max = default_max
         self.acked: dict[str, int] = {}
+        self.results: list[tuple[str, CommandResult]] = []
+        self.last_reply = b""
+        self.pieces: dict[str, list[str]] = {}
 
     def send(self, body: bytes) -> Reply:
         reply = process_message(
@@ -86,11 +90,22 @@ class Device:
             server_url=SERVER,
             default_max_msg_size=self.default_max,
         )
-        if reply.step is not None:
-            # What the store would do with the step.
-            self.session = reply.step.session
-            for uuid, code in reply.step.answered + reply.step.failed:
-                self.acked[uuid] = code
+        step = reply.step
+        # What the store does with the step.
+        self.session = None if step.session is None else decode_session(encode_session(step.session))
+        self.last_reply = step.reply
+        for uuid, code in step.answered + step.failed:
+            self.acked[uuid] = code
+        if step.new_session:
+            self.pieces.clear()
+        for key in step.dropped:
+            self.pieces.pop(key, None)
+        for key, piece in step.chunks:
+            self.pieces.setdefault(key, []).append(piece)
+        self.results += step.results
+        for done in step.completed:
+            whole = "".join(self.pieces.pop(done.key, [])) + (done.result.data or "")
+            self.results.append((done.uuid, replace(done.result, data=whole)))
         return reply
 
 
@@ -196,7 +211,6 @@ def test_queued_commands_go_out_and_their_answers_come_back() -> None:
                 "b",
                 "<Replace><Item><Target><LocURI>./Vendor/MSFT/X</LocURI></Target>"
                 "<Meta><Format xmlns='syncml:metinf'>int</Format></Meta><Data>1</Data></Item></Replace>",
-                "Replace",
             ),
         ]
     )
@@ -214,9 +228,10 @@ def test_queued_commands_go_out_and_their_answers_come_back() -> None:
     results = [(u, r.kind, r.loc_uri, r.data) for u, r in second.step.results if r.kind == "results"]
     assert results == [("a", "results", "./DevDetail/SwV", "10.0.1")]
     closing = _server(second)
-    # Statuses only (the Results is acknowledged): the session ends.
+    # Statuses only: the session ends.  A Results gets no Status (OMA-DM
+    # RepPro 1.2; MS-MDM 4's example sends none).
     assert not closing.commands and closing.final and second.session_ended
-    assert [s.cmd for s in closing.statuses] == ["SyncHdr", "Results"]
+    assert [s.cmd for s in closing.statuses] == ["SyncHdr"]
 
 
 def test_atomic_children_statuses_are_kept_by_cmdid() -> None:
@@ -224,7 +239,7 @@ def test_atomic_children_statuses_are_kept_by_cmdid() -> None:
         "<Atomic><Replace><Item><Target><LocURI>./Vendor/MSFT/A</LocURI></Target><Data>1</Data></Item></Replace>"
         "<Replace><Item><Target><LocURI>./Vendor/MSFT/B</LocURI></Target><Data>2</Data></Item></Replace></Atomic>"
     )
-    device = Device([_queued("atom", atomic, "Atomic")])
+    device = Device([_queued("atom", atomic)])
     server = _server(device.send(_start()))
     (sent,) = server.commands
     child_ids = [c.cmd_id for c in sent.children]
@@ -262,19 +277,22 @@ def test_a_command_that_can_never_fit_fails_and_does_not_block_the_queue() -> No
         + "x" * 5000
         + "</Data></Item></Replace>"
     )
-    device = Device([_queued("big", huge, "Replace"), _queued("small")])
+    device = Device([_queued("big", huge), _queued("small")])
     reply = device.send(_start(max_msg_size=2000))
     assert reply.step is not None
     assert reply.step.failed == (("big", 416),)
     assert [u for u, _, _ in reply.step.sent] == ["small"]
 
 
-def test_a_retransmitted_message_gets_the_same_reply_and_changes_nothing() -> None:
+def test_a_retransmitted_message_is_recognised_and_its_reply_kept() -> None:
     device = Device([_queued("a")])
     start = _start()
     first = device.send(start)
-    again = device.send(start)
-    assert again.body == first.body and again.step is None
+    assert first.step.reply == first.body
+    assert is_retransmission(parse_message(start), start, device.session)
+    # A different message with the same MsgID is not a retransmission.
+    other = _start(max_msg_size=4000)
+    assert not is_retransmission(parse_message(other), other, device.session)
 
 
 @pytest.mark.parametrize("msg_id", [3, 5])
@@ -312,14 +330,15 @@ def test_unanswered_commands_are_sent_again_in_the_next_session_only() -> None:
     assert not _server(reply).commands and reply.session_ended
     again = _server(device.send(_start(session="2")))
     assert [c.items[0].target for c in again.commands] == ["./DevDetail/SwV"]
-    assert device.session is not None and device.session["sent"] == ["b"]
+    assert device.session is not None and device.session.sent == {"b"}
 
 
 def test_status_for_a_command_never_sent_is_ignored() -> None:
     device = Device()
     server = _server(device.send(_start()))
     assert not server.commands
-    device.session = dict(device.session or {}, end=False)
+    assert device.session is not None
+    device.session = replace(device.session, ended=False)
     forged = build_message(
         _hdr("1", 2),
         [
@@ -331,9 +350,8 @@ def test_status_for_a_command_never_sent_is_ignored() -> None:
     )
     reply = device.send(forged)
     assert reply.step is not None and reply.step.answered == () and reply.step.results == ()
-    results_status = [s for s in _server(reply).statuses if s.cmd == "Results"]
-    assert [s.data for s in results_status] == ["404"]
-    assert any("never sent" in e for e in reply.events)
+    assert [s.cmd for s in _server(reply).statuses] == ["SyncHdr"]
+    assert sum("never sent" in e for e in reply.events) == 2
 
 
 def test_device_commands_the_server_does_not_serve_get_406_and_malformed_400() -> None:
@@ -401,8 +419,10 @@ def test_large_object_results_are_reassembled() -> None:
         final=True,
     )
     reply = device.send(second)
-    assert reply.step is not None
-    assembled = [r.data for _, r in reply.step.results if r.kind == "results"]
+    # The last chunk's Status says the whole object arrived.
+    assert [s.data for s in _server(reply).statuses if s.cmd == "Results"] == ["200"]
+    assert reply.step.chunks == () and [c.key for c in reply.step.completed] == [f"1:{get_id}:0"]
+    assembled = [r.data for _, r in device.results if r.kind == "results"]
     assert assembled == [whole]
 
 

@@ -363,7 +363,9 @@ def test_results_for_another_devices_command_are_refused(
         "</LocURI></Source><Data>forged</Data></Item></Results><Final/></SyncBody></SyncML>"
     ).encode()
     status, body = post(daemon, enrolled, forged)
-    assert status == 200 and b"<Cmd>Results</Cmd><Data>404</Data>" in body
+    # Ignored and logged; a Results never gets a Status (OMA-DM RepPro 1.2).
+    assert status == 200 and hdr_status(body) == 200 and b"<Cmd>Results</Cmd>" not in body
+    assert "Results for a command never sent (MsgRef 1, CmdRef 99) ignored" in daemon.log_text()
     assert db_rows(daemon, "SELECT state FROM commands WHERE uuid = ?", victim_command) == [("pending",)]
     assert db_rows(daemon, "SELECT COUNT(*) FROM command_results WHERE command_uuid = ?", victim_command) == [
         (0,)

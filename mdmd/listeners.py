@@ -1,0 +1,113 @@
+"""The listeners: each one's socket, TLS options and twisted.web site.
+
+The enrollment (TLS) and management (mutual TLS) listeners face devices;
+with ``workers = N`` worker processes serve them too, on the sockets the
+main process opened.  The admin listener stays in the main process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import Logger
+
+from mdmd.app import Mdmd
+from mdmd.routes import admin_routes, enrollment_routes, management_routes
+from mdmd.tls import mutual_tls_options, server_tls_options
+from mdmd.web import AdminRouter, MdmdSite, Router
+
+__all__ = ["DeviceListener", "ListenerService", "admin_site", "device_listeners"]
+
+log = Logger(namespace="mdmd.listeners")
+
+
+class ListenerService(StreamServerEndpointService):
+    """A listener that says where it listens, and fails start-up if it cannot."""
+
+    def __init__(
+        self,
+        name: str,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        public_url: str,
+        description: str,
+    ) -> None:
+        super().__init__(endpoint, factory)
+        self.setName(name)
+        self.public_url = public_url
+        self.description = description
+        self._raiseSynchronously = True
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort | None) -> IListeningPort | None:
+        if port is not None:
+            address = port.getHost()
+            where = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
+            log.info(
+                "{listener} listener ({description}) on {address}, public URL {url}",
+                listener=self.name,
+                description=self.description,
+                address=where,
+                url=self.public_url,
+            )
+            self.listening.callback(port)
+        return port
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceListener:
+    """What a device-facing listener serves: its TLS options and its site.
+    The main process listens with it; worker processes adopt its socket."""
+
+    name: str
+    tls: CertificateOptions
+    site: MdmdSite
+    public_url: str
+    description: str
+
+
+def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
+    """The enrollment (TLS) and management (mutual TLS) listeners of *app*."""
+    config, material = app.config, app.material
+    return (
+        DeviceListener(
+            "enrollment",
+            server_tls_options(material.enrollment_chain, material.enrollment_key),
+            MdmdSite(
+                Router(enrollment_routes(app)),
+                listener="enrollment",
+                max_body_bytes=config.enrollment.max_body_bytes,
+            ),
+            config.enrollment.url,
+            "TLS",
+        ),
+        DeviceListener(
+            "management",
+            mutual_tls_options(material.management_chain, material.management_key, [material.identity_cert]),
+            MdmdSite(
+                Router(management_routes(app)),
+                listener="management",
+                max_body_bytes=config.management.max_body_bytes,
+            ),
+            config.management.url,
+            "mutual TLS",
+        ),
+    )
+
+
+def admin_site(app: Mdmd) -> MdmdSite:
+    """The administrators' API behind the bearer token."""
+    return MdmdSite(
+        AdminRouter(admin_routes(app), app.material.admin_token),
+        listener="admin",
+        max_body_bytes=1024 * 1024,
+    )

@@ -1,0 +1,41 @@
+"""The state store: hosts, MDM devices, issued certificates, the command
+queue with its results, and OMA-DM session state.
+
+- :mod:`mdmd.store.interface`: :class:`Store`, the one interface handlers use;
+- :mod:`mdmd.store.records`: the records it hands out and its errors;
+- :mod:`mdmd.store.engine`: transactions off the reactor with group commit;
+- :mod:`mdmd.store.sqlite` (with :mod:`mdmd.store.sqlite_schema`): the
+  embedded SQLite backend.
+"""
+
+from mdmd.store.interface import Store
+from mdmd.store.records import (
+    CertificateRecord,
+    CommandRecord,
+    DeviceConflict,
+    DeviceEnrollment,
+    DeviceRecord,
+    EnrollmentOutcome,
+    HostEnrollment,
+    HostRecord,
+    ManagementContext,
+    SessionConflict,
+    StoreError,
+    StoredAlert,
+)
+
+__all__ = [
+    "CertificateRecord",
+    "CommandRecord",
+    "DeviceConflict",
+    "DeviceEnrollment",
+    "DeviceRecord",
+    "EnrollmentOutcome",
+    "HostEnrollment",
+    "HostRecord",
+    "ManagementContext",
+    "SessionConflict",
+    "Store",
+    "StoreError",
+    "StoredAlert",
+]

@@ -1,0 +1,195 @@
+"""Transactions off the reactor thread, with group commit.
+
+A store backend hands its transactions to a :class:`TransactionEngine` as
+plain functions of a DB-API connection.  Writes run on one dedicated thread
+that owns the writing connection: the jobs that queued up while the
+previous commit was syncing run as savepoints of one transaction and share
+one COMMIT (one fsync), and each job's Deferred fires only after that
+COMMIT, so nothing is acknowledged before it is durable.  A job that fails
+rolls back to its savepoint alone.  Reads run on their own thread and
+connection, so a lookup never waits behind another request's commit; a read
+transaction is always rolled back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.failure import Failure
+
+from mdmd.store.records import StoreError
+
+__all__ = ["Connection", "TransactionEngine"]
+
+R = TypeVar("R")
+
+
+class Connection(Protocol):
+    def execute(self, sql: str, /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Connection)
+
+# A batch is bounded so that one slow commit cannot hold an unbounded number
+# of waiting requests hostage to its fate.
+MAX_BATCH = 64
+
+
+@dataclass(slots=True)
+class _Job(Generic[C]):
+    fn: Callable[[C], Any]
+    deferred: Deferred[Any]
+
+
+class TransactionEngine(Generic[C]):
+    """Runs transactions for a store on a writer and a reader thread.
+
+    *begin_write* / *begin_read* are the statements that open a transaction
+    on the backend.  *read_guard*, if given, is called with the connection
+    before a read job and returns a function called after it, which raises
+    if the job wrote anything (a programming error; the read is rolled back
+    anyway).
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        writer: C,
+        reader: C,
+        *,
+        begin_write: str,
+        begin_read: str,
+        read_guard: Callable[[C], Callable[[], None]] | None = None,
+        name: str = "mdmd-store",
+    ) -> None:
+        self._reactor = reactor
+        self._writer: C | None = writer
+        self._reader: C | None = reader
+        self._begin_write = begin_write
+        self._begin_read = begin_read
+        self._read_guard = read_guard
+        self._name = name
+        self._writes: queue.SimpleQueue[_Job[C] | None] = queue.SimpleQueue()
+        self._reads: queue.SimpleQueue[_Job[C] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._threads = [
+            threading.Thread(target=self._write_loop, name=self._name, daemon=True),
+            threading.Thread(target=self._read_loop, name=f"{self._name}-read", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Finish what is queued, stop the threads, close the connections."""
+        if self._threads:
+            self._writes.put(None)
+            self._reads.put(None)
+            for thread in self._threads:
+                thread.join()
+            self._threads = []
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                conn.close()
+        self._writer = self._reader = None
+
+    def write(self, fn: Callable[[C], R]) -> Deferred[R]:
+        """Run *fn* in a write transaction; fires after its COMMIT."""
+        d: Deferred[R] = Deferred()
+        self._writes.put(_Job(fn, d))
+        return d
+
+    def read(self, fn: Callable[[C], R]) -> Deferred[R]:
+        """Run *fn* in a read transaction beside the writes."""
+        d: Deferred[R] = Deferred()
+        self._reads.put(_Job(fn, d))
+        return d
+
+    def _fire(self, deferred: Deferred[Any], value: object, ok: bool) -> None:
+        self._reactor.callFromThread(deferred.callback if ok else deferred.errback, value)
+
+    def _read_loop(self) -> None:
+        while True:
+            job = self._reads.get()
+            if job is None:
+                return
+            conn = self._reader
+            outcome: object
+            try:
+                if conn is None:
+                    raise StoreError("store is not open")
+                conn.execute(self._begin_read)
+                check = self._read_guard(conn) if self._read_guard is not None else None
+                try:
+                    outcome = job.fn(conn)
+                    if check is not None:
+                        check()
+                finally:
+                    conn.execute("ROLLBACK")
+                ok = True
+            except Exception:
+                outcome, ok = Failure(), False
+            self._fire(job.deferred, outcome, ok)
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._writes.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Job[C]]) -> None:
+        conn = self._writer
+        outcomes: list[tuple[Deferred[Any], object, bool]] = []
+        began = False
+        try:
+            if conn is None:
+                raise StoreError("store is not open")
+            conn.execute(self._begin_write)
+            began = True
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.fn(conn)
+                except Exception:
+                    conn.execute("ROLLBACK TO SAVEPOINT job")
+                    conn.execute("RELEASE SAVEPOINT job")
+                    outcomes.append((job.deferred, Failure(), False))
+                else:
+                    conn.execute("RELEASE SAVEPOINT job")
+                    outcomes.append((job.deferred, result, True))
+            conn.execute("COMMIT")
+        except Exception:
+            # The commit itself failed (disk full, I/O error, connection
+            # lost): nothing of the batch is durable, so every job fails.
+            failure = Failure()
+            if conn is not None and began:
+                # The original failure is the one worth reporting.
+                with contextlib.suppress(Exception):
+                    conn.execute("ROLLBACK")
+            outcomes = [(job.deferred, failure, False) for job in batch]
+        for deferred, value, ok in outcomes:
+            self._fire(deferred, value, ok)

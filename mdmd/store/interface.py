@@ -1,0 +1,100 @@
+"""The one interface every store backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from mdmd.management import ManagementStep
+from mdmd.store.records import (
+    CertificateRecord,
+    CommandRecord,
+    DeviceEnrollment,
+    DeviceRecord,
+    EnrollmentOutcome,
+    HostEnrollment,
+    HostRecord,
+    ManagementContext,
+    StoredAlert,
+)
+
+__all__ = ["Store"]
+
+
+class Store(Protocol):
+    """What the protocol handlers need from persistence.
+
+    Every method is one transaction and returns a Deferred that fires on the
+    reactor thread; one that changes anything fires only once the change is
+    durable, so a handler that awaits it before answering never acknowledges
+    what is not on disk.  ``now`` arguments are seconds since the epoch (the
+    caller's clock, so tests can move time).
+    """
+
+    # -- life cycle (synchronous: before the reactor runs / after it stops) --
+
+    def open(self, *, check: bool = True) -> int:
+        """Open, check and migrate (``check=False``: only verify the schema
+        version, for worker processes); return the schema version found."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    # -- orbit agents --
+
+    def enroll_host(self, enrollment: HostEnrollment, now: float) -> Deferred[HostRecord]: ...
+
+    def host_by_node_key(
+        self, node_key_hash: bytes, *, seen_at: float | None = None
+    ) -> Deferred[HostRecord | None]: ...
+
+    def request_unenrollment(self, device_id: str) -> Deferred[bool]: ...
+
+    # -- MDM devices and certificates --
+
+    def record_device_enrollment(
+        self, enrollment: DeviceEnrollment, now: float
+    ) -> Deferred[EnrollmentOutcome]: ...
+
+    def device(self, device_id: str) -> Deferred[DeviceRecord | None]: ...
+
+    def certificate(self, serial: str) -> Deferred[CertificateRecord | None]: ...
+
+    def devices(self) -> Deferred[list[DeviceRecord]]: ...
+
+    def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]: ...
+
+    # -- OMA-DM sessions --
+
+    def management_context(
+        self, cert_serial: str, *, queue_limit: int = 100
+    ) -> Deferred[ManagementContext | None]: ...
+
+    def commit_management_step(
+        self, step: ManagementStep, now: float, *, expected_seq: int | None = None
+    ) -> Deferred[None]:
+        """Commit one message's step.  With *expected_seq* (the context's
+        ``session_seq``) it is a compare-and-swap: ``SessionConflict``, and
+        nothing written, if another step committed since."""
+        ...
+
+    def device_alerts(self, device_id: str) -> Deferred[list[StoredAlert]]:
+        """The latest alert of each kind the device sent, newest first."""
+        ...
+
+    def last_reply(self, device_id: str) -> Deferred[bytes | None]:
+        """The reply to the device's last message (for a retransmission)."""
+        ...
+
+    # -- the command queue --
+
+    def queue_command(
+        self, device_id: str, uuid: str, verb: str, body: str, now: float
+    ) -> Deferred[CommandRecord | None]: ...
+
+    def command(self, uuid: str) -> Deferred[CommandRecord | None]: ...
+
+    def device_commands(self, device_id: str, *, limit: int = 100) -> Deferred[list[CommandRecord]]: ...

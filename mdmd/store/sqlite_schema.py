@@ -1,0 +1,154 @@
+"""The SQLite schema, as data: each migration is a list of statements that
+takes the database from version *i* to *i + 1* (``PRAGMA user_version``
+says how far a file has come).  Never edit a released migration: append.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+_V1: Final = (
+    """
+    CREATE TABLE hosts (
+        id INTEGER PRIMARY KEY,
+        hardware_uuid TEXT NOT NULL UNIQUE,
+        node_key_hash BLOB NOT NULL UNIQUE,
+        platform TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        hardware_serial TEXT NOT NULL,
+        info TEXT NOT NULL,
+        enrolled_at REAL NOT NULL,
+        last_seen REAL,
+        unenroll_requested INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+    """
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        host_id INTEGER REFERENCES hosts(id),
+        hw_dev_id TEXT,
+        enrollment_type TEXT NOT NULL,
+        device_name TEXT,
+        os_version TEXT,
+        context TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('enrolled', 'unenrolled')),
+        hw_dev_id_collision INTEGER NOT NULL DEFAULT 0,
+        enrolled_at REAL NOT NULL,
+        unenrolled_at REAL,
+        last_seen REAL,
+        inventory TEXT NOT NULL DEFAULT '{}'
+    )
+    """,
+    "CREATE INDEX devices_by_host ON devices(host_id)",
+    "CREATE INDEX devices_by_hw_dev_id ON devices(hw_dev_id)",
+    """
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        thumbprint TEXT NOT NULL UNIQUE,
+        not_before REAL NOT NULL,
+        not_after REAL NOT NULL,
+        issued_at REAL NOT NULL,
+        revoked_at REAL,
+        revoke_reason TEXT
+    )
+    """,
+    "CREATE INDEX certificates_by_device ON certificates(device_id)",
+    """
+    CREATE TABLE commands (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        uuid TEXT NOT NULL UNIQUE,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        verb TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'acknowledged', 'failed')),
+        status INTEGER,
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        acked_at REAL,
+        session_id TEXT,
+        msg_id INTEGER
+    )
+    """,
+    "CREATE INDEX commands_queue ON commands(device_id, state, seq)",
+    """
+    CREATE TABLE command_results (
+        id INTEGER PRIMARY KEY,
+        command_uuid TEXT NOT NULL REFERENCES commands(uuid),
+        kind TEXT NOT NULL CHECK (kind IN ('status', 'results')),
+        cmd_id TEXT,
+        cmd TEXT,
+        status INTEGER,
+        loc_uri TEXT,
+        format TEXT,
+        type TEXT,
+        data TEXT,
+        received_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX command_results_by_command ON command_results(command_uuid, id)",
+    """
+    CREATE TABLE syncml_sessions (
+        device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+        state TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE device_alerts (
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        code TEXT NOT NULL,
+        type TEXT NOT NULL,
+        source TEXT NOT NULL,
+        format TEXT,
+        data TEXT,
+        received_at REAL NOT NULL,
+        count INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (device_id, code, type, source)
+    )
+    """,
+)
+
+# 2: with several worker processes, two messages of one device can be
+# processed at once in different processes; the session step is a
+# compare-and-swap on this counter.
+_V2: Final = ("ALTER TABLE devices ADD COLUMN session_seq INTEGER NOT NULL DEFAULT 0",)
+
+# 3: the last reply and the pieces of a large object leave the session row,
+# so that a small message writes a small row whatever came before it.
+# Version-1 session rows carried both inline (the reply base64-encoded,
+# each object's pieces joined in "chunks"): move them out.
+_V3: Final = (
+    """
+    CREATE TABLE syncml_replies (
+        device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+        reply BLOB NOT NULL,
+        base64 INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+    """
+    INSERT INTO syncml_replies (device_id, reply, base64)
+    SELECT device_id, json_extract(state, '$.rep'), 1 FROM syncml_sessions
+    WHERE json_valid(state) AND json_extract(state, '$.rep') IS NOT NULL
+    """,
+    """
+    CREATE TABLE large_object_chunks (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        object_key TEXT NOT NULL,
+        data TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX large_object_chunks_by_object ON large_object_chunks(device_id, object_key, id)",
+    """
+    INSERT INTO large_object_chunks (device_id, object_key, data)
+    SELECT s.device_id, c.key, json_extract(c.value, '$.data')
+    FROM syncml_sessions s, json_each(s.state, '$.chunks') c
+    WHERE json_valid(s.state) AND json_extract(c.value, '$.data') IS NOT NULL
+    """,
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
+SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -1,0 +1,322 @@
+"""The store contract: every behaviour the handlers rely on, through the
+:class:`~mdmd.store.Store` interface only, run against every backend in
+``store_helpers.BACKENDS``.  A new backend is done when it passes this."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mdmd.management import (
+    AlertRecord,
+    CommandResult,
+    CompletedObject,
+    ManagementStep,
+    QueuedCommand,
+    SentRef,
+    SessionState,
+)
+from mdmd.store import SessionConflict, Store
+from store_helpers import BACKENDS, enrollment, host, wait
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    s = BACKENDS[request.param](tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def _session(**changes: Any) -> SessionState:
+    return replace(SessionState(session_id="1A", last_msg_id=1, next_msg_id=2, max_msg_size=65536), **changes)
+
+
+def _enrolled_with_command(store: Store, device_id: str, n: int) -> str:
+    h = wait(store.enroll_host(host(n), now=1.0))
+    wait(store.record_device_enrollment(enrollment(device_id, h.id, f"serial{n}", hw=None), now=2.0))
+    record = wait(store.queue_command(device_id, f"cmd-{device_id}", "Get", "<Get/>", now=3.0))
+    assert record is not None and record.state == "pending"
+    return record.uuid
+
+
+# --- hosts ---
+
+
+def test_host_reenrollment_keeps_the_host_and_replaces_the_key(store: Store) -> None:
+    first = wait(store.enroll_host(host(1, b"old"), now=10.0))
+    again = wait(store.enroll_host(host(1, b"new"), now=20.0))
+    assert again.id == first.id
+    assert wait(store.host_by_node_key(hashlib.sha256(b"old").digest())) is None
+    found = wait(store.host_by_node_key(hashlib.sha256(b"new").digest()))
+    assert found is not None and found.id == first.id and found.enrolled_at == 10.0
+
+
+def test_a_node_key_lookup_records_last_seen_only_when_asked(store: Store) -> None:
+    h = wait(store.enroll_host(host(1), now=1.0))
+    key = hashlib.sha256(b"key-1").digest()
+    seen = wait(store.host_by_node_key(key))
+    assert seen is not None and seen.last_seen == 1.0
+    seen = wait(store.host_by_node_key(key, seen_at=9.0))
+    assert seen is not None and seen.id == h.id and seen.last_seen == 9.0
+    again = wait(store.host_by_node_key(key))
+    assert again is not None and again.last_seen == 9.0
+
+
+def test_unenrollment_is_requested_of_the_enrolled_devices_host_only(store: Store) -> None:
+    assert wait(store.request_unenrollment("NOPE")) is False
+    h = wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", h.id, "aa"), now=2.0))
+    assert wait(store.request_unenrollment("DEV1")) is True
+    found = wait(store.host_by_node_key(hashlib.sha256(b"key-1").digest()))
+    assert found is not None and found.unenroll_requested and found.mdm_device_id == "DEV1"
+
+
+# --- devices and certificates ---
+
+
+def test_device_reenrollment_revokes_the_old_certificate(store: Store) -> None:
+    h = wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", h.id, "aa"), now=2.0))
+    outcome = wait(store.record_device_enrollment(enrollment("DEV1", h.id, "bb"), now=3.0))
+    assert outcome.revoked_serials == ("aa",)
+    old, new = wait(store.certificate("aa")), wait(store.certificate("bb"))
+    assert old is not None and old.revoked_at == 3.0
+    assert new is not None and new.revoked_at is None
+    assert [c.serial for c in wait(store.device_certificates("DEV1"))] == ["bb", "aa"]
+
+
+def test_new_device_id_on_the_same_host_replaces_the_old_device(store: Store) -> None:
+    h = wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", h.id, "aa"), now=2.0))
+    outcome = wait(store.record_device_enrollment(enrollment("DEV2", h.id, "bb"), now=3.0))
+    assert outcome.replaced_device_ids == ("DEV1",) and outcome.revoked_serials == ("aa",)
+    old = wait(store.device("DEV1"))
+    assert old is not None and old.state == "unenrolled"
+    refreshed = wait(store.host_by_node_key(hashlib.sha256(b"key-1").digest()))
+    assert refreshed is not None and refreshed.mdm_device_id == "DEV2"
+
+
+def test_a_device_id_enrolled_for_another_host_is_refused(store: Store) -> None:
+    from mdmd.store import DeviceConflict
+
+    a = wait(store.enroll_host(host(1), now=1.0))
+    b = wait(store.enroll_host(host(2), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", a.id, "aa"), now=2.0))
+    with pytest.raises(DeviceConflict):
+        wait(store.record_device_enrollment(enrollment("DEV1", b.id, "bb"), now=3.0))
+    assert wait(store.certificate("bb")) is None
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.host_id == a.id
+
+
+def test_hw_dev_id_collision_is_flagged_not_merged(store: Store) -> None:
+    a = wait(store.enroll_host(host(1), now=1.0))
+    b = wait(store.enroll_host(host(2), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV-A", a.id, "aa", hw="CLONE"), now=2.0))
+    outcome = wait(store.record_device_enrollment(enrollment("DEV-B", b.id, "bb", hw="CLONE"), now=3.0))
+    assert outcome.hw_dev_id_collisions == ("DEV-A",) and outcome.revoked_serials == ()
+    first, second = wait(store.device("DEV-A")), wait(store.device("DEV-B"))
+    assert first is not None and first.state == "enrolled" and first.hw_dev_id_collision
+    assert second is not None and second.hw_dev_id_collision
+    cert = wait(store.certificate("aa"))
+    assert cert is not None and cert.revoked_at is None
+    assert [d.device_id for d in wait(store.devices())] == ["DEV-A", "DEV-B"]
+
+
+def test_a_failed_transaction_changes_nothing(store: Store) -> None:
+    h = wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", h.id, "aa"), now=2.0))
+    # The same serial again violates a uniqueness rule after the revocation
+    # step: the whole transaction, revocation included, must roll back.
+    with pytest.raises(Exception):  # noqa: B017 - the backend's own integrity error
+        wait(store.record_device_enrollment(enrollment("DEV1", h.id, "aa"), now=3.0))
+    cert = wait(store.certificate("aa"))
+    assert cert is not None and cert.revoked_at is None
+
+
+# --- the command queue ---
+
+
+def test_commands_are_queued_for_enrolled_devices_only(store: Store) -> None:
+    assert wait(store.queue_command("NOPE", "u0", "Get", "<Get/>", now=1.0)) is None
+    _enrolled_with_command(store, "DEV1", 1)
+    wait(store.queue_command("DEV1", "u2", "Get", "<Get/>", now=4.0))
+    assert [c.uuid for c in wait(store.device_commands("DEV1"))] == ["u2", "cmd-DEV1"]
+    assert [c.uuid for c in wait(store.device_commands("DEV1", limit=1))] == ["u2"]
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None
+    assert ctx.queue == (QueuedCommand("cmd-DEV1", "<Get/>"), QueuedCommand("u2", "<Get/>"))
+
+
+def test_a_management_step_only_touches_its_own_devices_commands(store: Store) -> None:
+    mine = _enrolled_with_command(store, "DEV1", 1)
+    theirs = _enrolled_with_command(store, "DEV2", 2)
+    step = ManagementStep(
+        "DEV1",
+        session=None,
+        answered=((mine, 200), (theirs, 200)),
+        results=((theirs, CommandResult("results", "5", "Get", None, "./X", "chr", None, "forged")),),
+    )
+    wait(store.commit_management_step(step, now=5.0))
+    own, other = wait(store.command(mine)), wait(store.command(theirs))
+    assert own is not None and own.state == "acknowledged" and own.status == 200
+    assert other is not None and other.state == "pending" and other.results == ()
+
+
+def test_a_step_records_sending_answers_results_and_inventory(store: Store) -> None:
+    uuid = _enrolled_with_command(store, "DEV1", 1)
+    wait(store.queue_command("DEV1", "bad", "Get", "<Get/>", now=3.5))
+    sent = ManagementStep("DEV1", session=_session(), sent=((uuid, "1A", 1),), failed=(("bad", 416),))
+    wait(store.commit_management_step(sent, now=5.0))
+    record = wait(store.command(uuid))
+    assert record is not None and record.state == "sent" and record.sent_at == 5.0
+    refused = wait(store.command("bad"))
+    assert refused is not None and refused.state == "failed" and refused.status == 416
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None and ctx.queue == (QueuedCommand(uuid, "<Get/>"),)  # sent, unanswered
+
+    result = CommandResult("results", "3", "Get", None, "./DevDetail/SwV", "chr", "text/plain", "10.0")
+    answered = ManagementStep(
+        "DEV1",
+        session=_session(last_msg_id=2, next_msg_id=3),
+        inventory={"./DevInfo/Mod": "VM"},
+        answered=((uuid, 200),),
+        results=((uuid, CommandResult("status", "3", "Get", 200)), (uuid, result)),
+    )
+    wait(store.commit_management_step(answered, now=6.0))
+    record = wait(store.command(uuid))
+    assert record is not None and record.state == "acknowledged" and record.acked_at == 6.0
+    assert [(r.kind, r.status, r.data) for r in record.results] == [
+        ("status", 200, None),
+        ("results", None, "10.0"),
+    ]
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.inventory == {"./DevInfo/Mod": "VM"} and device.last_seen == 6.0
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None and ctx.queue == ()
+
+
+def test_alerts_keep_the_latest_of_each_kind(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    for now, data in ((10.0, "user"), (20.0, "others")):
+        alert = AlertRecord("1224", "com.microsoft/MDM/LoginStatus", "chr", None, data)
+        wait(store.commit_management_step(ManagementStep("DEV1", session=_session(), alerts=(alert,)), now))
+    (kept,) = wait(store.device_alerts("DEV1"))
+    assert (kept.code, kept.data, kept.received_at, kept.count) == ("1224", "others", 20.0, 2)
+
+
+# --- OMA-DM session state ---
+
+
+def test_the_session_and_its_reply_are_kept_until_the_session_ends(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    state = _session(
+        refs={"1:4": SentRef("cmd-DEV1", "Get", True)},
+        sent=frozenset({"cmd-DEV1"}),
+        request_digest="ab" * 32,
+        package_open=True,
+    )
+    wait(store.commit_management_step(ManagementStep("DEV1", state, reply=b"<SyncML>1</SyncML>"), 5.0))
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None and ctx.session == state
+    assert wait(store.last_reply("DEV1")) == b"<SyncML>1</SyncML>"
+    # A later message's step replaces both.
+    later = _session(last_msg_id=2, next_msg_id=3)
+    wait(store.commit_management_step(ManagementStep("DEV1", later, reply=b"<SyncML>2</SyncML>"), 6.0))
+    assert wait(store.last_reply("DEV1")) == b"<SyncML>2</SyncML>"
+    # Ending the session (unenrollment here) forgets both.
+    wait(store.commit_management_step(ManagementStep("DEV1", None, unenroll=True), 7.0))
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None and ctx.session is None and ctx.device.state == "unenrolled"
+    assert ctx.certificate.revoked_at == 7.0
+    assert wait(store.last_reply("DEV1")) is None
+
+
+def test_a_large_object_is_kept_in_pieces_and_joined_once(store: Store) -> None:
+    uuid = _enrolled_with_command(store, "DEV1", 1)
+    for i, piece in enumerate(("aaa", "bbb", "ccc")):
+        step = ManagementStep("DEV1", _session(), chunks=(("1:4:0", piece),), new_session=i == 0)
+        wait(store.commit_management_step(step, now=5.0 + i))
+    last = CommandResult("results", "4", "Get", None, "./X", "chr", None, "ddd")
+    wait(
+        store.commit_management_step(
+            ManagementStep("DEV1", _session(), completed=(CompletedObject("1:4:0", uuid, last),)), 9.0
+        )
+    )
+    record = wait(store.command(uuid))
+    assert record is not None and [r.data for r in record.results] == ["aaabbbcccddd"]
+    # The pieces are gone: completing the same key again joins nothing.
+    again = CommandResult("results", "4", "Get", None, "./X", "chr", None, "e")
+    wait(
+        store.commit_management_step(
+            ManagementStep("DEV1", _session(), completed=(CompletedObject("1:4:0", uuid, again),)), 10.0
+        )
+    )
+    record = wait(store.command(uuid))
+    assert record is not None and [r.data for r in record.results] == ["aaabbbcccddd", "e"]
+
+
+def test_a_new_session_or_a_dropped_object_discards_its_pieces(store: Store) -> None:
+    uuid = _enrolled_with_command(store, "DEV1", 1)
+    wait(store.commit_management_step(ManagementStep("DEV1", _session(), chunks=(("1:4:0", "old"),)), 5.0))
+    wait(store.commit_management_step(ManagementStep("DEV1", _session(), chunks=(("1:5:0", "x"),)), 5.5))
+    wait(store.commit_management_step(ManagementStep("DEV1", _session(), dropped=("1:5:0",)), 5.7))
+    # A new session starts: pieces of the broken-off one must not join.
+    wait(store.commit_management_step(ManagementStep("DEV1", _session(), new_session=True), 6.0))
+    for key in ("1:4:0", "1:5:0"):
+        done = CompletedObject(
+            key, uuid, CommandResult("results", "4", "Get", None, "./X", None, None, "new")
+        )
+        wait(store.commit_management_step(ManagementStep("DEV1", _session(), completed=(done,)), 7.0))
+    record = wait(store.command(uuid))
+    assert record is not None and [r.data for r in record.results] == ["new", "new"]
+
+
+def test_a_session_step_read_before_another_commits_is_refused_and_changes_nothing(store: Store) -> None:
+    # Two processes read the same session, each processes a message; only
+    # the first step may commit (compare-and-swap on session_seq).
+    uuid = _enrolled_with_command(store, "DEV1", 1)
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None
+    first = ManagementStep("DEV1", _session(next_msg_id=2), reply=b"first", sent=((uuid, "1", 1),))
+    second = ManagementStep(
+        "DEV1", _session(next_msg_id=9), reply=b"second", answered=((uuid, 500),), inventory={"./X": "y"}
+    )
+    wait(store.commit_management_step(first, now=5.0, expected_seq=ctx.session_seq))
+    with pytest.raises(SessionConflict):
+        wait(store.commit_management_step(second, now=6.0, expected_seq=ctx.session_seq))
+    after = wait(store.management_context("serial1"))
+    assert after is not None
+    assert after.session == _session(next_msg_id=2) and after.session_seq == ctx.session_seq + 1
+    assert after.device.inventory == {} and after.device.last_seen == 5.0
+    assert wait(store.last_reply("DEV1")) == b"first"
+    command = wait(store.command(uuid))
+    assert command is not None and command.state == "sent" and command.status is None
+    # Read again, the step commits.
+    wait(store.commit_management_step(second, now=6.0, expected_seq=after.session_seq))
+    command = wait(store.command(uuid))
+    assert command is not None and command.state == "failed" and command.status == 500
+
+
+def test_re_enrollment_invalidates_a_session_step_read_before_it(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    wait(store.commit_management_step(ManagementStep("DEV1", _session(), reply=b"r"), 4.0))
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None
+    h = wait(store.enroll_host(host(1), now=7.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", h.id, "serial1b", hw=None), now=8.0))
+    with pytest.raises(SessionConflict):
+        wait(
+            store.commit_management_step(
+                ManagementStep("DEV1", _session()), 9.0, expected_seq=ctx.session_seq
+            )
+        )
+    fresh = wait(store.management_context("serial1b"))
+    assert fresh is not None and fresh.session is None
+    assert wait(store.last_reply("DEV1")) is None
