@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from enrollment_helpers import (
     ACTION_DISCOVER,
     ACTION_GET_POLICIES,
@@ -51,7 +52,6 @@ from enrollment_helpers import (
     rst_body,
     username_security,
 )
-
 from harness import Daemon, running_daemon
 from mdmd import pki
 

@@ -21,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from lxml import etree
+
 from enrollment_helpers import (
     ACTION_DISCOVER_RESPONSE,
     ACTION_GET_POLICIES_RESPONSE,
@@ -64,8 +66,6 @@ from enrollment_helpers import (
     request,
     row_counts,
 )
-from lxml import etree
-
 from harness import Daemon, running_daemon
 from mdmd import pki
 from mdmd.sim.device import WindowsDevice

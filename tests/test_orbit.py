@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from enrollment_helpers import (
     DISCOVERY_PATH,
     ORBIT_CONFIG,
@@ -26,7 +27,6 @@ from enrollment_helpers import (
     request,
     row_counts,
 )
-
 from harness import Daemon, running_daemon
 from mdmd import pki
 from mdmd.orbit import (

@@ -26,7 +26,7 @@ from mdmd.management import LargeObject
 from mdmd.store import HostEnrollment, StoreError
 from mdmd.store.sqlite import SQLiteStore
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
-from store_helpers import ThreadReactor, enrollment, host, wait
+from store_helpers import ThreadReactor, host, wait
 
 
 @pytest.fixture

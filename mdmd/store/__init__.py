@@ -20,8 +20,8 @@ from mdmd.store.records import (
     HostRecord,
     ManagementContext,
     SessionConflict,
-    StoreError,
     StoredAlert,
+    StoreError,
 )
 
 __all__ = [

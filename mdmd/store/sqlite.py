@@ -31,8 +31,8 @@ from mdmd.store.records import (
     HostRecord,
     ManagementContext,
     SessionConflict,
-    StoreError,
     StoredAlert,
+    StoreError,
 )
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
