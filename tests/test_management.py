@@ -432,3 +432,38 @@ def test_a_queued_command_that_no_longer_parses_fails_without_blocking() -> None
     assert reply.step is not None
     assert reply.step.failed == (("bad", 400),)
     assert [u for u, _, _ in reply.step.sent] == ["good"]
+
+
+def test_a_split_package_continues_on_the_devices_1222_with_or_without_final() -> None:
+    for device_final in (False, True):
+        queue = [_queued(f"c{i}") for i in range(6)]
+        device = Device(queue)
+        first = device.send(_start(max_msg_size=1000))
+        server = _server(first)
+        assert not server.final and 0 < len(server.commands) < 6
+        assert first.step.session is not None and first.step.session.package_open
+        # Statuses and Alert 1222; Final only in the second round.
+        second = device.send(_answer(server, "1", 2, results=False, final=device_final))
+        more = _server(second)
+        assert more.commands, "the rest of the package must follow in the same session"
+        delivered = [u for u, _, _ in first.step.sent + second.step.sent]
+        assert len(delivered) == len(set(delivered))
+        msg = 2
+        reply = second
+        while not (_server(reply).final and not _server(reply).commands):
+            msg += 1
+            previous = _server(reply)
+            # The device sends Final once the server's package is complete.
+            reply = device.send(
+                _answer(previous, "1", msg, results=False, final=device_final or previous.final)
+            )
+        assert device.acked == {c.uuid: 200 for c in queue}
+
+
+def test_a_non_final_device_message_is_answered_without_final() -> None:
+    device = Device([_queued("a")])
+    start = build_message(_hdr("1", 1), [Command("Alert", "2", data="1201")], final=False)
+    reply = device.send(start)
+    server = _server(reply)
+    assert not server.final and [c.data for c in server.commands] == ["1222"]
+    assert reply.step.sent == () and not reply.session_ended

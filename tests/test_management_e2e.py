@@ -206,6 +206,37 @@ def test_small_max_msg_size_delivers_everything_exactly_once(daemon: Daemon, enr
     assert client.nodes["./Vendor/MSFT/Policy/Config/Camera/AllowCamera"] == ("int", "0")
 
 
+def test_a_split_package_is_finished_in_the_same_session(daemon: Daemon, enrolled: Enrolled) -> None:
+    # Six Gets do not fit a 1,000-byte message: the server's package is
+    # split.  The device answers each non-final message with its statuses
+    # and Alert 1222, without Final (it must not send Final while the
+    # server's package is open); the server goes on with the same session.
+    uuids = [queue(daemon, enrolled.id, get("./DevDetail/SwV")) for _ in range(6)]
+    client = ManagementClient(enrolled.device, max_msg_size=1000)
+    start = client.session_start(enrolled.enrollment.management_url)
+    seen: list[ServerMessage] = []
+    sent: list[bytes] = []
+    message: bytes | None = start
+    while message is not None:
+        sent.append(message)
+        status, body = post(daemon, enrolled, message)
+        assert status == 200 and len(body) <= 1000, body
+        seen.append(client.read(body))
+        message = client.respond(seen[-1])
+    session_ids = {m.split(b"<SessionID>")[1].split(b"<")[0] for m in sent}
+    assert len(session_ids) == 1
+    assert not seen[0].final and 0 < len(seen[0].commands) < 6
+    assert b"<Data>1222</Data>" in sent[1] and b"<Final/>" not in sent[1]
+    assert sum(1 for m in seen for c in m.commands if c.tag.endswith("Get")) == 6
+    # The server goes straight on with its package: it never answers the
+    # device's 1222 with a 1222 of its own (after which Windows, having
+    # nothing more to send, ends the session and the rest waits a day).
+    assert not [c for m in seen for c in m.commands if c.tag.endswith("Alert")]
+    for uuid in uuids:
+        status, command = daemon.admin("GET", f"/api/v1/commands/{uuid}")
+        assert status == 200 and isinstance(command, dict) and command["state"] == "acknowledged", command
+
+
 def test_a_broken_session_resends_only_the_unacknowledged_commands(
     daemon: Daemon, enrolled: Enrolled
 ) -> None:

@@ -591,9 +591,12 @@ class ManagementClient:
         for cmd in message.commands:
             execute(cmd)
         if not message.final:
-            # The server's package continues: ask for its next message.
+            # The server's package continues: ask for its next message, and
+            # do not send Final while the server's package is open (OMA-DM
+            # 1.2, multiple messages in package), as Windows does.
             out.append(f"<Alert><CmdID>{next_id}</CmdID><Data>1222</Data></Alert>")
+        final = "<Final/>" if message.final else ""
         return (
             f'<SyncML xmlns="{SYNCML}">{self._hdr(self.server_url)}<SyncBody>{"".join(out)}'
-            f"<Final/></SyncBody></SyncML>"
+            f"{final}</SyncBody></SyncML>"
         ).encode()
