@@ -18,15 +18,12 @@ import binascii
 import json
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final
-from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
-from twisted.web import server
-from twisted.web.resource import Resource
 
 from mdmd.app import Mdmd
 from mdmd.management import CommandResult
@@ -41,10 +38,11 @@ from mdmd.syncml import (
     walk,
 )
 from mdmd.web import (
-    Endpoint,
+    EndpointResource,
     HTTPError,
     HTTPResponse,
     MdmdRequest,
+    Route,
     json_error,
     json_response,
     request_body,
@@ -53,18 +51,17 @@ from mdmd.web import (
 __all__ = [
     "FORMATS",
     "ITEM_VERBS",
-    "AdminAPI",
     "CommandRequestError",
     "FieldError",
     "QueuedCommand",
+    "admin_api_routes",
     "command_json",
     "command_summary_json",
     "device_json",
     "parse_command_request",
-    "resolve",
 ]
 
-log = Logger(namespace="mdmd.admin")
+log = Logger(namespace=__name__)
 
 #: The verbs of the structured ("items") form of a queue request.
 ITEM_VERBS: Final = ("Add", "Delete", "Exec", "Get", "Replace")
@@ -81,9 +78,7 @@ _INT_RE: Final = re.compile(r"[+-]?[0-9]+")
 _NON_XML_RE: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
 _MAX_TYPE_LEN: Final = 255
 _RECENT_COMMANDS: Final = 20
-# Device IDs are Windows' 32 hex digits in practice; anything this long is
-# not an ID but an attempt to make the store work for nothing.
-_MAX_ID_LEN: Final = 256
+
 
 
 # --------------------------------------------------------------------------
@@ -397,58 +392,6 @@ def command_json(command: CommandRecord) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
-# Routing (pure)
-# --------------------------------------------------------------------------
-
-PREFIX: Final = b"/api/v1/"
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A resolved API path: which resource, and the ID in the path if any."""
-
-    resource: str  # devices | device | device_commands | device_unenroll | command
-    ident: str | None = None
-
-
-def _segment(raw: bytes) -> str | None:
-    """A percent-decoded path segment, or None when it cannot be an ID."""
-    try:
-        text = unquote_to_bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if not text or len(text) > _MAX_ID_LEN or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
-        return None
-    return text
-
-
-def resolve(path: bytes) -> Route | None:
-    """Map a request path below :data:`PREFIX` to a :class:`Route` (None: 404).
-    One trailing slash is tolerated, as the :class:`~mdmd.web.Router` does."""
-    if not path.startswith(PREFIX):
-        return None
-    rest = path[len(PREFIX) :]
-    if rest.endswith(b"/"):
-        rest = rest[:-1]
-    parts = rest.split(b"/")
-    match parts:
-        case [b"devices"]:
-            return Route("devices")
-        case [b"devices", raw]:
-            resource = "device"
-        case [b"devices", raw, b"commands"]:
-            resource = "device_commands"
-        case [b"devices", raw, b"unenroll"]:
-            resource = "device_unenroll"
-        case [b"commands", raw]:
-            resource = "command"
-        case _:
-            return None
-    ident = _segment(raw)
-    return None if ident is None else Route(resource, ident)
-
-
-# --------------------------------------------------------------------------
 # twisted.web adapters
 # --------------------------------------------------------------------------
 
@@ -457,53 +400,57 @@ def _not_found(what: str) -> HTTPError:
     return HTTPError(json_error(404, what), what)
 
 
-class _DeviceEndpoint(Endpoint):
-    def __init__(self, app: Mdmd, device_id: str) -> None:
-        super().__init__()
-        self.app = app
-        self.device_id = device_id
-
-    async def device(self, request: MdmdRequest) -> DeviceRecord:
-        request.device_id = self.device_id
-        device = await self.app.store.device(self.device_id)
-        if device is None:
-            raise _not_found(f"no such device: {self.device_id}")
-        return device
-
-
-class _Devices(Endpoint):
-    """``GET /api/v1/devices``."""
-
+class _AdminResource(EndpointResource):
     def __init__(self, app: Mdmd) -> None:
         super().__init__()
         self.app = app
+
+
+class _DeviceResource(_AdminResource):
+    """A resource below ``/api/v1/devices/{device_id}``."""
+
+    @staticmethod
+    def device_id(request: MdmdRequest) -> str:
+        request.device_id = request.path_params["device_id"]
+        return request.device_id
+
+    async def device(self, request: MdmdRequest) -> DeviceRecord:
+        device_id = self.device_id(request)
+        device = await self.app.store.device(device_id)
+        if device is None:
+            raise _not_found(f"no such device: {device_id}")
+        return device
+
+
+class DevicesResource(_AdminResource):
+    """``GET /api/v1/devices``."""
 
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
         devices = await self.app.store.devices()
         return json_response(200, {"devices": [device_json(d) for d in devices]})
 
 
-class _Device(_DeviceEndpoint):
+class DeviceResource(_DeviceResource):
     """``GET /api/v1/devices/{id}``."""
 
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
         device = await self.device(request)
         store = self.app.store
-        certificates = await store.device_certificates(self.device_id)
-        commands = await store.device_commands(self.device_id, limit=_RECENT_COMMANDS)
+        certificates = await store.device_certificates(device.device_id)
+        commands = await store.device_commands(device.device_id, limit=_RECENT_COMMANDS)
         return json_response(200, device_detail_json(device, certificates, commands))
 
 
-class _DeviceCommands(_DeviceEndpoint):
+class DeviceCommandsResource(_DeviceResource):
     """``GET|POST /api/v1/devices/{id}/commands``."""
 
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
-        await self.device(request)
-        commands = await self.app.store.device_commands(self.device_id)
+        device = await self.device(request)
+        commands = await self.app.store.device_commands(device.device_id)
         return json_response(200, {"commands": [command_summary_json(c) for c in commands]})
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        request.device_id = self.device_id
+        device_id = self.device_id(request)
         try:
             obj = json.loads(request_body(request))
         except ValueError:  # JSONDecodeError and UnicodeDecodeError
@@ -515,91 +462,53 @@ class _DeviceCommands(_DeviceEndpoint):
             raise HTTPError(json_error(400, e.message, errors=errors), e.message) from None
         command_uuid = str(uuid.uuid4())
         record = await self.app.store.queue_command(
-            self.device_id, command_uuid, queued.verb, queued.body, self.app.now()
+            device_id, command_uuid, queued.verb, queued.body, self.app.now()
         )
         if record is None:
-            raise _not_found(f"no enrolled device: {self.device_id}")
+            raise _not_found(f"no enrolled device: {device_id}")
         log.info(
             "admin queued {verb} {command_uuid} for device {device_id}",
             verb=queued.verb,
             command_uuid=command_uuid,
-            device_id=self.device_id,
+            device_id=device_id,
         )
         return json_response(201, {"command_uuid": command_uuid})
 
 
-class _DeviceUnenroll(_DeviceEndpoint):
+class DeviceUnenrollResource(_DeviceResource):
     """``POST /api/v1/devices/{id}/unenroll``: the device's agent is told to
     unenroll it at its next config poll."""
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
         device = await self.device(request)
         if device.state != "enrolled":
-            raise _not_found(f"no enrolled device: {self.device_id}")
-        if not await self.app.store.request_unenrollment(self.device_id):
+            raise _not_found(f"no enrolled device: {device.device_id}")
+        if not await self.app.store.request_unenrollment(device.device_id):
             # Enrolled without a known agent host: nobody to ask.
-            message = f"device {self.device_id} has no agent host that could unenroll it"
+            message = f"device {device.device_id} has no agent host that could unenroll it"
             raise HTTPError(json_error(409, message), message)
-        log.info("admin requested unenrollment of device {device_id}", device_id=self.device_id)
-        return json_response(202, {"device_id": self.device_id})
+        log.info("admin requested unenrollment of device {device_id}", device_id=device.device_id)
+        return json_response(202, {"device_id": device.device_id})
 
 
-class _Command(Endpoint):
+class CommandResource(_AdminResource):
     """``GET /api/v1/commands/{uuid}``."""
 
-    def __init__(self, app: Mdmd, command_uuid: str) -> None:
-        super().__init__()
-        self.app = app
-        self.command_uuid = command_uuid
-
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
-        command = await self.app.store.command(self.command_uuid)
+        command_uuid = request.path_params["command_uuid"]
+        command = await self.app.store.command(command_uuid)
         if command is None:
-            raise _not_found(f"no such command: {self.command_uuid}")
+            raise _not_found(f"no such command: {command_uuid}")
         request.device_id = command.device_id
         return json_response(200, command_json(command))
 
 
-class _NoSuchEndpoint(Endpoint):
-    """Any method on a path below the API prefix that names no resource."""
-
-    def __getattr__(self, name: str) -> Callable[[MdmdRequest], Awaitable[HTTPResponse]]:
-        # Every method gets the 404: a 405 would claim that the path exists.
-        if name.startswith("handle_"):
-            return self._missing
-        raise AttributeError(name)
-
-    async def _missing(self, request: MdmdRequest) -> HTTPResponse:
-        raise _not_found(f"no such endpoint: {request.path.decode('latin-1')}")
-
-
-class AdminAPI(Resource):
-    """Everything below ``/api/v1/``: resolves the path, then lets the
-    resource's :class:`~mdmd.web.Endpoint` answer (405 with ``Allow`` for a
-    method it does not serve)."""
-
-    isLeaf = True
-
-    def __init__(self, app: Mdmd) -> None:
-        super().__init__()
-        self.app = app
-
-    def endpoint(self, route: Route | None) -> Endpoint:
-        if route is None:
-            return _NoSuchEndpoint()
-        ident = route.ident or ""
-        match route.resource:
-            case "devices":
-                return _Devices(self.app)
-            case "device":
-                return _Device(self.app, ident)
-            case "device_commands":
-                return _DeviceCommands(self.app, ident)
-            case "device_unenroll":
-                return _DeviceUnenroll(self.app, ident)
-            case "command":
-                return _Command(self.app, ident)
-        raise AssertionError(f"unrouted resource {route.resource}")
-
-    def render(self, request: server.Request) -> int:
-        return self.endpoint(resolve(request.path)).render(request)
+def admin_api_routes(app: Mdmd) -> list[Route]:
+    """The routes of the admin API below ``/api/v1/``."""
+    return [
+        Route("/api/v1/devices", DevicesResource(app)),
+        Route("/api/v1/devices/{device_id}", DeviceResource(app)),
+        Route("/api/v1/devices/{device_id}/commands", DeviceCommandsResource(app)),
+        Route("/api/v1/devices/{device_id}/unenroll", DeviceUnenrollResource(app)),
+        Route("/api/v1/commands/{command_uuid}", CommandResource(app)),
+    ]

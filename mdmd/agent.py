@@ -16,11 +16,24 @@ from mdmd.orbit import (
     parse_orbit_enroll,
 )
 from mdmd.store import HostEnrollment, HostRecord
-from mdmd.web import Endpoint, HTTPError, HTTPResponse, MdmdRequest, json_error, json_response, request_body
+from mdmd.web import (
+    EndpointResource,
+    HTTPError,
+    HTTPResponse,
+    MdmdRequest,
+    json_error,
+    json_response,
+    request_body,
+)
 
-__all__ = ["OrbitConfig", "OrbitDeviceToken", "OrbitEnroll", "OrbitPing"]
+__all__ = [
+    "OrbitConfigResource",
+    "OrbitDeviceTokenResource",
+    "OrbitEnrollResource",
+    "OrbitPingResource",
+]
 
-log = Logger(namespace="mdmd.orbit")
+log = Logger(namespace=__name__)
 
 # Fleet's agent asks the server what it can do; it only needs the orbit API.
 _CAPABILITIES = ("X-Fleet-Capabilities", "orbit_endpoints")
@@ -31,7 +44,7 @@ def _bad_request(error: OrbitRequestError) -> HTTPError:
     return HTTPError(json_error(400, str(error), **extra), str(error))
 
 
-class _Authenticated(Endpoint):
+class _Authenticated(EndpointResource):
     def __init__(self, app: Mdmd) -> None:
         super().__init__()
         self.app = app
@@ -55,7 +68,7 @@ class _Authenticated(Endpoint):
         return host
 
 
-class OrbitEnroll(Endpoint):
+class OrbitEnrollResource(EndpointResource):
     """``POST /api/fleet/orbit/enroll``: enroll secret in, node key out."""
 
     def __init__(self, app: Mdmd) -> None:
@@ -95,7 +108,7 @@ class OrbitEnroll(Endpoint):
         return HTTPResponse(response.status, response.body, headers=(_CAPABILITIES,))
 
 
-class OrbitConfig(_Authenticated):
+class OrbitConfigResource(_Authenticated):
     """``POST /api/fleet/orbit/config``: what the agent should do now."""
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
@@ -113,7 +126,7 @@ class OrbitConfig(_Authenticated):
         return json_response(200, body)
 
 
-class OrbitDeviceToken(_Authenticated):
+class OrbitDeviceTokenResource(_Authenticated):
     """``POST /api/fleet/orbit/device_token``: Fleet Desktop's token; mdmd has
     no Fleet Desktop, so it is acknowledged and not kept."""
 
@@ -122,7 +135,7 @@ class OrbitDeviceToken(_Authenticated):
         return json_response(200, {})
 
 
-class OrbitPing(Endpoint):
+class OrbitPingResource(EndpointResource):
     """``HEAD /api/fleet/orbit/ping``: the agent's reachability probe."""
 
     async def handle_HEAD(self, request: MdmdRequest) -> HTTPResponse:

@@ -43,7 +43,7 @@ from mdmd.soap import (
     parse_soap_request,
 )
 from mdmd.store import DeviceConflict, DeviceEnrollment, HostRecord
-from mdmd.web import Endpoint, HTTPError, HTTPResponse, MdmdRequest, request_body
+from mdmd.web import EndpointResource, HTTPError, HTTPResponse, MdmdRequest, request_body
 from mdmd.wstep import (
     RequestSecurityToken,
     build_request_security_token_response,
@@ -51,9 +51,9 @@ from mdmd.wstep import (
 )
 from mdmd.xmlsafe import XMLInputError
 
-__all__ = ["DiscoveryService", "EnrollmentService", "PolicyService"]
+__all__ = ["DiscoveryResource", "EnrollmentResource", "PolicyResource"]
 
-log = Logger(namespace="mdmd.enrollment")
+log = Logger(namespace=__name__)
 
 SOAP_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
 DISCOVERY_PATH = "/api/mdm/microsoft/discovery"
@@ -82,7 +82,7 @@ def _conflict(device_id: str, host_id: int) -> SoapFault:
     )
 
 
-class _SoapService(Endpoint):
+class _SoapResource(EndpointResource):
     """One MS-MDE2 service: SOAP in, SOAP (or a SOAP fault) out."""
 
     service = "?"
@@ -179,7 +179,7 @@ class _SoapService(Endpoint):
         return host
 
 
-class DiscoveryService(_SoapService):
+class DiscoveryResource(_SoapResource):
     """``/api/mdm/microsoft/discovery`` (MS-MDE2 3.1)."""
 
     service = "discovery"
@@ -207,7 +207,7 @@ class DiscoveryService(_SoapService):
         return build_discover_response(response, soap.message_id, activity_id=activity_id)
 
 
-class PolicyService(_SoapService):
+class PolicyResource(_SoapResource):
     """``/api/mdm/microsoft/policy`` (MS-XCEP GetPolicies, MS-MDE2 3.3)."""
 
     service = "policy"
@@ -227,7 +227,7 @@ class PolicyService(_SoapService):
         return build_get_policies_response(policy, soap.message_id, activity_id=activity_id)
 
 
-class EnrollmentService(_SoapService):
+class EnrollmentResource(_SoapResource):
     """``/api/mdm/microsoft/enroll`` (MS-WSTEP RequestSecurityToken, MS-MDE2 3.4)."""
 
     service = "enroll"

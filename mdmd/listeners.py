@@ -18,11 +18,11 @@ from twisted.logger import Logger
 from mdmd.app import Mdmd
 from mdmd.routes import admin_routes, enrollment_routes, management_routes
 from mdmd.tls import mutual_tls_options, server_tls_options
-from mdmd.web import AdminRouter, MdmdSite, Router
+from mdmd.web import BearerTokenGuard, MdmdSite, RoutingResource
 
 __all__ = ["DeviceListener", "ListenerService", "admin_site", "device_listeners"]
 
-log = Logger(namespace="mdmd.listeners")
+log = Logger(namespace=__name__)
 
 
 class ListenerService(StreamServerEndpointService):
@@ -83,7 +83,7 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
             "enrollment",
             server_tls_options(material.enrollment_chain, material.enrollment_key),
             MdmdSite(
-                Router(enrollment_routes(app)),
+                RoutingResource(enrollment_routes(app)),
                 listener="enrollment",
                 max_body_bytes=config.enrollment.max_body_bytes,
             ),
@@ -94,7 +94,7 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
             "management",
             mutual_tls_options(material.management_chain, material.management_key, [material.identity_cert]),
             MdmdSite(
-                Router(management_routes(app)),
+                RoutingResource(management_routes(app)),
                 listener="management",
                 max_body_bytes=config.management.max_body_bytes,
             ),
@@ -107,7 +107,7 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
 def admin_site(app: Mdmd) -> MdmdSite:
     """The administrators' API behind the bearer token."""
     return MdmdSite(
-        AdminRouter(admin_routes(app), app.material.admin_token),
+        RoutingResource(admin_routes(app), guard=BearerTokenGuard(app.material.admin_token)),
         listener="admin",
         max_body_bytes=1024 * 1024,
     )

@@ -23,12 +23,12 @@ from mdmd.management import Reply, SessionError, is_retransmission, process_mess
 from mdmd.store import ManagementContext, SessionConflict
 from mdmd.syncml import SyncMLError, SyncMLMessage, parse_message
 from mdmd.tls import peer_certificate
-from mdmd.web import Endpoint, HTTPError, HTTPResponse, MdmdRequest, request_body
+from mdmd.web import EndpointResource, HTTPError, HTTPResponse, MdmdRequest, request_body
 from mdmd.xmlsafe import XMLInputError
 
-__all__ = ["SYNCML_CONTENT_TYPE", "ManagementService"]
+__all__ = ["SYNCML_CONTENT_TYPE", "ManagementResource"]
 
-log = Logger(namespace="mdmd.management")
+log = Logger(namespace=__name__)
 
 SYNCML_CONTENT_TYPE = "application/vnd.syncml.dm+xml"
 # Messages above this size are parsed and processed on a worker thread.
@@ -48,7 +48,7 @@ def _plain(status: int, text: str) -> HTTPResponse:
     return HTTPResponse(status, (text + "\n").encode(), content_type="text/plain")
 
 
-class ManagementService(Endpoint):
+class ManagementResource(EndpointResource):
     """``POST /api/mdm/microsoft/management`` (plus Windows' query string)."""
 
     def __init__(self, app: Mdmd) -> None:

@@ -21,7 +21,7 @@ from mdmd.config import ConfigError, MdmdConfig
 
 __all__ = ["Material", "bootstrap_plan", "load_material", "prepare"]
 
-log = Logger(namespace="mdmd.material")
+log = Logger(namespace=__name__)
 
 
 @dataclass(frozen=True, slots=True)

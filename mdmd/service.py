@@ -35,7 +35,7 @@ from mdmd.workers import WorkerPool
 
 __all__ = ["build_service"]
 
-log = Logger(namespace="mdmd.service")
+log = Logger(namespace=__name__)
 
 
 def _notify_systemd(message: bytes) -> None:

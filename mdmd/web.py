@@ -3,10 +3,11 @@
 - :class:`MdmdSite` / :class:`MdmdRequest`: a body-size limit enforced while
   the body arrives (an oversize request is answered 413 without buffering
   it), and one structured log line per request.
-- :class:`Router`: exact-path routing to :class:`Endpoint` leaves; the query
+- :class:`RoutingResource`: the one routing mechanism of the three
+  listeners, path templates to :class:`EndpointResource` leaves; the query
   string is ignored (Windows appends ``?mode=...&Platform=WoA`` to the
-  management URL, LESSONS).
-- :class:`Endpoint`: ``async def`` handlers returning an :class:`HTTPResponse`,
+  management URL); the admin listener's :class:`BearerTokenGuard`.
+- :class:`EndpointResource`: ``async def`` handlers returning an :class:`HTTPResponse`,
   wrapped once with ``Deferred.fromCoroutine``.  A handler raises
   :class:`HTTPError` for a client mistake; anything else is a server bug,
   logged with its traceback and answered with a bare 500 (never a traceback to
@@ -18,9 +19,10 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -30,19 +32,20 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 __all__ = [
-    "AdminRouter",
-    "Endpoint",
+    "BearerTokenGuard",
+    "EndpointResource",
     "HTTPError",
     "HTTPResponse",
     "MdmdRequest",
     "MdmdSite",
-    "Router",
+    "Route",
+    "RoutingResource",
     "json_error",
     "json_response",
     "request_body",
 ]
 
-log = Logger(namespace="mdmd.web")
+log = Logger(namespace=__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +90,13 @@ class MdmdRequest(server.Request):
     device_id: str | None = None  # set by handlers once they know it, for the log line
     note: str | None = None  # what the handler did, appended to the log line
     rejected: bool = False
+    path_params: dict[str, str]  # set by RoutingResource
 
     def __init__(self, channel: http.HTTPChannel, *args: Any, **kw: Any) -> None:
         super().__init__(channel, *args, **kw)
         self.started = time.monotonic()
         self._received = 0
+        self.path_params = {}
 
     def _site(self) -> MdmdSite:
         # process() sets self.site; the body arrives before that.
@@ -153,10 +158,12 @@ class MdmdSite(server.Site):
     requestFactory = MdmdRequest
     displayTracebacks = False
 
-    def __init__(self, resource: Resource, *, listener: str, max_body_bytes: int) -> None:
+    def __init__(
+        self, resource: Resource, *, listener: str, max_body_bytes: int, reactor: Any = None
+    ) -> None:
         # No endpoint takes HTML forms: skip Twisted's form and multipart
         # parsing (it parses every Content-Type with email.message).
-        super().__init__(resource, parsePOSTFormSubmission=False)
+        super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
         self.listener = listener
         self.max_body_bytes = max_body_bytes
         self.noisy = False
@@ -188,7 +195,7 @@ def _peer(request: http.Request) -> str:
 Handler = Callable[[MdmdRequest], Awaitable[HTTPResponse]]
 
 
-class Endpoint(Resource):
+class EndpointResource(Resource):
     """A leaf answering with ``async def handle_<METHOD>(request)`` methods."""
 
     isLeaf = True
@@ -250,59 +257,125 @@ def _write(request: MdmdRequest, response: HTTPResponse, finished: list[bool] | 
     request.finish()
 
 
-class Router(Resource):
-    """Exact-path dispatch to leaf resources; a key ending in ``/`` also
-    serves every path below it (the resource reads ``request.path``).  JSON
-    404 for everything else."""
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One path of a listener: ``/api/v1/devices/{device_id}/commands``.
+
+    A ``{name}`` segment matches one non-empty path segment, which the
+    resource reads, percent-decoded, from ``request.path_params[name]``.  A
+    template ending in ``/*`` also serves every path below it.  One trailing
+    slash is tolerated; the query string is ignored (Windows appends
+    ``?mode=Maintenance&Platform=WoA`` to the management URL).  *public*
+    routes skip the listener's guard.
+    """
+
+    template: str
+    resource: Resource
+    public: bool = False
+
+    def match(self, segments: list[bytes]) -> dict[str, str] | None:
+        parts = self.template.strip("/").split("/") if self.template.strip("/") else []
+        if parts and parts[-1] == "*":
+            parts = parts[:-1]
+            if len(segments) < len(parts):
+                return None
+            segments = segments[: len(parts)]
+        elif len(segments) != len(parts):
+            return None
+        params: dict[str, str] = {}
+        for part, raw in zip(parts, segments, strict=True):
+            if part.startswith("{") and part.endswith("}"):
+                value = _segment(raw)
+                if value is None:
+                    return None
+                params[part[1:-1]] = value
+            elif raw.decode("latin-1") != part:
+                return None
+        return params
+
+
+# A path segment this long is not an ID but an attempt to make the server
+# work for nothing.
+MAX_SEGMENT = 256
+
+
+def _segment(raw: bytes) -> str | None:
+    """A percent-decoded path segment, or None when it cannot be a name or ID."""
+    try:
+        text = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text or len(text) > MAX_SEGMENT or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        return None
+    return text
+
+
+Guard = Callable[[MdmdRequest], HTTPResponse | None]
+
+
+class RoutingResource(Resource):
+    """The one routing mechanism of every listener: the first
+    :class:`Route` whose template matches the path answers; anything else
+    is a JSON 404.  A *guard* (the admin bearer token) answers instead of
+    every non-public route when it refuses the request."""
 
     isLeaf = True
 
-    def __init__(self, routes: Mapping[bytes, Resource]) -> None:
+    def __init__(self, routes: Sequence[Route], *, guard: Guard | None = None) -> None:
         super().__init__()
-        self.routes = dict(routes)
-        self._prefixes = sorted((k for k in self.routes if k.endswith(b"/")), key=len, reverse=True)
+        self.routes = tuple(routes)
+        self.guard = guard
 
     def render(self, request: server.Request) -> int | bytes:
+        req = cast(MdmdRequest, request)
         path = request.path
-        target = self.routes.get(path.rstrip(b"/") or b"/")
-        if target is None:
-            target = next((self.routes[p] for p in self._prefixes if path.startswith(p)), None)
-        if target is None:
-            _write(
-                cast(MdmdRequest, request),
-                json_error(404, f"no such endpoint: {request.path.decode('latin-1')}"),
-            )
-            return NOT_DONE_YET
-        return cast(int | bytes, target.render(request))
+        if path.endswith(b"/") and len(path) > 1:
+            path = path[:-1]
+        segments = [s for s in path.split(b"/")[1:]] if path != b"/" else []
+        for route in self.routes:
+            params = route.match(segments)
+            if params is None:
+                continue
+            if self.guard is not None and not route.public:
+                refusal = self.guard(req)
+                if refusal is not None:
+                    _write(req, refusal)
+                    return NOT_DONE_YET
+            req.path_params = params
+            return cast(int | bytes, route.resource.render(request))
+        if self.guard is not None:
+            # Nothing below a guarded listener is revealed without the token,
+            # not even which paths exist.
+            refusal = self.guard(req)
+            if refusal is not None:
+                _write(req, refusal)
+                return NOT_DONE_YET
+        _write(req, json_error(404, f"no such endpoint: {request.path.decode('latin-1')}"))
+        return NOT_DONE_YET
 
 
-class AdminRouter(Router):
-    """:class:`Router` behind ``Authorization: Bearer <admin token>``."""
+class BearerTokenGuard:
+    """``Authorization: Bearer <token>``, compared in constant time."""
 
     realm: ClassVar[str] = "mdmd-admin"
 
-    def __init__(self, routes: Mapping[bytes, Resource], token: str) -> None:
-        super().__init__(routes)
+    def __init__(self, token: str) -> None:
         self._token = token.encode()
 
-    def render(self, request: server.Request) -> int | bytes:
+    def __call__(self, request: MdmdRequest) -> HTTPResponse | None:
         header = request.getHeader(b"Authorization") or b""
         scheme, _, presented = header.partition(b" ")
         # compare_digest: the token comparison must not leak by timing.
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(presented.strip(), self._token):
-            log.warn(
-                "admin {method} {path} refused: {why}",
-                method=request.method.decode("latin-1"),
-                path=request.path.decode("latin-1"),
-                why="no bearer token" if not header else "wrong bearer token",
-            )
-            _write(
-                cast(MdmdRequest, request),
-                HTTPResponse(
-                    401,
-                    json.dumps({"message": "admin bearer token required"}).encode(),
-                    headers=(("WWW-Authenticate", f'Bearer realm="{self.realm}"'),),
-                ),
-            )
-            return NOT_DONE_YET
-        return super().render(request)
+        if scheme.lower() == b"bearer" and hmac.compare_digest(presented.strip(), self._token):
+            return None
+        log.warn(
+            "admin {method} {path} refused: {why}",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            why="no bearer token" if not header else "wrong bearer token",
+        )
+        return HTTPResponse(
+            401,
+            json.dumps({"message": "admin bearer token required"}).encode(),
+            headers=(("WWW-Authenticate", f'Bearer realm="{self.realm}"'),),
+        )

@@ -23,7 +23,7 @@ from harness import (
     running_daemon,
 )
 from mdmd import pki
-from mdmd.admin import CommandRequestError, parse_command_request, resolve
+from mdmd.admin import CommandRequestError, parse_command_request
 from mdmd.sim.device import EnrollmentResult, ManagementClient, WindowsDevice
 from mdmd.syncml import Item, Meta, parse_commands_fragment
 
@@ -194,14 +194,6 @@ def test_paths_that_name_no_resource_are_404_for_every_method(
         method, path.replace("X", fleet.fresh.id), GET_SWV if method == "POST" else None
     )
     assert status == 404 and isinstance(answer, dict) and answer["message"].startswith("no such endpoint")
-
-
-def test_resolve_maps_paths_to_resources() -> None:
-    assert resolve(b"/api/v1/devices") == resolve(b"/api/v1/devices/")
-    route = resolve(b"/api/v1/devices/AB%2FCD/commands")
-    assert route is not None and (route.resource, route.ident) == ("device_commands", "AB/CD")
-    assert resolve(b"/api/v1/devices/%00") is None
-    assert resolve(b"/api/v2/devices") is None
 
 
 # --- devices ---

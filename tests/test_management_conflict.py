@@ -1,81 +1,161 @@
-"""The management endpoint redoes a message whose session step lost a race
-with another worker process (SessionConflict), a bounded number of times."""
+"""Two processes serving one device at once: the management endpoint's
+session step is a compare-and-swap in the store, and a message whose step
+lost the race is processed again from a fresh read, a bounded number of
+times.  The race here is real: another writer advances the device's session
+in the real SQLite store between the endpoint's read and its commit."""
 
 from __future__ import annotations
 
-import io
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
+from cryptography import x509
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mdmd import pki
-from mdmd.management_endpoint import ManagementService
-from mdmd.store import SessionConflict
-from mdmd.web import HTTPError, HTTPResponse
+from mdmd.app import Mdmd
+from mdmd.management import ManagementStep, SessionState
+from mdmd.management_endpoint import ManagementResource
+from mdmd.sim.device import ManagementClient, WindowsDevice
+from mdmd.store import ManagementContext, Store
+from mdmd.store.sqlite import SQLiteStore
+from mdmd.web import MdmdSite, Route, RoutingResource
+from store_helpers import ThreadReactor, enrollment, host, wait
+
+SERVER_URL = "https://mdm.example.com/api/mdm/microsoft/management"
+
+
+class Clock(ThreadReactor):
+    def seconds(self) -> float:
+        return 1000.0
+
+
+class RacingStore:
+    """The real store, except that the first *losses* context reads are
+    followed by another process's step for the same device, committed
+    before the endpoint gets to commit its own."""
+
+    def __init__(self, store: Store, losses: int) -> None:
+        self._store = store
+        self.losses = losses
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def management_context(
+        self, cert_serial: str, *, queue_limit: int = 100
+    ) -> Deferred[ManagementContext | None]:
+        async def read() -> ManagementContext | None:
+            ctx = await self._store.management_context(cert_serial, queue_limit=queue_limit)
+            self.reads += 1
+            if ctx is not None and self.reads <= self.losses:
+                theirs = ctx.session or SessionState("FFFF", 1, 2, 65536)
+                other = ManagementStep(ctx.device.device_id, theirs, reply=b"the other process")
+                await self._store.commit_management_step(other, 999.0)
+            return ctx
+
+        return Deferred.fromCoroutine(read())
+
+
+@dataclass
+class Setup:
+    store: SQLiteStore
+    device: WindowsDevice
+    cert: x509.Certificate
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    store = SQLiteStore(str(tmp_path / "mdmd.sqlite3"), ThreadReactor())  # type: ignore[arg-type]
+    store.open()
+    store.start()
+    ca_key = pki.generate_rsa_key()
+    ca = pki.create_ca_certificate(ca_key, "identity", days=1, now=datetime.now(UTC))
+    device = WindowsDevice(key=pki.generate_rsa_key(), hostname="PC")
+    cert = pki.issue_device_certificate(
+        ca, ca_key, device.key.public_key(), device.device_id, days=1, now=datetime.now(UTC)
+    )
+    h = wait(store.enroll_host(host(1), now=1.0))
+    record = enrollment(device.device_id, h.id, pki.serial_hex(cert), hw=None)
+    wait(store.record_device_enrollment(replace(record, cert_thumbprint=pki.thumbprint(cert)), now=2.0))
+    yield Setup(store, device, cert)
+    store.stop()
 
 
 class _PeerCertificate:
-    def __init__(self, cert: Any) -> None:
-        self.cert = cert
+    def __init__(self, cert: x509.Certificate) -> None:
+        self._cert = cert
 
-    def to_cryptography(self) -> Any:
-        return self.cert
-
-
-class _Request:
-    """What the endpoint reads of a request on the mutual-TLS listener."""
-
-    def __init__(self, cert: Any) -> None:
-        transport = type("T", (), {"getPeerCertificate": lambda _: _PeerCertificate(cert)})()
-        self.channel = type("C", (), {"transport": transport})()
-        self.content = io.BytesIO(b"<SyncML/>")
-        self.device_id: str | None = None
-        self.note: str | None = None
-
-    def getHeader(self, name: bytes) -> bytes | None:
-        return b"application/vnd.syncml.dm+xml" if name.lower() == b"content-type" else None
+    def to_cryptography(self) -> x509.Certificate:
+        return self._cert
 
 
-class _Racing(ManagementService):
-    """Loses the race *losses* times, then processes the message."""
+class _MutualTLSTransport(StringTransport):
+    def __init__(self, cert: x509.Certificate) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        self._peer = _PeerCertificate(cert)
 
-    def __init__(self, losses: int) -> None:
-        super().__init__(app=None)  # type: ignore[arg-type]
-        self.losses = losses
-        self.attempts = 0
-
-    async def _handle(self, request: Any, serial: str, thumbprint: str, body: bytes) -> HTTPResponse:
-        self.attempts += 1
-        if self.attempts <= self.losses:
-            raise SessionConflict("DEV1")
-        return HTTPResponse(200, b"<SyncML>reply</SyncML>", content_type="application/vnd.syncml.dm+xml")
+    def getPeerCertificate(self) -> _PeerCertificate:
+        return self._peer
 
 
-def _certificate() -> Any:
-    key = pki.generate_rsa_key()
-    return pki.create_ca_certificate(key, "t", days=1, now=datetime.now(UTC))
+def post(store: Store, cert: x509.Certificate, body: bytes) -> tuple[int, bytes]:
+    config = SimpleNamespace(management=SimpleNamespace(url=SERVER_URL, max_msg_size=65536))
+    app = Mdmd(config=config, material=None, store=store, reactor=Clock())  # type: ignore[arg-type]
+    site = MdmdSite(
+        RoutingResource([Route("/api/mdm/microsoft/management", ManagementResource(app))]),
+        listener="management",
+        max_body_bytes=1 << 20,
+        reactor=MemoryReactorClock(),
+    )
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    assert channel is not None
+    transport = _MutualTLSTransport(cert)
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        b"POST /api/mdm/microsoft/management HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/vnd.syncml.dm+xml\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    # The store answers on its own threads: wait, bounded, for the reply.
+    deadline = time.monotonic() + 10
+    while b"\r\n\r\n" not in transport.value() or not transport.value().endswith((b"</SyncML>", b"\n")):
+        assert time.monotonic() < deadline, "no reply"
+        time.sleep(0.005)
+    head, _, payload = transport.value().partition(b"\r\n\r\n")
+    return int(head.split()[1]), payload
 
 
-def _run(service: ManagementService, request: _Request) -> Any:
-    d = Deferred.fromCoroutine(service.handle_POST(request))  # type: ignore[arg-type]
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the handler waited on something"
-    return results[0]
+def test_a_message_that_lost_a_race_is_processed_again_from_a_fresh_read(setup: Setup) -> None:
+    racing = RacingStore(setup.store, losses=2)
+    client = ManagementClient(setup.device)
+    message = client.session_start(SERVER_URL)
+    status, body = post(racing, setup.cert, message)  # type: ignore[arg-type]
+    assert status == 200 and client.read(body).hdr_status == 200
+    assert racing.reads == 3
+    # What is stored is this message's step, committed after the others'.
+    assert wait(setup.store.last_reply(setup.device.device_id)) == body
+    ctx = wait(setup.store.management_context(pki.serial_hex(setup.cert)))
+    assert ctx is not None and ctx.session is not None
+    assert ctx.session.session_id == f"{client.session_id:X}" and ctx.session.last_msg_id == 1
+    assert ctx.session_seq == 4  # enrollment, two other steps, ours
 
 
-def test_a_message_that_lost_a_race_is_processed_again_from_a_fresh_read() -> None:
-    service = _Racing(losses=2)
-    reply = _run(service, _Request(_certificate()))
-    assert isinstance(reply, HTTPResponse) and reply.status == 200
-    assert service.attempts == 3
-
-
-def test_a_message_that_keeps_losing_gets_503_not_a_traceback() -> None:
-    service = _Racing(losses=99)
-    failure = _run(service, _Request(_certificate()))
-    assert failure.check(HTTPError)
-    assert failure.value.response.status == 503
-    assert service.attempts == 3
-    assert service._locks == {}
+def test_a_message_that_keeps_losing_gets_503_and_stores_nothing_of_its_own(setup: Setup) -> None:
+    racing = RacingStore(setup.store, losses=99)
+    client = ManagementClient(setup.device)
+    status, body = post(racing, setup.cert, client.session_start(SERVER_URL))  # type: ignore[arg-type]
+    assert status == 503 and b"retry later" in body
+    assert racing.reads == 3
+    assert wait(setup.store.last_reply(setup.device.device_id)) == b"the other process"
+    device = wait(setup.store.device(setup.device.device_id))
+    assert device is not None and device.inventory == {}  # our package 1 inventory was never stored

@@ -13,7 +13,7 @@ from mdmd.store.sqlite import SQLiteStore
 
 __all__ = ["StoreService", "open_store"]
 
-log = Logger(namespace="mdmd.store")
+log = Logger(namespace=__name__)
 
 
 class StoreService(Service):
