@@ -2,7 +2,7 @@
 orbit enroll -> config -> discovery -> policy -> enroll -> mutual TLS to the
 management listener with the issued certificate -> config again.  Also
 re-enrollment, a new MDM device ID on the same host, and the captured Windows
-requests of shared/fixtures/windows posted as they are."""
+requests of tests/data/windows posted as they are."""
 
 from __future__ import annotations
 
