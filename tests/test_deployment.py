@@ -82,7 +82,7 @@ def test_systemd_unit_runs_twistd_hardened() -> None:
         "PrivateDevices": "yes",
     }.items():
         assert service[key] == value, key
-    # TWISTED-NOTES: TLS contexts cannot be built under it.
+    # Under it Twisted cannot build a TLS context (OpenSSL needs W+X memory).
     assert "MemoryDenyWriteExecute" not in service
 
 

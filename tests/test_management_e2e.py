@@ -382,7 +382,7 @@ def test_unknown_verb_gets_406_and_the_server_keeps_serving(daemon: Daemon, enro
 def test_management_keeps_serving_when_new_enrollment_is_switched_off(
     tmp_path: Path, keys: list[object]
 ) -> None:
-    # LESSONS: enrolled devices must still reach the server (to be managed,
+    # Enrolled devices must still reach the server (to be managed,
     # and to unenroll) after new MDM enrollments are switched off.
     device = WindowsDevice(key=keys[0])  # type: ignore[arg-type]
     (tmp_path / "d").mkdir()
@@ -404,8 +404,8 @@ def test_management_keeps_serving_when_new_enrollment_is_switched_off(
 
 
 def test_a_large_result_is_stored_whole(daemon: Daemon, enrolled: Enrolled) -> None:
-    # Over 64 KiB: parsed and processed on a worker thread (LESSONS: real
-    # payloads often exceed 64 KB).
+    # Over 64 KiB: parsed and processed on a worker thread (real payloads
+    # often exceed 64 KB, docs/windows-clients.md).
     value = "0123456789abcdef" * 20000
     uuid = queue(daemon, enrolled.id, get("./Vendor/MSFT/Big"))
     client = ManagementClient(enrolled.device)
