@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from harness import Daemon, running_daemon
@@ -25,34 +26,32 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield d
 
 
-def _client_context(daemon: Daemon, tmp: Path, cert: x509.Certificate | None, key: object) -> ssl.SSLContext:
+def _client_context(
+    daemon: Daemon, tmp: Path, cert: x509.Certificate | None, key: rsa.RSAPrivateKey | None
+) -> ssl.SSLContext:
     ctx = daemon.server_context()
-    if cert is not None:
+    if cert is not None and key is not None:
         cert_path, key_path = tmp / "client.pem", tmp / "client.key"
         cert_path.write_bytes(pki.cert_to_pem(cert))
-        key_path.write_bytes(pki.key_to_pem(key))  # type: ignore[arg-type]
+        key_path.write_bytes(pki.key_to_pem(key))
         ctx.load_cert_chain(str(cert_path), str(key_path))
     return ctx
 
 
 def _device_cert(
-    issuer_cert: x509.Certificate, issuer_key: object, device_id: str
-) -> tuple[x509.Certificate, object]:
+    issuer_cert: x509.Certificate, issuer_key: rsa.RSAPrivateKey, device_id: str
+) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     key = pki.generate_rsa_key(2048)
     cert = pki.issue_device_certificate(
-        issuer_cert,
-        issuer_key,
-        key.public_key(),
-        device_id,  # type: ignore[arg-type]
-        days=30,
-        now=datetime.now(UTC),
+        issuer_cert, issuer_key, key.public_key(), device_id, days=30, now=datetime.now(UTC)
     )
     return cert, key
 
 
-def _identity(daemon: Daemon) -> tuple[x509.Certificate, object]:
+def _identity(daemon: Daemon) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     cert = x509.load_pem_x509_certificate((daemon.state / "wstep-identity.pem").read_bytes())
     key = load_pem_private_key((daemon.state / "wstep-identity.key").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
     return cert, key
 
 
@@ -106,8 +105,10 @@ def test_tls_1_2_negotiates_forward_secret_aead(daemon: Daemon) -> None:
     conn = daemon.https(context=ctx)
     conn.connect()
     try:
-        assert conn.sock is not None
-        name, version, _ = conn.sock.cipher()  # type: ignore[union-attr,misc]
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        cipher = conn.sock.cipher()
+        assert cipher is not None
+        name, version, _ = cipher
         assert version == "TLSv1.2" and name.startswith("ECDHE-") and "GCM" in name
     finally:
         conn.close()

@@ -82,7 +82,8 @@ def test_systemd_unit_runs_twistd_hardened() -> None:
         "PrivateDevices": "yes",
     }.items():
         assert service[key] == value, key
-    # Under it Twisted cannot build a TLS context (OpenSSL needs W+X memory).
+    # Under it Twisted cannot build a TLS context (pyOpenSSL's cffi callbacks
+    # need memory that is both writable and executable).
     assert "MemoryDenyWriteExecute" not in service
 
 

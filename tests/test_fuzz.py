@@ -69,7 +69,9 @@ def test_mutated_enrollment_requests_only_raise_protocol_errors(windows_fixtures
             continue
         parsed += 1
         with contextlib.suppress(SoapFault):
-            negotiate_discover(parse_discover(request), policy_url="https://x/p", enrollment_url="https://x/e")
+            negotiate_discover(
+                parse_discover(request), policy_url="https://x/p", enrollment_url="https://x/e"
+            )
         with contextlib.suppress(SoapFault):
             parse_get_policies(request)
         with contextlib.suppress(SoapFault, pki.CSRError):
