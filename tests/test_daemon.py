@@ -4,11 +4,13 @@ loopback, spoken to over real TLS sockets."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from harness import Daemon, running_daemon
+from harness import LISTENERS, Daemon, running_daemon, start_daemon, write_config
 from mdmd import pki
 
 
@@ -66,6 +68,25 @@ def test_each_listener_logs_its_url(daemon: Daemon) -> None:
         f"public URL {daemon.url('management')}" in text
     )
     assert f"admin listener (HTTP, bearer token) on 127.0.0.1:{daemon.port('admin')}" in text
+
+
+def test_tcp_listen_endpoints_serve_on_the_port_they_log(tmp_path: Path) -> None:
+    # The example configuration's kind of listener; the harness otherwise
+    # hands the daemon its sockets.  Port 0: the kernel picks, the log says.
+    tcp = "tcp:0:interface=127.0.0.1"
+    daemon = start_daemon(write_config(tmp_path, {name: {"listen": tcp} for name in LISTENERS}))
+    try:
+        logged = dict(re.findall(r"(\w+) listener \([^)]*\) on 127\.0\.0\.1:(\d+)", daemon.log_text()))
+        assert set(logged) == set(LISTENERS)
+        assert not {int(port) for port in logged.values()} & {daemon.port(name) for name in LISTENERS}
+        conn = HTTPConnection("127.0.0.1", int(logged["admin"]), timeout=30)
+        try:
+            conn.request("GET", "/healthz", headers={"Authorization": f"Bearer {daemon.admin_token}"})
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+    finally:
+        daemon.stop()
 
 
 def test_bootstrap_writes_private_files_0600(daemon: Daemon) -> None:

@@ -109,7 +109,7 @@ def test_bootstrapped_server_certificate_is_ecdsa_p256_for_cheap_handshakes(tmp_
 def test_systemd_readiness_and_watchdog_notifications(tmp_path: Path) -> None:
     import socket
 
-    from harness import write_config
+    from harness import spawn_twistd, write_config
 
     config = write_config(tmp_path)
     address = str(tmp_path / "notify.sock")
@@ -117,13 +117,7 @@ def test_systemd_readiness_and_watchdog_notifications(tmp_path: Path) -> None:
     listener.bind(address)
     listener.settimeout(60)
     env = dict(daemon_env(), NOTIFY_SOCKET=address, WATCHDOG_USEC="200000")
-    proc = subprocess.Popen(
-        [str(TWISTD), "-n", "--pidfile=", "mdmd", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-    )
+    proc = spawn_twistd(config, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         messages = [listener.recv(4096) for _ in range(3)]
     finally:
