@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from harness import LISTENERS, Daemon, running_daemon, start_daemon, write_config
+from harness import LISTENERS, Daemon, refused_port, running_daemon, start_daemon, write_config
 from mdmd import pki
 
 
@@ -109,6 +109,26 @@ def test_enrollment_listener_serves_tls_with_the_bootstrapped_chain(daemon: Daem
     assert b"no such endpoint" in body
 
 
+def _server_alert(port: int, ctx: ssl.SSLContext) -> str | None:
+    """Connect to *port* on loopback, run the client's side of the TLS
+    handshake and read: return the reason of the TLS alert with which the
+    server refused this client.
+
+    Nothing else passes: a port nobody listens on raises
+    ConnectionRefusedError, a reset ConnectionResetError, a server that closes
+    without an alert or answers fails pytest.raises.  With TLS 1.3 the client's
+    side of the handshake ends before the server has checked its certificate,
+    and the server's alert is what the read gets; nothing is written, so the
+    server never closes on unread data (which would make it a reset)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        pytest.raises(ssl.SSLError) as refused,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.recv(1)
+    return refused.value.reason
+
+
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 def test_enrollment_listener_refuses_tls_1_1(daemon: Daemon) -> None:
     ctx = daemon.server_context()
@@ -116,8 +136,7 @@ def test_enrollment_listener_refuses_tls_1_1(daemon: Daemon) -> None:
     ctx.set_ciphers("ALL:@SECLEVEL=0")
     ctx.minimum_version = ssl.TLSVersion.TLSv1
     ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-    with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):
-        daemon.request("GET", "/", context=ctx)
+    assert _server_alert(daemon.port("enrollment"), ctx) == "TLSV1_ALERT_PROTOCOL_VERSION"
 
 
 def test_tls_1_2_negotiates_forward_secret_aead(daemon: Daemon) -> None:
@@ -142,31 +161,45 @@ def test_management_accepts_a_certificate_from_the_identity_ca(daemon: Daemon, t
     assert response.status == 404
 
 
-def _assert_refused(daemon: Daemon, ctx: ssl.SSLContext) -> None:
-    # With TLS 1.3 the server's refusal of the client certificate arrives
-    # after the client's side of the handshake: the request then fails.
-    with pytest.raises(
-        (ssl.SSLError, ConnectionResetError, BrokenPipeError, socket.timeout, OSError)
-    ) as info:
-        daemon.request(
-            "POST", "/api/mdm/microsoft/management", b"<SyncML/>", section="management", context=ctx
-        )
-    assert not isinstance(info.value, TimeoutError)
+TLS_VERSIONS = [
+    pytest.param(ssl.TLSVersion.TLSv1_2, id="TLS1.2"),
+    pytest.param(ssl.TLSVersion.TLSv1_3, id="TLS1.3"),
+]
+# The alert a server sends when the client presents no certificate: TLS 1.3
+# has one of its own (RFC 8446 6.2), TLS 1.2 uses handshake_failure.
+NO_CERTIFICATE = {
+    ssl.TLSVersion.TLSv1_2: "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    ssl.TLSVersion.TLSv1_3: "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+}
 
 
-def test_management_refuses_a_client_without_certificate(daemon: Daemon, tmp_path: Path) -> None:
-    _assert_refused(daemon, _client_context(daemon, tmp_path, None, None))
+def _only(ctx: ssl.SSLContext, version: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx.minimum_version = ctx.maximum_version = version
+    return ctx
 
 
-def test_management_refuses_a_certificate_from_another_ca(daemon: Daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_management_refuses_a_client_without_certificate(
+    daemon: Daemon, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    ctx = _only(_client_context(daemon, tmp_path, None, None), version)
+    assert _server_alert(daemon.port("management"), ctx) == NO_CERTIFICATE[version]
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_management_refuses_a_certificate_from_another_ca(
+    daemon: Daemon, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
     other_key = pki.generate_rsa_key(2048)
     other_ca = pki.create_ca_certificate(other_key, "not the identity CA", days=30, now=datetime.now(UTC))
     cert, key = _device_cert(other_ca, other_key, "B5B954E81FBCB94EB79BD08BE625F4EE")
-    _assert_refused(daemon, _client_context(daemon, tmp_path, cert, key))
+    ctx = _only(_client_context(daemon, tmp_path, cert, key), version)
+    assert _server_alert(daemon.port("management"), ctx) == "TLSV1_ALERT_UNKNOWN_CA"
 
 
+@pytest.mark.parametrize("version", TLS_VERSIONS)
 def test_management_refuses_a_self_signed_copy_of_the_identity_subject(
-    daemon: Daemon, tmp_path: Path
+    daemon: Daemon, tmp_path: Path, version: ssl.TLSVersion
 ) -> None:
     # Same subject name as the real CA, different key: name matching alone
     # must not be enough.
@@ -179,7 +212,14 @@ def test_management_refuses_a_self_signed_copy_of_the_identity_subject(
         now=datetime.now(UTC),
     )
     cert, key = _device_cert(impostor, impostor_key, "B5B954E81FBCB94EB79BD08BE625F4EE")
-    _assert_refused(daemon, _client_context(daemon, tmp_path, cert, key))
+    ctx = _only(_client_context(daemon, tmp_path, cert, key), version)
+    assert _server_alert(daemon.port("management"), ctx) == "TLSV1_ALERT_UNKNOWN_CA"
+
+
+def test_the_refusal_check_does_not_take_a_closed_port_for_a_refusal(daemon: Daemon, tmp_path: Path) -> None:
+    # What the checks above would see if the daemon did not listen at all.
+    with refused_port() as port, pytest.raises(ConnectionRefusedError):
+        _server_alert(port, _client_context(daemon, tmp_path, None, None))
 
 
 def test_admin_requires_the_bearer_token(daemon: Daemon) -> None:
