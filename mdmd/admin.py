@@ -6,8 +6,8 @@ the pure functions of this module, which turn a queue request into the
 command's stored SyncML (:func:`parse_command_request`) and records into
 JSON (:func:`device_json`, :func:`command_json`).
 
-Commands are validated completely before anything is stored (LESSONS.md,
-"no poison commands"): what reaches the queue is exactly what
+Commands are validated completely before anything is stored (no poison
+commands, docs/windows-clients.md): what reaches the queue is exactly what
 ``parse_commands_fragment`` reads back when the command is sent.
 """
 
@@ -69,9 +69,10 @@ ITEM_VERBS: Final = ("Add", "Delete", "Exec", "Get", "Replace")
 #: Windows CSPs use).
 FORMATS: Final = frozenset({"chr", "int", "bool", "b64", "xml", "node", "null", "float", "date", "time"})
 _NO_DATA_FORMATS: Final = frozenset({"node", "null"})
-# SyncML values are whitespace-trimmed when read (PROTOCOL.md section 0), so
-# leading or trailing whitespace would be silently lost between the queue and
-# the device.  In b64 and xml it carries no meaning and is trimmed here.
+# SyncML values are whitespace-trimmed when read (docs/windows-clients.md,
+# "Spellings the examples get wrong"), so leading or trailing whitespace
+# would be silently lost between the queue and the device.  In b64 and xml it
+# carries no meaning and is trimmed here.
 _TRIMMED_FORMATS: Final = frozenset({"b64", "xml"})
 _INT_RE: Final = re.compile(r"[+-]?[0-9]+")
 # Characters XML 1.0 cannot carry, not even as character references.

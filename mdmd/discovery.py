@@ -6,8 +6,8 @@ mdmd enrolls devices programmatically: its agent calls
 ``RegisterDeviceWithManagement`` with an access token, and Windows then sends
 that token as a ``wsse:BinarySecurityToken`` of ValueType
 ``DeviceEnrollmentUserToken`` in GetPolicies and RequestSecurityToken,
-whatever AuthPolicy discovery answered (PROTOCOL.md 1.4: Fleet answers
-``OnPremise`` and still receives the BST).  Hence the default policy is
+whatever AuthPolicy discovery answered (docs/windows-clients.md,
+"Programmatic enrollment").  Hence the default policy is
 ``OnPremise``:
 
 * ``Federated`` requires an ``AuthenticationServiceUrl`` (an STS page for the
@@ -16,8 +16,8 @@ whatever AuthPolicy discovery answered (PROTOCOL.md 1.4: Fleet answers
 * With ``OnPremise`` a user-driven client ("Access work or school") asks for
   a user name and password and sends a ``wsse:UsernameToken``; the policy and
   enrollment handlers reject it with an ``Authentication`` fault saying that
-  enrollment is started by the mdmd agent (LESSONS.md "OnPremise means a
-  username token").
+  enrollment is started by the mdmd agent (docs/windows-clients.md,
+  "User-driven enrollment sends a password").
 
 ``Federated`` can still be configured (with ``authentication_url``) should an
 STS ever be added.
@@ -186,8 +186,8 @@ def negotiate_discover(
 ) -> DiscoverResponse:
     """Choose the AuthPolicy and EnrollmentVersion to answer.
 
-    Versions are never whitelisted (LESSONS.md "Do not whitelist versions":
-    Windows 11 25H2 sends 9.0): any RequestVersion at or above
+    Versions are never whitelisted (Windows 11 25H2 sends 9.0;
+    docs/windows-clients.md, "Version numbers"): any RequestVersion at or above
     ``min_version`` is accepted and answered with
     ``min(RequestVersion, max_version)``.
 
@@ -231,7 +231,7 @@ def negotiate_discover(
         enrollment_version=_format_version(version),
         enrollment_policy_service_url=policy_url,
         enrollment_service_url=enrollment_url,
-        # Only meaningful (and required) for Federated (PROTOCOL.md 1.4).
+        # Only meaningful (and required) for Federated (MS-MDE2 3.1.4.1.3.2).
         authentication_service_url=authentication_url if chosen == "Federated" else None,
     )
 

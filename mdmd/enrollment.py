@@ -6,7 +6,7 @@ The messages themselves are parsed and built by :mod:`mdmd.discovery`,
 module authenticates the caller, issues the certificate off the reactor
 thread, stores the enrollment and answers.
 
-Errors follow LESSONS: a body that is not XML (or carries a DTD) gets a plain
+Errors (docs/windows-clients.md, "Faults"): a body that is not XML (or carries a DTD) gets a plain
 400, an oversize body 413 (see :mod:`mdmd.web`), and every other client
 mistake the MS-MDE2 SOAP fault whose subcode says what went wrong, with HTTP
 200 (the status Windows is known to read faults with).
@@ -144,8 +144,8 @@ class _SoapResource(EndpointResource):
         ]
         if not tokens:
             if any(isinstance(t, UsernameToken) for t in soap.security):
-                # LESSONS: OnPremise clients may send a username token; say
-                # plainly that it is not how this server enrolls devices.
+                # OnPremise clients may send a username token
+                # (docs/windows-clients.md); say plainly that it is not how this server enrolls devices.
                 raise SoapFault(
                     FaultCode.AUTHENTICATION,
                     "username/password (wsse:UsernameToken) authentication is not supported; "

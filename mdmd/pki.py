@@ -68,7 +68,7 @@ class CertificationRequest:
 
     public_key: rsa.RSAPublicKey
     # UNTRUSTED and for logs only: Windows puts "<GUID>!<hex>\0" here, not the
-    # device ID (LESSONS, SOURCES.md), so nothing may be derived from it.
+    # device ID (docs/windows-clients.md), so nothing may be derived from it.
     subject: str
     signature_hash: str
     key_bits: int
@@ -88,7 +88,7 @@ _RSA_ENCRYPTION_OID = "1.2.840.113549.1.1.1"
 _SIGNATURE_HASHES: dict[str, tuple[str, type[hashes.HashAlgorithm]]] = {
     "1.2.840.113549.1.1.5": ("sha1", hashes.SHA1),
     # ISO/OIW sha1WithRSASignature: what Windows 10 19043 signs its CSR with
-    # (LESSONS, real-w10-19043-csr.der).
+    # (docs/windows-clients.md, "The certificate request").
     "1.3.14.3.2.29": ("sha1", hashes.SHA1),
     "1.2.840.113549.1.1.11": ("sha256", hashes.SHA256),
     "1.2.840.113549.1.1.12": ("sha384", hashes.SHA384),
@@ -114,7 +114,7 @@ def load_certification_request(der: bytes, *, min_key_bits: int = 2048) -> Certi
     """Parse a PKCS#10 leniently and verify its self-signature.
 
     ``cryptography`` refuses the CSR Windows 10 sends (a NUL in a
-    PrintableString, LESSONS), so the structure is read with asn1crypto and
+    PrintableString; docs/windows-clients.md), so the structure is read with asn1crypto and
     only the public-key operations go to ``cryptography``.  Only
     :class:`CSRError` ever leaves this function, whatever the bytes.
     """
@@ -123,7 +123,8 @@ def load_certification_request(der: bytes, *, min_key_bits: int = 2048) -> Certi
     except CSRError:
         raise
     except Exception as exc:
-        # Hostile input must get a 4xx fault, never a 5xx (LESSONS).
+        # Hostile input must get a 4xx fault, never a 5xx: Windows would
+        # show the HTTP status instead of the reason (docs/windows-clients.md).
         raise CSRError("CSR could not be processed") from exc
 
 
@@ -201,7 +202,7 @@ def _load_certification_request(der: bytes, min_key_bits: int) -> CertificationR
         raise CSRError("CSR signature algorithm parameters must be NULL or absent")
     try:
         # SHA-1 is accepted on purpose: Windows signs with it, and the CSR
-        # only proves possession of the key (LESSONS).
+        # only proves possession of the key.
         public_key.verify(signature, signed_data, PKCS1v15(), hash_type())
     except (InvalidSignature, ValueError) as exc:
         raise CSRError("CSR signature does not verify") from exc
@@ -462,10 +463,10 @@ def issue_device_certificate(
 ) -> x509.Certificate:
     """MS-WSTEP enrollment certificate for one device.
 
-    The subject CN is the DeviceID, never the CSR's subject (LESSONS).
-    NotBefore is backdated by ``clock_skew`` only, and NotAfter counts from
-    NotBefore, so the device gets the whole configured lifetime (LESSONS:
-    honest certificate dates).
+    The subject CN is the DeviceID, never the CSR's subject.  NotBefore is
+    backdated by ``clock_skew`` only, and NotAfter counts from NotBefore, so
+    the device gets the whole configured lifetime (docs/windows-clients.md,
+    "Device certificates").
     """
     if not device_id:
         raise ValueError("device_id is empty")
@@ -585,8 +586,8 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _fsync_directory(directory: str) -> None:
-    # Makes the rename/link itself durable (TWISTED-NOTES: temp, fsync,
-    # replace, fsync the folder).
+    # The file's own fsync does not cover its directory entry: the
+    # rename/link is durable only once the folder is synced too.
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)

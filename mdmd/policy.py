@@ -1,7 +1,7 @@
 """MS-XCEP GetPolicies as profiled by MS-MDE2 3.3: parse the request, build the response.
 
 Windows only applies ``minimalKeyLength``, ``hashAlgorithmOIDReference`` and
-``cryptoProviders`` from the policy (PROTOCOL.md 2.2, Learn "Federated
+``cryptoProviders`` from the policy (Microsoft Learn, "Federated
 authentication device enrollment"); everything else is sent because the XCEP
 schema requires it, in the schema's sequence order (XCEP 3.1.4.1.3.1).
 
@@ -149,7 +149,9 @@ def _add(parent: etree._Element, name: str, text: str | None = None) -> etree._E
 
 
 def _nil(parent: etree._Element, name: str) -> etree._Element:
-    # xsi is declared once on s:Body by build_soap_response (PROTOCOL.md 2.2).
+    # xsi is declared once on s:Body by build_soap_response: Microsoft's
+    # samples repeat it on every nil element, but one declaration in scope is
+    # all XML namespaces need.
     element = etree.SubElement(parent, f"{{{XCEP}}}{name}")
     element.set(f"{{{XSI}}}nil", "true")
     return element
@@ -197,7 +199,7 @@ def _build_attributes(parent: etree._Element, policy: CertificatePolicy) -> None
 def build_get_policies_response(
     policy: CertificatePolicy, relates_to: str | None, *, activity_id: str
 ) -> bytes:
-    """Serialize ``GetPoliciesResponse`` (XCEP 3.1.4.1.2.2; PROTOCOL.md 8.4).
+    """Serialize ``GetPoliciesResponse`` (MS-XCEP 3.1.4.1.2.2, as profiled by MS-MDE2 3.3).
 
     Sequence ``response``, ``cAs`` (nil: MDE2 has no CA list), ``oIDs`` (the
     SHA-256 OID, referenced by both ``policyOIDReference`` and

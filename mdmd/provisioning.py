@@ -9,8 +9,8 @@ by :mod:`mdmd.wstep`.
 Deliberately absent:
 
 * ``CertificateStore/My/WSTEP/Renew``: renewal is not served, and announcing
-  it makes Windows try and then mark a healthy enrollment failed (LESSONS.md
-  "Do not advertise renewal you do not serve").
+  it makes Windows try and then mark a healthy enrollment failed
+  (docs/windows-clients.md, "The provisioning document").
 * ``INIT`` (mobile operators only, fails for MDM) and ``USEHWDEVID`` (the
   DeviceID of the RST must stay the SyncML Source LocURI).
 """
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: OMA-DM encoding mdmd speaks.  Microsoft's sample document sets WBXML; the
-#: spec default is XML, and it is set explicitly (LESSONS.md).
+#: spec default (MS-MDE2 2.2.9.5) is XML, and it is set explicitly.
 DEFAULT_ENCODING = "application/vnd.syncml.dm+xml"
 
 EnrollmentType = Literal["Full", "Device"]
@@ -243,7 +243,7 @@ def _poll(provider: etree._Element, poll: PollSchedule) -> None:
 
 
 def build_provisioning_doc(params: ProvisioningDocParams) -> bytes:
-    """Build the UTF-8 ``wap-provisioningdoc`` (PROTOCOL.md 4 and 8.6).
+    """Build the UTF-8 ``wap-provisioningdoc`` (MS-MDE2 2.2.9.1 to 2.2.9.5).
 
     No XML declaration (optional; UTF-8 is the default), no pretty printing.
     Attribute values are escaped by lxml (``&`` becomes ``&amp;``).
@@ -265,7 +265,7 @@ def build_provisioning_doc(params: ProvisioningDocParams) -> bytes:
     # Device certificate: My/User for a user (Full) enrollment, My/System for
     # a Device enrollment.  PrivateKeyContainer is required; Microsoft's
     # enrollment sample makes it a sibling of the thumbprint node (its renewal
-    # sample nests it inside; PROTOCOL.md 3.4).
+    # sample nests it inside; docs/windows-clients.md).
     my_store_name = "User" if params.enrollment_type == "Full" else "System"
     my_store = _store_path(doc, "My", my_store_name)
     _certificate(my_store, params.device_cert_der)

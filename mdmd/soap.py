@@ -4,7 +4,7 @@ Shared by discovery (MS-MDE2 3.1), policy (MS-XCEP via MS-MDE2 3.3) and
 enrollment (MS-WSTEP via MS-MDE2 3.4).  Pure: bytes in, dataclasses out, and
 dataclasses/elements in, bytes out.  Nothing here knows about HTTP.
 
-Wire decisions (PROTOCOL.md section 0 and 1.5):
+Wire decisions (MS-MDE2 2.2.10; docs/windows-clients.md):
 
 * SOAP 1.2 only.  MS-MDE2 2.1 says SOAP 1.1, but every example, MS-WSTEP 2.1
   and real Windows use the SOAP 1.2 envelope, so a SOAP 1.1 envelope is
@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------
-# Namespaces (PROTOCOL.md section 0 "Conventions"; MS-MDE2 2.2.1)
+# Namespaces (MS-MDE2 2.2.1)
 # --------------------------------------------------------------------------
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -100,7 +100,7 @@ XCEP = "http://schemas.microsoft.com/windows/pki/2009/01/enrollmentpolicy"
 WSTEP = "http://schemas.microsoft.com/windows/pki/2009/01/enrollment"
 DISCOVERY = "http://schemas.microsoft.com/windows/management/2012/01/enrollment"
 # Microsoft's Discover examples put a trailing slash on the namespace; the
-# real client does not (PROTOCOL.md 1.3).  Both are accepted.
+# real client does not (docs/windows-clients.md).  Both are accepted.
 DISCOVERY_VARIANTS = frozenset({DISCOVERY, DISCOVERY + "/"})
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
 XSD = "http://www.w3.org/2001/XMLSchema"
@@ -355,7 +355,7 @@ def _parse_security(header: etree._Element) -> tuple[SecurityToken, ...]:
 
 def _bst_attribute(element: etree._Element, name: str) -> str | None:
     # Learn's samples write ValueType/EncodingType unprefixed; one RST sample
-    # writes wsse:ValueType/wsse:EncodingType (PROTOCOL.md 2.1).  Accept both.
+    # writes wsse:ValueType/wsse:EncodingType.  Accept both.
     value = element.get(name)
     if value is None:
         value = element.get(f"{{{WSSE}}}{name}")

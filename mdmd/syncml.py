@@ -182,7 +182,7 @@ _ITEM_VERBS: Final = frozenset({"Add", "Delete", "Exec", "Get", "Replace"})
 # SessionID: opaque, at most 4 bytes (MS-MDM 2.2.3.8), hex when
 # SyncApplicationVersion >= 2.0 and decimal before (Learn "OMA DM protocol
 # support").  Format is validated, never the value: Windows sends "0" after a
-# reboot (LESSONS.md, Management).
+# reboot (docs/windows-clients.md, "SessionID 0").
 _SESSION_ID_RE: Final = re.compile(r"[0-9A-Fa-f]{1,8}")
 # MsgID: monotonically increasing from 1 (MS-MDM 2.2.3.6); 10 digits cover 2**32.
 _MSG_ID_RE: Final = re.compile(r"[0-9]{1,10}")
@@ -426,8 +426,8 @@ def _find(el: etree._Element, ns: str, name: str) -> etree._Element | None:
 
 
 def _text(el: etree._Element | None) -> str:
-    """Stripped text of a simple element (PROTOCOL.md section 0: samples wrap
-    values in whitespace, so every value is stripped)."""
+    """Stripped text of a simple element (Microsoft's samples wrap values in
+    whitespace, so every value is stripped; docs/windows-clients.md)."""
     if el is None:
         return ""
     return (el.text or "").strip()
@@ -573,7 +573,7 @@ def _parse_command(
             elif verb in _CONTAINERS:
                 # Everything else inside Atomic/Sequence is a command, or is
                 # kept as a malformed one so that it gets its own Status 400
-                # (PROTOCOL.md 5.3).
+                # (MS-MDM 2.2.6.1).
                 children.append(_parse_command(child, ns, parent=verb, require_cmd_id=require_cmd_id))
             elif name == "Item":
                 items.append(_parse_item(child, ns))
@@ -800,7 +800,7 @@ def _fragment_structure(el: etree._Element, ns: str, path: str) -> None:
     """Strict structure check of an administrator's command element: only the
     children the DTD (as Windows implements it, MS-MDM 2.2.7) allows, so that a
     typo such as ``<Itme>`` is refused when the command is queued rather than
-    failing on the device (LESSONS.md: no poison commands)."""
+    failing on the device (docs/windows-clients.md, "No poison commands")."""
     verb = etree.QName(el).localname
     if (el.text or "").strip():
         raise ValueError(f"{path}: unexpected text {(el.text or '').strip()[:40]!r}")
@@ -1217,7 +1217,7 @@ def renumber(cmd: Command, next_id: Callable[[], str]) -> Command:
     Atomic/Sequence) come from ``next_id``, so that queued commands get IDs
     unique within the message (MS-MDM 2.2.3.2).  ``zip(walk(old),
     walk(new))`` pairs each new CmdID with the queued command it stands for
-    (LESSONS.md: results per CmdID, inside Atomic too)."""
+    (docs/windows-clients.md, "Results belong to CmdIDs")."""
     new_id = next_id()
     return replace(cmd, cmd_id=new_id, children=tuple(renumber(c, next_id) for c in cmd.children))
 
@@ -1231,7 +1231,7 @@ def id_counter(start: int = 1) -> Callable[[], str]:
 def status_for(cmd: Command | Results, msg_ref: int, code: int, cmd_id: str) -> Status:
     """The Status answering ``cmd`` (received in message ``msg_ref``) with
     ``code``; ``cmd_id`` is the Status' own CmdID.  A command without CmdID
-    gets an empty CmdRef (PROTOCOL.md 5.2)."""
+    gets an empty CmdRef (docs/windows-clients.md, "Results belong to CmdIDs")."""
     if isinstance(cmd, Results):
         return Status(
             cmd_id=cmd_id,

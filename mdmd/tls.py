@@ -3,7 +3,7 @@
 
 Both listen on a plain Twisted endpoint (``tcp:...``, ``systemd:...``) wrapped
 here in TLS, because an ``ssl:`` endpoint string cannot require client
-certificates (TWISTED-NOTES).
+certificates (its ``caCertsDir`` only configures a client's trust).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def mutual_tls_options(
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=_CIPHERS,
         # Session tickets would let a resumed session skip any per-handshake
-        # check; Twisted's default (off) is kept deliberately (TWISTED-NOTES).
+        # check; Twisted's default (off) is kept deliberately.
         enableSessionTickets=False,
     )
 

@@ -7,8 +7,8 @@ checking the CSR's signature happen elsewhere: this module only exposes them.
 
 Renewal (``.../Renew``, MS-MDE2 3.5) and recovery (``.../Recovery``,
 MS-MDE2 3.6) are not served: mdmd never advertises them (no WSTEP
-characteristic in the provisioning document, LESSONS.md "Do not advertise
-renewal you do not serve"), so such a request gets a fault saying so.
+characteristic in the provisioning document, see docs/windows-clients.md),
+so such a request gets a fault saying so.
 """
 
 from __future__ import annotations

@@ -17,9 +17,8 @@ Everything a device (or anyone on the network) sends us goes through
   legitimate message (a SyncML Atomic/Sequence with Items and Meta) is far
   below that.
 
-The caller answers :class:`XMLInputError` with a plain HTTP 400 (LESSONS.md,
-"Enrollment": a body that is not XML at all, or carries a DTD, gets a plain
-400); it never becomes a SOAP fault, because there is no envelope to answer.
+The caller answers :class:`XMLInputError` with a plain HTTP 400
+(docs/windows-clients.md, "Faults"); it never becomes a SOAP fault, because there is no envelope to answer.
 """
 
 from __future__ import annotations

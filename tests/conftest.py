@@ -6,19 +6,27 @@ from pathlib import Path
 
 import pytest
 
-# Real Windows traffic kept outside the checkout (see SOURCES.md there).
-_WINDOWS_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "windows"
+#: Test data kept in the repository; tests/data/*/SOURCES.md says where each
+#: file came from.
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _data_folder(name: str) -> Path:
+    folder = DATA / name
+    if not (folder / "SOURCES.md").is_file():
+        # Fail, never skip: without these the suite would pass while proving
+        # nothing about real Windows clients or the published schemas.
+        pytest.fail(f"test data missing: {folder} (part of the repository)", pytrace=False)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def windows_fixtures() -> Path:
     """Folder of Windows client messages and certificates (test vectors)."""
-    if not _WINDOWS_FIXTURES.is_dir():
-        # Fail, never skip: without these the suite would pass while proving
-        # nothing about real Windows clients.
-        pytest.fail(
-            f"Windows test vectors not found at {_WINDOWS_FIXTURES}; "
-            "they live in shared/fixtures/windows next to the checkout",
-            pytrace=False,
-        )
-    return _WINDOWS_FIXTURES
+    return _data_folder("windows")
+
+
+@pytest.fixture(scope="session")
+def schemas() -> Path:
+    """Folder of the XML schemas from Microsoft's protocol documents."""
+    return _data_folder("schemas")

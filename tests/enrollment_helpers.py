@@ -29,7 +29,7 @@ from lxml import etree
 
 from harness import Daemon
 
-# --- namespaces and URIs (PROTOCOL.md section 0) ---
+# --- namespaces and URIs (MS-MDE2 2.2.1, MS-XCEP, MS-WSTEP) ---
 S12 = "http://www.w3.org/2003/05/soap-envelope"
 S11 = "http://schemas.xmlsoap.org/soap/envelope/"
 WSA = "http://www.w3.org/2005/08/addressing"

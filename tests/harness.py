@@ -1,10 +1,20 @@
 """Run the real daemon (``twistd -n mdmd``) on loopback for integration tests.
 
 Tests talk to it over real sockets with stdlib clients, as a device would.
+
+Ports are race-free: the harness binds each listening socket itself (port 0,
+loopback) and keeps it open for the rest of the test run, so no other process
+can take the port between the moment it is chosen and the moment the daemon
+serves it, and the configuration's public URLs carry the real port from the
+start.  The daemon receives the sockets the way systemd hands them over
+(socket activation, sd_listen_fds(3)): as file descriptors 3, 4 and 5 with
+``LISTEN_FDS``, ``LISTEN_FDNAMES`` and ``LISTEN_PID``, and its configuration
+names them ``listen = systemd:domain=INET:name=...``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -15,11 +25,12 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPResponse, HTTPSConnection
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIG = REPO / "etc" / "mdmd.ini"
@@ -27,11 +38,54 @@ TWISTD = Path(sys.executable).with_name("twistd")
 
 STARTUP_TIMEOUT = 60.0
 
+#: The daemon's listeners, in the order their sockets are handed over.
+LISTENERS = ("enrollment", "management", "admin")
+# sd_listen_fds(3): the first passed socket is file descriptor 3.
+_SD_LISTEN_FDS_START = 3
+# What Twisted uses for tcp: endpoints.
+_BACKLOG = 50
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+@dataclass
+class Listeners:
+    """Listening sockets on loopback, bound and kept by the harness."""
+
+    sockets: dict[str, socket.socket]
+
+    @classmethod
+    def bind(cls) -> Listeners:
+        sockets = {}
+        for name in LISTENERS:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(_BACKLOG)
+            sockets[name] = sock
+        return cls(sockets)
+
+    def port(self, name: str) -> int:
+        return int(self.sockets[name].getsockname()[1])
+
+
+# Each configuration written by write_config, with the sockets its daemon
+# gets.  They stay open until the test process ends, so that a daemon
+# restarted on the same configuration finds the same ports.
+_LISTENERS: dict[Path, Listeners] = {}
+
+
+def listeners_of(config: Path) -> Listeners:
+    try:
+        return _LISTENERS[config.resolve()]
+    except KeyError:
+        raise AssertionError(f"{config} was not written by harness.write_config") from None
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections while the block runs: it is
+    bound, so nothing else can listen on it, but nothing listens."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 def daemon_env() -> dict[str, str]:
@@ -45,26 +99,29 @@ def daemon_env() -> dict[str, str]:
 
 
 def write_config(directory: Path, overrides: Mapping[str, Mapping[str, str | None]] | None = None) -> Path:
-    """The example config with fresh loopback ports, state in *directory*/state,
-    and *overrides* applied (a value of None deletes the key)."""
-    enrollment, management, admin = free_port(), free_port(), free_port()
+    """The example config with listening sockets of its own (see the module's
+    docstring), state in *directory*/state, and *overrides* applied (a value of
+    None deletes the key)."""
+    listeners = Listeners.bind()
+    enrollment, management, admin = (listeners.port(name) for name in LISTENERS)
     base: dict[str, dict[str, str | None]] = {
         "mdmd": {"state_dir": "state"},
         "enrollment": {
-            "listen": f"tcp:{enrollment}:interface=127.0.0.1",
+            "listen": "systemd:domain=INET:name=enrollment",
             "url": f"https://localhost:{enrollment}",
         },
         "management": {
-            "listen": f"tcp:{management}:interface=127.0.0.1",
+            "listen": "systemd:domain=INET:name=management",
             "url": f"https://localhost:{management}/api/mdm/microsoft/management",
         },
-        "admin": {"listen": f"tcp:{admin}:interface=127.0.0.1"},
+        "admin": {"listen": "systemd:domain=INET:name=admin", "url": f"http://127.0.0.1:{admin}"},
     }
     for section, values in (overrides or {}).items():
         base.setdefault(section, {}).update(values)
     text = edit_ini(EXAMPLE_CONFIG.read_text(), base)
     path = directory / "mdmd.ini"
     path.write_text(text)
+    _LISTENERS[path.resolve()] = listeners
     return path
 
 
@@ -102,16 +159,53 @@ def edit_ini(text: str, changes: Mapping[str, Mapping[str, str | None]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def spawn_twistd(
+    config: Path, *, env: Mapping[str, str] | None = None, prefix: Sequence[str] = (), **popen: Any
+) -> subprocess.Popen[Any]:
+    """Start ``twistd -n mdmd --config CONFIG`` (after the command *prefix*,
+    such as ``taskset``) with the listening sockets of *config*, if it has
+    any, passed the way systemd socket activation passes them.  *popen* goes
+    to :class:`subprocess.Popen`."""
+    argv = [str(TWISTD), "-n", "--pidfile=", "mdmd", "--config", str(config)]
+    child_env = dict(daemon_env() if env is None else env)
+    listeners = _LISTENERS.get(config.resolve())
+    if listeners is None:
+        return subprocess.Popen([*prefix, *argv], env=child_env, cwd=config.parent, **popen)
+    # Twisted reads LISTEN_PID/LISTEN_FDS when it is imported and takes the
+    # sockets only if LISTEN_PID is its own process ID, which is known once
+    # the process exists: bash moves the sockets to fds 3, 4, 5 and execs
+    # twistd (same pid) with LISTEN_PID=$$.  The sockets are first copied
+    # above that range, so that moving one cannot overwrite another.
+    above = _SD_LISTEN_FDS_START + len(LISTENERS)
+    passed = [
+        fcntl.fcntl(listeners.sockets[name].fileno(), fcntl.F_DUPFD_CLOEXEC, above) for name in LISTENERS
+    ]
+    moves = " ".join(f"{_SD_LISTEN_FDS_START + n}<&{fd} {fd}<&-" for n, fd in enumerate(passed))
+    child_env.update(LISTEN_FDS=str(len(LISTENERS)), LISTEN_FDNAMES=":".join(LISTENERS))
+    child_env.pop("LISTEN_PID", None)
+    try:
+        return subprocess.Popen(
+            [*prefix, "bash", "-c", f'exec {moves}; LISTEN_PID=$$ exec "$0" "$@"', *argv],
+            env=child_env,
+            pass_fds=passed,
+            cwd=config.parent,
+            **popen,
+        )
+    finally:
+        for fd in passed:
+            os.close(fd)
+
+
 def run_twistd(config: Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run the daemon expecting it to exit (a start-up failure)."""
-    return subprocess.run(
-        [str(TWISTD), "-n", "--pidfile=", "mdmd", "--config", str(config)],
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=config.parent,
-    )
+    proc = spawn_twistd(config, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @dataclass
@@ -129,7 +223,7 @@ class Daemon:
         return self.ini[section]["url"]
 
     def port(self, section: str) -> int:
-        return int(self.ini[section]["listen"].split(":")[1])
+        return listeners_of(self.config).port(section)
 
     @property
     def ca_file(self) -> Path:
@@ -215,13 +309,7 @@ def _parse_ini(path: Path) -> dict[str, dict[str, str]]:
 def start_daemon(config: Path) -> Daemon:
     log_path = config.parent / "mdmd.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [str(TWISTD), "-n", "--pidfile=", "mdmd", "--config", str(config)],
-        env=daemon_env(),
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        cwd=config.parent,
-    )
+    proc = spawn_twistd(config, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
     daemon = Daemon(config=config, proc=proc, log_path=log_path, ini=_parse_ini(config))
     deadline = time.monotonic() + STARTUP_TIMEOUT

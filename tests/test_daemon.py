@@ -4,18 +4,21 @@ loopback, spoken to over real TLS sockets."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from harness import Daemon, running_daemon
+from harness import LISTENERS, Daemon, refused_port, running_daemon, start_daemon, write_config
 from mdmd import pki
 
 
@@ -25,34 +28,32 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield d
 
 
-def _client_context(daemon: Daemon, tmp: Path, cert: x509.Certificate | None, key: object) -> ssl.SSLContext:
+def _client_context(
+    daemon: Daemon, tmp: Path, cert: x509.Certificate | None, key: rsa.RSAPrivateKey | None
+) -> ssl.SSLContext:
     ctx = daemon.server_context()
-    if cert is not None:
+    if cert is not None and key is not None:
         cert_path, key_path = tmp / "client.pem", tmp / "client.key"
         cert_path.write_bytes(pki.cert_to_pem(cert))
-        key_path.write_bytes(pki.key_to_pem(key))  # type: ignore[arg-type]
+        key_path.write_bytes(pki.key_to_pem(key))
         ctx.load_cert_chain(str(cert_path), str(key_path))
     return ctx
 
 
 def _device_cert(
-    issuer_cert: x509.Certificate, issuer_key: object, device_id: str
-) -> tuple[x509.Certificate, object]:
+    issuer_cert: x509.Certificate, issuer_key: rsa.RSAPrivateKey, device_id: str
+) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     key = pki.generate_rsa_key(2048)
     cert = pki.issue_device_certificate(
-        issuer_cert,
-        issuer_key,
-        key.public_key(),
-        device_id,  # type: ignore[arg-type]
-        days=30,
-        now=datetime.now(UTC),
+        issuer_cert, issuer_key, key.public_key(), device_id, days=30, now=datetime.now(UTC)
     )
     return cert, key
 
 
-def _identity(daemon: Daemon) -> tuple[x509.Certificate, object]:
+def _identity(daemon: Daemon) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     cert = x509.load_pem_x509_certificate((daemon.state / "wstep-identity.pem").read_bytes())
     key = load_pem_private_key((daemon.state / "wstep-identity.key").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
     return cert, key
 
 
@@ -67,6 +68,25 @@ def test_each_listener_logs_its_url(daemon: Daemon) -> None:
         f"public URL {daemon.url('management')}" in text
     )
     assert f"admin listener (HTTP, bearer token) on 127.0.0.1:{daemon.port('admin')}" in text
+
+
+def test_tcp_listen_endpoints_serve_on_the_port_they_log(tmp_path: Path) -> None:
+    # The example configuration's kind of listener; the harness otherwise
+    # hands the daemon its sockets.  Port 0: the kernel picks, the log says.
+    tcp = "tcp:0:interface=127.0.0.1"
+    daemon = start_daemon(write_config(tmp_path, {name: {"listen": tcp} for name in LISTENERS}))
+    try:
+        logged = dict(re.findall(r"(\w+) listener \([^)]*\) on 127\.0\.0\.1:(\d+)", daemon.log_text()))
+        assert set(logged) == set(LISTENERS)
+        assert not {int(port) for port in logged.values()} & {daemon.port(name) for name in LISTENERS}
+        conn = HTTPConnection("127.0.0.1", int(logged["admin"]), timeout=30)
+        try:
+            conn.request("GET", "/healthz", headers={"Authorization": f"Bearer {daemon.admin_token}"})
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+    finally:
+        daemon.stop()
 
 
 def test_bootstrap_writes_private_files_0600(daemon: Daemon) -> None:
@@ -89,6 +109,26 @@ def test_enrollment_listener_serves_tls_with_the_bootstrapped_chain(daemon: Daem
     assert b"no such endpoint" in body
 
 
+def _server_alert(port: int, ctx: ssl.SSLContext) -> str | None:
+    """Connect to *port* on loopback, run the client's side of the TLS
+    handshake and read: return the reason of the TLS alert with which the
+    server refused this client.
+
+    Nothing else passes: a port nobody listens on raises
+    ConnectionRefusedError, a reset ConnectionResetError, a server that closes
+    without an alert or answers fails pytest.raises.  With TLS 1.3 the client's
+    side of the handshake ends before the server has checked its certificate,
+    and the server's alert is what the read gets; nothing is written, so the
+    server never closes on unread data (which would make it a reset)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        pytest.raises(ssl.SSLError) as refused,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.recv(1)
+    return refused.value.reason
+
+
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 def test_enrollment_listener_refuses_tls_1_1(daemon: Daemon) -> None:
     ctx = daemon.server_context()
@@ -96,8 +136,7 @@ def test_enrollment_listener_refuses_tls_1_1(daemon: Daemon) -> None:
     ctx.set_ciphers("ALL:@SECLEVEL=0")
     ctx.minimum_version = ssl.TLSVersion.TLSv1
     ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-    with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):
-        daemon.request("GET", "/", context=ctx)
+    assert _server_alert(daemon.port("enrollment"), ctx) == "TLSV1_ALERT_PROTOCOL_VERSION"
 
 
 def test_tls_1_2_negotiates_forward_secret_aead(daemon: Daemon) -> None:
@@ -106,8 +145,10 @@ def test_tls_1_2_negotiates_forward_secret_aead(daemon: Daemon) -> None:
     conn = daemon.https(context=ctx)
     conn.connect()
     try:
-        assert conn.sock is not None
-        name, version, _ = conn.sock.cipher()  # type: ignore[union-attr,misc]
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        cipher = conn.sock.cipher()
+        assert cipher is not None
+        name, version, _ = cipher
         assert version == "TLSv1.2" and name.startswith("ECDHE-") and "GCM" in name
     finally:
         conn.close()
@@ -120,31 +161,45 @@ def test_management_accepts_a_certificate_from_the_identity_ca(daemon: Daemon, t
     assert response.status == 404
 
 
-def _assert_refused(daemon: Daemon, ctx: ssl.SSLContext) -> None:
-    # With TLS 1.3 the server's refusal of the client certificate arrives
-    # after the client's side of the handshake: the request then fails.
-    with pytest.raises(
-        (ssl.SSLError, ConnectionResetError, BrokenPipeError, socket.timeout, OSError)
-    ) as info:
-        daemon.request(
-            "POST", "/api/mdm/microsoft/management", b"<SyncML/>", section="management", context=ctx
-        )
-    assert not isinstance(info.value, TimeoutError)
+TLS_VERSIONS = [
+    pytest.param(ssl.TLSVersion.TLSv1_2, id="TLS1.2"),
+    pytest.param(ssl.TLSVersion.TLSv1_3, id="TLS1.3"),
+]
+# The alert a server sends when the client presents no certificate: TLS 1.3
+# has one of its own (RFC 8446 6.2), TLS 1.2 uses handshake_failure.
+NO_CERTIFICATE = {
+    ssl.TLSVersion.TLSv1_2: "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    ssl.TLSVersion.TLSv1_3: "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+}
 
 
-def test_management_refuses_a_client_without_certificate(daemon: Daemon, tmp_path: Path) -> None:
-    _assert_refused(daemon, _client_context(daemon, tmp_path, None, None))
+def _only(ctx: ssl.SSLContext, version: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx.minimum_version = ctx.maximum_version = version
+    return ctx
 
 
-def test_management_refuses_a_certificate_from_another_ca(daemon: Daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_management_refuses_a_client_without_certificate(
+    daemon: Daemon, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    ctx = _only(_client_context(daemon, tmp_path, None, None), version)
+    assert _server_alert(daemon.port("management"), ctx) == NO_CERTIFICATE[version]
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_management_refuses_a_certificate_from_another_ca(
+    daemon: Daemon, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
     other_key = pki.generate_rsa_key(2048)
     other_ca = pki.create_ca_certificate(other_key, "not the identity CA", days=30, now=datetime.now(UTC))
     cert, key = _device_cert(other_ca, other_key, "B5B954E81FBCB94EB79BD08BE625F4EE")
-    _assert_refused(daemon, _client_context(daemon, tmp_path, cert, key))
+    ctx = _only(_client_context(daemon, tmp_path, cert, key), version)
+    assert _server_alert(daemon.port("management"), ctx) == "TLSV1_ALERT_UNKNOWN_CA"
 
 
+@pytest.mark.parametrize("version", TLS_VERSIONS)
 def test_management_refuses_a_self_signed_copy_of_the_identity_subject(
-    daemon: Daemon, tmp_path: Path
+    daemon: Daemon, tmp_path: Path, version: ssl.TLSVersion
 ) -> None:
     # Same subject name as the real CA, different key: name matching alone
     # must not be enough.
@@ -157,7 +212,14 @@ def test_management_refuses_a_self_signed_copy_of_the_identity_subject(
         now=datetime.now(UTC),
     )
     cert, key = _device_cert(impostor, impostor_key, "B5B954E81FBCB94EB79BD08BE625F4EE")
-    _assert_refused(daemon, _client_context(daemon, tmp_path, cert, key))
+    ctx = _only(_client_context(daemon, tmp_path, cert, key), version)
+    assert _server_alert(daemon.port("management"), ctx) == "TLSV1_ALERT_UNKNOWN_CA"
+
+
+def test_the_refusal_check_does_not_take_a_closed_port_for_a_refusal(daemon: Daemon, tmp_path: Path) -> None:
+    # What the checks above would see if the daemon did not listen at all.
+    with refused_port() as port, pytest.raises(ConnectionRefusedError):
+        _server_alert(port, _client_context(daemon, tmp_path, None, None))
 
 
 def test_admin_requires_the_bearer_token(daemon: Daemon) -> None:

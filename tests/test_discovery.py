@@ -36,7 +36,6 @@ from mdmd.xmlsafe import parse_untrusted_xml
 SERVER_URL = "https://mdm.example.com:8443"
 POLICY_URL = "https://mdm.example.com/EnrollmentServer/Policy.svc"
 ENROLL_URL = "https://mdm.example.com/EnrollmentServer/Enrollment.svc"
-SCHEMA = Path(__file__).resolve().parents[1].parent / "shared" / "schemas" / "ms-openspecs"
 
 
 def load(folder: Path, name: str) -> bytes:
@@ -322,8 +321,8 @@ def test_build_discover_response_federated_has_authentication_url() -> None:
     assert children[-1] == (f"{{{DISCOVERY}}}AuthenticationServiceUrl", "https://sts.example/a?b=1&c=2")
 
 
-def test_discover_response_validates_against_mde2_schema() -> None:
-    schema = etree.XMLSchema(etree.parse(str(SCHEMA / "MS-MDE2_6_enrollment-discovery.xsd")))
+def test_discover_response_validates_against_mde2_schema(schemas: Path) -> None:
+    schema = etree.XMLSchema(etree.parse(str(schemas / "MS-MDE2_6_enrollment-discovery.xsd")))
     resp = DiscoverResponse("Federated", "5.0", POLICY_URL, ENROLL_URL, "https://sts.example/")
     root = parse_untrusted_xml(build_discover_response(resp, "urn:uuid:1", activity_id="x"))
     element = root.find(f"{{{SOAP12}}}Body/{{{DISCOVERY}}}DiscoverResponse")

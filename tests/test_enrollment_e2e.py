@@ -2,7 +2,7 @@
 orbit enroll -> config -> discovery -> policy -> enroll -> mutual TLS to the
 management listener with the issued certificate -> config again.  Also
 re-enrollment, a new MDM device ID on the same host, and the captured Windows
-requests of shared/fixtures/windows posted as they are."""
+requests of tests/data/windows posted as they are."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def sha1_hex(cert: x509.Certificate) -> str:
 def check_soap_answer(answer: Answer, action: str, message_id: str) -> None:
     assert answer.status == 200, answer.body
     assert answer.media_type == "application/soap+xml"
-    # One message with Content-Length, never chunked (PROTOCOL.md 1.4).
+    # One message with Content-Length, never chunked (docs/windows-clients.md).
     assert answer.transfer_encoding is None and answer.content_length == str(len(answer.body))
     assert answer.fault is None, answer.fault
     assert answer.action == action
@@ -145,7 +145,7 @@ def check_discover_response(daemon: Daemon, answer: Answer, message_id: str, ver
         q(DISCOVERY, "EnrollmentPolicyServiceUrl"): base + POLICY_PATH,
         q(DISCOVERY, "EnrollmentServiceUrl"): base + ENROLL_PATH,
     }
-    # Both services on this server, same host name (PROTOCOL.md 1.4).
+    # Both services on this server, same host name (docs/windows-clients.md).
     for url in (base + POLICY_PATH, base + ENROLL_PATH):
         assert urlsplit(url).scheme == "https"
         assert urlsplit(url).netloc == urlsplit(base).netloc
@@ -259,7 +259,7 @@ def check_enrollment_answer(
     assert types["PollOnLogin"] == "boolean"
     assert {types[name] for name in POLL if name != "PollOnLogin"} == {"integer"}
 
-    # -- no renewal advertised (LESSONS: renewal is not served) --
+    # -- no renewal advertised: it is not served (docs/windows-clients.md) --
     for element in wap.iter():
         assert element.get("type") not in ("WSTEP", "Renew"), element.get("type")
         assert element.get("name") not in ("ROBOSupport", "RenewPeriod", "RetryInterval")
@@ -611,7 +611,7 @@ def test_real_w10_getpolicies_with_a_username_token_gets_an_authentication_fault
 def test_clones_sharing_hwdevid_are_both_kept_and_flagged(
     daemon: Daemon, device_key: rsa.RSAPrivateKey, identity_ca: x509.Certificate
 ) -> None:
-    # LESSONS "Clones": two PCs cloned without sysprep share HWDevID but have
+    # Two PCs cloned without sysprep share HWDevID (docs/windows-clients.md) but have
     # their own agents and DeviceIDs; neither may take over the other.
     hw_dev_id = (uuid.uuid4().hex + uuid.uuid4().hex).upper()
     devices = [WindowsDevice(key=device_key, hw_dev_id=hw_dev_id) for _ in range(2)]

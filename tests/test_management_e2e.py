@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from lxml import etree
 
@@ -101,6 +102,12 @@ def queue(daemon: Daemon, device_id: str, command: dict[str, object]) -> str:
     assert status == 201, body
     assert isinstance(body, dict)
     return str(body["command_uuid"])
+
+
+def command_state(daemon: Daemon, uuid: str) -> object:
+    status, command = daemon.admin("GET", f"/api/v1/commands/{uuid}")
+    assert status == 200 and isinstance(command, dict), command
+    return command["state"]
 
 
 def get(target: str) -> dict[str, object]:
@@ -244,9 +251,7 @@ def test_a_broken_session_resends_only_the_unacknowledged_commands(
     client = ManagementClient(enrolled.device, max_msg_size=800)
     first = run_session(daemon, enrolled, client, stop_after=3)
     delivered_first = sum(len(m.commands) for m in first)
-    acknowledged = [
-        u for u in uuids if daemon.admin("GET", f"/api/v1/commands/{u}")[1]["state"] == "acknowledged"
-    ]  # type: ignore[index]
+    acknowledged = [u for u in uuids if command_state(daemon, u) == "acknowledged"]
     assert 0 < len(acknowledged) < len(uuids)
     second = run_session(daemon, enrolled, ManagementClient(enrolled.device))
     delivered_again = sum(len(m.commands) for m in second)
@@ -302,10 +307,11 @@ def test_a_certificate_from_the_identity_ca_that_mdmd_never_issued_is_refused(
 ) -> None:
     ca = x509.load_pem_x509_certificate((daemon.state / "wstep-identity.pem").read_bytes())
     ca_key = load_pem_private_key((daemon.state / "wstep-identity.key").read_bytes(), None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
     key = pki.generate_rsa_key()
     forged = pki.issue_device_certificate(
         ca, ca_key, key.public_key(), enrolled.id, days=1, now=datetime.now(UTC)
-    )  # type: ignore[arg-type]
+    )
     context = client_tls_context(daemon, tmp_path, forged, key)
     client = ManagementClient(enrolled.device)
     status, body = post(daemon, context, client.session_start(enrolled.enrollment.management_url))
@@ -415,7 +421,7 @@ def test_unknown_verb_gets_406_and_the_server_keeps_serving(daemon: Daemon, enro
 def test_management_keeps_serving_when_new_enrollment_is_switched_off(
     tmp_path: Path, keys: list[object]
 ) -> None:
-    # LESSONS: enrolled devices must still reach the server (to be managed,
+    # Enrolled devices must still reach the server (to be managed,
     # and to unenroll) after new MDM enrollments are switched off.
     device = WindowsDevice(key=keys[0])  # type: ignore[arg-type]
     (tmp_path / "d").mkdir()
@@ -437,8 +443,8 @@ def test_management_keeps_serving_when_new_enrollment_is_switched_off(
 
 
 def test_a_large_result_is_stored_whole(daemon: Daemon, enrolled: Enrolled) -> None:
-    # Over 64 KiB: parsed and processed on a worker thread (LESSONS: real
-    # payloads often exceed 64 KB).
+    # Over 64 KiB: parsed and processed on a worker thread (real payloads
+    # often exceed 64 KB, docs/windows-clients.md).
     value = "0123456789abcdef" * 20000
     uuid = queue(daemon, enrolled.id, get("./Vendor/MSFT/Big"))
     client = ManagementClient(enrolled.device)

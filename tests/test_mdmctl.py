@@ -22,7 +22,7 @@ from harness import (
     daemon_env,
     edit_ini,
     enroll_device,
-    free_port,
+    refused_port,
     running_daemon,
 )
 from mdmd import pki
@@ -265,11 +265,12 @@ def test_a_refused_command_reports_the_field(daemon: Daemon, pc: Managed) -> Non
 
 
 def test_unreachable_server_is_one_line(daemon: Daemon, tmp_path: Path) -> None:
-    port = free_port()
-    config = daemon.config.parent / "unreachable.ini"
-    config.write_text(edit_ini(daemon.config.read_text(), {"admin": {"url": f"http://127.0.0.1:{port}"}}))
-    line = failed(mdmctl(daemon, "devices", config=config))
+    with refused_port() as port:
+        config = daemon.config.parent / "unreachable.ini"
+        config.write_text(edit_ini(daemon.config.read_text(), {"admin": {"url": f"http://127.0.0.1:{port}"}}))
+        line = failed(mdmctl(daemon, "devices", config=config))
     assert line.startswith(f"mdmctl: cannot reach the admin API at http://127.0.0.1:{port}: ")
+    assert "Connection refused" in line
 
 
 def test_a_wrong_token_is_refused(daemon: Daemon, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from mdmd.xmlsafe import parse_untrusted_xml
 MANAGEMENT_URL = "https://mdm.example.com/ManagementServer/MDM.svc"
 NONCE = base64.b64encode(b"0123456789abcdef").decode()
 DEVICE_ID = "B5B954E81FBCB94EB79BD08BE625F4EE"
-# SOURCES.md: SHA-1 of the POC certificate that a real Windows 10 accepted.
+# tests/data/windows/SOURCES.md: SHA-1 of the POC certificate that a real Windows 10 accepted.
 POC_THUMBPRINT = "8F2EBD13F3612D7C48C30E24CC73A88492613849"
 
 

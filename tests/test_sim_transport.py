@@ -40,7 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from harness import free_port
+from harness import refused_port
 from mdmd import pki
 from mdmd.sim import transport
 from mdmd.sim.cli import classify
@@ -501,8 +501,8 @@ class TransportTests(unittest.TestCase):
         assert stalled.getDelayedCalls() == []
 
     async def test_connection_refused(self) -> None:
-        with self.assertRaises(error.ConnectionRefusedError) as caught:
-            await self.client().request("GET", f"http://127.0.0.1:{free_port()}/")
+        with refused_port() as port, self.assertRaises(error.ConnectionRefusedError) as caught:
+            await self.client().request("GET", f"http://127.0.0.1:{port}/")
         assert classify(caught.exception) == "connection refused"
 
     async def test_an_unexpected_status_raises_http_status_error(self) -> None:

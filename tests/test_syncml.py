@@ -45,7 +45,7 @@ MGMT_URL = "https://mdm.example.com/ManagementServer/MDM.svc"
 
 def fixture_bytes(folder: Path, name: str) -> bytes:
     text = (folder / name).read_text(encoding="utf-8")
-    # Placeholders of the Fleet emulator samples (SOURCES.md).
+    # Placeholders of the Fleet emulator samples (tests/data/windows/SOURCES.md).
     text = text.replace("{{SERVER_URL}}", SERVER_URL).replace("{{DEVICE_ID}}", DEVICE_ID)
     return text.encode("utf-8")
 

@@ -86,7 +86,7 @@ def _fault(root: etree._Element) -> str | None:
 
 def _xml(text: str) -> bytes:
     # Windows sends each message as one line without whitespace between
-    # elements (shared/fixtures/windows/SOURCES.md).
+    # elements (the captures in tests/data/windows, see SOURCES.md there).
     return "".join(line.strip() for line in text.splitlines()).encode()
 
 
