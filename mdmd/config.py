@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from mdmd.provisioning import PollSchedule
+from mdmd.poll import PollSchedule
 
 __all__ = [
     "AdminConfig",

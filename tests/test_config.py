@@ -10,7 +10,7 @@ import pytest
 
 from harness import EXAMPLE_CONFIG, edit_ini, run_twistd, write_config
 from mdmd.config import ConfigError, load_config
-from mdmd.provisioning import PollSchedule
+from mdmd.poll import PollSchedule
 
 
 def _write(tmp_path: Path, changes: dict[str, dict[str, str | None]], extra: str = "") -> Path:

@@ -139,7 +139,7 @@ def test_a_message_that_lost_a_race_is_processed_again_from_a_fresh_read(setup: 
     racing = RacingStore(setup.store, losses=2)
     client = ManagementClient(setup.device)
     message = client.session_start(SERVER_URL)
-    status, body = post(racing, setup.cert, message)  # type: ignore[arg-type]
+    status, body = post(racing, setup.cert, message)
     assert status == 200 and client.read(body).hdr_status == 200
     assert racing.reads == 3
     # What is stored is this message's step, committed after the others'.
@@ -153,7 +153,7 @@ def test_a_message_that_lost_a_race_is_processed_again_from_a_fresh_read(setup: 
 def test_a_message_that_keeps_losing_gets_503_and_stores_nothing_of_its_own(setup: Setup) -> None:
     racing = RacingStore(setup.store, losses=99)
     client = ManagementClient(setup.device)
-    status, body = post(racing, setup.cert, client.session_start(SERVER_URL))  # type: ignore[arg-type]
+    status, body = post(racing, setup.cert, client.session_start(SERVER_URL))
     assert status == 503 and b"retry later" in body
     assert racing.reads == 3
     assert wait(setup.store.last_reply(setup.device.device_id)) == b"the other process"

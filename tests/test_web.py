@@ -6,7 +6,7 @@ routing) are tested without sockets."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -75,7 +75,7 @@ def site(slow: Slow) -> MdmdSite:
 
 
 @pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
+def logs() -> Iterator[Sequence[dict[str, Any]]]:
     with capturedLogs() as events:
         yield events
 
@@ -102,7 +102,7 @@ def parse_response(data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
     return status, headers, body
 
 
-def warnings_and_errors(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def warnings_and_errors(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e["log_level"] in (LogLevel.warn, LogLevel.error, LogLevel.critical)]
 
 
@@ -120,7 +120,9 @@ def test_paths_that_name_nothing_get_a_json_404(site: MdmdSite, path: bytes) -> 
     assert json.loads(body)["message"].startswith("no such endpoint")
 
 
-def test_a_handlers_bug_is_a_bare_500_and_one_log_entry(site: MdmdSite, logs: list[dict[str, Any]]) -> None:
+def test_a_handlers_bug_is_a_bare_500_and_one_log_entry(
+    site: MdmdSite, logs: Sequence[dict[str, Any]]
+) -> None:
     status, _, body, transport = exchange(site, b"GET /broken HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 500 and json.loads(body)["message"] == "internal server error"
     assert b"secret internals" not in transport.value() and b"Traceback" not in transport.value()
@@ -135,7 +137,9 @@ def test_a_method_the_resource_does_not_serve_is_405_with_allow(site: MdmdSite) 
     assert json.loads(body)["message"] == "method DELETE not allowed"
 
 
-def test_an_oversize_body_is_refused_before_it_is_read(site: MdmdSite, logs: list[dict[str, Any]]) -> None:
+def test_an_oversize_body_is_refused_before_it_is_read(
+    site: MdmdSite, logs: Sequence[dict[str, Any]]
+) -> None:
     status, headers, _, transport = exchange(
         site, b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n" + b"x" * 100
     )
@@ -155,7 +159,7 @@ def test_a_chunked_body_growing_past_the_limit_is_refused(site: MdmdSite, slow: 
 
 
 def test_a_client_that_goes_away_mid_request_gets_nothing_written(
-    site: MdmdSite, slow: Slow, logs: list[dict[str, Any]]
+    site: MdmdSite, slow: Slow, logs: Sequence[dict[str, Any]]
 ) -> None:
     channel, transport = connect(site)
     channel.dataReceived(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
@@ -168,7 +172,7 @@ def test_a_client_that_goes_away_mid_request_gets_nothing_written(
     assert warnings_and_errors(logs) == []
 
 
-def test_the_guard_answers_for_every_route_and_every_unknown_path(logs: list[dict[str, Any]]) -> None:
+def test_the_guard_answers_for_every_route_and_every_unknown_path(logs: Sequence[dict[str, Any]]) -> None:
     site = MdmdSite(
         RoutingResource(
             [Route("/open", Echo(), public=True), Route("/secret", Echo())], guard=BearerTokenGuard("t" * 32)
@@ -207,7 +211,7 @@ class _MutualTLSTransport(StringTransport):
         return self._peer
 
 
-def test_management_refuses_a_body_that_is_not_syncml_with_415(logs: list[dict[str, Any]]) -> None:
+def test_management_refuses_a_body_that_is_not_syncml_with_415(logs: Sequence[dict[str, Any]]) -> None:
     from datetime import UTC, datetime
 
     from mdmd import pki
