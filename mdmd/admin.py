@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from mdmd.app import Mdmd
+from mdmd.jsonsafe import JSONInputError, parse_untrusted_json
 from mdmd.store import CertificateRecord, CommandRecord, CommandResult, DeviceRecord
 from mdmd.syncml import (
     Command,
@@ -504,9 +504,11 @@ class _DeviceCommands(_DeviceEndpoint):
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
         request.device_id = self.device_id
         try:
-            obj = json.loads(request_body(request))
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError
-            raise HTTPError(json_error(400, "the request body is not JSON"), "body is not JSON") from None
+            obj = parse_untrusted_json(request_body(request))
+        except JSONInputError as e:
+            reason = f"the request body is {e}"
+            errors = [{"name": e.field or "base", "reason": reason}]
+            raise HTTPError(json_error(400, reason, errors=errors), reason) from None
         try:
             queued = parse_command_request(obj)
         except CommandRequestError as e:
