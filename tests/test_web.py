@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from mdmd.web import Endpoint, HTTPResponse, MdmdChannel, MdmdRequest, MdmdSite, Router
 
@@ -22,14 +23,15 @@ class _Hello(Endpoint):
 @pytest.fixture
 def logged() -> Iterator[list[LogEvent]]:
     events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
     yield events
-    globalLogPublisher.removeObserver(events.append)
+    globalLogPublisher.removeObserver(observer)
 
 
 def connect() -> tuple[MdmdChannel, StringTransport]:
     site = MdmdSite(Router({b"/hello": _Hello()}), listener="test", max_body_bytes=4096)
-    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    channel = cast(MdmdChannel, site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000)))
     assert isinstance(channel, MdmdChannel)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
     channel.makeConnection(transport)
