@@ -1,7 +1,7 @@
 """The administrators' JSON API on the admin listener (``/api/v1/...``).
 
-:class:`AdminAPI` resolves the path to one small :class:`~mdmd.web.Endpoint`
-per resource; the endpoints are thin adapters around the store and around
+:func:`admin_api_routes` maps each path to one small
+:class:`~mdmd.web.EndpointResource`; these are thin adapters around the store and around
 the pure functions of this module, which turn a queue request into the
 command's stored SyncML (:func:`parse_command_request`) and records into
 JSON (:func:`device_json`, :func:`command_json`).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Final
 from twisted.logger import Logger
 
 from mdmd.app import Mdmd
+from mdmd.jsonsafe import JSONInputError, parse_untrusted_json
 from mdmd.management import CommandResult
 from mdmd.store import CertificateRecord, CommandRecord, DeviceRecord
 from mdmd.syncml import (
@@ -452,9 +452,11 @@ class DeviceCommandsResource(_DeviceResource):
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
         device_id = self.device_id(request)
         try:
-            obj = json.loads(request_body(request))
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError
-            raise HTTPError(json_error(400, "the request body is not JSON"), "body is not JSON") from None
+            obj = parse_untrusted_json(request_body(request))
+        except JSONInputError as e:
+            reason = f"the request body is {e}"
+            errors = [{"name": e.field or "base", "reason": reason}]
+            raise HTTPError(json_error(400, reason, errors=errors), reason) from None
         try:
             queued = parse_command_request(obj)
         except CommandRequestError as e:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
+
+from mdmd.jsonsafe import JSONInputError, parse_untrusted_json
 
 __all__ = [
     "EnrollmentTokenError",
@@ -41,6 +42,10 @@ _HOST_FIELDS = (
     "hardware_model",
 )
 _MAX_FIELD = 1024
+# An agent request is a few hundred bytes; the enrollment listener's own
+# body limit (a megabyte, for MS-MDE2) is far more than JSON from an
+# unauthenticated client needs.
+_MAX_JSON_BYTES = 64 * 1024
 
 
 class OrbitRequestError(ValueError):
@@ -63,12 +68,9 @@ class OrbitEnrollRequest:
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(body)
-    except (ValueError, RecursionError):
-        raise OrbitRequestError(None, "request body is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise OrbitRequestError(None, "request body must be a JSON object")
-    return value
+        return parse_untrusted_json(body, max_bytes=_MAX_JSON_BYTES)
+    except JSONInputError as e:
+        raise OrbitRequestError(e.field, f"request body is {e}") from None
 
 
 def _string(obj: dict[str, Any], name: str, *, required: bool) -> str:
@@ -171,10 +173,10 @@ def parse_enrollment_token(value: str) -> str:
     except (binascii.Error, ValueError):
         raise EnrollmentTokenError("the enrollment token is not base64") from None
     try:
-        token = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise EnrollmentTokenError("the enrollment token is not JSON") from None
-    if not isinstance(token, dict) or not isinstance(token.get("payload"), dict):
+        token = parse_untrusted_json(raw, max_bytes=_MAX_JSON_BYTES)
+    except JSONInputError as e:
+        raise EnrollmentTokenError(f"the enrollment token is {e}") from None
+    if not isinstance(token.get("payload"), dict):
         raise EnrollmentTokenError("the enrollment token has no payload object")
     kind = token.get("type")
     # JSON true and 1.0 compare equal to 1 in Python; only the integer counts.

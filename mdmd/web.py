@@ -3,6 +3,10 @@
 - :class:`MdmdSite` / :class:`MdmdRequest`: a body-size limit enforced while
   the body arrives (an oversize request is answered 413 without buffering
   it), and one structured log line per request.
+- :class:`MdmdChannel`: a request head over Twisted's limits (a line over
+  16 KiB, more than 16 KiB or 500 header fields in all) is answered 431
+  (414 for the request line, 400 for a malformed head), logged once and
+  the connection closed at once, over TLS too.
 - :class:`RoutingResource`: the one routing mechanism of the three
   listeners, path templates to :class:`EndpointResource` leaves; the query
   string is ignored (Windows appends ``?mode=...&Platform=WoA`` to the
@@ -36,6 +40,7 @@ __all__ = [
     "EndpointResource",
     "HTTPError",
     "HTTPResponse",
+    "MdmdChannel",
     "MdmdRequest",
     "MdmdSite",
     "Route",
@@ -134,7 +139,10 @@ class MdmdRequest(server.Request):
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
         )
         self.channel.transport.write(head + body)  # type: ignore[union-attr]
-        self.channel.transport.loseConnection()  # type: ignore[union-attr]
+        # The channel's loseConnection, not the transport's: the channel is
+        # the transport's registered producer, and a TLS transport waits for
+        # its producer to unregister before it closes.
+        self.channel.loseConnection()
         log.warn(
             "{listener} {method} {path} 413: body of {declared} bytes over the {limit}-byte limit",
             listener=site.listener,
@@ -152,9 +160,85 @@ class MdmdRequest(server.Request):
         super().requestReceived(command, path, version)
 
 
+# Reason phrases (RFC 9110 section 15.5; twisted.web.http.RESPONSES lacks 431).
+_HEAD_REFUSALS = {400: "Bad Request", 414: "URI Too Long", 431: "Request Header Fields Too Large"}
+
+
+class MdmdChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel that refuses a request head it will not read with
+    an answer, one log line and an immediate close.
+
+    Twisted's own handling falls short twice.  A line longer than
+    ``MAX_LENGTH`` (16 KiB) reaches ``LineReceiver.lineLengthExceeded``,
+    which calls ``transport.loseConnection()`` without a word to the client;
+    this channel is the transport's registered producer, and a TLS transport
+    does not close until its producer unregisters, so the socket stayed open
+    until the idle timeout (60 s).  And its other refusals (more than
+    ``totalHeadersSize`` bytes or ``maxHeaders`` fields, a malformed line)
+    send a bare 400 that nothing logs.
+    """
+
+    site: MdmdSite
+    _refused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return  # the answer is sent; what follows is not read
+        super().dataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if getattr(self, "_command", None) is None:  # no request line yet
+            self._refuse(414, f"request line longer than {self.MAX_LENGTH} bytes")
+        else:
+            self._refuse(431, f"header line longer than {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's one exit for a head it refuses (and for a malformed
+        # chunked body); its counters say which limit was passed.
+        if getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize:
+            self._refuse(431, f"request head larger than {self.totalHeadersSize} bytes")
+        elif getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders:
+            self._refuse(431, f"more than {self.maxHeaders} header fields")
+        elif self.line_mode:
+            self._refuse(400, "malformed request head")
+        else:  # reading the body
+            self._refuse(400, "malformed chunked body")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        body = json_error(status, reason).body
+        head = (
+            f"HTTP/1.1 {status} {_HEAD_REFUSALS[status]}\r\n"
+            "Content-Type: application/json\r\n"
+            "Connection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        assert self.transport is not None
+        self.transport.write(head.encode() + body)
+        # HTTPChannel.loseConnection unregisters the channel as the
+        # transport's producer first (see the class docstring).
+        self.loseConnection()
+        site = getattr(self, "site", None)
+        peer = self.transport.getPeer()
+        log.warn(
+            "{listener} {method} {path} refused ({status}): {reason} (peer {peer})",
+            listener=getattr(site, "listener", "?"),
+            method=bytes(getattr(self, "_command", b"-")).decode("latin-1")[:32],
+            path=bytes(getattr(self, "_path", b"-")).decode("latin-1").split("?")[0][:200],
+            status=status,
+            reason=reason,
+            peer=str(getattr(peer, "host", peer)),
+        )
+
+
 class MdmdSite(server.Site):
     """A Site for one listener: names it in logs and bounds request bodies."""
 
+    # The plain HTTP/1.1 channel, not Twisted's HTTP/2-negotiating wrapper:
+    # no listener offers h2 (no ALPN), and the channel's refusals are ours.
+    protocol = MdmdChannel  # type: ignore[assignment]
     requestFactory = MdmdRequest
     displayTracebacks = False
 

@@ -15,12 +15,28 @@ every worker serves, the watchdog) and the workers' supervision:
 
 - a worker writes ``R`` on its status pipe once it serves, then ``.`` every
   :data:`HEARTBEAT` seconds from its reactor; one silent for
-  :data:`SILENCE` seconds has a blocked reactor and is killed;
-- a worker that exits is started again, after a delay that grows while it
-  keeps dying young (a crash loop must not spin);
+  :data:`SILENCE` seconds has a blocked reactor and is killed.  The check
+  is scheduled for the moment a worker's silence would reach the bound (a
+  periodic check would let it run up to a period longer), reads the
+  heartbeats waiting in the pipes before it judges (after the main process
+  itself stalled, they are there but not yet read), and measures with the
+  monotonic clock (the reactor's clock is the wall clock, which steps);
+- a worker that exits is started again after :data:`RESTART_MIN` seconds;
+  while it keeps dying before it serves (a crash loop must not spin) the
+  delay doubles up to :data:`RESTART_MAX`; once a worker serves, the delay
+  is back to :data:`RESTART_MIN`;
 - a worker stops when the main process tells it to (SIGTERM, sent on
-  shutdown) or when its stdin, a pipe from the main process, closes: the
-  main process was killed, and a worker must not serve on alone.
+  shutdown), and dies with the main process: it asks the kernel for
+  SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), which works even
+  when its reactor is blocked or the process is stopped, so an orphan never
+  keeps the listening sockets from a new main process.  Where that is not
+  available, EOF on its stdin (a pipe from the main process) stops it.
+  Nothing is lost by the SIGKILL: what a worker acknowledged is committed,
+  and its log observer flushes every line as it writes it.
+
+The environment variable ``MDMD_WORKER_SILENCE`` (seconds) replaces
+:data:`SILENCE` in the main process.  It exists for the tests, which stop
+processes and cannot wait 30 s for every verdict; production leaves it unset.
 
 A device's SyncML session can therefore be advanced by two processes at
 once (a retransmission on a new connection, say); the store's
@@ -32,10 +48,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,19 +77,38 @@ from zope.interface import implementer
 
 from mdmd.config import ConfigError, MdmdConfig, load_config
 
-__all__ = ["HEARTBEAT", "SILENCE", "WorkerPool", "main"]
+__all__ = ["HEARTBEAT", "RESTART_MAX", "RESTART_MIN", "SILENCE", "WorkerPool", "main"]
 
 log = Logger(namespace="mdmd.workers")
 
 HEARTBEAT = 1.0
 SILENCE = 30.0
+RESTART_MIN, RESTART_MAX = 0.5, 30.0
 # The worker's end of the pipes and sockets it is started with.
 _STDIN, _STATUS = 0, 5
 _FIRST_LISTENER_FD = 3
 _STOP_GRACE = 15.0
-_RESTART_MIN, _RESTART_MAX = 0.5, 30.0
-# A worker that lived this long before exiting was not crash-looping.
-_STABLE = 60.0
+_SILENCE_ENV = "MDMD_WORKER_SILENCE"
+# prctl(2): the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _silence_from_env() -> float:
+    value = os.environ.get(_SILENCE_ENV)
+    if not value:
+        return SILENCE
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 2 * HEARTBEAT <= seconds <= 3600:
+        log.warn(
+            "ignoring {name}={value!r}: not a number of seconds from 2 to 3600",
+            name=_SILENCE_ENV,
+            value=value,
+        )
+        return SILENCE
+    return seconds
 
 
 # --------------------------------------------------------------------------
@@ -84,9 +121,10 @@ class _Worker:
     index: int
     protocol: _WorkerProtocol | None = None
     started_at: float = 0.0
-    heard_at: float = 0.0
+    heard_at: float = 0.0  # the pool's monotonic clock
     serving: bool = False
-    restart_delay: float = _RESTART_MIN
+    killed: bool = False  # for silence: said once, not again every check
+    restart_delay: float = RESTART_MIN
     restart_call: IDelayedCall | None = None
     kill_call: IDelayedCall | None = None
     ended: list[Deferred[None]] = field(default_factory=list)
@@ -122,16 +160,20 @@ class WorkerPool(Service):
         reactor: IReactorCore,
         enrollment: Deferred[IListeningPort],
         management: Deferred[IListeningPort],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        silence: float | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
         self.ready: Deferred[None] = Deferred()
+        self.clock = clock
+        self.silence = _silence_from_env() if silence is None else silence
         self._ports = (enrollment, management)
         self._listeners: list[tuple[int, int]] = []  # (fd, address family)
         self._workers = [_Worker(index) for index in range(1, config.workers)]
         self._stopping = False
-        self._watch = LoopingCall(self._check_heartbeats)
-        self._watch.clock = reactor  # type: ignore[assignment]
+        self._watch: IDelayedCall | None = None
 
     # -- life cycle --
 
@@ -151,13 +193,13 @@ class WorkerPool(Service):
             self._listeners.append((sock.fileno(), sock.family))
         for worker in self._workers:
             self._spawn(worker)
-        self._watch.start(SILENCE / 3, now=False)
+        self._watch_in(self.silence)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self._stopping = True
-        if self._watch.running:
-            self._watch.stop()
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
         waiting: list[Deferred[None]] = []
         for worker in self._workers:
             if worker.restart_call is not None and worker.restart_call.active():
@@ -183,14 +225,14 @@ class WorkerPool(Service):
             return
         child_fds: dict[int, int | str] = {_STDIN: "w", 1: 1, 2: 2, _STATUS: "r"}
         argv = [sys.executable, "-m", "mdmd.workers", "--config", self.config.path]
-        argv += ["--index", str(worker.index)]
+        argv += ["--index", str(worker.index), "--main-pid", str(os.getpid())]
         for n, (fd, family) in enumerate(self._listeners):
             child_fds[_FIRST_LISTENER_FD + n] = fd
             argv += ["--listener", f"{_FIRST_LISTENER_FD + n}:{int(family)}"]
         protocol = _WorkerProtocol(self, worker)
         worker.protocol = protocol
-        worker.serving = False
-        worker.started_at = worker.heard_at = self.reactor.seconds()  # type: ignore[attr-defined]
+        worker.serving = worker.killed = False
+        worker.started_at = worker.heard_at = self.clock()
         # Only the main process speaks to systemd (NotifyAccess=main).
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         self.reactor.spawnProcess(  # type: ignore[attr-defined]
@@ -201,28 +243,67 @@ class WorkerPool(Service):
     def _heard(self, worker: _Worker, protocol: _WorkerProtocol, data: bytes) -> None:
         if worker.protocol is not protocol:
             return
-        worker.heard_at = self.reactor.seconds()  # type: ignore[attr-defined]
+        worker.heard_at = self.clock()
         if b"R" in data and not worker.serving:
             worker.serving = True
+            # It started and served: whatever ends it next is no crash loop.
+            worker.restart_delay = RESTART_MIN
             log.info("worker {index} (pid {pid}) serving", index=worker.index, pid=protocol.pid)
             if not self.ready.called and all(w.serving for w in self._workers):
                 self.ready.callback(None)
 
+    def _watch_in(self, seconds: float) -> None:
+        self._watch = self.reactor.callLater(  # type: ignore[attr-defined]
+            max(seconds, 0.01), self._check_heartbeats
+        )
+
+    def _read_pending(self, worker: _Worker, protocol: _WorkerProtocol) -> None:
+        """Take in the heartbeats already in the worker's status pipe.
+
+        After the main process itself was stopped or starved, they wait
+        there, and the reactor may run this check before it reads them
+        (epoll_wait returns nothing when a stopped process resumes after its
+        timeout passed): judging then would kill a healthy worker.
+        """
+        pipes: dict[int, Any] = getattr(protocol.transport, "pipes", {})
+        reader = pipes.get(_STATUS)
+        if reader is None:
+            return
+        while True:
+            try:
+                # Non-blocking (Twisted's pipe reader made it so).  EOF
+                # (b"") is left for that reader, which ends the process.
+                data = os.read(reader.fileno(), 4096)
+            except OSError:  # BlockingIOError: nothing pending
+                return
+            if not data:
+                return
+            self._heard(worker, protocol, data)
+
     def _check_heartbeats(self) -> None:
-        now = self.reactor.seconds()  # type: ignore[attr-defined]
+        self._watch = None
+        next_check = self.silence
         for worker in self._workers:
             protocol = worker.protocol
-            if protocol is None or protocol.transport is None:
+            if protocol is None or protocol.transport is None or worker.killed:
                 continue
-            silent = now - worker.heard_at
-            if silent > SILENCE:
-                log.error(
-                    "worker {index} (pid {pid}) silent for {silent:.0f}s, its reactor is blocked: killing it",
-                    index=worker.index,
-                    pid=protocol.pid,
-                    silent=silent,
-                )
-                self._signal(worker, "KILL")
+            self._read_pending(worker, protocol)
+            silent = self.clock() - worker.heard_at
+            if silent < self.silence:
+                next_check = min(next_check, self.silence - silent)
+                continue
+            worker.killed = True
+            log.error(
+                "worker {index} (pid {pid}) silent for {silent:.1f}s, its reactor is blocked: killing it",
+                index=worker.index,
+                pid=protocol.pid,
+                silent=silent,
+            )
+            self._signal(worker, "KILL")
+        if not self._stopping:
+            # When the first worker's silence would reach the bound, and not
+            # later: a heartbeat in between only moves that moment on.
+            self._watch_in(next_check)
 
     @staticmethod
     def _signal(worker: _Worker, name: str) -> None:
@@ -243,12 +324,10 @@ class WorkerPool(Service):
         if self._stopping:
             log.info("worker {index} (pid {pid}) stopped", index=worker.index, pid=protocol.pid)
             return
-        now = self.reactor.seconds()  # type: ignore[attr-defined]
-        lived = now - worker.started_at
-        if lived >= _STABLE:
-            worker.restart_delay = _RESTART_MIN
+        lived = self.clock() - worker.started_at
         delay = worker.restart_delay
-        worker.restart_delay = min(_RESTART_MAX, delay * 2)
+        # Reset when the next one serves (see _heard).
+        worker.restart_delay = min(RESTART_MAX, delay * 2)
         how = "exited normally" if reason.check(ProcessDone) else str(reason.value)
         log.warn(
             "worker {index} (pid {pid}) ended after {lived:.1f}s: {how}; starting it again in {delay:.1f}s",
@@ -345,12 +424,31 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mdmd.workers", description="an mdmd worker process")
     p.add_argument("--config", required=True)
     p.add_argument("--index", type=int, required=True)
+    p.add_argument("--main-pid", type=int, required=True, help="the main process, this worker's parent")
     p.add_argument("--listener", action="append", default=[], help="FD:ADDRESS_FAMILY, in listener order")
     return p.parse_args(argv)
 
 
+def _die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse(argv)
+    # First of all, before this worker can hold anything: the main process
+    # may already have died between starting us and here, which the kernel
+    # would not report any more, hence the parent check after the request.
+    dies_with_parent = _die_with_parent()
+    if os.getppid() != args.main_pid:
+        raise SystemExit(0)
     from twisted.internet import reactor
 
     from mdmd.app import Mdmd
@@ -367,6 +465,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as e:
         log.critical("cannot start: {error}", error=str(e))
         raise SystemExit(78) from None
+    if not dies_with_parent:
+        log.warn(
+            "PR_SET_PDEATHSIG not available: this worker stops with the main process"
+            " only while its reactor runs"
+        )
     app = Mdmd(config=config, material=material, store=store, reactor=reactor)
 
     top = MultiService()

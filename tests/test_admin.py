@@ -382,7 +382,6 @@ def _one(verb: str = "Replace", **item: object) -> dict[str, object]:
 
 REFUSED: list[tuple[str, object, str, str]] = [
     # (case id, body, field named, words of the reason)
-    ("body a list", [GET_SWV], "base", "JSON object"),
     ("unknown top-level field", {**GET_SWV, "priority": 1}, "priority", "unknown field"),
     ("both forms", {**GET_SWV, "syncml": "<Get/>"}, "syncml", "not both"),
     ("neither form", {}, "verb", "required"),
@@ -402,7 +401,6 @@ REFUSED: list[tuple[str, object, str, str]] = [
     ("empty segment", _one(target="./Vendor//X", data="1"), TARGET, "empty segment"),
     ("bad escape", _one(target="./Vendor/100%", data="1"), TARGET, "%XX"),
     ("padded target", _one(target=" ./Vendor/X", data="1"), TARGET, "whitespace"),
-    ("surrogate in target", _one(target="./Vendor/\ud800", data="1"), TARGET, "XML cannot carry"),
     ("second item bad", _items({"target": T, "data": "1"}, {"target": "x"}), "items[1].target", "./"),
     ("unknown format", _one(target=T, format="string", data="1"), FORMAT, "chr"),
     ("format not a string", _one(target=T, format=1, data="1"), FORMAT, "one of"),
@@ -448,6 +446,39 @@ def test_a_bad_command_is_400_naming_the_field_and_stores_nothing(
     assert _command_count(daemon) == before
 
 
+@pytest.mark.parametrize(
+    ("body", "name", "reason"),
+    [
+        pytest.param([GET_SWV], "base", "not a JSON object", id="body a list"),
+        pytest.param(
+            _one(target="./Vendor/\ud800", data="1"), TARGET, "lone surrogate", id="surrogate in target"
+        ),
+    ],
+)
+def test_a_body_the_json_reader_refuses_is_400_naming_the_field(
+    daemon: Daemon, fleet: Fleet, body: object, name: str, reason: str
+) -> None:
+    before = _command_count(daemon)
+    status, answer = daemon.admin("POST", f"/api/v1/devices/{fleet.fresh.id}/commands", body)
+    assert status == 400, answer
+    assert isinstance(answer, dict) and answer["message"].startswith("the request body is ")
+    assert [e["name"] for e in answer["errors"]] == [name]
+    assert reason in answer["errors"][0]["reason"]
+    assert _command_count(daemon) == before
+
+
+def test_the_command_checks_refuse_what_the_json_reader_lets_no_client_send() -> None:
+    # parse_command_request stands on its own too (the JSON reader already
+    # refuses both over HTTP).
+    with pytest.raises(CommandRequestError) as info:
+        parse_command_request([GET_SWV])
+    assert [(f.name, f.reason) for f in info.value.errors] == [("base", "the body must be a JSON object")]
+    with pytest.raises(CommandRequestError) as info:
+        parse_command_request(_one(target="./Vendor/\ud800", data="1"))
+    assert [f.name for f in info.value.errors] == [TARGET]
+    assert "XML cannot carry" in info.value.errors[0].reason
+
+
 def test_every_problem_is_reported_at_once(daemon: Daemon, fleet: Fleet) -> None:
     body = {"verb": "Frob", "items": [{"target": "x", "colour": "red"}, {"target": T, "format": "nope"}]}
     status, answer = daemon.admin("POST", f"/api/v1/devices/{fleet.fresh.id}/commands", body)
@@ -472,7 +503,7 @@ def test_a_body_that_is_not_json_is_400(daemon: Daemon, fleet: Fleet, raw: bytes
         section="admin",
     )
     assert response.status == 400
-    assert json.loads(body)["message"] == "the request body is not JSON"
+    assert json.loads(body)["message"].startswith("the request body is not valid JSON: ")
     assert _command_count(daemon) == before
 
 

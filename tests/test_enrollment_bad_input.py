@@ -479,6 +479,11 @@ def test_token_type_2_is_an_authentication_fault_naming_it(env: Env, path: str) 
         pytest.param("%%% not base64 %%%", id="not-base64"),
         pytest.param(base64.b64encode(b"not json").decode(), id="not-json"),
         pytest.param(enrollment_token(token_type=7, payload={"orbit_node_key": "k"}), id="unknown-type"),
+        pytest.param(
+            base64.b64encode(b'{"type": 1, "payload": {"orbit_node_key": "\\ud800"}}').decode(),
+            id="lone-surrogate-node-key",
+        ),
+        pytest.param(base64.b64encode(b"[" * 10_000 + b"]" * 10_000).decode(), id="nested-10000-deep"),
     ],
 )
 def test_unreadable_token_is_an_authentication_fault(env: Env, path: str, token: str) -> None:

@@ -138,7 +138,8 @@ def test_parse_orbit_enroll_accepts_fields_of_exactly_the_limit() -> None:
         (b"[1]", "JSON object"),
         (b'"hardware_uuid"', "JSON object"),
         (b"null", "JSON object"),
-        (b"[" * 100000 + b"]" * 100000, "JSON"),
+        (b"[" * 10000 + b"]" * 10000, "nested deeper"),
+        (b"[" * 100000 + b"]" * 100000, "larger than 65536 bytes"),
     ],
 )
 def test_parse_orbit_enroll_refuses_what_is_not_a_json_object(body: bytes, words: str) -> None:
@@ -242,9 +243,18 @@ def _b64(obj: object) -> str:
         pytest.param("!!!not base64!!!", "not base64", id="not-base64"),
         pytest.param("QUJDR", "not base64", id="bad-length"),
         pytest.param("A", "not base64", id="one-char"),
-        pytest.param(base64.b64encode(b"\x00\x01binary").decode(), "not JSON", id="binary"),
-        pytest.param(base64.b64encode(b"{type: 1}").decode(), "not JSON", id="not-json"),
-        pytest.param(_b64([1, 2]), "no payload object", id="json-array"),
+        pytest.param(base64.b64encode(b"\x00\x01binary").decode(), "not valid JSON", id="binary"),
+        pytest.param(base64.b64encode(b"\xff\xfe{}").decode(), "not valid JSON: not UTF-8", id="not-utf8"),
+        pytest.param(base64.b64encode(b"{type: 1}").decode(), "not valid JSON", id="not-json"),
+        pytest.param(_b64([1, 2]), "not a JSON object", id="json-array"),
+        pytest.param(
+            base64.b64encode(b'{"type": 1, "payload": {"orbit_node_key": "\\ud800"}}').decode(),
+            "lone surrogate",
+            id="lone-surrogate",
+        ),
+        pytest.param(
+            base64.b64encode(b"[" * 10000 + b"]" * 10000).decode(), "nested deeper", id="deeply-nested"
+        ),
         pytest.param(_b64({"type": 1}), "no payload object", id="no-payload"),
         pytest.param(_b64({"type": 1, "payload": "k"}), "no payload object", id="payload-string"),
         pytest.param(_b64({"type": 1, "payload": {}}), "no orbit_node_key", id="missing-key"),

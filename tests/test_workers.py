@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_management_e2e import Enrolled, post
 
-from harness import Daemon, client_tls_context, db_rows, enroll_device, running_daemon
+from harness import Daemon, client_tls_context, db_rows, edit_ini, enroll_device, running_daemon, start_daemon
 from mdmd import pki
 from mdmd.sim.device import EnrollmentResult, ManagementClient, WindowsDevice
 
@@ -117,4 +117,129 @@ def test_a_worker_stops_when_the_main_process_is_killed(tmp_path: Path) -> None:
         d.proc.kill()
         d.proc.wait()
         poll("the orphaned worker gone", lambda: not alive(pid))
-        assert "the main process is gone; this worker stops" in d.log_text()
+
+
+# --------------------------------------------------------------------------
+# Supervision under stops and kills
+# --------------------------------------------------------------------------
+
+# The silence bound for these daemons (MDMD_WORKER_SILENCE; 30 s in
+# production): short, so that a verdict takes seconds, and still three
+# heartbeats long.
+SILENCE = 3.0
+
+
+@contextmanager
+def short_silence_daemon(directory: Path) -> Iterator[Daemon]:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MDMD_WORKER_SILENCE", str(SILENCE))
+        with running_daemon(directory, {"mdmd": {"workers": "2"}}) as d:
+            poll("the worker serving", lambda: len(serving_workers(d)) == 1)
+            yield d
+
+
+def orbit_enroll_and_poll(daemon: Daemon, n: int) -> None:
+    uuid = f"5EED0000-0000-0000-0000-{n:012d}"
+    status, answer = daemon.post_json(
+        "/api/fleet/orbit/enroll",
+        {"enroll_secret": daemon.enroll_secret, "hardware_uuid": uuid, "platform": "windows"},
+    )
+    assert status == 200, answer
+    status, answer = daemon.post_json("/api/fleet/orbit/config", {"orbit_node_key": answer["orbit_node_key"]})
+    assert status == 200, answer
+
+
+def test_a_main_process_that_stalls_keeps_its_healthy_worker(tmp_path: Path) -> None:
+    with short_silence_daemon(tmp_path) as d:
+        (pid,) = serving_workers(d).values()
+        served = 0
+        with main_process_stopped(d):
+            # The worker serves on alone for longer than the silence bound;
+            # its heartbeats wait in the pipe of the stopped main process.
+            started = time.monotonic()
+            while time.monotonic() - started < SILENCE + 2:
+                orbit_enroll_and_poll(d, served)
+                served += 1
+        # An answer from the main process's own listener: by then its
+        # reactor has run the overdue silence check.
+        status, _ = d.admin("GET", "/api/v1/devices")
+        assert status == 200
+        assert "killing it" not in d.log_text()
+        assert alive(pid) and serving_workers(d) == {1: pid}
+        assert db_rows(d, "SELECT COUNT(*) FROM hosts") == [(served,)]
+        with main_process_stopped(d):
+            orbit_enroll_and_poll(d, served)  # the same worker, still serving
+
+
+def test_a_blocked_worker_is_killed_at_the_silence_bound(tmp_path: Path) -> None:
+    with short_silence_daemon(tmp_path) as d:
+        (pid,) = serving_workers(d).values()
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            poll("the blocked worker killed", lambda: not alive(pid), timeout=SILENCE * 4)
+            gone = time.monotonic() - stopped
+        finally:
+            if alive(pid):  # whatever happened, no stopped orphan
+                os.kill(pid, signal.SIGKILL)
+        # Its last heartbeat came at most one heartbeat before the stop.
+        silent = re.search(
+            rf"worker 1 \(pid {pid}\) silent for ([\d.]+)s, its reactor is blocked", d.log_text()
+        )
+        assert silent, d.log_text()
+        assert SILENCE <= float(silent.group(1)) < SILENCE + 0.5
+        assert gone < SILENCE + 1.0, f"killed {gone:.1f}s after it stopped"
+        poll("a new worker serving", lambda: serving_workers(d)[1] != pid)
+
+
+def test_an_orphaned_worker_that_is_stopped_dies_with_the_main_process(tmp_path: Path) -> None:
+    with running_daemon(tmp_path, {"mdmd": {"workers": "2"}}) as d:
+        poll("the worker serving", lambda: len(serving_workers(d)) == 1)
+        (pid,) = serving_workers(d).values()
+        os.kill(pid, signal.SIGSTOP)  # its reactor will never read the pipe
+        try:
+            d.proc.kill()
+            d.proc.wait()
+            poll("the stopped orphan gone", lambda: not alive(pid), timeout=10)
+        finally:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        # Nothing holds the listening sockets: a new daemon starts on them.
+        again = start_daemon(d.config)
+        try:
+            poll("the new daemon's worker serving", lambda: len(serving_workers(again)) == 1)
+            orbit_enroll_and_poll(again, 1)
+        finally:
+            again.stop()
+
+
+def restart_delays(daemon: Daemon, index: int = 1) -> list[float]:
+    pattern = rf"worker {index} \(pid \d+\) ended after .*; starting it again in ([\d.]+)s"
+    return [float(x) for x in re.findall(pattern, daemon.log_text())]
+
+
+def test_restart_delay_doubles_until_a_worker_serves_and_is_reset_when_it_does(tmp_path: Path) -> None:
+    with running_daemon(tmp_path, {"mdmd": {"workers": "2"}}) as d:
+        poll("the worker serving", lambda: len(serving_workers(d)) == 1)
+        # A worker killed after it served is no crash loop: 0.5 s each time.
+        for _ in range(4):
+            (pid,) = serving_workers(d).values()
+            os.kill(pid, signal.SIGKILL)
+            poll("a new worker serving", lambda old=pid: serving_workers(d)[1] != old)
+        assert restart_delays(d) == [0.5] * 4
+
+        # A worker that cannot start (its configuration went bad) is
+        # started again later and later...
+        good = d.config.read_text()
+        d.config.write_text(edit_ini(good, {"mdmd": {"no_such_key": "1"}}))
+        (pid,) = serving_workers(d).values()
+        os.kill(pid, signal.SIGKILL)
+        poll("two failed starts", lambda: restart_delays(d)[4:] == [0.5, 1.0, 2.0])
+        # ...until one serves; then the next restart is prompt again.
+        d.config.write_text(good)
+        poll("a new worker serving", lambda: serving_workers(d)[1] != pid)
+        (pid,) = serving_workers(d).values()
+        os.kill(pid, signal.SIGKILL)
+        poll("a new worker serving", lambda: serving_workers(d)[1] != pid)
+        assert restart_delays(d)[4:] == [0.5, 1.0, 2.0, 0.5]
+        assert "cannot start" in d.log_text()
