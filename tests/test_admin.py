@@ -23,7 +23,7 @@ from harness import (
     running_daemon,
 )
 from mdmd import pki
-from mdmd.admin import CommandRequestError, parse_command_request
+from mdmd.commands import CommandRequestError, parse_command_request
 from mdmd.sim.device import EnrollmentResult, ManagementClient, WindowsDevice
 from mdmd.syncml import Item, Meta, parse_commands_fragment
 
