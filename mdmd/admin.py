@@ -1,21 +1,17 @@
 """The administrators' JSON API on the admin listener (``/api/v1/...``).
 
 :func:`admin_api_routes` maps each path to one small
-:class:`~mdmd.web.EndpointResource`; these are thin adapters around the store and around
-the pure functions of this module, which turn a queue request into the
-command's stored SyncML (:func:`parse_command_request`) and records into
-JSON (:func:`device_json`, :func:`command_json`).
-
-Commands are validated completely before anything is stored (no poison
-commands, docs/windows-clients.md): what reaches the queue is exactly what
-``parse_commands_fragment`` reads back when the command is sent.
+:class:`~mdmd.web.EndpointResource`; these are thin adapters around the
+store and around pure functions: :mod:`mdmd.commands` checks a queue request
+and builds the command's stored SyncML, :mod:`mdmd.profiles` does the same
+for configuration profiles, and this module's :func:`device_json` and
+:func:`command_json` turn records into JSON.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from twisted.logger import Logger
@@ -31,6 +27,7 @@ from mdmd.web import (
     HTTPResponse,
     MdmdRequest,
     Route,
+    iso_time,
     json_error,
     json_response,
     request_body,
@@ -53,12 +50,6 @@ _RECENT_COMMANDS: Final = 20
 # --------------------------------------------------------------------------
 
 
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def device_json(device: DeviceRecord) -> dict[str, Any]:
     """The fields of ``GET /api/v1/devices``."""
     return {
@@ -69,8 +60,8 @@ def device_json(device: DeviceRecord) -> dict[str, Any]:
         "manufacturer": device.inventory.get("./DevInfo/Man"),
         "os_version": device.os_version,
         "state": device.state,
-        "enrolled_at": _iso(device.enrolled_at),
-        "last_seen": _iso(device.last_seen),
+        "enrolled_at": iso_time(device.enrolled_at),
+        "last_seen": iso_time(device.last_seen),
         "hw_dev_id_collision": device.hw_dev_id_collision,
     }
 
@@ -85,13 +76,13 @@ def device_detail_json(
         **device_json(device),
         "hw_dev_id": device.hw_dev_id,
         "enrollment_type": device.enrollment_type,
-        "unenrolled_at": _iso(device.unenrolled_at),
+        "unenrolled_at": iso_time(device.unenrolled_at),
         "certificate": None
         if newest is None
         else {
             "serial": newest.serial,
             "thumbprint": newest.thumbprint,
-            "not_after": _iso(newest.not_after),
+            "not_after": iso_time(newest.not_after),
             "revoked": newest.revoked_at is not None,
         },
         "inventory": dict(device.inventory),
@@ -101,7 +92,7 @@ def device_detail_json(
                 "verb": c.verb,
                 "state": c.state,
                 "status": c.status,
-                "created_at": _iso(c.created_at),
+                "created_at": iso_time(c.created_at),
             }
             for c in commands
         ],
@@ -116,9 +107,9 @@ def command_summary_json(command: CommandRecord) -> dict[str, Any]:
         "verb": command.verb,
         "state": command.state,
         "status": command.status,
-        "created_at": _iso(command.created_at),
-        "sent_at": _iso(command.sent_at),
-        "acknowledged_at": _iso(command.acked_at),
+        "created_at": iso_time(command.created_at),
+        "sent_at": iso_time(command.sent_at),
+        "acknowledged_at": iso_time(command.acked_at),
     }
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "EnrollmentConfig",
     "ManagementConfig",
     "MdmdConfig",
+    "ProfilesConfig",
     "WstepConfig",
     "load_config",
 ]
@@ -80,6 +81,12 @@ class WstepConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProfilesConfig:
+    verify_interval: float  # seconds
+    max_retries: int
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: str
     url: str
@@ -98,6 +105,7 @@ class MdmdConfig:
     management: ManagementConfig
     wstep: WstepConfig
     admin: AdminConfig
+    profiles: ProfilesConfig = ProfilesConfig(24 * 3600.0, 3)
 
     @property
     def database(self) -> str:
@@ -136,6 +144,26 @@ def _workers(value: str) -> int:
 
 
 _MAX_WORKERS = 64
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(low: float, high: float) -> Callable[[str], float]:
+    """``90s``, ``30m``, ``24h``, ``7d`` (a bare number is seconds)."""
+
+    def parse(value: str) -> float:
+        text = value.strip().lower()
+        unit = _DURATION_UNITS.get(text[-1:])
+        number = text[:-1] if unit is not None else text
+        try:
+            seconds = float(int(number, 10) * (unit or 1))
+        except ValueError:
+            raise ValueError(f"expected a duration such as 90s, 30m, 24h or 7d, got {value!r}") from None
+        if not low <= seconds <= high:
+            raise ValueError(f"must be between {low:g}s and {high:g}s, got {seconds:g}s")
+        return seconds
+
+    return parse
 
 
 def _text(value: str) -> str:
@@ -255,6 +283,10 @@ _SCHEMA: _Schema = {
         "identity_cert": (_text, "wstep-identity.pem"),
         "identity_key": (_text, "wstep-identity.key"),
         "device_cert_days": (_bounded_int(1, 3650), 365),
+    },
+    "profiles": {
+        "verify_interval": (_duration(60, 365 * 86400), 24 * 3600.0),
+        "max_retries": (_bounded_int(0, 100), 3),
     },
     "admin": {
         "listen": (_endpoint, "tcp:8445:interface=127.0.0.1"),
@@ -378,5 +410,9 @@ def load_config(path: str) -> MdmdConfig:
             listen=typed(str, a["listen"]),
             url=typed(str, admin_url),
             token_file=in_state("admin", "token_file"),
+        ),
+        profiles=ProfilesConfig(
+            verify_interval=typed(float, values["profiles"]["verify_interval"]),
+            max_retries=typed(int, values["profiles"]["max_retries"]),
         ),
     )

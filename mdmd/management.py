@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Final
@@ -53,8 +53,10 @@ __all__ = [
     "AlertRecord",
     "CommandResult",
     "CompletedObject",
+    "FollowUps",
     "LargeObject",
     "ManagementStep",
+    "NewCommand",
     "QueuedCommand",
     "Reply",
     "SentRef",
@@ -136,6 +138,24 @@ class SentRef:
     uuid: str  # the queued command
     verb: str  # this CmdID's own verb (an inner command of an Atomic has its own)
     top_level: bool  # the queued command itself, not a command inside it
+    loc_uri: str | None = None  # its first item's target, to say which part of an Atomic failed
+
+
+@dataclass(frozen=True, slots=True)
+class NewCommand:
+    """A command created while a message is processed (a follow-up of an
+    answered command, or one planned when the session starts): the store
+    adds it to the queue when the step commits, before marking it sent."""
+
+    uuid: str
+    verb: str
+    body: str
+
+
+#: Called once per top-level command the device answered in a message, with
+#: its status code and every Status/Results of it in that message (inner
+#: commands of an Atomic included); returns the commands to send next.
+FollowUps = Callable[[str, int, Sequence["CommandResult"]], Sequence[NewCommand]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +209,7 @@ def encode_session(state: SessionState) -> str:
             "last": state.last_msg_id,
             "out": state.next_msg_id,
             "max": state.max_msg_size,
-            "refs": {k: [r.uuid, r.verb, r.top_level] for k, r in state.refs.items()},
+            "refs": {k: [r.uuid, r.verb, r.top_level, r.loc_uri] for k, r in state.refs.items()},
             "sent": sorted(state.sent),
             "done": sorted(state.done),
             "req": state.request_digest,
@@ -209,7 +229,10 @@ def decode_session(text: str) -> SessionState:
         if not isinstance(raw, dict):
             raise ValueError("not an object")
         version = raw.get("v", 1)
-        refs = {k: SentRef(str(v[0]), str(v[1]), bool(v[2])) for k, v in raw.get("refs", {}).items()}
+        refs = {
+            k: SentRef(str(v[0]), str(v[1]), bool(v[2]), v[3] if len(v) > 3 else None)
+            for k, v in raw.get("refs", {}).items()
+        }
         if version == 1:
             # Version 1 kept each chunked object's data inline (moved to the
             # chunk table by schema migration 3); its size is the UTF-8 length.
@@ -278,6 +301,9 @@ class ManagementStep:
     sent: tuple[tuple[str, str, int], ...] = ()  # (command uuid, SessionID, server MsgID)
     failed: tuple[tuple[str, int], ...] = ()  # (command uuid, status) refused by the server
     unenroll: bool = False
+    # Commands created while this message was processed (to be queued
+    # before the ``sent`` marks apply).
+    created: tuple[NewCommand, ...] = ()
     # Large objects: pieces to append, objects now complete, and objects
     # given up (too big, size mismatch).  new_session: chunks left over from
     # an earlier session are dropped.
@@ -367,10 +393,16 @@ def process_message(
     queue: Sequence[QueuedCommand],
     server_url: str,
     default_max_msg_size: int,
+    new_commands: Sequence[NewCommand] = (),
+    followups: FollowUps | None = None,
 ) -> Reply:
     """Answer one device message that is not a retransmission (see
     :func:`is_retransmission`).  Raises :class:`SessionError` for a message
-    that does not belong in the session (nothing must be stored then)."""
+    that does not belong in the session (nothing must be stored then).
+
+    *new_commands* go before the *queue*; *followups* is asked, for every
+    command the device answered in this message, what to send next (sent
+    before anything else).  Both end up in the step's ``created``."""
     hdr = message.hdr
     state, new_session = _session_for(message, session, default_max_msg_size)
     work = _Work(state, done=set(state.done), objects=dict(state.objects))
@@ -382,6 +414,13 @@ def process_message(
             _client_status(element, work)
         else:
             _client_results(element, hdr, work)
+
+    created: list[NewCommand] = []
+    if followups is not None:
+        for uuid, code in work.answered:
+            created += followups(uuid, code, [r for u, r in work.results if u == uuid])
+    created += new_commands
+    queue = [*(QueuedCommand(c.uuid, c.body) for c in created), *queue]
 
     reply_hdr = reply_header(hdr, state.next_msg_id, source=server_url)
     sent: list[tuple[str, str, int]] = []
@@ -428,6 +467,7 @@ def process_message(
         sent=tuple(sent),
         failed=tuple(work.failed),
         unenroll=work.unenroll,
+        created=tuple(created),
         chunks=tuple(work.chunks),
         completed=tuple(work.completed),
         dropped=tuple(work.dropped),
@@ -539,7 +579,13 @@ def _client_status(status: Status, work: _Work) -> None:
     work.results.append(
         (
             ref.uuid,
-            CommandResult(kind="status", cmd_id=status.cmd_ref, cmd=status.cmd or ref.verb, status=code),
+            CommandResult(
+                kind="status",
+                cmd_id=status.cmd_ref,
+                cmd=status.cmd or ref.verb,
+                status=code,
+                loc_uri=ref.loc_uri,
+            ),
         )
     )
 
@@ -687,5 +733,8 @@ def _server_commands(
     for record, cmd in candidates[:fitted]:
         sent.append((record.uuid, reply_hdr.session_id, reply_hdr.msg_id))
         for inner in walk(cmd):
-            refs[f"{reply_hdr.msg_id}:{inner.cmd_id}"] = SentRef(record.uuid, inner.verb, inner is cmd)
+            target = inner.items[0].target if inner.items else None
+            refs[f"{reply_hdr.msg_id}:{inner.cmd_id}"] = SentRef(
+                record.uuid, inner.verb, inner is cmd, target
+            )
     return reply, sent, fitted < len(candidates)

@@ -9,6 +9,7 @@ is enrolled, and that the SyncHdr ``Source/LocURI`` is that device's ID.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -19,9 +20,10 @@ from twisted.logger import Logger
 
 from mdmd import pki
 from mdmd.app import Mdmd
-from mdmd.management import Reply, SessionError, is_retransmission, process_message, refusal
+from mdmd.management import NewCommand, Reply, SessionError, is_retransmission, process_message, refusal
+from mdmd.profiles import DeviceVars, ProfilePlanner, ProfileSettings
 from mdmd.store import ManagementContext, SessionConflict
-from mdmd.syncml import SyncMLError, SyncMLMessage, parse_message
+from mdmd.syncml import ALERT_GENERIC, SyncMLError, SyncMLMessage, parse_message
 from mdmd.tls import peer_certificate
 from mdmd.web import EndpointResource, HTTPError, HTTPResponse, MdmdRequest, request_body
 from mdmd.xmlsafe import XMLInputError
@@ -187,6 +189,21 @@ class ManagementResource(EndpointResource):
             if previous is not None:
                 request.note = f"session {hdr.session_id} msg {hdr.msg_id}: retransmission answered again"
                 return _syncml(previous)
+        planner = ProfilePlanner.for_device(
+            DeviceVars(device_id, "", ""),
+            ctx.profiles,
+            ctx.profile_links,
+            now=app.now(),
+            settings=ProfileSettings(app.config.profiles.verify_interval, app.config.profiles.max_retries),
+            new_uuid=lambda: str(uuid.uuid4()),
+        )
+        planned: list[NewCommand] = []
+        if _starts_session(message):
+            # Desired state first: what the device's profiles need goes out
+            # before the administrators' one-shot commands.
+            wanted = await app.store.profile_context(device_id)
+            planner.device = wanted.device
+            planned = planner.plan_session(wanted.desired)
         try:
             reply: Reply = await self._off_reactor_if_large(
                 body,
@@ -198,6 +215,8 @@ class ManagementResource(EndpointResource):
                 queue=ctx.queue,
                 server_url=app.config.management.url,
                 default_max_msg_size=app.config.management.max_msg_size,
+                new_commands=planned,
+                followups=planner.followups,
             )
         except SessionError as e:
             log.warn(
@@ -209,8 +228,22 @@ class ManagementResource(EndpointResource):
             )
             out = ctx.session.next_msg_id if ctx.session else 1
             return _syncml(refusal(hdr, e.status, server_url=app.config.management.url, msg_id=out))
+        profiles = planner.finish(reply.step)
         # Durable before the reply that acknowledges it leaves.
-        await app.store.commit_management_step(reply.step, app.now(), expected_seq=ctx.session_seq)
+        await app.store.commit_management_step(
+            reply.step, app.now(), expected_seq=ctx.session_seq, profiles=profiles
+        )
+        for record in profiles.records:
+            if record.state in ("failed", "drifted"):
+                log.warn(
+                    "device {device_id} profile {profile} {state}: {detail}",
+                    device_id=device_id,
+                    profile=record.profile,
+                    state=record.state,
+                    detail=record.detail,
+                    session_id=hdr.session_id,
+                    msg_id=hdr.msg_id,
+                )
         for event in reply.events:
             log.info(
                 "device {device_id} session {session_id} msg {msg_id}: {event}",
@@ -224,3 +257,9 @@ class ManagementResource(EndpointResource):
             ", session ended" if reply.session_ended else ""
         )
         return _syncml(reply.body)
+
+
+def _starts_session(message: SyncMLMessage) -> bool:
+    """Package 1 of a session that is not the user's unenrollment (a
+    device leaving gets no new work)."""
+    return message.hdr.msg_id == 1 and not any(c.alert_code == ALERT_GENERIC for c in message.commands)

@@ -48,6 +48,7 @@ __all__ = [
     "LOGIN_STATUS_TYPE",
     "METINF_NS",
     "MSFT_NS",
+    "STATUS_MEANINGS",
     "SUPPORTED_VERBS",
     "SYNCML11_NS",
     "SYNCML_NS",
@@ -64,6 +65,7 @@ __all__ = [
     "SyncMLMessage",
     "build_message",
     "check_locuri",
+    "describe_status",
     "hdr_status",
     "id_counter",
     "pack_body",
@@ -149,6 +151,53 @@ class StatusCode(IntEnum):
     PROTOCOL_VERSION_NOT_SUPPORTED = 513
     ATOMIC_ROLLBACK_FAILED = 516
     ATOMIC_RESPONSE_TOO_LARGE = 517
+
+
+#: What each status code means to an administrator reading a device's
+#: answer (OMA-DM RepPro 1.2 §10; MS-MDM 2.2.6; Learn "OMA DM protocol
+#: support"), with the likely cause where Windows makes it plain.
+STATUS_MEANINGS: Final[dict[int, str]] = {
+    200: "OK",
+    202: "Accepted for processing: the device will report the outcome later",
+    212: "Authentication accepted",
+    213: "Chunk accepted: more of a large object follows",
+    214: "Operation cancelled: the device processed no further commands",
+    215: "Not executed: the user cancelled it",
+    216: "Atomic roll back OK: undone because another command of the Atomic failed",
+    400: "Bad request: the device could not read the command",
+    401: "Invalid credentials",
+    403: "Forbidden",
+    404: "Not found: the device has no such node; the CSP may be missing on this Windows edition",
+    405: "Command not allowed: the node does not support this operation (read-only, or write-only for Get)",
+    406: "Optional feature not supported by the device",
+    407: "Authentication required",
+    412: "Incomplete command",
+    413: "Request entity too large",
+    415: "Unsupported media type or format: check the item's format and type",
+    416: "Requested size too big",
+    418: "Already exists: Add of a node that exists (Replace changes it)",
+    424: "Size mismatch: a large object's size differs from what was announced",
+    425: "Permission denied: the node's access rules refuse this server or operation",
+    500: "Command failed: the CSP refused the command or the value",
+    501: "Command not implemented by the device",
+    503: "Service unavailable: the device is busy, try later",
+    505: "DTD version not supported",
+    507: "Atomic failed: one of its commands failed and all were rolled back",
+    513: "Protocol version not supported",
+    516: "Atomic roll back failed: the device may be left partly changed",
+    517: "Atomic response too large to fit",
+}
+
+
+def describe_status(code: int | None) -> str:
+    """``"404 Not found: ..."``: a status code with its meaning."""
+    if code is None:
+        return "no status"
+    meaning = STATUS_MEANINGS.get(code)
+    if meaning is None:
+        family = {2: "success", 4: "the device refused the command", 5: "the device failed"}.get(code // 100)
+        meaning = f"status {code}" if family is None else f"unlisted code ({family})"
+    return f"{code} {meaning}"
 
 
 #: Every command element of the SyncML 1.2 DTD (SyncBody content minus the

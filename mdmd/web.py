@@ -25,6 +25,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, ClassVar, cast
 from urllib.parse import unquote_to_bytes
 
@@ -45,6 +46,7 @@ __all__ = [
     "MdmdSite",
     "Route",
     "RoutingResource",
+    "iso_time",
     "json_error",
     "json_response",
     "request_body",
@@ -75,6 +77,13 @@ def request_body(request: server.Request) -> bytes:
     assert request.content is not None
     request.content.seek(0)
     return bytes(request.content.read())
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    """A time as the JSON APIs show it: ISO 8601 UTC to the second, or None."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def json_response(status: int, obj: object) -> HTTPResponse:

@@ -22,6 +22,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mdmd import pki
 from mdmd.app import Mdmd
+from mdmd.config import ProfilesConfig
 from mdmd.management import ManagementStep, SessionState
 from mdmd.management_endpoint import ManagementResource
 from mdmd.sim.device import ManagementClient, WindowsDevice
@@ -109,7 +110,9 @@ class _MutualTLSTransport(StringTransport):
 
 
 def post(store: Store, cert: x509.Certificate, body: bytes) -> tuple[int, bytes]:
-    config = SimpleNamespace(management=SimpleNamespace(url=SERVER_URL, max_msg_size=65536))
+    config = SimpleNamespace(
+        management=SimpleNamespace(url=SERVER_URL, max_msg_size=65536), profiles=ProfilesConfig(86400.0, 3)
+    )
     app = Mdmd(config=config, material=None, store=store, reactor=Clock())  # type: ignore[arg-type]
     site = MdmdSite(
         RoutingResource([Route("/api/mdm/microsoft/management", ManagementResource(app))]),

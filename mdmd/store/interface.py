@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
 from mdmd.management import ManagementStep
+from mdmd.profiles import Profile, ProfileStep
 from mdmd.store.records import (
+    AssignmentOutcome,
     CertificateRecord,
     CommandRecord,
     DeviceEnrollment,
+    DeviceProfileEntry,
     DeviceRecord,
     EnrollmentOutcome,
+    GroupChange,
+    GroupRecord,
     HostEnrollment,
     HostRecord,
     ManagementContext,
+    ProfileContext,
+    ProfileRecord,
     StoredAlert,
 )
 
@@ -74,11 +82,23 @@ class Store(Protocol):
     ) -> Deferred[ManagementContext | None]: ...
 
     def commit_management_step(
-        self, step: ManagementStep, now: float, *, expected_seq: int | None = None
+        self,
+        step: ManagementStep,
+        now: float,
+        *,
+        expected_seq: int | None = None,
+        profiles: ProfileStep | None = None,
     ) -> Deferred[None]:
-        """Commit one message's step.  With *expected_seq* (the context's
-        ``session_seq``) it is a compare-and-swap: ``SessionConflict``, and
-        nothing written, if another step committed since."""
+        """Commit one message's step (and what it changed of the device's
+        profiles, in the same transaction).  With *expected_seq* (the
+        context's ``session_seq``) it is a compare-and-swap:
+        ``SessionConflict``, and nothing written, if another step committed
+        since.  Commands the step created are queued before its ``sent``
+        marks apply."""
+        ...
+
+    def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
+        """The device's variables and the profiles its groups want."""
         ...
 
     def device_alerts(self, device_id: str) -> Deferred[list[StoredAlert]]:
@@ -98,3 +118,58 @@ class Store(Protocol):
     def command(self, uuid: str) -> Deferred[CommandRecord | None]: ...
 
     def device_commands(self, device_id: str, *, limit: int = 100) -> Deferred[list[CommandRecord]]: ...
+
+    # -- configuration profiles and groups --
+
+    def create_profile(self, profile: Profile, now: float) -> Deferred[bool]:
+        """False (nothing stored) when the name is taken."""
+        ...
+
+    def update_profile(self, profile: Profile, now: float) -> Deferred[bool]:
+        """False when there is no such profile (or it is being deleted)."""
+        ...
+
+    def profiles(self) -> Deferred[list[ProfileRecord]]: ...
+
+    def profile(self, name: str) -> Deferred[ProfileRecord | None]: ...
+
+    def profile_status(self, name: str) -> Deferred[dict[str, int]]:
+        """How many devices are in each state for this profile; devices of
+        its groups that have not had it yet count as ``pending``."""
+        ...
+
+    def delete_profile(self, name: str, now: float) -> Deferred[bool]:
+        """Unassign it everywhere: every device removes it at its next
+        session, then the profile is gone.  False when unknown."""
+        ...
+
+    def assign_profile(self, name: str, groups: Sequence[str], now: float) -> Deferred[AssignmentOutcome]:
+        """Make *groups* (``all`` included) the profile's groups."""
+        ...
+
+    def create_group(self, name: str, now: float) -> Deferred[bool]:
+        """False when the name is taken."""
+        ...
+
+    def groups(self) -> Deferred[list[GroupRecord]]:
+        """Every group, the built-in ``all`` first."""
+        ...
+
+    def group(self, name: str) -> Deferred[GroupRecord | None]: ...
+
+    def group_members(self, name: str, *, after: str | None = None, limit: int = 100) -> Deferred[list[str]]:
+        """Member device IDs in order, the first *limit* after *after*."""
+        ...
+
+    def delete_group(self, name: str) -> Deferred[bool]: ...
+
+    def change_group_members(
+        self, name: str, add: Sequence[str], remove: Sequence[str], now: float
+    ) -> Deferred[GroupChange | None]:
+        """None when there is no such group."""
+        ...
+
+    def device_profiles(self, device_id: str, *, history: int = 5) -> Deferred[list[DeviceProfileEntry]]:
+        """The device's records of its profiles, each with its latest
+        *history* events."""
+        ...

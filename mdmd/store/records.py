@@ -13,17 +13,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mdmd.management import CommandResult, QueuedCommand, SessionState
+from mdmd.profiles import DeviceProfile, DeviceVars, Profile, ProfileCommand, ProfileEvent, ProfileItem
 
 __all__ = [
+    "AssignmentOutcome",
     "CertificateRecord",
     "CommandRecord",
     "DeviceConflict",
     "DeviceEnrollment",
+    "DeviceProfileEntry",
     "DeviceRecord",
     "EnrollmentOutcome",
+    "GroupChange",
+    "GroupRecord",
     "HostEnrollment",
     "HostRecord",
     "ManagementContext",
+    "ProfileContext",
+    "ProfileRecord",
     "SessionConflict",
     "StoreError",
     "StoredAlert",
@@ -166,3 +173,61 @@ class ManagementContext:
     # Bumped by every committed step (and by re-enrollment): the step this
     # context leads to commits only if nobody else's did in between.
     session_seq: int = 0
+    # The device's records of its profiles, and the queued commands that
+    # work for them.
+    profiles: tuple[DeviceProfile, ...] = ()
+    profile_links: tuple[ProfileCommand, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileContext:
+    """What planning a device's profiles at the start of a session needs."""
+
+    device: DeviceVars
+    desired: tuple[Profile, ...]  # the profiles of the device's groups
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRecord:
+    name: str
+    version: str
+    items: tuple[ProfileItem, ...]
+    groups: tuple[str, ...]
+    created_at: float
+    updated_at: float
+    deleted_at: float | None  # being removed from devices, then gone
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    name: str
+    members: int
+    created_at: float | None  # None: the built-in group "all"
+    profiles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupChange:
+    """The outcome of adding and removing group members: nothing changes
+    when *unknown* names devices mdmd does not know."""
+
+    added: int
+    removed: int
+    unknown: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentOutcome:
+    """Assigning a profile to groups: nothing changes when the profile or a
+    group is unknown."""
+
+    found: bool
+    unknown_groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfileEntry:
+    """A device's record of a profile as the admin API shows it."""
+
+    record: DeviceProfile
+    history: tuple[ProfileEvent, ...] = ()

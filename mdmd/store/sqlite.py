@@ -11,7 +11,7 @@ import base64
 import json
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
@@ -19,17 +19,33 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 
 from mdmd.management import CommandResult, ManagementStep, QueuedCommand, decode_session, encode_session
+from mdmd.profiles import (
+    DeviceProfile,
+    DeviceVars,
+    Profile,
+    ProfileCommand,
+    ProfileEvent,
+    ProfileStep,
+    items_from_json,
+    items_json,
+)
 from mdmd.store.engine import TransactionEngine
 from mdmd.store.records import (
+    AssignmentOutcome,
     CertificateRecord,
     CommandRecord,
     DeviceConflict,
     DeviceEnrollment,
+    DeviceProfileEntry,
     DeviceRecord,
     EnrollmentOutcome,
+    GroupChange,
+    GroupRecord,
     HostEnrollment,
     HostRecord,
     ManagementContext,
+    ProfileContext,
+    ProfileRecord,
     SessionConflict,
     StoredAlert,
     StoreError,
@@ -372,12 +388,16 @@ class SQLiteStore:
                 """,
                 (device_id, queue_limit),
             )
+            profiles = conn.execute("SELECT * FROM device_profiles WHERE device_id = ?", (device_id,))
+            links = conn.execute("SELECT * FROM profile_commands WHERE device_id = ?", (device_id,))
             return ManagementContext(
                 certificate=_certificate(cert_row),
                 device=_device(device_row),
                 session=None if session_row is None else decode_session(session_row["state"]),
                 queue=tuple(QueuedCommand(r["uuid"], r["body"]) for r in queue),
                 session_seq=device_row["session_seq"],
+                profiles=tuple(_device_profile(r) for r in profiles),
+                profile_links=tuple(_profile_command(r) for r in links),
             )
 
         return self._run(txn, write=False)
@@ -412,7 +432,12 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def commit_management_step(
-        self, step: ManagementStep, now: float, *, expected_seq: int | None = None
+        self,
+        step: ManagementStep,
+        now: float,
+        *,
+        expected_seq: int | None = None,
+        profiles: ProfileStep | None = None,
     ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
             device_id = step.device_id
@@ -448,6 +473,15 @@ class SQLiteStore:
                     for a in step.alerts
                 ],
             )
+            conn.executemany(
+                """
+                INSERT INTO commands (uuid, device_id, verb, body, state, created_at)
+                VALUES (?, ?, ?, ?, 'pending', ?)
+                """,
+                [(c.uuid, device_id, c.verb, c.body, now) for c in step.created],
+            )
+            if profiles:
+                _apply_profile_step(conn, device_id, profiles)
             # Every update is scoped to this device: a device can never touch
             # another device's commands, whatever it sends.
             conn.executemany(
@@ -524,6 +558,33 @@ class SQLiteStore:
 
         return self._run(txn)
 
+    def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
+        def txn(conn: sqlite3.Connection) -> ProfileContext:
+            host = conn.execute(
+                """
+                SELECT d.device_name, h.hostname, h.hardware_serial FROM devices d
+                LEFT JOIN hosts h ON h.id = d.host_id WHERE d.device_id = ?
+                """,
+                (device_id,),
+            ).fetchone()
+            rows = conn.execute(
+                """
+                SELECT name, version, items FROM profiles WHERE deleted_at IS NULL AND name IN (
+                    SELECT profile_name FROM profile_assignments WHERE group_name = 'all'
+                    UNION
+                    SELECT a.profile_name FROM profile_assignments a
+                    JOIN group_members m ON m.group_name = a.group_name WHERE m.device_id = ?
+                ) ORDER BY name
+                """,
+                (device_id,),
+            )
+            desired = tuple(Profile(r["name"], r["version"], items_from_json(r["items"])) for r in rows)
+            hostname = (host["hostname"] or host["device_name"] or "") if host else ""
+            serial = (host["hardware_serial"] or "") if host else ""
+            return ProfileContext(DeviceVars(device_id, hostname, serial), desired)
+
+        return self._run(txn, write=False)
+
     # -- the command queue --
 
     def queue_command(
@@ -565,6 +626,244 @@ class SQLiteStore:
                 "SELECT * FROM commands WHERE device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, limit)
             )
             return [_command(r) for r in rows]
+
+        return self._run(txn, write=False)
+
+    # -- configuration profiles and groups --
+
+    def create_profile(self, profile: Profile, now: float) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                """
+                INSERT INTO profiles (name, version, items, created_at, updated_at) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (name) DO NOTHING
+                """,
+                (profile.name, profile.version, items_json(profile.items), now, now),
+            )
+            return cursor.rowcount > 0
+
+        return self._run(txn)
+
+    def update_profile(self, profile: Profile, now: float) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                """
+                UPDATE profiles SET version = ?, items = ?, updated_at = ?
+                WHERE name = ? AND deleted_at IS NULL
+                """,
+                (profile.version, items_json(profile.items), now, profile.name),
+            )
+            return cursor.rowcount > 0
+
+        return self._run(txn)
+
+    def profiles(self) -> Deferred[list[ProfileRecord]]:
+        def txn(conn: sqlite3.Connection) -> list[ProfileRecord]:
+            return [_profile(conn, r) for r in conn.execute("SELECT * FROM profiles ORDER BY name")]
+
+        return self._run(txn, write=False)
+
+    def profile(self, name: str) -> Deferred[ProfileRecord | None]:
+        def txn(conn: sqlite3.Connection) -> ProfileRecord | None:
+            row = conn.execute("SELECT * FROM profiles WHERE name = ?", (name,)).fetchone()
+            return None if row is None else _profile(conn, row)
+
+        return self._run(txn, write=False)
+
+    def profile_status(self, name: str) -> Deferred[dict[str, int]]:
+        def txn(conn: sqlite3.Connection) -> dict[str, int]:
+            counts = {
+                r["state"]: r["n"]
+                for r in conn.execute(
+                    "SELECT state, COUNT(*) AS n FROM device_profiles WHERE profile_name = ? GROUP BY state",
+                    (name,),
+                )
+            }
+            groups = [
+                r["group_name"]
+                for r in conn.execute(
+                    "SELECT group_name FROM profile_assignments WHERE profile_name = ?", (name,)
+                )
+            ]
+            # Devices the profile is meant for that have no record of it yet.
+            if "all" in groups:
+                unseen = conn.execute(
+                    """
+                    SELECT COUNT(*) FROM devices d WHERE d.state = 'enrolled' AND NOT EXISTS (
+                        SELECT 1 FROM device_profiles p
+                        WHERE p.device_id = d.device_id AND p.profile_name = ?)
+                    """,
+                    (name,),
+                ).fetchone()[0]
+            else:
+                unseen = conn.execute(
+                    """
+                    SELECT COUNT(DISTINCT m.device_id) FROM group_members m
+                    JOIN profile_assignments a ON a.group_name = m.group_name AND a.profile_name = ?
+                    JOIN devices d ON d.device_id = m.device_id AND d.state = 'enrolled'
+                    WHERE NOT EXISTS (
+                        SELECT 1 FROM device_profiles p
+                        WHERE p.device_id = m.device_id AND p.profile_name = ?)
+                    """,
+                    (name, name),
+                ).fetchone()[0]
+            if unseen:
+                counts["pending"] = counts.get("pending", 0) + unseen
+            return counts
+
+        return self._run(txn, write=False)
+
+    def delete_profile(self, name: str, now: float) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE profiles SET deleted_at = ? WHERE name = ? AND deleted_at IS NULL", (now, name)
+            )
+            if cursor.rowcount == 0:
+                return False
+            conn.execute("DELETE FROM profile_assignments WHERE profile_name = ?", (name,))
+            _forget_deleted_profiles(conn, [name])
+            return True
+
+        return self._run(txn)
+
+    def assign_profile(self, name: str, groups: Sequence[str], now: float) -> Deferred[AssignmentOutcome]:
+        def txn(conn: sqlite3.Connection) -> AssignmentOutcome:
+            found = conn.execute(
+                "SELECT 1 FROM profiles WHERE name = ? AND deleted_at IS NULL", (name,)
+            ).fetchone()
+            if found is None:
+                return AssignmentOutcome(found=False)
+            unknown = tuple(
+                g
+                for g in dict.fromkeys(groups)
+                if g != ALL_GROUP
+                and conn.execute("SELECT 1 FROM device_groups WHERE name = ?", (g,)).fetchone() is None
+            )
+            if unknown:
+                return AssignmentOutcome(found=True, unknown_groups=unknown)
+            conn.execute("DELETE FROM profile_assignments WHERE profile_name = ?", (name,))
+            conn.executemany(
+                "INSERT INTO profile_assignments (profile_name, group_name) VALUES (?, ?)",
+                [(name, g) for g in dict.fromkeys(groups)],
+            )
+            conn.execute("UPDATE profiles SET updated_at = ? WHERE name = ?", (now, name))
+            return AssignmentOutcome(found=True)
+
+        return self._run(txn)
+
+    def create_group(self, name: str, now: float) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            if name == ALL_GROUP:
+                return False
+            cursor = conn.execute(
+                "INSERT INTO device_groups (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, now),
+            )
+            return cursor.rowcount > 0
+
+        return self._run(txn)
+
+    def groups(self) -> Deferred[list[GroupRecord]]:
+        def txn(conn: sqlite3.Connection) -> list[GroupRecord]:
+            out = [_group(conn, ALL_GROUP, None)]
+            out += [
+                _group(conn, r["name"], r["created_at"])
+                for r in conn.execute("SELECT * FROM device_groups ORDER BY name")
+            ]
+            return out
+
+        return self._run(txn, write=False)
+
+    def group(self, name: str) -> Deferred[GroupRecord | None]:
+        def txn(conn: sqlite3.Connection) -> GroupRecord | None:
+            if name == ALL_GROUP:
+                return _group(conn, ALL_GROUP, None)
+            row = conn.execute("SELECT * FROM device_groups WHERE name = ?", (name,)).fetchone()
+            return None if row is None else _group(conn, name, row["created_at"])
+
+        return self._run(txn, write=False)
+
+    def group_members(self, name: str, *, after: str | None = None, limit: int = 100) -> Deferred[list[str]]:
+        def txn(conn: sqlite3.Connection) -> list[str]:
+            if name == ALL_GROUP:
+                rows = conn.execute(
+                    "SELECT device_id FROM devices WHERE state = 'enrolled' AND device_id > ? "
+                    "ORDER BY device_id LIMIT ?",
+                    (after or "", limit),
+                )
+            else:
+                rows = conn.execute(
+                    "SELECT device_id FROM group_members WHERE group_name = ? AND device_id > ? "
+                    "ORDER BY device_id LIMIT ?",
+                    (name, after or "", limit),
+                )
+            return [r["device_id"] for r in rows]
+
+        return self._run(txn, write=False)
+
+    def delete_group(self, name: str) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            if name == ALL_GROUP:
+                return False
+            conn.execute("DELETE FROM group_members WHERE group_name = ?", (name,))
+            conn.execute("DELETE FROM profile_assignments WHERE group_name = ?", (name,))
+            return conn.execute("DELETE FROM device_groups WHERE name = ?", (name,)).rowcount > 0
+
+        return self._run(txn)
+
+    def change_group_members(
+        self, name: str, add: Sequence[str], remove: Sequence[str], now: float
+    ) -> Deferred[GroupChange | None]:
+        def txn(conn: sqlite3.Connection) -> GroupChange | None:
+            if conn.execute("SELECT 1 FROM device_groups WHERE name = ?", (name,)).fetchone() is None:
+                return None
+            wanted = list(dict.fromkeys([*add, *remove]))
+            known: set[str] = set()
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                known |= {
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT device_id FROM devices WHERE device_id IN ({marks})", chunk
+                    )
+                }
+            unknown = tuple(d for d in wanted if d not in known)
+            if unknown:
+                return GroupChange(0, 0, unknown)
+            added = sum(
+                conn.execute(
+                    "INSERT INTO group_members (group_name, device_id, added_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (name, d, now),
+                ).rowcount
+                for d in dict.fromkeys(add)
+            )
+            removed = sum(
+                conn.execute(
+                    "DELETE FROM group_members WHERE group_name = ? AND device_id = ?", (name, d)
+                ).rowcount
+                for d in dict.fromkeys(remove)
+            )
+            return GroupChange(added, removed)
+
+        return self._run(txn)
+
+    def device_profiles(self, device_id: str, *, history: int = 5) -> Deferred[list[DeviceProfileEntry]]:
+        def txn(conn: sqlite3.Connection) -> list[DeviceProfileEntry]:
+            out = []
+            for row in conn.execute(
+                "SELECT * FROM device_profiles WHERE device_id = ? ORDER BY profile_name", (device_id,)
+            ):
+                events = conn.execute(
+                    """
+                    SELECT * FROM device_profile_events WHERE device_id = ? AND profile_name = ?
+                    ORDER BY id DESC LIMIT ?
+                    """,
+                    (device_id, row["profile_name"], history),
+                )
+                out.append(DeviceProfileEntry(_device_profile(row), tuple(_profile_event(e) for e in events)))
+            return out
 
         return self._run(txn, write=False)
 
@@ -668,3 +967,130 @@ def _insert_results(
 def _end_session(conn: sqlite3.Connection, device_id: str) -> None:
     for table in ("syncml_sessions", "syncml_replies", "large_object_chunks"):
         conn.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
+
+
+#: The built-in group of every enrolled device (not stored).
+ALL_GROUP = "all"
+# Events kept per device and profile.
+_HISTORY = 20
+
+
+def _profile(conn: sqlite3.Connection, row: sqlite3.Row) -> ProfileRecord:
+    groups = conn.execute(
+        "SELECT group_name FROM profile_assignments WHERE profile_name = ? ORDER BY group_name",
+        (row["name"],),
+    )
+    return ProfileRecord(
+        name=row["name"],
+        version=row["version"],
+        items=items_from_json(row["items"]),
+        groups=tuple(g["group_name"] for g in groups),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        deleted_at=row["deleted_at"],
+    )
+
+
+def _group(conn: sqlite3.Connection, name: str, created_at: float | None) -> GroupRecord:
+    if name == ALL_GROUP:
+        members = conn.execute("SELECT COUNT(*) FROM devices WHERE state = 'enrolled'").fetchone()[0]
+    else:
+        members = conn.execute("SELECT COUNT(*) FROM group_members WHERE group_name = ?", (name,)).fetchone()[
+            0
+        ]
+    profiles = conn.execute(
+        "SELECT profile_name FROM profile_assignments WHERE group_name = ? ORDER BY profile_name", (name,)
+    )
+    return GroupRecord(name, members, created_at, tuple(p["profile_name"] for p in profiles))
+
+
+def _device_profile(row: sqlite3.Row) -> DeviceProfile:
+    return DeviceProfile.stored(
+        profile=row["profile_name"],
+        version=row["version"],
+        state=row["state"],
+        status=row["status"],
+        detail=row["detail"],
+        attempts=row["attempts"],
+        verified_at=row["verified_at"],
+        updated_at=row["updated_at"],
+        record=row["record"],
+    )
+
+
+def _profile_command(row: sqlite3.Row) -> ProfileCommand:
+    return ProfileCommand(
+        row["command_uuid"], row["profile_name"], row["version"], row["purpose"], row["loc_uri"]
+    )
+
+
+def _profile_event(row: sqlite3.Row) -> ProfileEvent:
+    return ProfileEvent(
+        row["profile_name"], row["version"], row["state"], row["status"], row["detail"], row["at"]
+    )
+
+
+def _apply_profile_step(conn: sqlite3.Connection, device_id: str, step: ProfileStep) -> None:
+    conn.executemany(
+        """
+        INSERT INTO device_profiles (device_id, profile_name, version, state, status, detail, attempts,
+                                     verified_at, updated_at, record)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (device_id, profile_name) DO UPDATE SET
+            version = excluded.version, state = excluded.state, status = excluded.status,
+            detail = excluded.detail, attempts = excluded.attempts, verified_at = excluded.verified_at,
+            updated_at = excluded.updated_at, record = excluded.record
+        """,
+        [
+            (
+                device_id, r.profile, r.version, r.state, r.status, r.detail, r.attempts,
+                r.verified_at, r.updated_at, r.record_json(),
+            )
+            for r in step.records
+        ],
+    )  # fmt: skip
+    conn.executemany(
+        """
+        INSERT INTO profile_commands (command_uuid, device_id, profile_name, version, purpose, loc_uri)
+        SELECT ?, ?, ?, ?, ?, ? FROM commands WHERE uuid = ? AND device_id = ?
+        """,
+        [
+            (link.command_uuid, device_id, link.profile, link.version, link.purpose, link.loc_uri,
+             link.command_uuid, device_id)
+            for link in step.links
+        ],
+    )  # fmt: skip
+    conn.executemany(
+        "DELETE FROM profile_commands WHERE command_uuid = ? AND device_id = ?",
+        [(uuid, device_id) for uuid in step.done],
+    )
+    conn.executemany(
+        """
+        INSERT INTO device_profile_events (device_id, profile_name, version, state, status, detail, at)
+        VALUES (?, ?, ?, ?, ?, ?, ?)
+        """,
+        [(device_id, e.profile, e.version, e.state, e.status, e.detail, e.at) for e in step.events],
+    )
+    for name in {e.profile for e in step.events}:
+        conn.execute(
+            """
+            DELETE FROM device_profile_events WHERE device_id = ? AND profile_name = ? AND id <= (
+                SELECT id FROM device_profile_events WHERE device_id = ? AND profile_name = ?
+                ORDER BY id DESC LIMIT 1 OFFSET ?)
+            """,
+            (device_id, name, device_id, name, _HISTORY),
+        )
+    _forget_deleted_profiles(conn, [r.profile for r in step.records if r.state in ("removed", "failed")])
+
+
+def _forget_deleted_profiles(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+    """A deleted profile is gone once no device still has it (every record
+    removed, or failed: the removal gave up)."""
+    for name in dict.fromkeys(names):
+        conn.execute(
+            """
+            DELETE FROM profiles WHERE name = ? AND deleted_at IS NOT NULL AND NOT EXISTS (
+                SELECT 1 FROM device_profiles WHERE profile_name = ? AND state NOT IN ('removed', 'failed'))
+            """,
+            (name, name),
+        )

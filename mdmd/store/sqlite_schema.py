@@ -150,5 +150,86 @@ _V3: Final = (
     """,
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
+# 4 (configuration profiles and device groups): profiles and their
+# assignment to groups; the built-in group "all" is not stored, it is every
+# enrolled device.  Each device's record of each profile, the queued
+# commands that work for a profile (until answered), and a short history.
+_V4: Final = (
+    """
+    CREATE TABLE profiles (
+        name TEXT PRIMARY KEY,
+        version TEXT NOT NULL,
+        items TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        deleted_at REAL
+    )
+    """,
+    """
+    CREATE TABLE device_groups (
+        name TEXT PRIMARY KEY,
+        created_at REAL NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE group_members (
+        group_name TEXT NOT NULL REFERENCES device_groups(name) ON DELETE CASCADE,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        added_at REAL NOT NULL,
+        PRIMARY KEY (group_name, device_id)
+    )
+    """,
+    "CREATE INDEX group_members_by_device ON group_members(device_id)",
+    """
+    CREATE TABLE profile_assignments (
+        profile_name TEXT NOT NULL REFERENCES profiles(name) ON DELETE CASCADE,
+        group_name TEXT NOT NULL,
+        PRIMARY KEY (profile_name, group_name)
+    )
+    """,
+    "CREATE INDEX profile_assignments_by_group ON profile_assignments(group_name)",
+    """
+    CREATE TABLE device_profiles (
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        profile_name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'verifying', 'verified', 'failed',
+                                             'drifted', 'removing', 'removed')),
+        status INTEGER,
+        detail TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        verified_at REAL,
+        updated_at REAL NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (device_id, profile_name)
+    )
+    """,
+    "CREATE INDEX device_profiles_by_profile ON device_profiles(profile_name, state)",
+    """
+    CREATE TABLE profile_commands (
+        command_uuid TEXT PRIMARY KEY REFERENCES commands(uuid),
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        profile_name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        loc_uri TEXT
+    )
+    """,
+    "CREATE INDEX profile_commands_by_device ON profile_commands(device_id)",
+    """
+    CREATE TABLE device_profile_events (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        profile_name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        state TEXT NOT NULL,
+        status INTEGER,
+        detail TEXT,
+        at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX device_profile_events_by_device ON device_profile_events(device_id, profile_name, id)",
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
