@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from twisted.internet.task import Clock
 
 from harness import REPO, Daemon, daemon_env, running_daemon
+from mdmd.sim.cli import Fleet, SimDevice, parse_args
+from mdmd.sim.device import DEFAULT_WRITE_ONLY, ManagementClient, WindowsDevice
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +101,110 @@ def test_a_wrong_enroll_secret_is_counted_by_kind_and_fails_the_run(daemon: Daem
     first = summary["first_errors"][0]
     assert first["kind"] == "orbit_enroll: http 401" and first["http_status"] == 401
     assert "Authentication failed" in first["body"]
+
+
+CAMERA = "./Device/Vendor/MSFT/Policy/Config/Camera/AllowCamera"
+COOKIES = "./Device/Vendor/MSFT/Policy/Config/Browser/AllowCookies"
+
+
+def _replace(daemon: Daemon, device_id: str, target: str, data: str) -> str:
+    status, queued = daemon.admin(
+        "POST",
+        f"/api/v1/devices/{device_id}/commands",
+        {"verb": "Replace", "items": [{"target": target, "format": "int", "data": data}]},
+    )
+    assert status == 201 and isinstance(queued, dict)
+    return str(queued["command_uuid"])
+
+
+def _command(daemon: Daemon, uuid: str) -> dict[str, Any]:
+    status, command = daemon.admin("GET", f"/api/v1/commands/{uuid}")
+    assert status == 200 and isinstance(command, dict)
+    return command
+
+
+def test_refused_locuris_and_drift_reach_the_devices(daemon: Daemon, keys: Path, tmp_path: Path) -> None:
+    saved = str(tmp_path / "devices.json")
+    code, summary, stderr = sim(
+        "--config", str(daemon.config), "--devices", "2", "--duration", "0",
+        "--keys-cache", str(keys), "--save-devices", saved,
+    )  # fmt: skip
+    assert code == 0 and summary["enrolled"] == 2, (summary, stderr)
+    ids = [d["device_id"] for d in json.loads(Path(saved).read_text())["devices"]]
+
+    # --refuse: the device answers a write of a refused node (or under it) with the code.
+    camera = {i: _replace(daemon, i, CAMERA, "0") for i in ids}
+    cookies = {i: _replace(daemon, i, COOKIES, "1") for i in ids}
+    code, summary, stderr = sim(
+        "--config", str(daemon.config), "--load-devices", saved, "--save-devices", saved, "--duration", "0",
+        "--refuse", "./Device/Vendor/MSFT/Policy/Config/Browser=404",
+    )  # fmt: skip
+    assert code == 0 and summary["commands"] == 4 and summary["drifts"] == 0, (summary, stderr)
+    for i in ids:
+        assert _command(daemon, camera[i])["status"] == 200
+        assert _command(daemon, cookies[i])["status"] == 404
+
+    # --drift-rate 1: at the start of its next session each device has the
+    # one node the server set (kept in the devices file) changed locally.
+    status, queued = daemon.admin(
+        "POST", f"/api/v1/devices/{ids[0]}/commands", {"verb": "Get", "items": [{"target": CAMERA}]}
+    )
+    assert status == 201 and isinstance(queued, dict)
+    code, summary, stderr = sim(
+        "--config", str(daemon.config), "--load-devices", saved, "--duration", "0",
+        "--drift-rate", "1", "--seed", "3",
+    )  # fmt: skip
+    assert code == 0 and summary["drifts"] == 2, (summary, stderr)
+    results = _command(daemon, str(queued["command_uuid"]))["results"]
+    assert [(r["target"], r["format"], r["data"]) for r in results if r["kind"] == "results"] == [
+        (CAMERA, "int", "1")
+    ]
+
+
+def test_tree_options_parse_and_configure_every_device() -> None:
+    options = parse_args(
+        [
+            "--url", "https://localhost:8443", "--secret", "s", "--devices", "2",
+            "--drift-rate", "0.25", "--seed", "9",
+            "--refuse", f"{CAMERA}=404", "--refuse", "./Device/Vendor/MSFT/BitLocker",
+            "--write-only", "./Device/Vendor/MSFT/Policy/Config/Secret/*",
+        ]
+    )  # fmt: skip
+    assert options.drift_rate == 0.25 and options.seed == 9
+    assert options.refuse == ((CAMERA, 404), ("./Device/Vendor/MSFT/BitLocker", 500))
+    assert options.write_only == ("./Device/Vendor/MSFT/Policy/Config/Secret/*",)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    device = WindowsDevice(key=key)
+
+    def fleet() -> Fleet:
+        # Device 1 comes from a devices file (--load-devices): its client exists already.
+        return Fleet(Clock(), options, [SimDevice(0, device), SimDevice(1, device, ManagementClient(device))])
+
+    fleets = [fleet(), fleet()]
+    clients = [[f.new_client(f.devices[0]), f.devices[1].client] for f in fleets]
+    for client in clients[0]:
+        assert client is not None and client.drift_rate == 0.25
+        assert client.refused == {CAMERA: 404, "./Device/Vendor/MSFT/BitLocker": 500}
+        assert "./Device/Vendor/MSFT/Policy/Config/Secret/*" in client.write_only
+        assert client.write_only >= DEFAULT_WRITE_ONLY
+    # Seeded: each device draws the same numbers in every run, and its own.
+    draws = [[c.rng.random() for c in cs if c is not None] for cs in clients]
+    assert draws[0] == draws[1] and draws[0][0] != draws[0][1]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--drift-rate", "1.5"],
+        ["--drift-rate", "-0.1"],
+        ["--refuse", f"{CAMERA}=200"],
+        ["--refuse", f"{CAMERA}=abc"],
+        ["--refuse", "Device/Vendor/MSFT/X"],
+        ["--write-only", "/X"],
+    ],
+)
+def test_bad_tree_options_are_usage_errors(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--url", "https://localhost:8443", "--secret", "s", "--devices", "1", *bad])
+    assert exit.value.code == 2
+    assert bad[0] in capsys.readouterr().err

@@ -95,6 +95,11 @@ class SimOptions:
     load_devices: str | None
     progress: bool | None
     samples: bool = False
+    # How the devices' management trees answer (OMA-DM).
+    drift_rate: float = 0.0
+    refuse: tuple[tuple[str, int], ...] = ()
+    write_only: tuple[str, ...] = ()
+    seed: int | None = None
 
 
 def _positive_int(text: str) -> int:
@@ -109,6 +114,29 @@ def _seconds(text: str) -> float:
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, got {text}")
     return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _locuri(text: str) -> str:
+    if not text.startswith("./") or text.endswith("/"):
+        raise argparse.ArgumentTypeError(f"must be a LocURI like ./Device/Vendor/MSFT/..., got {text!r}")
+    return text
+
+
+def _refusal(text: str) -> tuple[str, int]:
+    """LOCURI[=CODE], CODE 500 when left out."""
+    locuri, sep, code = text.rpartition("=")
+    if not sep:
+        return _locuri(text), 500
+    if not code.isdigit() or not 400 <= int(code) <= 599:
+        raise argparse.ArgumentTypeError(f"CODE must be a status code from 400 to 599, got {code!r}")
+    return _locuri(locuri), int(code)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
@@ -167,6 +195,39 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
         "--load-devices",
         metavar="FILE",
         help="devices enrolled by an earlier run (--save-devices): check in only",
+    )
+    tree = p.add_argument_group("management tree (how the devices answer the server's OMA-DM commands)")
+    tree.add_argument(
+        "--drift-rate",
+        type=_probability,
+        default=0.0,
+        metavar="P",
+        help="at the start of each session, with probability P, one node the server set on the device "
+        "has been changed locally to another value (0)",
+    )
+    tree.add_argument(
+        "--refuse",
+        type=_refusal,
+        action="append",
+        default=[],
+        metavar="LOCURI[=CODE]",
+        help="Add, Replace, Delete and Exec of LOCURI and of the nodes under it fail with CODE (500), "
+        "as when a CSP rejects a value or is missing on an edition (404); repeatable",
+    )
+    tree.add_argument(
+        "--write-only",
+        type=_locuri,
+        action="append",
+        default=[],
+        metavar="LOCURI",
+        help="a Get of LOCURI answers 405 ('*' matches any one segment); repeatable, "
+        "besides the Accounts CSP's user passwords",
+    )
+    tree.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed the random choices (drift, check-in spread) to repeat a run",
     )
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -230,6 +291,10 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
         load_devices=a.load_devices,
         progress=a.progress,
         samples=a.samples,
+        drift_rate=a.drift_rate,
+        refuse=tuple(a.refuse),
+        write_only=tuple(a.write_only),
+        seed=a.seed,
     )
 
 
@@ -332,6 +397,7 @@ def save_devices(path: str, devices: Sequence[SimDevice]) -> int:
                 "management_url": e.management_url,
                 "provider_id": e.provider_id,
                 "session_id": sd.client.session_id if sd.client else 0,
+                "nodes": sd.client.tree_state() if sd.client else {},
             }
         )
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -367,8 +433,21 @@ def load_devices(path: str, limit: int | None, max_msg_size: int | None) -> list
         )
         client = ManagementClient(device, max_msg_size=max_msg_size)
         client.session_id = int(r.get("session_id", 0))
+        client.restore_tree(r.get("nodes", {}))
         out.append(SimDevice(i, device, client))
     return out
+
+
+def configure_tree(client: ManagementClient, index: int, options: SimOptions) -> ManagementClient:
+    """Give device *index*'s management tree the behaviour the options ask
+    for.  Each device draws from its own generator, so that a seeded run
+    repeats whatever order the devices' sessions interleave in."""
+    client.drift_rate = options.drift_rate
+    client.rng = random.Random(f"{options.seed}:{index}") if options.seed is not None else random.Random()
+    for locuri, code in options.refuse:
+        client.refuse(locuri, code)
+    client.write_only.update(options.write_only)
+    return client
 
 
 # --------------------------------------------------------------------------
@@ -476,6 +555,7 @@ class Stats:
     checkins: int = 0
     messages: int = 0
     commands: int = 0
+    drifts: int = 0
     latencies: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STEPS})
     errors: Counter[str] = field(default_factory=Counter)
     first_errors: list[dict[str, Any]] = field(default_factory=list)
@@ -530,6 +610,7 @@ class Stats:
             "checkins": self.checkins,
             "messages": self.messages,
             "commands": self.commands,
+            "drifts": self.drifts,
             "elapsed_s": round(elapsed, 3),
             "enroll_window_s": round(enroll_window, 3),
             "checkin_window_s": round(checkin_window, 3),
@@ -564,7 +645,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{' (interrupted)' if s['interrupted'] else ''}",
         f"  enrolled   {s['enrolled']:>8}   enrollments/s {num(s['enrollments_per_s'])}",
         f"  check-ins  {s['checkins']:>8}   check-ins/s   {num(s['checkins_per_s'])}"
-        f"   (messages {s['messages']}, commands answered {s['commands']})",
+        f"   (messages {s['messages']}, commands answered {s['commands']}"
+        f"{', drifts injected ' + str(s['drifts']) if s['drifts'] else ''})",
         "  latency ms        count      p50      p95      p99      max",
     ]
     for step, lat in s["latency_ms"].items():
@@ -606,7 +688,10 @@ class Fleet:
         self.semaphore = DeferredSemaphore(options.concurrency)
         self.stats = Stats(devices=len(devices))
         self.deadline = 0.0
-        self.rng = random.Random()
+        self.rng = random.Random(options.seed)
+        for sd in devices:
+            if sd.client is not None:
+                configure_tree(sd.client, sd.index, options)
 
     def now(self) -> float:
         return time.monotonic()
@@ -718,12 +803,16 @@ class Fleet:
         finally:
             await _quietly(agent.close())
             await _quietly(windows.close())
-        sd.client = ManagementClient(dev, max_msg_size=o.max_msg_size)
+        sd.client = self.new_client(sd)
         self.stats.enrolled += 1
         self.stats.last_enrolled = self.now()
         return True
 
     # -- management --
+
+    def new_client(self, sd: SimDevice) -> ManagementClient:
+        client = ManagementClient(sd.device, max_msg_size=self.options.max_msg_size)
+        return configure_tree(client, sd.index, self.options)
 
     def _identity(self, sd: SimDevice) -> SimTLSPolicy:
         """The device's mutual-TLS policy.  Its OpenSSL context costs ~25 KiB
@@ -753,7 +842,7 @@ class Fleet:
         enrollment = sd.device.enrollment
         assert enrollment is not None
         if sd.client is None:
-            sd.client = ManagementClient(sd.device, max_msg_size=self.options.max_msg_size)
+            sd.client = self.new_client(sd)
         client = sd.client
         base = self.options.management_url or enrollment.management_url
         url = base + ("&" if "?" in base else "?") + MANAGEMENT_QUERY
@@ -762,7 +851,9 @@ class Fleet:
         if self.stats.first_checkin is None:
             self.stats.first_checkin = self.now()
         try:
+            drifts = len(client.drifts)
             message: bytes | None = client.session_start(enrollment.management_url)
+            self.stats.drifts += len(client.drifts) - drifts
             count = 0
             while message is not None:
                 count += 1

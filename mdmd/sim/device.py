@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import secrets
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lxml import etree
 
-__all__ = ["EnrollmentResult", "ProtocolError", "WindowsDevice"]
+__all__ = [
+    "DEFAULT_WRITE_ONLY",
+    "POLICY_CONFIG_ROOTS",
+    "Drift",
+    "EnrollmentResult",
+    "ManagementClient",
+    "ProtocolError",
+    "ServerMessage",
+    "WindowsDevice",
+]
 
 S = "http://www.w3.org/2003/05/soap-envelope"
 A = "http://www.w3.org/2005/08/addressing"
@@ -380,6 +391,88 @@ SYNCML = "SYNCML:SYNCML1.2"
 METINF = "syncml:metinf"
 _SERVER_VERBS = ("Get", "Add", "Replace", "Delete", "Exec", "Atomic", "Sequence", "Alert")
 
+# The status codes the device answers with (OMA-DM RepPro 1.2 section 10;
+# Windows lists the ones it uses in "OMA DM protocol support").
+OK = 200
+ROLLED_BACK = 216
+NOT_FOUND = 404
+NOT_ALLOWED = 405
+ALREADY_EXISTS = 418
+FAILED = 500
+ATOMIC_FAILED = 507
+
+# The Policy CSP's configuration roots.  A LocURI without ./Device or
+# ./User is device scope (Policy CSP, "Policy scope"): the third root is
+# the same place as the first on Windows; the emulator keeps each node
+# under the LocURI the server wrote.
+POLICY_CONFIG_ROOTS = (
+    "./Device/Vendor/MSFT/Policy/Config",
+    "./User/Vendor/MSFT/Policy/Config",
+    "./Vendor/MSFT/Policy/Config",
+)
+# The interior nodes every Windows PC has whatever the server did: the
+# policy roots and their ancestors (Get only).
+_BUILTIN_INTERIOR = frozenset(
+    root.rsplit("/", n)[0] for root in POLICY_CONFIG_ROOTS for n in range(root.count("/"))
+)
+# Nodes Windows writes but does not read back: the Accounts CSP's password
+# of a new local user ("GET operation is not supported").  A `*` segment
+# stands for any one segment (Windows node names are never `*`).
+DEFAULT_WRITE_ONLY = frozenset(
+    {
+        "./Device/Vendor/MSFT/Accounts/Users/*/Password",
+        "./Vendor/MSFT/Accounts/Users/*/Password",
+    }
+)
+# The formats drift() can change and keep valid.
+DRIFTABLE_FORMATS = frozenset({"int", "bool", "chr", "float", "b64"})
+_INT32_MAX = 2**31 - 1
+
+
+def _matches(pattern: str, locuri: str) -> bool:
+    """Whether *locuri* is *pattern*, a `*` segment standing for any one."""
+    if "*" not in pattern:
+        return pattern == locuri
+    wanted, segments = pattern.split("/"), locuri.split("/")
+    return len(wanted) == len(segments) and all(w in ("*", s) for w, s in zip(wanted, segments, strict=True))
+
+
+def _changed_value(fmt: str, data: str) -> str:
+    """Another value of format *fmt* than *data*: what a local administrator
+    changing the setting would leave."""
+    if fmt == "int":
+        try:
+            number = int(data)
+        except ValueError:
+            return "1"
+        if number in (0, 1):  # most integer policies are switches
+            return str(1 - number)
+        return str(number + 1 if number < _INT32_MAX else number - 1)
+    if fmt == "bool":
+        return "false" if data.strip().lower() == "true" else "true"
+    if fmt == "float":
+        try:
+            return repr(float(data) + 1.0)
+        except ValueError:
+            return "1.0"
+    if fmt == "b64":
+        try:
+            raw = base64.b64decode(data)
+        except ValueError:
+            raw = b""
+        return base64.b64encode(raw + b"\x00").decode()
+    return f"{data}-local" if data else "local"
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A node changed on the device behind the server's back."""
+
+    locuri: str
+    format: str
+    before: str
+    after: str
+
 
 @dataclass
 class ServerMessage:
@@ -392,17 +485,106 @@ class ServerMessage:
     statuses: list[tuple[str, str, int]]  # (MsgRef, CmdRef, code) the server sent us
 
 
-class ManagementClient:
-    """The Windows MDM client side of OMA-DM sessions for one device."""
+def _verb(cmd: etree._Element) -> str:
+    return etree.QName(cmd).localname
 
-    def __init__(self, device: WindowsDevice, *, max_msg_size: int | None = None) -> None:
+
+def _commands(parent: etree._Element) -> list[etree._Element]:
+    return [child for child in parent if _verb(child) in _SERVER_VERBS]
+
+
+class _Reply:
+    """The device's answer to one server message, CmdIDs in order."""
+
+    def __init__(self, msg_ref: int) -> None:
+        self.msg_ref = msg_ref
+        self.parts = [
+            f"<Status><CmdID>1</CmdID><MsgRef>{msg_ref}</MsgRef><CmdRef>0</CmdRef>"
+            f"<Cmd>SyncHdr</Cmd><Data>200</Data></Status>"
+        ]
+        self.next_id = 2
+
+    def status(self, cmd_ref: str, verb: str, code: int) -> None:
+        self.parts.append(
+            f"<Status><CmdID>{self.next_id}</CmdID><MsgRef>{self.msg_ref}</MsgRef>"
+            f"<CmdRef>{_escape(cmd_ref)}</CmdRef><Cmd>{verb}</Cmd><Data>{code}</Data></Status>"
+        )
+        self.next_id += 1
+
+    def results(self, cmd_ref: str, found: list[tuple[str, str, str | None, str]]) -> None:
+        items = "".join(
+            f"<Item><Source><LocURI>{_escape(uri)}</LocURI></Source><Meta>"
+            f'<Format xmlns="{METINF}">{_escape(fmt)}</Format>'
+            + (f'<Type xmlns="{METINF}">{_escape(kind)}</Type>' if kind else "")
+            + f"</Meta><Data>{_escape(data)}</Data></Item>"
+            for uri, fmt, kind, data in found
+        )
+        self.parts.append(
+            f"<Results><CmdID>{self.next_id}</CmdID><MsgRef>{self.msg_ref}</MsgRef>"
+            f"<CmdRef>{_escape(cmd_ref)}</CmdRef><Cmd>Get</Cmd>{items}</Results>"
+        )
+        self.next_id += 1
+
+    def next_message_alert(self) -> None:
+        self.parts.append(f"<Alert><CmdID>{self.next_id}</CmdID><Data>1222</Data></Alert>")
+        self.next_id += 1
+
+
+class ManagementClient:
+    """The Windows MDM client side of OMA-DM sessions for one device, with
+    the device's management tree.
+
+    ``nodes`` maps each LocURI to its ``(format, data)``, data kept as the
+    server wrote it; ``types`` holds the Meta/Type of the nodes that have
+    one.  DevInfo and DevDetail are built in and read-only; every other node
+    exists because the server added or replaced it (``server_set``), or a
+    test put it there.  The commands are answered with Windows' statuses:
+
+    - Get: 200 and the node's value with its Format (and Type), 404 for an
+      unknown node, 405 for a write-only node (``write_only``: LocURI
+      patterns, a ``*`` segment matching any one segment).  An interior
+      node answers with its children's names, ``/``-separated, Format node.
+    - Add: 418 for an existing node, else the node is created (Windows'
+      implicit Add: missing parents need not be added first).
+    - Replace: applied to an existing node; a policy under one of
+      ``POLICY_CONFIG_ROOTS`` that is not set yet is created (the Policy
+      CSP accepts Replace of an unset policy); elsewhere an unknown node is
+      404.  A built-in node or an interior node is 405.
+    - Delete: the node and its subtree are removed (for a policy this is the
+      Policy CSP restoring its default: a later Get is 404); 404 for an
+      unknown node, 405 for a built-in one.
+    - Exec: recorded in ``executed``, 200.
+    - Atomic: all or nothing.  A Get or an Atomic inside fails it (500);
+      on a failure everything the Atomic did is undone, the failing command
+      keeps its code, every other inner command gets 216 and the Atomic 507.
+    - ``refused`` (LocURI pattern to status code, see :meth:`refuse`):
+      Add, Replace, Delete and Exec of that node or anything under it fail
+      with the code, as when a CSP rejects a value (500) or is missing on an
+      edition (404).
+
+    ``drift_rate`` is the probability that, at the start of a session, one
+    node the server set has been changed locally (:meth:`drift`), chosen
+    with ``rng``.
+    """
+
+    def __init__(
+        self,
+        device: WindowsDevice,
+        *,
+        max_msg_size: int | None = None,
+        write_only: Iterable[str] = DEFAULT_WRITE_ONLY,
+        refused: Mapping[str, int] | None = None,
+        drift_rate: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0.0 <= drift_rate <= 1.0:
+            raise ValueError(f"drift_rate must be between 0 and 1, got {drift_rate}")
         self.device = device
         self.max_msg_size = max_msg_size
         # Windows numbers its sessions; start anywhere so that two emulator
         # instances for one device do not reuse each other's SessionIDs.
         self.session_id = secrets.randbelow(0x8000)
         self.msg_id = 0
-        # The device's management tree, as far as this emulator knows it.
         self.nodes: dict[str, tuple[str, str]] = {
             "./DevInfo/DevId": ("chr", device.device_id),
             "./DevInfo/Man": ("chr", "Microsoft Corporation"),
@@ -419,8 +601,267 @@ class ManagementClient:
             "./DevDetail/Ext/Microsoft/ProcessorArchitecture": ("int", "9"),
             "./DevDetail/Ext/Microsoft/TotalRAM": ("int", "8192"),
         }
+        # DevInfo and DevDetail: "Supported operation is Get" (their CSP pages).
+        self.read_only = frozenset(self.nodes)
+        self.types: dict[str, str] = {}
+        self.server_set: set[str] = set()
+        self.write_only: set[str] = set(write_only)
+        self.refused: dict[str, int] = dict(refused or {})
+        self.drift_rate = drift_rate
+        self.rng = rng if rng is not None else random.Random()
+        self.drifts: list[Drift] = []
         self.executed: list[str] = []
         self.server_url = ""
+
+    # -- the tree, for tests and mdmd-sim --
+
+    def refuse(self, locuri: str, code: int = FAILED) -> None:
+        """Make writes (Add, Replace, Delete, Exec) of *locuri* and of every
+        node under it fail with *code*; a ``*`` segment matches any one."""
+        self.refused[locuri] = code
+
+    def drift(self, locuri: str | None = None) -> Drift | None:
+        """Change *locuri*, or a node the server set chosen with ``rng``, to
+        another value of its format, as a local administrator would; None
+        when the server has set no node that can drift (write-only nodes
+        cannot: nobody could see it)."""
+        if locuri is None:
+            candidates = sorted(
+                uri
+                for uri in self.server_set
+                if self.nodes[uri][0] in DRIFTABLE_FORMATS and not self._write_only(uri)
+            )
+            if not candidates:
+                return None
+            locuri = self.rng.choice(candidates)
+        elif locuri not in self.nodes or locuri in self.read_only:
+            raise ValueError(f"{locuri} is not a node the server can have set")
+        fmt, before = self.nodes[locuri]
+        if fmt not in DRIFTABLE_FORMATS:
+            raise ValueError(f"{locuri} has format {fmt}, which drift does not change")
+        change = Drift(locuri, fmt, before, _changed_value(fmt, before))
+        self.nodes[locuri] = (fmt, change.after)
+        self.drifts.append(change)
+        return change
+
+    def tree_state(self) -> dict[str, dict[str, Any]]:
+        """Every node that is not built in, JSON-ready (for saving a device)."""
+        return {
+            uri: {
+                "format": fmt,
+                "data": data,
+                "type": self.types.get(uri),
+                "server_set": uri in self.server_set,
+            }
+            for uri, (fmt, data) in self.nodes.items()
+            if uri not in self.read_only
+        }
+
+    def restore_tree(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Put back the nodes :meth:`tree_state` gave."""
+        for uri, node in state.items():
+            self.nodes[uri] = (str(node["format"]), str(node["data"]))
+            if node.get("type"):
+                self.types[uri] = str(node["type"])
+            if node.get("server_set"):
+                self.server_set.add(uri)
+
+    def _write_only(self, locuri: str) -> bool:
+        return any(_matches(pattern, locuri) for pattern in self.write_only)
+
+    def _refusal(self, locuri: str) -> int | None:
+        segments = locuri.split("/")
+        for n in range(len(segments), 1, -1):
+            node = "/".join(segments[:n])
+            for pattern, code in self.refused.items():
+                if _matches(pattern, node):
+                    return code
+        return None
+
+    def _children(self, locuri: str) -> list[str]:
+        prefix = locuri + "/"
+        names = {
+            uri[len(prefix) :].split("/", 1)[0]
+            for uri in (*self.nodes, *_BUILTIN_INTERIOR)
+            if uri.startswith(prefix)
+        }
+        return sorted(names)
+
+    def _interior(self, locuri: str) -> bool:
+        if locuri in _BUILTIN_INTERIOR:
+            return True
+        node = self.nodes.get(locuri)
+        if node is not None:
+            return node[0] == "node"
+        prefix = locuri + "/"
+        return any(uri.startswith(prefix) for uri in self.nodes)
+
+    def _exists(self, locuri: str) -> bool:
+        return locuri in self.nodes or self._interior(locuri)
+
+    @staticmethod
+    def _policy(locuri: str) -> bool:
+        """Whether *locuri* names a policy: Policy/Config/Area/Policy."""
+        for root in POLICY_CONFIG_ROOTS:
+            if locuri.startswith(root + "/"):
+                return locuri[len(root) + 1 :].count("/") == 1
+        return False
+
+    def _set(self, locuri: str, fmt: str, kind: str | None, data: str) -> None:
+        self.nodes[locuri] = (fmt, "" if fmt == "node" else data)
+        if kind:
+            self.types[locuri] = kind
+        else:
+            self.types.pop(locuri, None)
+        if fmt == "node":
+            self.server_set.discard(locuri)
+        else:
+            self.server_set.add(locuri)
+
+    def _get(self, locuri: str) -> tuple[int, tuple[str, str, str | None, str] | None]:
+        # Windows checks the operation against the node's description before
+        # looking the node up: a write-only node is 405 whether set or not.
+        if self._write_only(locuri):
+            return NOT_ALLOWED, None
+        if not self._exists(locuri):
+            return NOT_FOUND, None
+        if self._interior(locuri):
+            return OK, (locuri, "node", None, "/".join(self._children(locuri)))
+        fmt, data = self.nodes[locuri]
+        return OK, (locuri, fmt, self.types.get(locuri), data)
+
+    def _add(self, locuri: str, fmt: str, kind: str | None, data: str) -> int:
+        if self._exists(locuri):
+            return ALREADY_EXISTS
+        self._set(locuri, fmt, kind, data)
+        return OK
+
+    def _replace(self, locuri: str, fmt: str, kind: str | None, data: str) -> int:
+        if not self._exists(locuri):
+            if not self._policy(locuri):
+                return NOT_FOUND
+        elif locuri in self.read_only or self._interior(locuri):
+            return NOT_ALLOWED
+        self._set(locuri, fmt, kind, data)
+        return OK
+
+    def _delete(self, locuri: str) -> int:
+        if not self._exists(locuri):
+            return NOT_FOUND
+        prefix = locuri + "/"
+        subtree = [uri for uri in self.nodes if uri == locuri or uri.startswith(prefix)]
+        if locuri in _BUILTIN_INTERIOR or any(uri in self.read_only for uri in subtree):
+            return NOT_ALLOWED
+        for uri in subtree:
+            del self.nodes[uri]
+            self.types.pop(uri, None)
+            self.server_set.discard(uri)
+        return OK
+
+    def _write(self, cmd: etree._Element) -> int:
+        """Add, Replace, Delete or Exec: the command's status code.  Items
+        are applied in order; the first that fails stops the command."""
+        ns = f"{{{SYNCML}}}"
+        verb = _verb(cmd)
+        meta_format = cmd.findtext(f"{ns}Meta/{{{METINF}}}Format")
+        meta_type = cmd.findtext(f"{ns}Meta/{{{METINF}}}Type")
+        for item in cmd.findall(f"{ns}Item"):
+            locuri = item.findtext(f"{ns}Target/{ns}LocURI") or ""
+            refusal = self._refusal(locuri)
+            if refusal is not None:
+                return refusal
+            # OMA-DM: an Item's Meta overrides the command's; chr by default.
+            fmt = item.findtext(f"{ns}Meta/{{{METINF}}}Format") or meta_format or "chr"
+            kind = item.findtext(f"{ns}Meta/{{{METINF}}}Type") or meta_type
+            data = item.findtext(f"{ns}Data") or ""
+            if verb == "Add":
+                code = self._add(locuri, fmt, kind, data)
+            elif verb == "Replace":
+                code = self._replace(locuri, fmt, kind, data)
+            elif verb == "Delete":
+                code = self._delete(locuri)
+            else:
+                self.executed.append(locuri)
+                code = OK
+            if code != OK:
+                return code
+        return OK
+
+    def _atomic(self, atomic: etree._Element) -> list[tuple[str, str, int]]:
+        """Run an Atomic: (CmdRef, verb, code) for it and then for every
+        command inside, in document order."""
+        ns = f"{{{SYNCML}}}"
+        inner: list[etree._Element] = []
+
+        def flatten(parent: etree._Element) -> None:
+            for cmd in _commands(parent):
+                inner.append(cmd)
+                if _verb(cmd) in ("Atomic", "Sequence"):
+                    flatten(cmd)
+
+        flatten(atomic)
+        saved = (dict(self.nodes), dict(self.types), set(self.server_set), len(self.executed))
+        codes: list[int] = []
+        failed: int | None = None
+        for i, cmd in enumerate(inner):
+            verb = _verb(cmd)
+            if failed is not None:
+                code = ROLLED_BACK  # not run: nothing to undo
+            elif verb in ("Get", "Atomic"):
+                code = FAILED  # "OMA DM protocol support": not allowed in an Atomic
+            elif verb in ("Sequence", "Alert"):
+                code = OK
+            else:
+                code = self._write(cmd)
+            codes.append(code)
+            if failed is None and not 200 <= code < 300:
+                failed = i
+        ref = atomic.findtext(f"{ns}CmdID") or ""
+        if failed is None:
+            outcome = [(ref, "Atomic", OK)]
+        else:
+            nodes, types, server_set, executed = saved
+            self.nodes.clear()
+            self.nodes.update(nodes)
+            self.types.clear()
+            self.types.update(types)
+            self.server_set.clear()
+            self.server_set.update(server_set)
+            del self.executed[executed:]
+            codes = [code if i == failed else ROLLED_BACK for i, code in enumerate(codes)]
+            outcome = [(ref, "Atomic", ATOMIC_FAILED)]
+        return outcome + [
+            (cmd.findtext(f"{ns}CmdID") or "", _verb(cmd), code)
+            for cmd, code in zip(inner, codes, strict=True)
+        ]
+
+    def _execute(self, cmd: etree._Element, reply: _Reply) -> None:
+        ns = f"{{{SYNCML}}}"
+        verb = _verb(cmd)
+        cmd_ref = cmd.findtext(f"{ns}CmdID") or ""
+        if verb == "Atomic":
+            for ref, inner_verb, code in self._atomic(cmd):
+                reply.status(ref, inner_verb, code)
+        elif verb == "Sequence":
+            reply.status(cmd_ref, verb, OK)
+            for inner in _commands(cmd):
+                self._execute(inner, reply)
+        elif verb == "Alert":
+            reply.status(cmd_ref, verb, OK)
+        elif verb == "Get":
+            found = []
+            for item in cmd.findall(f"{ns}Item"):
+                code, node = self._get(item.findtext(f"{ns}Target/{ns}LocURI") or "")
+                if node is None:
+                    reply.status(cmd_ref, verb, code)
+                    return
+                found.append(node)
+            reply.status(cmd_ref, verb, OK)
+            reply.results(cmd_ref, found)
+        else:
+            reply.status(cmd_ref, verb, self._write(cmd))
+
+    # -- the session --
 
     def _hdr(self, server_url: str) -> str:
         meta = (
@@ -440,6 +881,8 @@ class ManagementClient:
         self.session_id = (self.session_id + 1) & 0xFFFF
         self.msg_id = 1
         self.server_url = server_url
+        if self.drift_rate and self.rng.random() < self.drift_rate:
+            self.drift()
         alerts = [
             "<Alert><CmdID>2</CmdID><Data>1201</Data></Alert>",
             "<Alert><CmdID>3</CmdID><Data>1224</Data><Item><Meta>"
@@ -521,82 +964,21 @@ class ManagementClient:
 
     def respond(self, message: ServerMessage) -> bytes | None:
         """The device's next message, or None when the session is over."""
-        ns = f"{{{SYNCML}}}"
         if message.hdr_status not in (200, 212):
             raise ProtocolError(f"server refused our SyncHdr with status {message.hdr_status}")
         if not message.commands and message.final:
             return None  # statuses only: the session ends (MS-MDM 2.2.6.1)
         self.msg_id += 1
-        out: list[str] = [
-            f"<Status><CmdID>1</CmdID><MsgRef>{message.msg_id}</MsgRef><CmdRef>0</CmdRef>"
-            f"<Cmd>SyncHdr</Cmd><Data>200</Data></Status>"
-        ]
-        next_id = 2
-
-        def status(cmd_ref: str, verb: str, code: int) -> None:
-            nonlocal next_id
-            out.append(
-                f"<Status><CmdID>{next_id}</CmdID><MsgRef>{message.msg_id}</MsgRef>"
-                f"<CmdRef>{_escape(cmd_ref)}</CmdRef><Cmd>{verb}</Cmd><Data>{code}</Data></Status>"
-            )
-            next_id += 1
-
-        def execute(cmd: etree._Element) -> None:
-            nonlocal next_id
-            verb = etree.QName(cmd).localname
-            cmd_ref = cmd.findtext(f"{ns}CmdID") or ""
-            if verb in ("Atomic", "Sequence"):
-                status(cmd_ref, verb, 200)
-                for inner in cmd:
-                    if etree.QName(inner).localname in _SERVER_VERBS:
-                        execute(inner)
-                return
-            if verb == "Alert":
-                status(cmd_ref, verb, 200)
-                return
-            items = cmd.findall(f"{ns}Item")
-            uris = [i.findtext(f"{ns}Target/{ns}LocURI") or "" for i in items]
-            if verb == "Get":
-                found = [u for u in uris if u in self.nodes]
-                if len(found) != len(uris):
-                    status(cmd_ref, verb, 404)
-                    return
-                status(cmd_ref, verb, 200)
-                results = "".join(
-                    f"<Item><Source><LocURI>{_escape(u)}</LocURI></Source><Meta>"
-                    f'<Format xmlns="{METINF}">{self.nodes[u][0]}</Format></Meta>'
-                    f"<Data>{_escape(self.nodes[u][1])}</Data></Item>"
-                    for u in found
-                )
-                out.append(
-                    f"<Results><CmdID>{next_id}</CmdID><MsgRef>{message.msg_id}</MsgRef>"
-                    f"<CmdRef>{_escape(cmd_ref)}</CmdRef><Cmd>Get</Cmd>{results}</Results>"
-                )
-                next_id += 1
-                return
-            if verb in ("Add", "Replace"):
-                for item, uri in zip(items, uris, strict=True):
-                    fmt = item.findtext(f"{ns}Meta/{{{METINF}}}Format") or "chr"
-                    self.nodes[uri] = (fmt, item.findtext(f"{ns}Data") or "")
-            elif verb == "Delete":
-                if any(u not in self.nodes for u in uris):
-                    status(cmd_ref, verb, 404)
-                    return
-                for uri in uris:
-                    del self.nodes[uri]
-            elif verb == "Exec":
-                self.executed.extend(uris)
-            status(cmd_ref, verb, 200)
-
+        reply = _Reply(message.msg_id)
         for cmd in message.commands:
-            execute(cmd)
+            self._execute(cmd, reply)
         if not message.final:
             # The server's package continues: ask for its next message, and
             # do not send Final while the server's package is open (OMA-DM
             # 1.2, multiple messages in package), as Windows does.
-            out.append(f"<Alert><CmdID>{next_id}</CmdID><Data>1222</Data></Alert>")
+            reply.next_message_alert()
         final = "<Final/>" if message.final else ""
         return (
-            f'<SyncML xmlns="{SYNCML}">{self._hdr(self.server_url)}<SyncBody>{"".join(out)}'
+            f'<SyncML xmlns="{SYNCML}">{self._hdr(self.server_url)}<SyncBody>{"".join(reply.parts)}'
             f"{final}</SyncBody></SyncML>"
         ).encode()
