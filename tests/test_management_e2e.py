@@ -9,7 +9,6 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from lxml import etree
 
 from harness import (
-    MANAGEMENT_PATH,
-    SYNCML,
     Daemon,
     client_tls_context,
     daemon_env,
@@ -32,17 +29,7 @@ from harness import (
 )
 from mdmd import pki
 from mdmd.sim.device import EnrollmentResult, ManagementClient, ServerMessage, WindowsDevice
-
-
-@dataclass
-class Enrolled:
-    device: WindowsDevice
-    enrollment: EnrollmentResult
-    tls: ssl.SSLContext
-
-    @property
-    def id(self) -> str:
-        return self.device.device_id
+from omadm_helpers import Enrolled, command_state, enroll, get, post, queue, run_session
 
 
 @pytest.fixture(scope="module")
@@ -64,54 +51,7 @@ def enrolled(daemon: Daemon, keys: list[object], tmp_path: Path) -> Enrolled:
     """A freshly enrolled device (its own host, its own certificate)."""
     n = next(_counter)
     device = WindowsDevice(key=keys[n % len(keys)], hostname=f"PC-{n}")  # type: ignore[arg-type]
-    result = enroll_device(daemon, device)
-    assert isinstance(result, EnrollmentResult)
-    return Enrolled(device, result, client_tls_context(daemon, tmp_path, result.certificate, device.key))
-
-
-def post(
-    daemon: Daemon, who: Enrolled | ssl.SSLContext, body: bytes, headers: dict[str, str] | None = None
-) -> tuple[int, bytes]:
-    context = who.tls if isinstance(who, Enrolled) else who
-    response, data = daemon.request(
-        "POST", MANAGEMENT_PATH, body, headers or SYNCML, section="management", context=context
-    )
-    return response.status, data
-
-
-def run_session(
-    daemon: Daemon, who: Enrolled, client: ManagementClient, *, stop_after: int | None = None
-) -> list[ServerMessage]:
-    """A whole session; with stop_after, the connection 'breaks' after that
-    many server messages were received (the device never answers the last)."""
-    seen: list[ServerMessage] = []
-    message: bytes | None = client.session_start(who.enrollment.management_url)
-    while message is not None:
-        status, body = post(daemon, who, message)
-        assert status == 200, body
-        server = client.read(body)
-        seen.append(server)
-        if stop_after is not None and len(seen) >= stop_after:
-            break
-        message = client.respond(server)
-    return seen
-
-
-def queue(daemon: Daemon, device_id: str, command: dict[str, object]) -> str:
-    status, body = daemon.admin("POST", f"/api/v1/devices/{device_id}/commands", command)
-    assert status == 201, body
-    assert isinstance(body, dict)
-    return str(body["command_uuid"])
-
-
-def command_state(daemon: Daemon, uuid: str) -> object:
-    status, command = daemon.admin("GET", f"/api/v1/commands/{uuid}")
-    assert status == 200 and isinstance(command, dict), command
-    return command["state"]
-
-
-def get(target: str) -> dict[str, object]:
-    return {"verb": "Get", "items": [{"target": target}]}
+    return enroll(daemon, device, tmp_path)
 
 
 def hdr_status(body: bytes) -> int:

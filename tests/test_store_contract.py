@@ -17,11 +17,23 @@ from mdmd.management import (
     CommandResult,
     CompletedObject,
     ManagementStep,
+    NewCommand,
     QueuedCommand,
     SentRef,
     SessionState,
 )
-from mdmd.store import SessionConflict, Store
+from mdmd.profiles import (
+    AppliedItem,
+    DeviceProfile,
+    DeviceVars,
+    Profile,
+    ProfileCommand,
+    ProfileEvent,
+    ProfileItem,
+    ProfileStep,
+    profile_version,
+)
+from mdmd.store import AssignmentOutcome, SessionConflict, Store
 from store_helpers import BACKENDS, enrollment, host, wait
 
 
@@ -320,3 +332,158 @@ def test_re_enrollment_invalidates_a_session_step_read_before_it(store: Store) -
     fresh = wait(store.management_context("serial1b"))
     assert fresh is not None and fresh.session is None
     assert wait(store.last_reply("DEV1")) is None
+
+
+# --- configuration profiles and groups ---
+
+
+def _profile(name: str, data: str = "1") -> Profile:
+    items = (ProfileItem("Replace", "./Device/Vendor/MSFT/Policy/Config/A/B", "int", None, data),)
+    return Profile(name, profile_version(items), items)
+
+
+def test_profiles_are_created_once_updated_and_listed(store: Store) -> None:
+    assert wait(store.create_profile(_profile("p1"), 1.0)) is True
+    assert wait(store.create_profile(_profile("p1", "2"), 2.0)) is False
+    assert wait(store.update_profile(_profile("nope"), 2.0)) is False
+    assert wait(store.update_profile(_profile("p1", "3"), 3.0)) is True
+    shown = wait(store.profile("p1"))
+    assert shown is not None and shown.version == _profile("p1", "3").version and shown.items[0].data == "3"
+    assert (shown.created_at, shown.updated_at, shown.deleted_at) == (1.0, 3.0, None)
+    assert [p.name for p in wait(store.profiles())] == ["p1"]
+
+
+def test_groups_members_and_assignments(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    _enrolled_with_command(store, "DEV2", 2)
+    assert wait(store.create_group("team", 1.0)) is True
+    assert wait(store.create_group("team", 1.0)) is False
+    assert wait(store.create_group("all", 1.0)) is False  # built in
+    change = wait(store.change_group_members("team", ["DEV2", "DEV1", "GHOST"], [], 2.0))
+    assert change is not None and change.unknown == ("GHOST",) and change.added == 0
+    assert wait(store.group_members("team")) == []  # nothing changed
+    change = wait(store.change_group_members("team", ["DEV2", "DEV1", "DEV1"], [], 2.0))
+    assert change is not None and (change.added, change.removed) == (2, 0)
+    assert wait(store.group_members("team", limit=1)) == ["DEV1"]
+    assert wait(store.group_members("team", after="DEV1")) == ["DEV2"]
+    assert wait(store.change_group_members("nope", ["DEV1"], [], 2.0)) is None
+    wait(store.create_profile(_profile("p1"), 1.0))
+    outcome = wait(store.assign_profile("p1", ["team", "ghosts"], 3.0))
+    assert outcome.found and outcome.unknown_groups == ("ghosts",)
+    assert wait(store.assign_profile("nope", ["team"], 3.0)).found is False
+    assert wait(store.assign_profile("p1", ["team", "all"], 3.0)) == AssignmentOutcome(found=True)
+    groups = {g.name: g for g in wait(store.groups())}
+    assert next(iter(groups)) == "all"
+    assert (groups["all"].members, groups["all"].created_at, groups["all"].profiles) == (2, None, ("p1",))
+    assert (groups["team"].members, groups["team"].profiles) == (2, ("p1",))
+    assert wait(store.group_members("all")) == ["DEV1", "DEV2"]
+    change = wait(store.change_group_members("team", [], ["DEV1"], 4.0))
+    assert change is not None and change.removed == 1
+    assert wait(store.delete_group("team")) is True and wait(store.group("team")) is None
+    shown = wait(store.profile("p1"))
+    assert shown is not None and shown.groups == ("all",)
+
+
+def test_a_devices_desired_profiles_are_the_union_over_its_groups(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    for name in ("everyone", "mine", "others", "gone"):
+        wait(store.create_profile(_profile(name), 1.0))
+    wait(store.create_group("g1", 1.0))
+    wait(store.create_group("g2", 1.0))
+    wait(store.change_group_members("g1", ["DEV1"], [], 1.0))
+    wait(store.assign_profile("everyone", ["all"], 1.0))
+    wait(store.assign_profile("mine", ["g1", "g2"], 1.0))
+    wait(store.assign_profile("others", ["g2"], 1.0))
+    wait(store.assign_profile("gone", ["g1"], 1.0))
+    wait(store.delete_profile("gone", 2.0))
+    context = wait(store.profile_context("DEV1"))
+    assert [p.name for p in context.desired] == ["everyone", "mine"]
+    assert context.device == DeviceVars("DEV1", "host1", "serial1")
+
+
+def test_a_profile_step_keeps_records_links_history_and_created_commands(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    wait(store.create_profile(_profile("p1"), 1.0))
+    wait(store.assign_profile("p1", ["all"], 1.0))
+    record = DeviceProfile(
+        "p1",
+        "v1",
+        "sent",
+        applied=(AppliedItem("./A", "int", "1"),),
+        awaiting=frozenset({"./A"}),
+        updated_at=5.0,
+    )
+    link = ProfileCommand("new-1", "p1", "v1", "apply", None)
+    event = ProfileEvent("p1", "v1", "sent", None, None, 5.0)
+    step = ManagementStep(
+        "DEV1", _session(), created=(NewCommand("new-1", "Atomic", "<Atomic/>"),), sent=(("new-1", "1A", 1),)
+    )
+    wait(store.commit_management_step(step, 5.0, profiles=ProfileStep((record,), (link,), (), (event,))))
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None
+    assert ctx.profiles == (record,) and ctx.profile_links == (link,)
+    assert QueuedCommand("new-1", "<Atomic/>") in ctx.queue
+    sent = wait(store.command("new-1"))
+    assert sent is not None and (sent.state, sent.verb) == ("sent", "Atomic")
+    (entry,) = wait(store.device_profiles("DEV1"))
+    assert entry.record == record and entry.history == (event,)
+    assert wait(store.profile_status("p1")) == {"sent": 1}
+    # The answer: link done, record verified.
+    verified = DeviceProfile("p1", "v1", "verified", verified_at=6.0, updated_at=6.0, applied=record.applied)
+    done = ProfileStep((verified,), (), ("new-1",), (ProfileEvent("p1", "v1", "verified", None, None, 6.0),))
+    wait(
+        store.commit_management_step(
+            ManagementStep("DEV1", _session(), answered=(("new-1", 200),)), 6.0, profiles=done
+        )
+    )
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None and ctx.profiles == (verified,) and ctx.profile_links == ()
+    (entry,) = wait(store.device_profiles("DEV1", history=1))
+    assert [e.state for e in entry.history] == ["verified"]
+
+
+def test_a_deleted_profile_is_gone_once_no_device_has_it(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    wait(store.create_profile(_profile("p1"), 1.0))
+    wait(store.create_profile(_profile("unused"), 1.0))
+    wait(store.assign_profile("p1", ["all"], 1.0))
+    applied = DeviceProfile("p1", "v1", "verified", updated_at=2.0, applied=(AppliedItem("./A", "int", "1"),))
+    wait(
+        store.commit_management_step(
+            ManagementStep("DEV1", _session()), 2.0, profiles=ProfileStep((applied,))
+        )
+    )
+    assert wait(store.delete_profile("unused", 3.0)) is True
+    assert wait(store.profile("unused")) is None  # no device had it
+    assert wait(store.delete_profile("p1", 3.0)) is True
+    assert wait(store.delete_profile("p1", 3.0)) is False
+    shown = wait(store.profile("p1"))
+    assert shown is not None and shown.deleted_at == 3.0 and shown.groups == ()
+    assert wait(store.update_profile(_profile("p1", "2"), 4.0)) is False
+    assert wait(store.profile_context("DEV1")).desired == ()
+    removed = replace(applied, state="removed", applied=(), updated_at=5.0)
+    wait(
+        store.commit_management_step(
+            ManagementStep("DEV1", _session()), 5.0, profiles=ProfileStep((removed,))
+        )
+    )
+    assert wait(store.profile("p1")) is None
+    (entry,) = wait(store.device_profiles("DEV1"))
+    assert entry.record.state == "removed"
+
+
+def test_profile_status_counts_devices_that_have_not_had_it_yet_as_pending(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    _enrolled_with_command(store, "DEV2", 2)
+    wait(store.create_profile(_profile("p1"), 1.0))
+    wait(store.create_group("g", 1.0))
+    wait(store.change_group_members("g", ["DEV1", "DEV2"], [], 1.0))
+    wait(store.assign_profile("p1", ["g"], 1.0))
+    assert wait(store.profile_status("p1")) == {"pending": 2}
+    failed = DeviceProfile("p1", "v1", "failed", status=500, updated_at=2.0)
+    wait(
+        store.commit_management_step(ManagementStep("DEV1", _session()), 2.0, profiles=ProfileStep((failed,)))
+    )
+    assert wait(store.profile_status("p1")) == {"pending": 1, "failed": 1}
+    wait(store.assign_profile("p1", ["all"], 3.0))
+    assert wait(store.profile_status("p1")) == {"pending": 1, "failed": 1}

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_management_e2e import Enrolled, post
 
 from harness import Daemon, client_tls_context, db_rows, edit_ini, enroll_device, running_daemon, start_daemon
 from mdmd import pki
 from mdmd.sim.device import EnrollmentResult, ManagementClient, WindowsDevice
+from omadm_helpers import Enrolled, post
 
 WORKERS = 2
 _SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
