@@ -11,6 +11,9 @@ a running mdmd (``[admin] url`` and the token in ``[admin] token_file`` of
     mdmctl exec ID LOCURI [--data ...]  mdmctl queue ID --syncml FILE|-
     mdmctl command UUID                 mdmctl commands ID
     mdmctl unenroll ID
+    mdmctl profile list|show|add|update|delete ...
+    mdmctl group list|show|add|delete|members ...
+    mdmctl assign PROFILE GROUP...
 
 Output is aligned text, or the API's JSON with ``--json``.  A failure is one
 line on stderr (``mdmctl: ...``) and exit status 1; usage errors exit 2.
@@ -126,7 +129,11 @@ class AdminClient:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: object | None = None) -> Any:
+    def call_no_content(self, method: str, path: str) -> None:
+        """A call answered with 204 and no body."""
+        self.call(method, path, empty_ok=True)
+
+    def call(self, method: str, path: str, body: object | None = None, *, empty_ok: bool = False) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
             self.base_url + path,
@@ -152,6 +159,8 @@ class AdminClient:
             raise CliError(_one_line(f"cannot reach the admin API at {self.base_url}: {e.reason}")) from None
         except (http.client.HTTPException, OSError) as e:
             raise CliError(_one_line(f"cannot reach the admin API at {self.base_url}: {e}")) from None
+        if empty_ok and not raw:
+            return None
         try:
             return json.loads(raw)
         except ValueError:
@@ -277,6 +286,28 @@ def _show_device(d: Any) -> None:
         _print(["  " + line for line in _fields(sorted(inventory.items()))])
     else:
         print("  none reported yet")
+    profiles = d.get("profiles") or []
+    print("\nprofiles:")
+    if profiles:
+        rows = [
+            (
+                p["name"],
+                p.get("version"),
+                p.get("state"),
+                p.get("status"),
+                p.get("updated_at"),
+                p.get("detail"),
+            )
+            for p in profiles
+        ]
+        _print(
+            [
+                "  " + line
+                for line in _table(("PROFILE", "VERSION", "STATE", "STATUS", "UPDATED", "DETAIL"), rows)
+            ]
+        )
+    else:
+        print("  none")
     commands = d.get("recent_commands") or []
     print("\nrecent commands:")
     if commands:
@@ -343,7 +374,10 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _device(args: argparse.Namespace) -> int:
-    _output(args, _client(args).call("GET", f"/api/v1/devices/{_q(args.id)}"), _show_device)
+    client = _client(args)
+    answer = client.call("GET", f"/api/v1/devices/{_q(args.id)}")
+    answer["profiles"] = client.call("GET", f"/api/v1/devices/{_q(args.id)}/profiles")["profiles"]
+    _output(args, answer, _show_device)
     return 0
 
 
@@ -431,6 +465,180 @@ def _queue(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# Configuration profiles and groups
+# --------------------------------------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not UTF-8 text") from None
+
+
+def _profile_body(args: argparse.Namespace) -> dict[str, Any]:
+    """FILE holds the SyncML commands (Replace/Add, optionally in one
+    Atomic), or JSON: ``{"items": [...]}`` or the list of items alone."""
+    text = _read_text(args.file)
+    body: dict[str, Any] = {"name": args.name}
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            payload = json.loads(text)
+        except ValueError as e:
+            raise CliError(f"{args.file} is not valid JSON: {e}") from None
+        body["items"] = payload.get("items") if isinstance(payload, dict) else payload
+    else:
+        body["syncml"] = text
+    return body
+
+
+def _show_profiles(answer: Any) -> None:
+    profiles = answer.get("profiles", [])
+    if not profiles:
+        print("no profiles")
+        return
+    rows = [
+        (
+            p["name"] + (" (being deleted)" if p.get("deleting") else ""),
+            p.get("version"),
+            p.get("items"),
+            ", ".join(p.get("groups") or []) or "-",
+            p.get("updated_at"),
+        )
+        for p in profiles
+    ]
+    _print(_table(("PROFILE", "VERSION", "ITEMS", "GROUPS", "UPDATED"), rows))
+
+
+def _show_profile(p: Any) -> None:
+    status = p.get("status") or {}
+    _print(
+        _fields(
+            [
+                ("name", p["name"]),
+                ("version", p.get("version")),
+                ("groups", ", ".join(p.get("groups") or []) or "none"),
+                ("devices", ", ".join(f"{n} {state}" for state, n in sorted(status.items())) or "none yet"),
+                ("created_at", p.get("created_at")),
+                ("updated_at", p.get("updated_at")),
+                ("deleting", p.get("deleting")),
+            ]
+        )
+    )
+    rows = [(i.get("verb"), i.get("target"), i.get("format"), i.get("data")) for i in p.get("items") or []]
+    print("\nitems:")
+    _print(["  " + line for line in _table(("VERB", "TARGET", "FORMAT", "DATA"), rows)])
+
+
+def _show_groups(answer: Any) -> None:
+    rows = [
+        (
+            g["name"],
+            g.get("members"),
+            ", ".join(g.get("profiles") or []) or "-",
+            "built in" if g.get("builtin") else "",
+        )
+        for g in answer.get("groups", [])
+    ]
+    _print(_table(("GROUP", "MEMBERS", "PROFILES", ""), rows))
+
+
+def _profile(args: argparse.Namespace) -> int:
+    client = _client(args)
+    name = _q(args.name) if getattr(args, "name", None) else ""
+    match args.action:
+        case "list":
+            _output(args, client.call("GET", "/api/v1/profiles"), _show_profiles)
+        case "show":
+            _output(args, client.call("GET", f"/api/v1/profiles/{name}"), _show_profile)
+        case "add":
+            answer = client.call("POST", "/api/v1/profiles", _profile_body(args))
+            _output(args, answer, lambda a: print(f"profile {a['name']} created, version {a['version']}"))
+        case "update":
+            body = _profile_body(args)
+            del body["name"]
+            answer = client.call("PUT", f"/api/v1/profiles/{name}", body)
+            _output(args, answer, lambda a: print(f"profile {a['name']} is now version {a['version']}"))
+        case "delete":
+            answer = client.call("DELETE", f"/api/v1/profiles/{name}")
+            _output(
+                args,
+                answer,
+                lambda a: print(f"profile {a['name']} deleted: devices remove it at their next check-in"),
+            )
+    return 0
+
+
+def _group(args: argparse.Namespace) -> int:
+    client = _client(args)
+    name = _q(args.name) if getattr(args, "name", None) else ""
+    match args.action:
+        case "list":
+            _output(args, client.call("GET", "/api/v1/groups"), _show_groups)
+        case "add":
+            answer = client.call("POST", "/api/v1/groups", {"name": args.name})
+            _output(args, answer, lambda a: print(f"group {a['name']} created"))
+        case "delete":
+            client.call_no_content("DELETE", f"/api/v1/groups/{name}")
+            _output(args, {"name": args.name}, lambda a: print(f"group {a['name']} deleted"))
+        case "show":
+            pages = []
+            cursor: str | None = None
+            while True:
+                query = f"?limit={args.limit}" + (f"&cursor={_q(cursor)}" if cursor else "")
+                page = client.call("GET", f"/api/v1/groups/{name}{query}")
+                pages.append(page)
+                cursor = page.get("next")
+                if not args.all or not cursor:
+                    break
+            answer = {**pages[-1], "devices": [d for p in pages for d in p.get("devices", [])]}
+
+            def show(g: Any) -> None:
+                _print(
+                    _fields(
+                        [
+                            ("name", g["name"]),
+                            ("members", g.get("members")),
+                            ("profiles", ", ".join(g.get("profiles") or []) or "none"),
+                        ]
+                    )
+                )
+                print("\ndevices:")
+                _print(["  " + d for d in g.get("devices", [])] or ["  none"])
+                if g.get("next"):
+                    print(f"  ... more: --all, or --limit larger than {args.limit}")
+
+            _output(args, answer, show)
+        case "members":
+            if not args.add and not args.remove:
+                raise CliError("give --add ID ... and/or --remove ID ...")
+            answer = client.call(
+                "POST", f"/api/v1/groups/{name}/devices", {"add": args.add or [], "remove": args.remove or []}
+            )
+            _output(
+                args,
+                answer,
+                lambda a: print(f"group {a['name']}: {a['added']} added, {a['removed']} removed"),
+            )
+    return 0
+
+
+def _assign(args: argparse.Namespace) -> int:
+    answer = _client(args).call("PUT", f"/api/v1/profiles/{_q(args.profile)}/groups", {"groups": args.groups})
+    _output(
+        args,
+        answer,
+        lambda a: print(f"profile {a['name']} assigned to {', '.join(a['groups']) or 'no group'}"),
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
@@ -502,6 +710,43 @@ def build_parser() -> argparse.ArgumentParser:
     api("unenroll", "ask the device's agent to unenroll it from MDM", _unenroll).add_argument(
         "id", metavar="ID", help="MDM device ID"
     )
+
+    profile = api("profile", "configuration profiles: list, show, add, update, delete", _profile)
+    actions = profile.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every profile", parents=[common])
+    for action, text in (
+        ("show", "one profile: items, groups, device states"),
+        ("delete", "remove it from every device, then forget it"),
+    ):
+        actions.add_parser(action, help=text, parents=[common]).add_argument("name", metavar="NAME")
+    for action, text in (
+        ("add", "create a profile"),
+        ("update", "change a profile (devices get the new version)"),
+    ):
+        sub = actions.add_parser(action, help=text, parents=[common])
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument(
+            "file", metavar="FILE", help="SyncML Replace/Add commands, or JSON items; - reads stdin"
+        )
+    group = api("group", "device groups: list, show, add, delete, members", _group)
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every group, the built-in all first", parents=[common])
+    for action, text in (
+        ("add", "create a group"),
+        ("delete", "delete a group (its profiles leave its devices)"),
+    ):
+        actions.add_parser(action, help=text, parents=[common]).add_argument("name", metavar="NAME")
+    show = actions.add_parser("show", help="a group and its member devices", parents=[common])
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--limit", type=int, default=100, metavar="N", help="devices per page (100)")
+    show.add_argument("--all", action="store_true", help="every member, page after page")
+    members = actions.add_parser("members", help="add devices to a group or remove them", parents=[common])
+    members.add_argument("name", metavar="NAME")
+    members.add_argument("--add", nargs="+", metavar="ID", help="device IDs to add")
+    members.add_argument("--remove", nargs="+", metavar="ID", help="device IDs to remove")
+    assign = api("assign", "make GROUPs (all included) the profile's groups; none unassigns it", _assign)
+    assign.add_argument("profile", metavar="PROFILE")
+    assign.add_argument("groups", nargs="*", metavar="GROUP")
 
     queue_helps = {
         "get": "queue a Get of one or more LocURIs",

@@ -305,3 +305,43 @@ def test_init_still_creates_key_material(tmp_path: Path) -> None:
         "wstep-identity.key",
         "wstep-identity.pem",
     ]
+
+
+def test_profiles_and_groups_from_the_command_line(daemon: Daemon, pc: Managed, tmp_path: Path) -> None:
+    camera = "./Device/Vendor/MSFT/Policy/Config/Camera/AllowCamera"
+    syncml = tmp_path / "camera.xml"
+    syncml.write_text(
+        f"<Replace><Item><Target><LocURI>{camera}</LocURI></Target>"
+        '<Meta><Format xmlns="syncml:metinf">int</Format></Meta><Data>0</Data></Item></Replace>'
+    )
+    done = mdmctl(daemon, "profile", "add", "no-camera", str(syncml))
+    assert done.returncode == 0 and done.stdout.startswith("profile no-camera created, version "), done.stderr
+    done = mdmctl(daemon, "profile", "add", "no-camera", str(syncml))
+    assert done.returncode == 1 and "exists" in done.stderr
+    items = json.dumps({"items": [{"target": camera, "format": "int", "data": "1"}]})
+    done = mdmctl(daemon, "profile", "update", "no-camera", "-", stdin=items)
+    assert done.returncode == 0 and "is now version" in done.stdout, done.stderr
+    assert mdmctl(daemon, "group", "add", "desks").returncode == 0
+    done = mdmctl(daemon, "group", "members", "desks", "--add", pc.id)
+    assert done.stdout.strip() == "group desks: 1 added, 0 removed", done.stderr
+    done = mdmctl(daemon, "group", "members", "desks", "--add", "NOT-A-PC")
+    assert done.returncode == 1 and "no such device: NOT-A-PC" in done.stderr
+    done = mdmctl(daemon, "assign", "no-camera", "desks")
+    assert done.stdout.strip() == "profile no-camera assigned to desks", done.stderr
+    pc.sync(daemon)
+    shown = mdmctl(daemon, "device", pc.id).stdout
+    assert re.search(r"no-camera\s+[0-9a-f]{16}\s+verified", shown), shown
+    shown = mdmctl(daemon, "profile", "show", "no-camera").stdout
+    assert "1 verified" in shown and camera in shown and "desks" in shown
+    listed = mdmctl(daemon, "profile", "list").stdout
+    assert re.search(r"no-camera\s+[0-9a-f]{16}\s+1\s+desks", listed), listed
+    groups = mdmctl(daemon, "group", "list").stdout
+    assert re.search(r"all\s+\d+\s+-\s+built in", groups) and re.search(r"desks\s+1\s+no-camera", groups)
+    assert pc.id in mdmctl(daemon, "group", "show", "desks", "--all").stdout
+    assert json.loads(mdmctl(daemon, "--json", "group", "show", "desks").stdout)["devices"] == [pc.id]
+    assert mdmctl(daemon, "assign", "no-camera").stdout.strip() == "profile no-camera assigned to no group"
+    done = mdmctl(daemon, "profile", "delete", "no-camera")
+    assert done.returncode == 0 and "remove it at their next check-in" in done.stdout
+    pc.sync(daemon)
+    assert mdmctl(daemon, "profile", "show", "no-camera").returncode == 1
+    assert mdmctl(daemon, "group", "delete", "desks").stdout.strip() == "group desks deleted"

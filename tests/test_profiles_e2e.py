@@ -5,16 +5,17 @@ verified by reading back, repaired on drift and removed."""
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import Daemon, db_rows, running_daemon
+from harness import Daemon, db_rows, running_daemon, start_daemon
 from mdmd import pki
 from mdmd.sim.device import ManagementClient, WindowsDevice
-from omadm_helpers import Enrolled, enroll, run_session
+from omadm_helpers import Enrolled, enroll, post, run_session
 
 CAMERA = "./Device/Vendor/MSFT/Policy/Config/Camera/AllowCamera"
 TELEMETRY = "./Device/Vendor/MSFT/Policy/Config/System/AllowTelemetry"
@@ -330,3 +331,47 @@ def test_group_members_are_paged(daemon: Daemon, keys: list[object], tmp_path: P
     groups = {g["name"]: g for g in admin(daemon, "GET", "/api/v1/groups")["groups"]}
     assert groups["all"]["builtin"] and groups["paged"]["members"] == 3
     assert db_rows(daemon, "SELECT COUNT(*) FROM group_members WHERE group_name = 'paged'") == [(3,)]
+
+
+def test_kill_9_between_messages_loses_nothing_and_sends_nothing_twice(
+    keys: list[object], tmp_path: Path
+) -> None:
+    """The daemon is killed after each reply of a profile's session; each
+    time a new one continues the same session from what was committed."""
+    (tmp_path / "d").mkdir()
+    with running_daemon(tmp_path / "d") as first:
+        config = first.config
+        enrolled, client = device(first, keys, tmp_path)
+        group_with(first, "crash", enrolled.id)
+        items = replace_items((CAMERA, "0"), (TELEMETRY, "1"))
+        admin(first, "POST", "/api/v1/profiles", {"name": "crash", "items": items}, expect=201)
+        admin(first, "PUT", "/api/v1/profiles/crash/groups", {"groups": ["crash"]})
+    daemon = start_daemon(config)
+    sent: list[str] = []
+    message: bytes | None = client.session_start(enrolled.enrollment.management_url)
+    try:
+        while message is not None:
+            status, body = post(daemon, enrolled, message)
+            assert status == 200, body
+            server = client.read(body)
+            sent += [c.tag.split("}")[1] for c in server.commands]
+            # The reply left: kill -9, and let a new process take over.
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait()
+            daemon = start_daemon(config)
+            message = client.respond(server)
+        assert sent == ["Atomic", "Get", "Get"]
+        assert profile_states(daemon, enrolled.id)["crash"][0] == "verified"
+        rows = db_rows(
+            daemon,
+            "SELECT c.verb, c.state, c.status FROM commands c WHERE c.device_id = ? ORDER BY c.seq",
+            enrolled.id,
+        )
+        assert rows == [
+            ("Atomic", "acknowledged", 200),
+            ("Get", "acknowledged", 200),
+            ("Get", "acknowledged", 200),
+        ]
+        assert db_rows(daemon, "PRAGMA integrity_check") == [("ok",)]
+    finally:
+        daemon.stop()
