@@ -25,7 +25,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
-from mdmd.app import Mdmd
+from mdmd.app import TEST_CLOCK_OFFSET_VARIABLE, Mdmd, clock_offset_for_tests
 from mdmd.config import MdmdConfig
 from mdmd.listeners import ListenerService, admin_site, device_listeners
 from mdmd.material import Material
@@ -58,7 +58,15 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
     store = open_store(config, reactor)
     StoreService(store).setServiceParent(top)
 
-    app = Mdmd(config=config, material=material, store=store, reactor=reactor)
+    app = Mdmd(
+        config=config, material=material, store=store, reactor=reactor, clock_offset=clock_offset_for_tests()
+    )
+    if app.clock_offset:
+        log.warn(
+            "TEST ONLY: the clock is moved by {offset} s ({variable}); never in production",
+            offset=app.clock_offset,
+            variable=TEST_CLOCK_OFFSET_VARIABLE,
+        )
     enrollment, management = device_listeners(app)
     listen = {"enrollment": config.enrollment.listen, "management": config.management.listen}
 

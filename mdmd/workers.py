@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse(argv)
     from twisted.internet import reactor
 
-    from mdmd.app import Mdmd
+    from mdmd.app import Mdmd, clock_offset_for_tests
     from mdmd.listeners import device_listeners
     from mdmd.material import load_material
     from mdmd.store.service import StoreService, open_store
@@ -367,7 +367,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as e:
         log.critical("cannot start: {error}", error=str(e))
         raise SystemExit(78) from None
-    app = Mdmd(config=config, material=material, store=store, reactor=reactor)
+    app = Mdmd(
+        config=config, material=material, store=store, reactor=reactor, clock_offset=clock_offset_for_tests()
+    )
 
     top = MultiService()
     StoreService(store).setServiceParent(top)

@@ -306,10 +306,18 @@ def _parse_ini(path: Path) -> dict[str, dict[str, str]]:
     return {s: dict(parser[s]) for s in parser.sections()}
 
 
-def start_daemon(config: Path) -> Daemon:
+def start_daemon(config: Path, *, clock_offset: float = 0.0) -> Daemon:
+    """Start the daemon on *config*; *clock_offset* seconds move its clock
+    (the test-only ``MDMD_TEST_CLOCK_OFFSET``, see :mod:`mdmd.app`)."""
+    from mdmd.app import TEST_CLOCK_OFFSET_VARIABLE
+
     log_path = config.parent / "mdmd.log"
+    env = daemon_env()
+    env.pop(TEST_CLOCK_OFFSET_VARIABLE, None)
+    if clock_offset:
+        env[TEST_CLOCK_OFFSET_VARIABLE] = repr(float(clock_offset))
     log_file = open(log_path, "wb")  # noqa: SIM115 - handed to the child
-    proc = spawn_twistd(config, stdout=log_file, stderr=subprocess.STDOUT)
+    proc = spawn_twistd(config, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
     daemon = Daemon(config=config, proc=proc, log_path=log_path, ini=_parse_ini(config))
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -327,9 +335,12 @@ def start_daemon(config: Path) -> Daemon:
 
 @contextmanager
 def running_daemon(
-    directory: Path, overrides: Mapping[str, Mapping[str, str | None]] | None = None
+    directory: Path,
+    overrides: Mapping[str, Mapping[str, str | None]] | None = None,
+    *,
+    clock_offset: float = 0.0,
 ) -> Iterator[Daemon]:
-    daemon = start_daemon(write_config(directory, overrides))
+    daemon = start_daemon(write_config(directory, overrides), clock_offset=clock_offset)
     try:
         yield daemon
     finally:
