@@ -30,7 +30,8 @@ from mdmd.app import Mdmd
 from mdmd.discovery import build_discover_response, negotiate_discover, parse_discover
 from mdmd.orbit import EnrollmentTokenError, hash_node_key, parse_enrollment_token
 from mdmd.policy import CertificatePolicy, build_get_policies_response, parse_get_policies
-from mdmd.provisioning import ProvisioningDocParams, build_provisioning_doc
+from mdmd.provisioning import ProvisioningDocParams, RenewalSettings, build_provisioning_doc
+from mdmd.renewal import renewal_server_url
 from mdmd.soap import (
     VALUE_TYPE_DEVICE_ENROLLMENT_USER_TOKEN,
     BinarySecurityToken,
@@ -217,12 +218,15 @@ class PolicyResource(_SoapResource):
         self._check_enrollment_open()
         host = await self.authenticate(soap)
         log.info("policy: certificate policy sent to host {host_id}", host_id=host.id)
-        days = self.app.config.wstep.device_cert_days
+        wstep = self.app.config.wstep
+        # Advisory for Windows (MS-XCEP); the same lifetime and renewal period
+        # as the certificate and the provisioning document, so that nothing
+        # the device is told disagrees.
         policy = CertificatePolicy(
             template_name="mdmd-device",
             min_key_bits=2048,
-            validity_seconds=days * 86400,
-            renewal_seconds=min(42, max(1, days // 2)) * 86400,
+            validity_seconds=wstep.device_cert_days * 86400,
+            renewal_seconds=wstep.renew_period_days * 86400,
         )
         return build_get_policies_response(policy, soap.message_id, activity_id=activity_id)
 
@@ -275,6 +279,11 @@ class EnrollmentResource(_SoapResource):
                 device_id=device_id,
                 ent_dmid=device_id,
                 ent_device_name=rst.context_value("DeviceName"),
+                renewal=RenewalSettings(
+                    renew_period_days=app.config.wstep.renew_period_days,
+                    retry_interval_days=app.config.wstep.renew_retry_days,
+                    server_url=renewal_server_url(management.url),
+                ),
                 poll=management.poll,
                 # mdmd authenticates devices by their TLS client certificate;
                 # MS-MDE2 still requires both APPAUTH blocks, so each device
