@@ -31,7 +31,7 @@ from mdmd.discovery import build_discover_response, negotiate_discover, parse_di
 from mdmd.orbit import EnrollmentTokenError, hash_node_key, parse_enrollment_token
 from mdmd.policy import CertificatePolicy, build_get_policies_response, parse_get_policies
 from mdmd.provisioning import ProvisioningDocParams, RenewalSettings, build_provisioning_doc
-from mdmd.renewal import renewal_server_url
+from mdmd.renewal import not_eligible, renewal_server_url
 from mdmd.soap import (
     VALUE_TYPE_DEVICE_ENROLLMENT_USER_TOKEN,
     BinarySecurityToken,
@@ -238,6 +238,14 @@ class EnrollmentResource(_SoapResource):
 
     async def answer(self, request: MdmdRequest, soap: SoapRequest, activity_id: str) -> bytes:
         rst = parse_request_security_token(soap)
+        if rst.is_renewal:
+            # This listener does not ask for client certificates, so it
+            # cannot know which certificate is being renewed.
+            raise not_eligible(
+                "renewals are served at "
+                f"{renewal_server_url(self.app.config.management.url)}, over TLS with the "
+                "certificate being renewed (the provisioned CertificateStore/My/WSTEP/Renew/ServerURL)"
+            )
         self._check_enrollment_open()
         host = await self.authenticate(soap)
         device_id, enrollment_type = self._device(rst)
