@@ -11,6 +11,7 @@ queue with its results, and OMA-DM session state.
 from mdmd.store.interface import Store
 from mdmd.store.records import (
     CertificateRecord,
+    CertificateRenewal,
     CommandRecord,
     DeviceConflict,
     DeviceEnrollment,
@@ -19,6 +20,8 @@ from mdmd.store.records import (
     HostEnrollment,
     HostRecord,
     ManagementContext,
+    RenewalOutcome,
+    RenewalRefused,
     SessionConflict,
     StoredAlert,
     StoreError,
@@ -26,6 +29,7 @@ from mdmd.store.records import (
 
 __all__ = [
     "CertificateRecord",
+    "CertificateRenewal",
     "CommandRecord",
     "DeviceConflict",
     "DeviceEnrollment",
@@ -34,6 +38,8 @@ __all__ = [
     "HostEnrollment",
     "HostRecord",
     "ManagementContext",
+    "RenewalOutcome",
+    "RenewalRefused",
     "SessionConflict",
     "Store",
     "StoreError",

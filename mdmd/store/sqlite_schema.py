@@ -150,5 +150,19 @@ _V3: Final = (
     """,
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
+# Issue 13 (certificate renewal): a certificate knows the one it renewed and
+# when it opened its first session; looking up a device's live certificates
+# (re-enrollment, renewal, the current certificate) reads a partial index of
+# the live ones only, whatever the device's history; retiring ended
+# predecessors and pruning old revoked rows read their own small indexes.
+_V4: Final = (
+    "ALTER TABLE certificates ADD COLUMN renewed_from TEXT",
+    "ALTER TABLE certificates ADD COLUMN activated_at REAL",
+    "CREATE INDEX certificates_live ON certificates(device_id, issued_at) WHERE revoked_at IS NULL",
+    "CREATE INDEX certificates_live_by_end ON certificates(not_after) WHERE revoked_at IS NULL",
+    "CREATE INDEX certificates_by_predecessor ON certificates(renewed_from) WHERE renewed_from IS NOT NULL",
+    "CREATE INDEX certificates_revoked ON certificates(revoked_at) WHERE revoked_at IS NOT NULL",
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
