@@ -52,7 +52,16 @@ from mdmd.wstep import (
 )
 from mdmd.xmlsafe import XMLInputError
 
-__all__ = ["DiscoveryResource", "EnrollmentResource", "PolicyResource"]
+__all__ = [
+    "DISCOVERY_PATH",
+    "ENROLLMENT_PATH",
+    "POLICY_PATH",
+    "DiscoveryResource",
+    "EnrollmentResource",
+    "PolicyResource",
+    "SoapResource",
+    "certificate_policy",
+]
 
 log = Logger(namespace=__name__)
 
@@ -83,7 +92,7 @@ def _conflict(device_id: str, host_id: int) -> SoapFault:
     )
 
 
-class _SoapResource(EndpointResource):
+class SoapResource(EndpointResource):
     """One MS-MDE2 service: SOAP in, SOAP (or a SOAP fault) out."""
 
     service = "?"
@@ -180,7 +189,21 @@ class _SoapResource(EndpointResource):
         return host
 
 
-class DiscoveryResource(_SoapResource):
+def certificate_policy(app: Mdmd) -> CertificatePolicy:
+    """The one certificate template mdmd offers (MS-XCEP GetPolicies).
+    Advisory for Windows; the same lifetime and renewal period as the
+    certificate and the provisioning document, so that nothing the device is
+    told disagrees."""
+    wstep = app.config.wstep
+    return CertificatePolicy(
+        template_name="mdmd-device",
+        min_key_bits=2048,
+        validity_seconds=wstep.device_cert_days * 86400,
+        renewal_seconds=wstep.renew_period_days * 86400,
+    )
+
+
+class DiscoveryResource(SoapResource):
     """``/api/mdm/microsoft/discovery`` (MS-MDE2 3.1)."""
 
     service = "discovery"
@@ -208,7 +231,7 @@ class DiscoveryResource(_SoapResource):
         return build_discover_response(response, soap.message_id, activity_id=activity_id)
 
 
-class PolicyResource(_SoapResource):
+class PolicyResource(SoapResource):
     """``/api/mdm/microsoft/policy`` (MS-XCEP GetPolicies, MS-MDE2 3.3)."""
 
     service = "policy"
@@ -218,20 +241,12 @@ class PolicyResource(_SoapResource):
         self._check_enrollment_open()
         host = await self.authenticate(soap)
         log.info("policy: certificate policy sent to host {host_id}", host_id=host.id)
-        wstep = self.app.config.wstep
-        # Advisory for Windows (MS-XCEP); the same lifetime and renewal period
-        # as the certificate and the provisioning document, so that nothing
-        # the device is told disagrees.
-        policy = CertificatePolicy(
-            template_name="mdmd-device",
-            min_key_bits=2048,
-            validity_seconds=wstep.device_cert_days * 86400,
-            renewal_seconds=wstep.renew_period_days * 86400,
+        return build_get_policies_response(
+            certificate_policy(self.app), soap.message_id, activity_id=activity_id
         )
-        return build_get_policies_response(policy, soap.message_id, activity_id=activity_id)
 
 
-class EnrollmentResource(_SoapResource):
+class EnrollmentResource(SoapResource):
     """``/api/mdm/microsoft/enroll`` (MS-WSTEP RequestSecurityToken, MS-MDE2 3.4)."""
 
     service = "enroll"

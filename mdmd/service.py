@@ -74,7 +74,9 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
         *(
             ListenerService(
                 device.name,
-                TLSServerEndpoint(serverFromString(reactor, listen[device.name]), device.tls),
+                TLSServerEndpoint(
+                    serverFromString(reactor, listen[device.name]), device.tls, device.refusals
+                ),
                 device.site,
                 device.public_url,
                 device.description,

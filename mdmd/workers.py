@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     StoreService(store).setServiceParent(top)
     for listener, spec in zip(device_listeners(app), args.listener, strict=True):
         fd, family = (int(x) for x in spec.split(":"))
-        factory = tls_server_factory(listener.tls, listener.site)
+        factory = tls_server_factory(listener.tls, listener.site, listener.refusals)
         _AdoptedListener(reactor, fd, family, factory, listener.name).setServiceParent(top)
 
     stopping = False
