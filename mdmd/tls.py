@@ -151,9 +151,9 @@ def handshake_refusal_reason(error: BaseException, verify_errno: int | None, pre
         text = str(error).lower()
         if "certificate" in text:
             return "no certificate"
-    details = ", ".join(
-        str(reason) for _lib, _func, reason in getattr(error, "args", [[]])[0] or [] if reason
-    )
+    # pyOpenSSL: args[0] is OpenSSL's error queue, (library, function, reason) each.
+    queue = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    details = ", ".join(str(entry[-1]) for entry in queue if isinstance(entry, tuple) and entry and entry[-1])
     return f"TLS error: {details or type(error).__name__}"
 
 
