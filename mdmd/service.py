@@ -8,6 +8,7 @@
 - the *management* listener (mutual TLS, client certificates issued by the
   WSTEP identity CA): OMA-DM sessions,
 - the *admin* listener (bearer token): the administrators' API,
+- certificate housekeeping (:mod:`mdmd.maintenance`),
 - with ``workers = N``, the worker processes and their supervision,
 - systemd readiness and watchdog notifications.
 """
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 from mdmd.app import TEST_CLOCK_OFFSET_VARIABLE, Mdmd, clock_offset_for_tests
 from mdmd.config import MdmdConfig
 from mdmd.listeners import ListenerService, admin_site, device_listeners
+from mdmd.maintenance import CertificateMaintenance
 from mdmd.material import Material
 from mdmd.store.service import StoreService, open_store
 from mdmd.tls import TLSServerEndpoint
@@ -67,6 +69,8 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
             offset=app.clock_offset,
             variable=TEST_CLOCK_OFFSET_VARIABLE,
         )
+    # Added after the store: stopped before it.
+    CertificateMaintenance(app).setServiceParent(top)
     enrollment, management = device_listeners(app)
     listen = {"enrollment": config.enrollment.listen, "management": config.management.listen}
 
