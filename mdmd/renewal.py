@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 from urllib.parse import urlsplit
 
 from mdmd.soap import ErrorType, FaultCode, SoapFault
@@ -26,6 +26,7 @@ __all__ = [
     "RenewalPolicy",
     "RenewalStatus",
     "not_eligible",
+    "renewal_policy",
     "renewal_problem",
     "renewal_server_url",
     "renewal_status",
@@ -62,6 +63,20 @@ class RenewalPolicy:
         :data:`CLOCK_ALLOWANCE`) and closes ``grace_days`` after it."""
         opens = not_after - self.renew_period_days * DAY - CLOCK_ALLOWANCE
         return opens, not_after + self.grace_days * DAY
+
+
+class _WstepSettings(Protocol):
+    @property
+    def renew_period_days(self) -> int: ...
+    @property
+    def renew_retry_days(self) -> int: ...
+    @property
+    def renew_grace_days(self) -> int: ...
+
+
+def renewal_policy(wstep: _WstepSettings) -> RenewalPolicy:
+    """The policy of the ``[wstep]`` configuration section."""
+    return RenewalPolicy(wstep.renew_period_days, wstep.renew_retry_days, wstep.renew_grace_days)
 
 
 def _when(timestamp: float) -> str:

@@ -47,7 +47,7 @@ from mdmd.enrollment import (
 )
 from mdmd.policy import build_get_policies_response, parse_get_policies
 from mdmd.provisioning import build_renewal_provisioning_doc
-from mdmd.renewal import RenewalPolicy, not_eligible, renewal_problem
+from mdmd.renewal import not_eligible, renewal_policy, renewal_problem
 from mdmd.soap import ACTION_RST_WSTEP, FaultCode, SoapFault, SoapRequest
 from mdmd.store import CertificateRenewal, RenewalRefused
 from mdmd.tls import peer_certificate
@@ -62,11 +62,6 @@ log = Logger(namespace=__name__)
 def _base(app: Mdmd) -> str:
     parts = urlsplit(app.config.management.url)
     return f"{parts.scheme}://{parts.netloc}"
-
-
-def renewal_policy(app: Mdmd) -> RenewalPolicy:
-    wstep = app.config.wstep
-    return RenewalPolicy(wstep.renew_period_days, wstep.renew_retry_days, wstep.renew_grace_days)
 
 
 async def renew(app: Mdmd, request: MdmdRequest, soap: SoapRequest, activity_id: str) -> bytes:
@@ -93,7 +88,7 @@ async def renew(app: Mdmd, request: MdmdRequest, soap: SoapRequest, activity_id:
         device_enrolled=device is not None and device.state == "enrolled",
         not_after=cert.not_valid_after_utc.timestamp() if record is None else record.not_after,
         now=now,
-        policy=renewal_policy(app),
+        policy=renewal_policy(app.config.wstep),
     )
     if problem is None and rst.device_id and device is not None and rst.device_id != device.device_id:
         problem = f"DeviceID {rst.device_id[:64]!r} is not the certificate's device {device.device_id}"
