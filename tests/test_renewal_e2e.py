@@ -40,6 +40,7 @@ from harness import (
     Daemon,
     client_tls_context,
     db_rows,
+    edit_ini,
     enroll_device,
     mdm_enroll,
     renewal_exchange,
@@ -310,6 +311,8 @@ def test_3_the_old_certificate_works_until_the_new_one_is_used(world: World) -> 
 
 
 def test_4_months_later_old_certificates_are_pruned_and_an_ended_one_is_refused(world: World) -> None:
+    # New enrollments switched off meanwhile: renewals are still served.
+    world.config.write_text(edit_ini(world.config.read_text(), {"enrollment": {"windows_mdm": "no"}}))
     world.restart(clock_offset=91 * DAY)
     device = world.devices["renewing"]
     deadline = time.monotonic() + 10
@@ -335,3 +338,7 @@ def test_4_months_later_old_certificates_are_pruned_and_an_ended_one_is_refused(
     shown = device_json(world.daemon, ends)
     assert shown["renewal"]["state"] == "failed"
     assert shown["renewal"]["reason"].startswith("certificate ended ")
+    # Too late to renew (no grace configured); and this is the renewal
+    # service answering, not the switched-off enrollment.
+    reason = refused_renewal(world, "ends", *world.current("ends"))
+    assert "outside the renewal window: certificate ended" in reason
