@@ -97,6 +97,9 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
     ]
     for listener in listeners:
         listener.setServiceParent(top)
+    if management.refusals is not None:
+        # The counts of the last minute's refusals are logged, not lost.
+        reactor.addSystemEventTrigger("before", "shutdown", management.refusals.stop)
     ready_when: list[Deferred[Any]] = [listener.listening for listener in listeners]
 
     if config.workers > 1:

@@ -369,3 +369,18 @@ def test_repeated_refusals_from_one_address_are_not_logged_one_by_one(daemon: Da
     # The other address's line is written after all of source's refusals.
     assert len(_refusal_lines(daemon, other)) == 1
     assert len(_refusal_lines(daemon, source)) == 1
+
+
+def test_refusals_counted_when_the_daemon_stops_are_logged(tmp_path: Path) -> None:
+    daemon = start_daemon(write_config(tmp_path))
+    try:
+        source = next(_SOURCES)
+        ctx = _client_context(daemon, tmp_path, None, None)
+        for _ in range(3):
+            _server_alert(daemon.port("management"), ctx, source)
+        assert len(_refusal_lines(daemon, source)) == 1
+    finally:
+        daemon.stop()
+    assert f"management: 2 more refused from {source} in the last 60 s (last: no certificate)" in (
+        daemon.log_text()
+    )
