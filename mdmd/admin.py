@@ -20,6 +20,7 @@ from mdmd.app import Mdmd
 from mdmd.commands import CommandRequestError, parse_command_request
 from mdmd.jsonsafe import JSONInputError, parse_untrusted_json
 from mdmd.management import CommandResult
+from mdmd.renewal import RenewalPolicy, renewal_policy, renewal_status
 from mdmd.store import CertificateRecord, CommandRecord, DeviceRecord
 from mdmd.web import (
     EndpointResource,
@@ -38,6 +39,7 @@ __all__ = [
     "command_json",
     "command_summary_json",
     "device_json",
+    "renewal_json",
 ]
 
 log = Logger(namespace=__name__)
@@ -50,8 +52,30 @@ _RECENT_COMMANDS: Final = 20
 # --------------------------------------------------------------------------
 
 
-def device_json(device: DeviceRecord) -> dict[str, Any]:
-    """The fields of ``GET /api/v1/devices``."""
+def renewal_json(device: DeviceRecord, now: float, policy: RenewalPolicy) -> dict[str, Any]:
+    """The current certificate's end and its renewal state (``none``,
+    ``renewed`` with when, ``failed`` with why; see
+    :func:`mdmd.renewal.renewal_status`)."""
+    cert = device.certificate
+    status = renewal_status(
+        not_after=None if cert is None else cert.not_after,
+        renewed_at=None if cert is None or cert.renewed_from is None else cert.issued_at,
+        now=now,
+        policy=policy,
+    )
+    return {
+        "cert_not_after": None if cert is None else iso_time(cert.not_after),
+        "renewal": {
+            "state": status.state,
+            "renewed_at": iso_time(status.renewed_at),
+            "reason": status.reason,
+        },
+    }
+
+
+def device_json(device: DeviceRecord, now: float, policy: RenewalPolicy) -> dict[str, Any]:
+    """The fields of ``GET /api/v1/devices`` (*now* and *policy* decide the
+    renewal state)."""
     return {
         "device_id": device.device_id,
         "host_id": device.host_id,
@@ -63,17 +87,22 @@ def device_json(device: DeviceRecord) -> dict[str, Any]:
         "enrolled_at": iso_time(device.enrolled_at),
         "last_seen": iso_time(device.last_seen),
         "hw_dev_id_collision": device.hw_dev_id_collision,
+        **renewal_json(device, now, policy),
     }
 
 
 def device_detail_json(
-    device: DeviceRecord, certificates: Sequence[CertificateRecord], commands: Sequence[CommandRecord]
+    device: DeviceRecord,
+    certificates: Sequence[CertificateRecord],
+    commands: Sequence[CommandRecord],
+    now: float,
+    policy: RenewalPolicy,
 ) -> dict[str, Any]:
     """``GET /api/v1/devices/{id}``: the list fields and more; *certificates*
     and *commands* newest first."""
     newest = certificates[0] if certificates else None
     return {
-        **device_json(device),
+        **device_json(device, now, policy),
         "hw_dev_id": device.hw_dev_id,
         "enrollment_type": device.enrollment_type,
         "unenrolled_at": iso_time(device.unenrolled_at),
@@ -84,6 +113,8 @@ def device_detail_json(
             "thumbprint": newest.thumbprint,
             "not_after": iso_time(newest.not_after),
             "revoked": newest.revoked_at is not None,
+            "revoke_reason": newest.revoke_reason,
+            "renewed_from": newest.renewed_from,
         },
         "inventory": dict(device.inventory),
         "recent_commands": [
@@ -170,7 +201,8 @@ class DevicesResource(_AdminResource):
 
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
         devices = await self.app.store.devices()
-        return json_response(200, {"devices": [device_json(d) for d in devices]})
+        now, policy = self.app.now(), renewal_policy(self.app.config.wstep)
+        return json_response(200, {"devices": [device_json(d, now, policy) for d in devices]})
 
 
 class DeviceResource(_DeviceResource):
@@ -181,7 +213,12 @@ class DeviceResource(_DeviceResource):
         store = self.app.store
         certificates = await store.device_certificates(device.device_id)
         commands = await store.device_commands(device.device_id, limit=_RECENT_COMMANDS)
-        return json_response(200, device_detail_json(device, certificates, commands))
+        return json_response(
+            200,
+            device_detail_json(
+                device, certificates, commands, self.app.now(), renewal_policy(self.app.config.wstep)
+            ),
+        )
 
 
 class DeviceCommandsResource(_DeviceResource):

@@ -78,6 +78,16 @@ class WstepConfig:
     identity_cert: str
     identity_key: str
     device_cert_days: int
+    # Certificate renewal (MS-MDE2 3.5): the device asks for a new
+    # certificate renew_period_days before its certificate ends, and again
+    # every renew_retry_days while that fails.
+    renew_period_days: int
+    renew_retry_days: int
+    # How long after its end a certificate may still be renewed (0: never).
+    renew_grace_days: int
+    # Superseded and renewed certificates are deleted this long after they
+    # were revoked.
+    keep_revoked_days: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +293,11 @@ _SCHEMA: _Schema = {
         "identity_cert": (_text, "wstep-identity.pem"),
         "identity_key": (_text, "wstep-identity.key"),
         "device_cert_days": (_bounded_int(1, 3650), 365),
+        # CertificateStore CSP limits: RenewPeriod and RetryInterval 1-1000.
+        "renew_period_days": (_bounded_int(1, 1000), 42),
+        "renew_retry_days": (_bounded_int(1, 1000), 7),
+        "renew_grace_days": (_bounded_int(0, 1000), 0),
+        "keep_revoked_days": (_bounded_int(1, 36500), 90),
     },
     "profiles": {
         "verify_interval": (_duration(60, 365 * 86400), 24 * 3600.0),
@@ -368,6 +383,27 @@ def load_config(path: str) -> MdmdConfig:
         missing = "tls_key" if m["tls_key"] is None else "tls_cert"
         raise ConfigError(path, "management", missing, "tls_cert and tls_key go together")
     poll = typed(PollSchedule, m["poll_schedule"])
+    w = values["wstep"]
+    cert_days, renew_days, retry_days = (
+        typed(int, w[k]) for k in ("device_cert_days", "renew_period_days", "renew_retry_days")
+    )
+    if renew_days >= cert_days:
+        # A renewal period as long as the certificate would open the renewal
+        # window at issuance: every device would renew at once, for ever.
+        raise ConfigError(
+            path,
+            "wstep",
+            "renew_period_days",
+            f"must be less than device_cert_days ({cert_days}), got {renew_days}",
+        )
+    if retry_days > renew_days:
+        # The CertificateStore CSP refuses RetryInterval > RenewPeriod.
+        raise ConfigError(
+            path,
+            "wstep",
+            "renew_retry_days",
+            f"must not exceed renew_period_days ({renew_days}), got {retry_days}",
+        )
     admin_url = a["url"] if a["url"] is not None else _admin_url_from_listen(str(a["listen"]))
     if admin_url is None:
         raise ConfigError(path, "admin", "url", "required when admin listen is not a tcp: endpoint")
@@ -404,7 +440,11 @@ def load_config(path: str) -> MdmdConfig:
         wstep=WstepConfig(
             identity_cert=in_state("wstep", "identity_cert"),
             identity_key=in_state("wstep", "identity_key"),
-            device_cert_days=typed(int, values["wstep"]["device_cert_days"]),
+            device_cert_days=cert_days,
+            renew_period_days=renew_days,
+            renew_retry_days=retry_days,
+            renew_grace_days=typed(int, w["renew_grace_days"]),
+            keep_revoked_days=typed(int, w["keep_revoked_days"]),
         ),
         admin=AdminConfig(
             listen=typed(str, a["listen"]),

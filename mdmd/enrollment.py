@@ -30,7 +30,8 @@ from mdmd.app import Mdmd
 from mdmd.discovery import build_discover_response, negotiate_discover, parse_discover
 from mdmd.orbit import EnrollmentTokenError, hash_node_key, parse_enrollment_token
 from mdmd.policy import CertificatePolicy, build_get_policies_response, parse_get_policies
-from mdmd.provisioning import ProvisioningDocParams, build_provisioning_doc
+from mdmd.provisioning import ProvisioningDocParams, RenewalSettings, build_provisioning_doc
+from mdmd.renewal import not_eligible, renewal_server_url
 from mdmd.soap import (
     VALUE_TYPE_DEVICE_ENROLLMENT_USER_TOKEN,
     BinarySecurityToken,
@@ -51,7 +52,16 @@ from mdmd.wstep import (
 )
 from mdmd.xmlsafe import XMLInputError
 
-__all__ = ["DiscoveryResource", "EnrollmentResource", "PolicyResource"]
+__all__ = [
+    "DISCOVERY_PATH",
+    "ENROLLMENT_PATH",
+    "POLICY_PATH",
+    "DiscoveryResource",
+    "EnrollmentResource",
+    "PolicyResource",
+    "SoapResource",
+    "certificate_policy",
+]
 
 log = Logger(namespace=__name__)
 
@@ -82,7 +92,7 @@ def _conflict(device_id: str, host_id: int) -> SoapFault:
     )
 
 
-class _SoapResource(EndpointResource):
+class SoapResource(EndpointResource):
     """One MS-MDE2 service: SOAP in, SOAP (or a SOAP fault) out."""
 
     service = "?"
@@ -179,7 +189,21 @@ class _SoapResource(EndpointResource):
         return host
 
 
-class DiscoveryResource(_SoapResource):
+def certificate_policy(app: Mdmd) -> CertificatePolicy:
+    """The one certificate template mdmd offers (MS-XCEP GetPolicies).
+    Advisory for Windows; the same lifetime and renewal period as the
+    certificate and the provisioning document, so that nothing the device is
+    told disagrees."""
+    wstep = app.config.wstep
+    return CertificatePolicy(
+        template_name="mdmd-device",
+        min_key_bits=2048,
+        validity_seconds=wstep.device_cert_days * 86400,
+        renewal_seconds=wstep.renew_period_days * 86400,
+    )
+
+
+class DiscoveryResource(SoapResource):
     """``/api/mdm/microsoft/discovery`` (MS-MDE2 3.1)."""
 
     service = "discovery"
@@ -207,7 +231,7 @@ class DiscoveryResource(_SoapResource):
         return build_discover_response(response, soap.message_id, activity_id=activity_id)
 
 
-class PolicyResource(_SoapResource):
+class PolicyResource(SoapResource):
     """``/api/mdm/microsoft/policy`` (MS-XCEP GetPolicies, MS-MDE2 3.3)."""
 
     service = "policy"
@@ -217,23 +241,26 @@ class PolicyResource(_SoapResource):
         self._check_enrollment_open()
         host = await self.authenticate(soap)
         log.info("policy: certificate policy sent to host {host_id}", host_id=host.id)
-        days = self.app.config.wstep.device_cert_days
-        policy = CertificatePolicy(
-            template_name="mdmd-device",
-            min_key_bits=2048,
-            validity_seconds=days * 86400,
-            renewal_seconds=min(42, max(1, days // 2)) * 86400,
+        return build_get_policies_response(
+            certificate_policy(self.app), soap.message_id, activity_id=activity_id
         )
-        return build_get_policies_response(policy, soap.message_id, activity_id=activity_id)
 
 
-class EnrollmentResource(_SoapResource):
+class EnrollmentResource(SoapResource):
     """``/api/mdm/microsoft/enroll`` (MS-WSTEP RequestSecurityToken, MS-MDE2 3.4)."""
 
     service = "enroll"
 
     async def answer(self, request: MdmdRequest, soap: SoapRequest, activity_id: str) -> bytes:
         rst = parse_request_security_token(soap)
+        if rst.is_renewal:
+            # This listener does not ask for client certificates, so it
+            # cannot know which certificate is being renewed.
+            raise not_eligible(
+                "renewals are served at "
+                f"{renewal_server_url(self.app.config.management.url)}, over TLS with the "
+                "certificate being renewed (the provisioned CertificateStore/My/WSTEP/Renew/ServerURL)"
+            )
         self._check_enrollment_open()
         host = await self.authenticate(soap)
         device_id, enrollment_type = self._device(rst)
@@ -275,6 +302,11 @@ class EnrollmentResource(_SoapResource):
                 device_id=device_id,
                 ent_dmid=device_id,
                 ent_device_name=rst.context_value("DeviceName"),
+                renewal=RenewalSettings(
+                    renew_period_days=app.config.wstep.renew_period_days,
+                    retry_interval_days=app.config.wstep.renew_retry_days,
+                    server_url=renewal_server_url(management.url),
+                ),
                 poll=management.poll,
                 # mdmd authenticates devices by their TLS client certificate;
                 # MS-MDE2 still requires both APPAUTH blocks, so each device

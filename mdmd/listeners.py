@@ -16,6 +16,7 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 
 from mdmd.app import Mdmd
+from mdmd.refusals import RefusalLog
 from mdmd.routes import admin_routes, enrollment_routes, management_routes
 from mdmd.tls import mutual_tls_options, server_tls_options
 from mdmd.web import BearerTokenGuard, MdmdSite, RoutingResource
@@ -73,11 +74,14 @@ class DeviceListener:
     site: MdmdSite
     public_url: str
     description: str
+    #: Where refused handshakes are logged (the management listener's).
+    refusals: RefusalLog | None = None
 
 
 def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
     """The enrollment (TLS) and management (mutual TLS) listeners of *app*."""
     config, material = app.config, app.material
+    refusals = RefusalLog(app.reactor)  # type: ignore[arg-type]
     return (
         DeviceListener(
             "enrollment",
@@ -94,12 +98,13 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
             "management",
             mutual_tls_options(material.management_chain, material.management_key, [material.identity_cert]),
             MdmdSite(
-                RoutingResource(management_routes(app)),
+                RoutingResource(management_routes(app, refusals)),
                 listener="management",
                 max_body_bytes=config.management.max_body_bytes,
             ),
             config.management.url,
             "mutual TLS",
+            refusals,
         ),
     )
 

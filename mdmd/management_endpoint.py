@@ -3,8 +3,14 @@
 Who is speaking is decided here, before the message is processed: the TLS
 layer has verified that the client certificate was issued by the WSTEP
 identity CA; this adapter checks that mdmd issued that very certificate
-(serial and thumbprint in the store), that it is not revoked, that its device
-is enrolled, and that the SyncHdr ``Source/LocURI`` is that device's ID.
+(serial and thumbprint in the store), that it is not revoked and has not
+ended (by mdmd's clock), that its device is enrolled, and that the SyncHdr
+``Source/LocURI`` is that device's ID.  A certificate refused here is logged
+like a refused TLS handshake (:mod:`mdmd.refusals`).
+
+The first accepted message from a certificate issued by renewal retires the
+certificate it renewed (MS-MDE2 3.5): until then both work, so a renewal
+whose answer was lost strands nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from cryptography import x509
 from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -22,10 +29,11 @@ from mdmd import pki
 from mdmd.app import Mdmd
 from mdmd.management import NewCommand, Reply, SessionError, is_retransmission, process_message, refusal
 from mdmd.profiles import DeviceVars, ProfilePlanner, ProfileSettings
+from mdmd.refusals import CertificateSummary, RefusalLog
 from mdmd.store import ManagementContext, SessionConflict
 from mdmd.syncml import ALERT_GENERIC, SyncMLError, SyncMLMessage, parse_message
 from mdmd.tls import peer_certificate
-from mdmd.web import EndpointResource, HTTPError, HTTPResponse, MdmdRequest, request_body
+from mdmd.web import EndpointResource, HTTPError, HTTPResponse, MdmdRequest, peer_address, request_body
 from mdmd.xmlsafe import XMLInputError
 
 __all__ = ["SYNCML_CONTENT_TYPE", "ManagementResource"]
@@ -53,12 +61,19 @@ def _plain(status: int, text: str) -> HTTPResponse:
 class ManagementResource(EndpointResource):
     """``POST /api/mdm/microsoft/management`` (plus Windows' query string)."""
 
-    def __init__(self, app: Mdmd) -> None:
+    def __init__(self, app: Mdmd, refusals: RefusalLog | None = None) -> None:
         super().__init__()
         self.app = app
+        self._refusals = refusals
         # One message at a time per device: its session state is read,
         # advanced and written as one step.
         self._locks: dict[str, DeferredLock] = {}
+
+    @property
+    def refusals(self) -> RefusalLog:
+        if self._refusals is None:
+            self._refusals = RefusalLog(self.app.reactor)  # type: ignore[arg-type]
+        return self._refusals
 
     @contextmanager
     def _lock_entry(self, key: str) -> Iterator[DeferredLock]:
@@ -90,7 +105,7 @@ class ManagementResource(EndpointResource):
             try:
                 for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
                     try:
-                        return await self._handle(request, serial, thumbprint, body)
+                        return await self._handle(request, cert, serial, thumbprint, body)
                     except SessionConflict:
                         if attempt == _CONFLICT_ATTEMPTS:
                             raise HTTPError(
@@ -105,18 +120,25 @@ class ManagementResource(EndpointResource):
             finally:
                 lock.release()
 
-    async def _handle(self, request: MdmdRequest, serial: str, thumbprint: str, body: bytes) -> HTTPResponse:
+    async def _handle(
+        self, request: MdmdRequest, cert: x509.Certificate, serial: str, thumbprint: str, body: bytes
+    ) -> HTTPResponse:
         app = self.app
         ctx = await app.store.management_context(serial)
-        problem = self._identity_problem(ctx, thumbprint)
+        problem = self._identity_problem(ctx, thumbprint, app.now())
         if ctx is not None:
             request.device_id = ctx.device.device_id
+        if problem is not None:
+            # One line with the same fields as a refused handshake (and
+            # summarised the same way); the refusal itself follows below.
+            self.refusals.refused(peer_address(request), "request", problem[1], CertificateSummary.of(cert))
         server_url = app.config.management.url
         try:
             message = await self._off_reactor_if_large(body, parse_message, body)
         except (XMLInputError, SyncMLError) as e:
             if problem is not None:
-                raise HTTPError(_plain(403, "forbidden"), f"certificate {serial}: {problem[1]}") from None
+                request.note = f"certificate {serial}: {problem[1]}"
+                return _plain(403, "forbidden")
             hdr = getattr(e, "hdr", None)
             if isinstance(e, SyncMLError) and hdr is not None:
                 log.warn(
@@ -130,21 +152,27 @@ class ManagementResource(EndpointResource):
                 _plain(400, f"not a SyncML 1.2 message: {e}"), f"unparsable SyncML: {e}"
             ) from None
 
-        if problem is None and ctx is not None and message.hdr.source != ctx.device.device_id:
-            problem = (
-                403,
-                f"certificate of device {ctx.device.device_id} used with SyncHdr Source "
-                f"{message.hdr.source[:64]!r}",
-            )
         if problem is not None:
-            log.warn(
-                "management message refused ({status}): {reason}",
-                status=problem[0],
-                reason=problem[1],
-                device_id=request.device_id,
-            )
+            request.note = f"refused {problem[0]}: {problem[1]}"
             return _syncml(refusal(message.hdr, problem[0], server_url=server_url))
         assert ctx is not None
+        if message.hdr.source != ctx.device.device_id:
+            log.warn(
+                "management message refused (403): certificate of device {device_id} used with "
+                "SyncHdr Source {source}",
+                device_id=ctx.device.device_id,
+                source=repr(message.hdr.source[:64]),
+            )
+            return _syncml(refusal(message.hdr, 403, server_url=server_url))
+        if ctx.certificate.renewed_from is not None and ctx.certificate.activated_at is None:
+            # The renewed certificate is in use: the one it renewed retires.
+            retired = await app.store.confirm_renewal(serial, app.now())
+            log.info(
+                "device {device_id}: first session with renewed certificate {serial}; revoked {retired}",
+                device_id=ctx.device.device_id,
+                serial=serial,
+                retired=list(retired) or "none",
+            )
         return await self._session(request, ctx, message, body)
 
     async def _off_reactor_if_large(
@@ -165,13 +193,20 @@ class ManagementResource(EndpointResource):
         )
 
     @staticmethod
-    def _identity_problem(ctx: ManagementContext | None, thumbprint: str) -> tuple[int, str] | None:
+    def _identity_problem(
+        ctx: ManagementContext | None, thumbprint: str, now: float
+    ) -> tuple[int, str] | None:
         if ctx is None:
-            return 401, "certificate unknown to this server"
+            return 401, "not a certificate mdmd issued (unknown serial)"
         if ctx.certificate.thumbprint != thumbprint:
-            return 401, "certificate does not match the one issued with this serial"
+            return 401, "not a certificate mdmd issued (another certificate with this serial)"
         if ctx.certificate.revoked_at is not None:
-            return 403, f"certificate of device {ctx.device.device_id} is revoked"
+            reason = ctx.certificate.revoke_reason or "revoked"
+            return 403, f"revoked ({reason}): certificate of device {ctx.device.device_id}"
+        if ctx.certificate.not_after < now:
+            # OpenSSL checks validity with the system clock; mdmd's own clock
+            # decides here too.
+            return 403, f"expired: certificate of device {ctx.device.device_id}"
         if ctx.device.state != "enrolled":
             return 403, f"device {ctx.device.device_id} is not enrolled"
         return None
@@ -233,14 +268,14 @@ class ManagementResource(EndpointResource):
         await app.store.commit_management_step(
             reply.step, app.now(), expected_seq=ctx.session_seq, profiles=profiles
         )
-        for record in profiles.records:
-            if record.state in ("failed", "drifted"):
+        for event in profiles.events:
+            if event.state in ("failed", "drifted"):
                 log.warn(
                     "device {device_id} profile {profile} {state}: {detail}",
                     device_id=device_id,
-                    profile=record.profile,
-                    state=record.state,
-                    detail=record.detail,
+                    profile=event.profile,
+                    state=event.state,
+                    detail=event.detail,
                     session_id=hdr.session_id,
                     msg_id=hdr.msg_id,
                 )

@@ -254,6 +254,18 @@ def _command_rows(commands: Sequence[Any]) -> list[tuple[object, ...]]:
 _COMMAND_HEADERS = ("COMMAND UUID", "VERB", "STATE", "STATUS", "CREATED")
 
 
+def _renewal_text(renewal: Any) -> str | None:
+    """``none``, ``renewed <when>`` or ``failed: <why>``."""
+    if not isinstance(renewal, dict):
+        return None
+    state = str(renewal.get("state"))
+    if state == "renewed":
+        return f"renewed {renewal.get('renewed_at')}"
+    if state == "failed":
+        return f"failed: {renewal.get('reason')}"
+    return state
+
+
 def _show_device(d: Any) -> None:
     _print(
         _fields(
@@ -271,6 +283,8 @@ def _show_device(d: Any) -> None:
                 ("enrolled_at", d.get("enrolled_at")),
                 ("unenrolled_at", d.get("unenrolled_at")),
                 ("last_seen", d.get("last_seen")),
+                ("cert_not_after", d.get("cert_not_after")),
+                ("renewal", _renewal_text(d.get("renewal"))),
             ]
         )
     )

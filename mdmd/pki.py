@@ -7,6 +7,8 @@ thread, never from the reactor.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import errno
 import ipaddress
@@ -17,7 +19,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from asn1crypto import cms as asn1_cms
+from asn1crypto import core as asn1_core
 from asn1crypto import csr as asn1_csr
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,6 +40,7 @@ __all__ = [
     "BootstrapPlan",
     "CSRError",
     "CertificationRequest",
+    "RenewalRequestError",
     "bootstrap",
     "cert_to_pem",
     "create_ca_certificate",
@@ -47,6 +53,7 @@ __all__ = [
     "load_certification_request",
     "load_pem_certificates",
     "load_pem_private_key",
+    "load_renewal_request",
     "serial_hex",
     "thumbprint",
     "write_file_atomic",
@@ -296,6 +303,134 @@ def _escape_for_log(text: str) -> str:
 def _for_message(value: object, limit: int = 64) -> str:
     text = _escape_for_log(str(value))
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------------------
+# PKCS#7 renewal requests (MS-MDE2 3.5)
+# ---------------------------------------------------------------------------
+
+
+class RenewalRequestError(ValueError):
+    """A renewal's PKCS#7 was rejected; the message is short and safe to show."""
+
+
+# The signer's certificate and a PKCS#10 are a few KiB; the cap bounds what
+# hostile input can make the pure-Python parser do.
+_MAX_PKCS7_BYTES = 128 * 1024
+_CMS_DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+
+
+def load_renewal_request(
+    token: bytes, signer: x509.Certificate, *, min_key_bits: int = 2048
+) -> CertificationRequest:
+    """The PKCS#10 inside a renewal's PKCS#7 SignedData, once the signature
+    is verified as made by *signer*'s key (the certificate being renewed,
+    the one that authenticated the TLS connection).
+
+    The signed content is the PKCS#10 as DER (automatic renewal) or as
+    base64 of the DER (the user-triggered form, Microsoft Learn's
+    "Certificate Renewal").  The CMS structure is read with asn1crypto, the
+    signature checked with ``cryptography``.  Only :class:`RenewalRequestError`
+    and :class:`CSRError` (about the inner PKCS#10) leave this function.
+    """
+    try:
+        csr_der = _signed_content(bytes(token), signer)
+    except RenewalRequestError:
+        raise
+    except Exception as exc:
+        raise RenewalRequestError("PKCS#7 could not be processed") from exc
+    return load_certification_request(csr_der, min_key_bits=min_key_bits)
+
+
+def _signed_content(token: bytes, signer: x509.Certificate) -> bytes:
+    if not token:
+        raise RenewalRequestError("PKCS#7 is empty")
+    if len(token) > _MAX_PKCS7_BYTES:
+        raise RenewalRequestError(f"PKCS#7 is too large ({len(token)} bytes; at most {_MAX_PKCS7_BYTES})")
+    try:
+        info = asn1_cms.ContentInfo.load(token, strict=True)
+        _ = info.native  # parse everything now (asn1crypto is lazy)
+        content_type = info["content_type"].native
+        signed = info["content"]
+    except Exception as exc:
+        raise RenewalRequestError("not a PKCS#7 (CMS ContentInfo) structure") from exc
+    if content_type != "signed_data":
+        raise RenewalRequestError(f"PKCS#7 holds {_for_message(content_type)}, not signed data")
+    encap = signed["encap_content_info"]
+    content = encap["content"].native
+    if encap["content_type"].native != "data" or not isinstance(content, bytes) or not content:
+        raise RenewalRequestError("PKCS#7 does not carry the PKCS#10 as its signed content")
+    signer_infos = list(signed["signer_infos"])
+    if len(signer_infos) != 1:
+        raise RenewalRequestError(f"PKCS#7 has {len(signer_infos)} signers; exactly one is required")
+    signer_info = signer_infos[0]
+    if not _is_signer(signer_info["sid"], signer):
+        raise RenewalRequestError("PKCS#7 is not signed by the certificate presented for the connection")
+    digest_name = signer_info["digest_algorithm"]["algorithm"].native
+    hash_type = _CMS_DIGESTS.get(digest_name)
+    if hash_type is None:
+        raise RenewalRequestError(f"unsupported PKCS#7 digest algorithm {_for_message(digest_name)}")
+    if signer_info["signature_algorithm"].signature_algo != "rsassa_pkcs1v15":
+        raise RenewalRequestError("PKCS#7 signature is not RSA PKCS#1 v1.5")
+    signed_attrs = signer_info["signed_attrs"]
+    if isinstance(signed_attrs, asn1_core.Void):
+        signed_bytes = content
+    else:
+        _check_signed_attributes(signed_attrs, content, hash_type)
+        # RFC 5652 5.4: the signature covers the attributes with their
+        # universal SET OF tag, not the [0] they are sent with.
+        signed_bytes = signed_attrs.untag().dump()
+    public_key = signer.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise RenewalRequestError("the certificate presented does not hold an RSA key")
+    try:
+        public_key.verify(signer_info["signature"].native, signed_bytes, PKCS1v15(), hash_type())
+    except (InvalidSignature, ValueError) as exc:
+        raise RenewalRequestError("PKCS#7 signature does not verify") from exc
+    if content[:1] == b"\x30":
+        return content
+    try:
+        # The user-triggered form: the PKCS#10 base64-encoded once more.
+        return base64.b64decode(b"".join(content.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RenewalRequestError("PKCS#7 content is neither a DER nor a base64 PKCS#10") from exc
+
+
+def _is_signer(sid: Any, cert: x509.Certificate) -> bool:
+    if sid.name == "issuer_and_serial_number":
+        chosen = sid.chosen
+        return bool(
+            chosen["serial_number"].native == cert.serial_number
+            and chosen["issuer"] == asn1_x509.Name.load(cert.issuer.public_bytes())
+        )
+    if sid.name == "subject_key_identifier":
+        try:
+            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        except x509.ExtensionNotFound:
+            return False
+        return bool(sid.chosen.native == ski)
+    return False
+
+
+def _check_signed_attributes(attrs: Any, content: bytes, hash_type: type[hashes.HashAlgorithm]) -> None:
+    values: dict[str, list[Any]] = {}
+    for attr in attrs:
+        values.setdefault(attr["type"].native, []).extend(attr["values"])
+    content_types = values.get("content_type", [])
+    digests = values.get("message_digest", [])
+    if len(content_types) != 1 or content_types[0].native != "data":
+        raise RenewalRequestError("PKCS#7 signed attributes must name the content type data once")
+    if len(digests) != 1:
+        raise RenewalRequestError("PKCS#7 signed attributes must carry one message digest")
+    digest = hashes.Hash(hash_type())
+    digest.update(content)
+    if digests[0].native != digest.finalize():
+        raise RenewalRequestError("PKCS#7 message digest does not match its content")
 
 
 # ---------------------------------------------------------------------------

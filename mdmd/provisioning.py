@@ -1,18 +1,16 @@
 """The enrollment provisioning document (``wap-provisioningdoc``, MS-MDE2 2.2.9).
 
 Windows applies this document after enrollment: it installs the CA and the
-device certificate (CertificateStore CSP, MS-MDE2 2.2.9.2), creates the OMA-DM
-account (w7 APPLICATION, MS-MDE2 2.2.9.5) and sets the DMClient options
-(MS-MDE2 2.2.9.3).  The bytes returned here are base64-encoded into the RSTRC
-by :mod:`mdmd.wstep`.
+device certificate (CertificateStore CSP, MS-MDE2 2.2.9.2), learns when and
+where to renew that certificate (``CertificateStore/My/WSTEP/Renew``), creates
+the OMA-DM account (w7 APPLICATION, MS-MDE2 2.2.9.5) and sets the DMClient
+options (MS-MDE2 2.2.9.3).  After a certificate renewal (MS-MDE2 3.5.4.1.1.2)
+the document carries the new certificate only
+(:func:`build_renewal_provisioning_doc`).  The bytes returned here are
+base64-encoded into the RSTRC by :mod:`mdmd.wstep`.
 
-Deliberately absent:
-
-* ``CertificateStore/My/WSTEP/Renew``: renewal is not served, and announcing
-  it makes Windows try and then mark a healthy enrollment failed
-  (docs/windows-clients.md, "The provisioning document").
-* ``INIT`` (mobile operators only, fails for MDM) and ``USEHWDEVID`` (the
-  DeviceID of the RST must stay the SyncML Source LocURI).
+Deliberately absent: ``INIT`` (mobile operators only, fails for MDM) and
+``USEHWDEVID`` (the DeviceID of the RST must stay the SyncML Source LocURI).
 """
 
 from __future__ import annotations
@@ -34,7 +32,9 @@ __all__ = [
     "EnrollmentType",
     "PollSchedule",
     "ProvisioningDocParams",
+    "RenewalSettings",
     "build_provisioning_doc",
+    "build_renewal_provisioning_doc",
     "cert_thumbprint",
 ]
 
@@ -63,6 +63,31 @@ def _default_poll() -> PollSchedule:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RenewalSettings:
+    """``CertificateStore/My/WSTEP/Renew``: when and where Windows renews its
+    MDM certificate by itself (ROBO, MS-MDE2 2.2.9.2 and 3.5)."""
+
+    #: RenewPeriod: days before the certificate's end when renewal starts.
+    renew_period_days: int
+    #: RetryInterval: days between attempts after a failed one.
+    retry_interval_days: int
+    #: ServerURL: where the renewal goes (an https URL).
+    server_url: str
+
+    def __post_init__(self) -> None:
+        # The CSP's own limits: anything else fails the whole document on
+        # the device.
+        for name in ("renew_period_days", "retry_interval_days"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise ValueError(f"{name} must be a whole number of days from 1 to 1000, got {value!r}")
+        if self.retry_interval_days > self.renew_period_days:
+            raise ValueError("retry_interval_days must not exceed renew_period_days")
+        if not self.server_url.startswith("https://"):
+            raise ValueError("server_url must be an https:// URL")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProvisioningDocParams:
     """Everything the provisioning document says about one enrollment."""
 
@@ -82,8 +107,11 @@ class ProvisioningDocParams:
     provider_name: str
     #: The RST DeviceID; the issued certificate's subject is CN=<device_id>.
     device_id: str
-    #: DMClient EntDMID: mdmd's own id for the device (needed before renewal).
+    #: DMClient EntDMID: mdmd's own id for the device (it must be set before
+    #: the first renewal, MS-MDE2 2.2.9.3).
     ent_dmid: str
+    #: Automatic certificate renewal; None leaves ``My/WSTEP`` out.
+    renewal: RenewalSettings | None = None
     ent_device_name: str | None = None
     poll: PollSchedule = field(default_factory=_default_poll)
     #: APPAUTH AAUTHLEVEL=CLIENT (server authenticates itself to the device):
@@ -197,6 +225,41 @@ def _poll(provider: etree._Element, poll: PollSchedule) -> None:
     _parm(node, "PollOnLogin", "true" if poll.poll_on_login else "false", "boolean")
 
 
+def _my_store_name(enrollment_type: str) -> str:
+    return "User" if enrollment_type == "Full" else "System"
+
+
+def _renewal(my: etree._Element, renewal: RenewalSettings) -> None:
+    # MS-MDE2 2.2.9.2's device sample: WSTEP/Renew beside the certificate's
+    # store inside My, the three schedule values with explicit datatypes.
+    # ROBOSupport matters to OnPremise enrollments (mdmd's): without it
+    # Windows would ask its user to renew by hand.
+    renew = _characteristic(_characteristic(my, "WSTEP"), "Renew")
+    _parm(renew, "ROBOSupport", "true", "boolean")
+    _parm(renew, "RenewPeriod", str(renewal.renew_period_days), "integer")
+    _parm(renew, "RetryInterval", str(renewal.retry_interval_days), "integer")
+    _parm(renew, "ServerURL", renewal.server_url, "string")
+
+
+def build_renewal_provisioning_doc(device_cert_der: bytes, enrollment_type: EnrollmentType) -> bytes:
+    """The document answering a certificate renewal (MS-MDE2 3.5.4.1.1.2):
+    the new certificate in the device's ``My`` store and nothing else (the
+    root is already on the device, the account and its settings stay).
+    ``PrivateKeyContainer`` sits inside the certificate's node, as in the
+    renewal samples of MS-MDE2 and Microsoft Learn."""
+    if not device_cert_der:
+        raise ValueError("device_cert_der must not be empty")
+    if enrollment_type not in ("Full", "Device"):
+        raise ValueError(f"enrollment_type must be Full or Device, got {enrollment_type!r}")
+    doc = etree.Element("wap-provisioningdoc", {"version": "1.1"})
+    node = _characteristic(
+        _store_path(doc, "My", _my_store_name(enrollment_type)), cert_thumbprint(device_cert_der)
+    )
+    _parm(node, "EncodedCertificate", base64.b64encode(device_cert_der).decode("ascii"))
+    _characteristic(node, "PrivateKeyContainer")
+    return etree.tostring(doc, encoding="utf-8", xml_declaration=False)
+
+
 def build_provisioning_doc(params: ProvisioningDocParams) -> bytes:
     """Build the UTF-8 ``wap-provisioningdoc`` (MS-MDE2 2.2.9.1 to 2.2.9.5).
 
@@ -221,10 +284,13 @@ def build_provisioning_doc(params: ProvisioningDocParams) -> bytes:
     # a Device enrollment.  PrivateKeyContainer is required; Microsoft's
     # enrollment sample makes it a sibling of the thumbprint node (its renewal
     # sample nests it inside; docs/windows-clients.md).
-    my_store_name = "User" if params.enrollment_type == "Full" else "System"
-    my_store = _store_path(doc, "My", my_store_name)
+    my_store_name = _my_store_name(params.enrollment_type)
+    my = _store_path(doc, "My")
+    my_store = _characteristic(my, my_store_name)
     _certificate(my_store, params.device_cert_der)
     _characteristic(my_store, "PrivateKeyContainer")
+    if params.renewal is not None:
+        _renewal(my, params.renewal)
 
     application = _characteristic(doc, "APPLICATION")
     _parm(application, "APPID", "w7")

@@ -13,8 +13,18 @@ from mdmd.agent import (
     OrbitPingResource,
 )
 from mdmd.app import Mdmd
-from mdmd.enrollment import DiscoveryResource, EnrollmentResource, PolicyResource
+from mdmd.enrollment import (
+    DISCOVERY_PATH,
+    ENROLLMENT_PATH,
+    POLICY_PATH,
+    DiscoveryResource,
+    EnrollmentResource,
+    PolicyResource,
+)
 from mdmd.management_endpoint import ManagementResource
+from mdmd.refusals import RefusalLog
+from mdmd.renewal import RENEWAL_DISCOVERY_PATH
+from mdmd.renewal_endpoint import RenewalDiscoveryResource, RenewalPolicyResource, RenewalResource
 from mdmd.web import EndpointResource, HTTPResponse, MdmdRequest, Route, json_response
 
 __all__ = ["admin_routes", "enrollment_routes", "management_routes"]
@@ -31,18 +41,26 @@ def enrollment_routes(app: Mdmd) -> list[Route]:
         Route("/api/fleet/orbit/config", OrbitConfigResource(app)),
         Route("/api/fleet/orbit/device_token", OrbitDeviceTokenResource(app)),
         Route("/api/fleet/orbit/ping", OrbitPingResource()),
-        Route("/api/mdm/microsoft/discovery", DiscoveryResource(app)),
-        Route("/api/mdm/microsoft/policy", PolicyResource(app)),
-        Route("/api/mdm/microsoft/enroll", EnrollmentResource(app)),
+        Route(DISCOVERY_PATH, DiscoveryResource(app)),
+        Route(POLICY_PATH, PolicyResource(app)),
+        Route(ENROLLMENT_PATH, EnrollmentResource(app)),
     ]
 
 
-def management_routes(app: Mdmd) -> list[Route]:
-    resource = ManagementResource(app)
+def management_routes(app: Mdmd, refusals: RefusalLog | None = None) -> list[Route]:
+    resource = ManagementResource(app, refusals)
     # The provisioned ADDR may carry another path (behind a reverse proxy);
     # Windows appends a query string, which routing ignores.
     configured = urlsplit(app.config.management.url).path.rstrip("/") or "/"
-    return [Route("/api/mdm/microsoft/management", resource), Route(configured, resource)]
+    return [
+        Route("/api/mdm/microsoft/management", resource),
+        Route(configured, resource),
+        # Certificate renewal (MS-MDE2 3.5): the provisioned
+        # CertificateStore/My/WSTEP/Renew/ServerURL is this discovery URL.
+        Route(RENEWAL_DISCOVERY_PATH, RenewalDiscoveryResource(app)),
+        Route(POLICY_PATH, RenewalPolicyResource(app)),
+        Route(ENROLLMENT_PATH, RenewalResource(app)),
+    ]
 
 
 def admin_routes(app: Mdmd) -> list[Route]:

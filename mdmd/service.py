@@ -8,6 +8,7 @@
 - the *management* listener (mutual TLS, client certificates issued by the
   WSTEP identity CA): OMA-DM sessions,
 - the *admin* listener (bearer token): the administrators' API,
+- certificate housekeeping (:mod:`mdmd.maintenance`),
 - with ``workers = N``, the worker processes and their supervision,
 - systemd readiness and watchdog notifications.
 """
@@ -25,9 +26,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
-from mdmd.app import Mdmd
+from mdmd.app import TEST_CLOCK_OFFSET_VARIABLE, Mdmd, clock_offset_for_tests
 from mdmd.config import MdmdConfig
 from mdmd.listeners import ListenerService, admin_site, device_listeners
+from mdmd.maintenance import CertificateMaintenance
 from mdmd.material import Material
 from mdmd.store.service import StoreService, open_store
 from mdmd.tls import TLSServerEndpoint
@@ -58,7 +60,17 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
     store = open_store(config, reactor)
     StoreService(store).setServiceParent(top)
 
-    app = Mdmd(config=config, material=material, store=store, reactor=reactor)
+    app = Mdmd(
+        config=config, material=material, store=store, reactor=reactor, clock_offset=clock_offset_for_tests()
+    )
+    if app.clock_offset:
+        log.warn(
+            "TEST ONLY: the clock is moved by {offset} s ({variable}); never in production",
+            offset=app.clock_offset,
+            variable=TEST_CLOCK_OFFSET_VARIABLE,
+        )
+    # Added after the store: stopped before it.
+    CertificateMaintenance(app).setServiceParent(top)
     enrollment, management = device_listeners(app)
     listen = {"enrollment": config.enrollment.listen, "management": config.management.listen}
 
@@ -66,7 +78,9 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
         *(
             ListenerService(
                 device.name,
-                TLSServerEndpoint(serverFromString(reactor, listen[device.name]), device.tls),
+                TLSServerEndpoint(
+                    serverFromString(reactor, listen[device.name]), device.tls, device.refusals
+                ),
                 device.site,
                 device.public_url,
                 device.description,
@@ -83,6 +97,9 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
     ]
     for listener in listeners:
         listener.setServiceParent(top)
+    if management.refusals is not None:
+        # The counts of the last minute's refusals are logged, not lost.
+        reactor.addSystemEventTrigger("before", "shutdown", management.refusals.stop)
     ready_when: list[Deferred[Any]] = [listener.listening for listener in listeners]
 
     if config.workers > 1:

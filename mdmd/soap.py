@@ -49,6 +49,7 @@ __all__ = [
     "TOKEN_TYPE_DEVICE_ENROLLMENT",
     "VALUE_TYPE_DEVICE_ENROLLMENT_USER_TOKEN",
     "VALUE_TYPE_PKCS7",
+    "VALUE_TYPE_PKCS7_WSTEP",
     "VALUE_TYPE_PKCS10",
     "VALUE_TYPE_PROVISION_DOC",
     "VALUE_TYPE_X509V3",
@@ -138,7 +139,10 @@ VALUE_TYPE_DEVICE_ENROLLMENT_USER_TOKEN = (
     "http://schemas.microsoft.com/5.0.0.0/ConfigurationManager/Enrollment/DeviceEnrollmentUserToken"
 )
 VALUE_TYPE_PKCS10 = WSTEP + "#PKCS10"
+# A renewal's PKCS#7: MS-MDE2 3.5.4.1.1.1 and Microsoft Learn's sample use
+# the WS-Security namespace, the older MS-MDE the enrollment one.
 VALUE_TYPE_PKCS7 = WSSE + "#PKCS7"
+VALUE_TYPE_PKCS7_WSTEP = WSTEP + "#PKCS7"
 VALUE_TYPE_X509V3 = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-x509-token-profile-1.0#X509v3"
 VALUE_TYPE_PROVISION_DOC = (
     "http://schemas.microsoft.com/5.0.0.0/ConfigurationManager/Enrollment/DeviceEnrollmentProvisionDoc"

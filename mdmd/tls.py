@@ -4,14 +4,21 @@
 Both listen on a plain Twisted endpoint (``tcp:...``, ``systemd:...``) wrapped
 here in TLS, because an ``ssl:`` endpoint string cannot require client
 certificates (its ``caCertsDir`` only configures a client's trust).
+
+A handshake the management listener refuses (no certificate, one from
+another issuer, an expired one) would otherwise leave no trace: the TLS
+layer here records the certificate OpenSSL verified (a per-connection verify
+callback) and reports the refusal to a :class:`~mdmd.refusals.RefusalLog`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -22,12 +29,16 @@ from twisted.internet.ssl import (
     TLSVersion,
     trustRootFromCertificates,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.web.http import Request
 from zope.interface import implementer
 
+from mdmd.refusals import CertificateSummary, RefusalLog
+
 __all__ = [
     "TLSServerEndpoint",
+    "handshake_refusal_reason",
     "mutual_tls_options",
     "peer_certificate",
     "server_tls_options",
@@ -88,16 +99,117 @@ def peer_certificate(request: Request) -> x509.Certificate | None:
 class TLSServerEndpoint:
     """An ``IStreamServerEndpoint`` that speaks TLS over another endpoint."""
 
-    def __init__(self, wrapped: IStreamServerEndpoint, options: CertificateOptions) -> None:
+    def __init__(
+        self, wrapped: IStreamServerEndpoint, options: CertificateOptions, refusals: RefusalLog | None = None
+    ) -> None:
         self._wrapped = wrapped
         self._options = options
+        self._refusals = refusals
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self._wrapped.listen(tls_server_factory(self._options, factory))
+        return self._wrapped.listen(tls_server_factory(self._options, factory, self._refusals))
 
 
-def tls_server_factory(options: CertificateOptions, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
-    """*factory* behind TLS with *options*, server side."""
-    tls = TLSMemoryBIOFactory(options, False, factory)
+def tls_server_factory(
+    options: CertificateOptions, factory: IProtocolFactory, refusals: RefusalLog | None = None
+) -> TLSMemoryBIOFactory:
+    """*factory* behind TLS with *options*, server side; handshakes the
+    server refuses are reported to *refusals* when given."""
+    tls: TLSMemoryBIOFactory = (
+        TLSMemoryBIOFactory(options, False, factory)
+        if refusals is None
+        else _ReportingTLSFactory(options, factory, refusals)
+    )
     tls.noisy = False  # mdmd logs its own line per listener
     return tls
+
+
+# X509_V_ERR_* codes (OpenSSL's x509_vfy.h) that name why a client
+# certificate was refused, in the words of the log line.
+_UNKNOWN_ISSUER = "unknown issuer"
+_VERIFY_REASONS = {
+    2: _UNKNOWN_ISSUER,  # unable to get issuer certificate
+    7: _UNKNOWN_ISSUER + " (signature does not verify with the identity CA)",
+    9: "not yet valid",
+    10: "expired",
+    18: _UNKNOWN_ISSUER + " (self-signed)",
+    19: _UNKNOWN_ISSUER + " (self-signed CA in chain)",
+    20: _UNKNOWN_ISSUER,  # unable to get local issuer certificate
+    21: _UNKNOWN_ISSUER,  # unable to verify the first certificate
+    24: "invalid CA certificate in chain",
+    26: "not a client certificate (purpose)",
+}
+
+
+def handshake_refusal_reason(error: BaseException, verify_errno: int | None, presented: bool) -> str:
+    """Why a server-side handshake failed, in the log's words."""
+    if verify_errno:
+        return _VERIFY_REASONS.get(verify_errno, f"certificate refused (X509 verify error {verify_errno})")
+    if not presented:
+        # OpenSSL: "peer did not return a certificate" (TLS 1.2),
+        # "certificate required" (TLS 1.3), or the client gave up first.
+        text = str(error).lower()
+        if "certificate" in text:
+            return "no certificate"
+    # pyOpenSSL: args[0] is OpenSSL's error queue, (library, function, reason) each.
+    queue = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    details = ", ".join(str(entry[-1]) for entry in queue if isinstance(entry, tuple) and entry and entry[-1])
+    return f"TLS error: {details or type(error).__name__}"
+
+
+class _ReportingTLSProtocol(TLSMemoryBIOProtocol):
+    """Server-side TLS that reports a refused handshake, once, with what
+    OpenSSL saw of the client's certificate."""
+
+    factory: _ReportingTLSFactory
+    _leaf: x509.Certificate | None = None
+    _verify_errno: int | None = None
+    _reported = False
+
+    def _verify(self, connection: SSL.Connection, cert: X509, errno: int, depth: int, ok: int) -> bool:
+        # Called by OpenSSL for each certificate of the client's chain;
+        # depth 0 is the client's own.  Its verdict is kept, not changed.
+        if depth == 0:
+            try:
+                self._leaf = cert.to_cryptography()
+            except ValueError:
+                self._leaf = None
+        if not ok and self._verify_errno is None:
+            self._verify_errno = errno
+        return bool(ok)
+
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        if (
+            not self._handshakeDone
+            and not self._reported
+            and reason is not None
+            and isinstance(reason.value, SSL.Error)
+        ):
+            self._reported = True
+            peer = self.transport.getPeer() if self.transport is not None else None
+            self.factory.refusals.refused(
+                str(getattr(peer, "host", peer)),
+                "TLS handshake",
+                handshake_refusal_reason(reason.value, self._verify_errno, self._leaf is not None),
+                None if self._leaf is None else CertificateSummary.of(self._leaf),
+            )
+        super()._tlsShutdownFinished(reason)
+
+
+class _ReportingTLSFactory(TLSMemoryBIOFactory):
+    protocol = _ReportingTLSProtocol
+
+    def __init__(self, options: CertificateOptions, factory: IProtocolFactory, refusals: RefusalLog) -> None:
+        super().__init__(options, False, factory)
+        self.refusals = refusals
+        create = self._creatorCallable
+        mode = options.getContext().get_verify_mode()
+
+        def connection_for(protocol: Any) -> SSL.Connection:
+            connection: SSL.Connection = create(protocol)
+            # The context's own verification, with a callback that lets
+            # this connection see what was verified.
+            connection.set_verify(mode, protocol._verify)
+            return connection
+
+        self._creatorCallable = connection_for

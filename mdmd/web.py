@@ -275,11 +275,11 @@ class MdmdSite(server.Site):
             device_text=f" device={req.device_id}" if req.device_id else "",
             note=req.note,
             note_text=f" ({req.note})" if req.note else "",
-            peer=_peer(req),
+            peer=peer_address(req),
         )
 
 
-def _peer(request: http.Request) -> str:
+def peer_address(request: http.Request) -> str:
     addr = request.getClientAddress()
     host = getattr(addr, "host", None)
     return str(host) if host is not None else str(addr)

@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(0)
     from twisted.internet import reactor
 
-    from mdmd.app import Mdmd
+    from mdmd.app import Mdmd, clock_offset_for_tests
     from mdmd.listeners import device_listeners
     from mdmd.material import load_material
     from mdmd.store.service import StoreService, open_store
@@ -470,13 +470,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             "PR_SET_PDEATHSIG not available: this worker stops with the main process"
             " only while its reactor runs"
         )
-    app = Mdmd(config=config, material=material, store=store, reactor=reactor)
+    app = Mdmd(
+        config=config, material=material, store=store, reactor=reactor, clock_offset=clock_offset_for_tests()
+    )
 
     top = MultiService()
     StoreService(store).setServiceParent(top)
     for listener, spec in zip(device_listeners(app), args.listener, strict=True):
         fd, family = (int(x) for x in spec.split(":"))
-        factory = tls_server_factory(listener.tls, listener.site)
+        factory = tls_server_factory(listener.tls, listener.site, listener.refusals)
+        if listener.refusals is not None:
+            reactor.addSystemEventTrigger("before", "shutdown", listener.refusals.stop)
         _AdoptedListener(reactor, fd, family, factory, listener.name).setServiceParent(top)
 
     stopping = False

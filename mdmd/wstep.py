@@ -5,21 +5,24 @@ AdditionalContext items) and builds the RequestSecurityTokenResponseCollection
 that carries the provisioning document.  Authenticating the header token and
 checking the CSR's signature happen elsewhere: this module only exposes them.
 
-Renewal (``.../Renew``, MS-MDE2 3.5) and recovery (``.../Recovery``,
-MS-MDE2 3.6) are not served: mdmd never advertises them (no WSTEP
-characteristic in the provisioning document, see docs/windows-clients.md),
-so such a request gets a fault saying so.
+A renewal (``.../Renew``, MS-MDE2 3.5) has the same shape with a PKCS#7
+(the new PKCS#10 signed with the key being renewed) instead of the PKCS#10;
+the caller decides where it is served and checks it (:mod:`mdmd.renewal`).
+Recovery (``.../Recovery``, MS-MDE2 3.6) is not served: mdmd never enables it
+(``DMClient/.../Recovery``), so such a request gets a fault saying so.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from lxml import etree
 
+from mdmd.renewal import not_eligible
 from mdmd.soap import (
     ACTION_RST_WSTEP,
     ACTION_RSTRC_WSTEP,
@@ -29,6 +32,8 @@ from mdmd.soap import (
     REQUEST_TYPE_RENEW,
     SOAP12,
     TOKEN_TYPE_DEVICE_ENROLLMENT,
+    VALUE_TYPE_PKCS7,
+    VALUE_TYPE_PKCS7_WSTEP,
     VALUE_TYPE_PKCS10,
     VALUE_TYPE_PROVISION_DOC,
     WSSE,
@@ -65,14 +70,29 @@ TIMESTAMP_LIFETIME = timedelta(minutes=5)
 
 @dataclass(frozen=True)
 class RequestSecurityToken:
-    """An Issue request for the device's MDM certificate (MS-MDE2 3.4.4.1.1.1)."""
+    """A request for the device's MDM certificate: Issue (MS-MDE2
+    3.4.4.1.1.1) or Renew (MS-MDE2 3.5.4.1.1.1)."""
 
     token_type: str
+    #: :data:`REQUEST_TYPE_ISSUE` or :data:`REQUEST_TYPE_RENEW`.
     request_type: str
-    csr_der: bytes = field(repr=False)
+    #: The decoded BinarySecurityToken: a PKCS#10 (Issue), or a PKCS#7
+    #: SignedData around the PKCS#10 (Renew).
+    token_der: bytes = field(repr=False)
     #: AdditionalContext items in document order; names may repeat (one
     #: ``MAC`` item per network adapter).
     context: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_renewal(self) -> bool:
+        return self.request_type == REQUEST_TYPE_RENEW
+
+    @property
+    def csr_der(self) -> bytes:
+        """The PKCS#10 of an Issue request."""
+        if self.is_renewal:
+            raise ValueError("a renewal carries a PKCS#7, not a bare PKCS#10")
+        return self.token_der
 
     def context_value(self, name: str) -> str | None:
         """Value of the first context item called ``name``, None if absent."""
@@ -89,8 +109,9 @@ class RequestSecurityToken:
     def device_id(self) -> str:
         """The ``DeviceID`` item: the id Windows later puts in SyncML's Source LocURI.
 
-        Always non-empty: :func:`parse_request_security_token` refuses a
-        request without it.
+        Always non-empty in an Issue request: :func:`parse_request_security_token`
+        refuses one without it.  A renewal may leave it out (the certificate
+        says which device it is).
         """
         return self.context_value("DeviceID") or ""
 
@@ -114,33 +135,33 @@ def _parse_context(element: etree._Element | None) -> tuple[tuple[str, str], ...
     return tuple(items)
 
 
-def _decode_csr(value: str) -> bytes:
+def _decode_token(value: str, what: str, refuse: Callable[[str], SoapFault]) -> bytes:
     # Windows may wrap the base64 at 64 columns (enroll-request.xml): drop all
     # whitespace, then decode strictly.
     compact = "".join(value.split())
     if not compact:
-        raise SoapFault(
-            FaultCode.CERTIFICATE_REQUEST,
-            "received an empty PKCS#10 BinarySecurityToken; a base64 DER PKCS#10 is required",
-        )
+        raise refuse(f"received an empty {what} BinarySecurityToken; a base64 DER {what} is required")
     try:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        raise SoapFault(
-            FaultCode.CERTIFICATE_REQUEST,
-            "received a PKCS#10 BinarySecurityToken that is not valid base64; "
-            "a base64 DER PKCS#10 is required",
+        raise refuse(
+            f"received a {what} BinarySecurityToken that is not valid base64; a base64 DER {what} is required"
         ) from None
 
 
+def _certificate_request(reason: str) -> SoapFault:
+    return SoapFault(FaultCode.CERTIFICATE_REQUEST, reason)
+
+
 def parse_request_security_token(req: SoapRequest) -> RequestSecurityToken:
-    """Read a ``wst:RequestSecurityToken`` Issue request.
+    """Read a ``wst:RequestSecurityToken``: Issue or Renew.
 
     :raises SoapFault:
         ``MessageFormat`` for a wrong action, body, TokenType or RequestType
-        and a missing ``DeviceID`` context item; ``CertificateRequest`` with
-        errortype ``NotSupported`` for Renew/Recovery; ``CertificateRequest``
-        for a missing, mistyped or undecodable PKCS#10.
+        and an Issue without a ``DeviceID`` context item;
+        ``CertificateRequest`` with errortype ``NotSupported`` for Recovery;
+        for a missing, mistyped or undecodable token, ``CertificateRequest``
+        (Issue) or the ``NotEligibleToRenew`` fault (Renew).
     """
     require_action(req, ACTION_RST_WSTEP)
     body = req.body
@@ -160,53 +181,57 @@ def parse_request_security_token(req: SoapRequest) -> RequestSecurityToken:
 
     request_type = text_of(find_child(body, "RequestType"))
     squashed_type = _squash(request_type)
-    if squashed_type in (REQUEST_TYPE_RENEW, REQUEST_TYPE_RECOVERY):
-        kind = "renewal" if squashed_type == REQUEST_TYPE_RENEW else "recovery"
+    if squashed_type == REQUEST_TYPE_RECOVERY:
         raise SoapFault(
             FaultCode.CERTIFICATE_REQUEST,
-            f"received RequestType {squashed_type}; certificate {kind} is not served "
-            f"by this server, only {REQUEST_TYPE_ISSUE} (re-enroll the device instead)",
+            f"received RequestType {squashed_type}; certificate recovery is not served "
+            f"by this server, only {REQUEST_TYPE_ISSUE} and {REQUEST_TYPE_RENEW} "
+            "(re-enroll the device instead)",
             ErrorType.NOT_SUPPORTED,
         )
-    if squashed_type != REQUEST_TYPE_ISSUE:
+    if squashed_type not in (REQUEST_TYPE_ISSUE, REQUEST_TYPE_RENEW):
         raise SoapFault(
             FaultCode.MESSAGE_FORMAT,
-            f"received RequestType {clip(request_type)}; this server accepts {REQUEST_TYPE_ISSUE}",
+            f"received RequestType {clip(request_type)}; this server accepts "
+            f"{REQUEST_TYPE_ISSUE} and {REQUEST_TYPE_RENEW}",
         )
+    renewal = squashed_type == REQUEST_TYPE_RENEW
+    # MS-MDE2 3.5.4.1.1.1 names the WS-Security namespace for the renewal's
+    # PKCS#7 ValueType, the older MS-MDE the enrollment one: accept both.
+    accepted = (VALUE_TYPE_PKCS7, VALUE_TYPE_PKCS7_WSTEP) if renewal else (VALUE_TYPE_PKCS10,)
+    what = "PKCS#7" if renewal else "PKCS#10"
+    refuse = not_eligible if renewal else _certificate_request
 
     bst_element = find_child(body, "BinarySecurityToken")
     if bst_element is None or namespace_of(bst_element) != WSSE:
-        raise SoapFault(
-            FaultCode.CERTIFICATE_REQUEST,
+        raise refuse(
             "received no wsse:BinarySecurityToken in RequestSecurityToken; "
-            f"a PKCS#10 request (ValueType {VALUE_TYPE_PKCS10}) is required",
+            f"a {what} (ValueType {accepted[0]}) is required"
         )
     bst = parse_binary_security_token(bst_element)
-    if _squash(bst.value_type) != VALUE_TYPE_PKCS10:
-        raise SoapFault(
-            FaultCode.CERTIFICATE_REQUEST,
+    if _squash(bst.value_type) not in accepted:
+        raise refuse(
             f"received a BinarySecurityToken of ValueType {clip(bst.value_type)}; "
-            f"this server accepts {VALUE_TYPE_PKCS10}",
+            f"this server accepts {' or '.join(accepted)} in a {squashed_type.rpartition('/')[2]} request"
         )
     # WSTEP allows EncodingType to be omitted; when present it must be base64.
     if bst.encoding_type is not None and _squash(bst.encoding_type) != ENCODING_TYPE_BASE64:
-        raise SoapFault(
-            FaultCode.CERTIFICATE_REQUEST,
+        raise refuse(
             f"received a BinarySecurityToken of EncodingType {clip(bst.encoding_type)}; "
-            f"this server accepts {ENCODING_TYPE_BASE64}",
+            f"this server accepts {ENCODING_TYPE_BASE64}"
         )
-    csr_der = _decode_csr(bst.value)
+    token_der = _decode_token(bst.value, what, refuse)
 
     # MS-MDE2 2.2.1 binds "ac" to the wstep namespace while the wire uses the
     # authorization one: match AdditionalContext by local name.
     context = _parse_context(find_child(body, "AdditionalContext"))
     rst = RequestSecurityToken(
         token_type=TOKEN_TYPE_DEVICE_ENROLLMENT,
-        request_type=REQUEST_TYPE_ISSUE,
-        csr_der=csr_der,
+        request_type=squashed_type,
+        token_der=token_der,
         context=context,
     )
-    if not rst.context_value("DeviceID"):
+    if not renewal and not rst.context_value("DeviceID"):
         raise SoapFault(
             FaultCode.MESSAGE_FORMAT,
             "received no DeviceID item in AdditionalContext; MS-MDE2 3.4.4.1.1.1 requires it",

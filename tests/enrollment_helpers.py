@@ -58,6 +58,7 @@ PROVISION_DOC = (
     "http://schemas.microsoft.com/5.0.0.0/ConfigurationManager/Enrollment/DeviceEnrollmentProvisionDoc"
 )
 PKCS10 = WSTEP + "#PKCS10"
+PKCS7 = WSSE + "#PKCS7"
 BASE64_ENCODING = WSSE + "#base64binary"
 ISSUE = WST + "/Issue"
 RENEW = WST + "/Renew"
@@ -347,6 +348,7 @@ def rst_body(
     *,
     request_type: str = ISSUE,
     escape_csr: bool = True,
+    value_type: str = PKCS10,
 ) -> str:
     items = "".join(
         f'<ac:ContextItem Name="{xml_escape(name)}"><ac:Value>{xml_escape(value)}</ac:Value></ac:ContextItem>'
@@ -357,7 +359,7 @@ def rst_body(
         "<wst:RequestSecurityToken>"
         f"<wst:TokenType>{DEVICE_ENROLLMENT_TOKEN}</wst:TokenType>"
         f"<wst:RequestType>{xml_escape(request_type)}</wst:RequestType>"
-        f'<wsse:BinarySecurityToken ValueType="{PKCS10}" EncodingType="{BASE64_ENCODING}">'
+        f'<wsse:BinarySecurityToken ValueType="{value_type}" EncodingType="{BASE64_ENCODING}">'
         f"{csr}</wsse:BinarySecurityToken>"
         f'<ac:AdditionalContext xmlns="{AC}">{items}</ac:AdditionalContext>'
         "</wst:RequestSecurityToken>"
@@ -381,12 +383,13 @@ def enroll_request(
     context: Iterable[tuple[str, str]],
     *,
     request_type: str = ISSUE,
+    value_type: str = PKCS10,
 ) -> Built:
     csr = base64.b64encode(csr_der).decode()
     return envelope(
         ACTION_RST,
         daemon.url("enrollment") + ENROLL_PATH,
-        rst_body(csr, context, request_type=request_type),
+        rst_body(csr, context, request_type=request_type, value_type=value_type),
         security=security,
     )
 

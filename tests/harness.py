@@ -306,10 +306,18 @@ def _parse_ini(path: Path) -> dict[str, dict[str, str]]:
     return {s: dict(parser[s]) for s in parser.sections()}
 
 
-def start_daemon(config: Path) -> Daemon:
+def start_daemon(config: Path, *, clock_offset: float = 0.0) -> Daemon:
+    """Start the daemon on *config*; *clock_offset* seconds move its clock
+    (the test-only ``MDMD_TEST_CLOCK_OFFSET``, see :mod:`mdmd.app`)."""
+    from mdmd.app import TEST_CLOCK_OFFSET_VARIABLE
+
     log_path = config.parent / "mdmd.log"
+    env = daemon_env()
+    env.pop(TEST_CLOCK_OFFSET_VARIABLE, None)
+    if clock_offset:
+        env[TEST_CLOCK_OFFSET_VARIABLE] = repr(float(clock_offset))
     log_file = open(log_path, "wb")  # noqa: SIM115 - handed to the child
-    proc = spawn_twistd(config, stdout=log_file, stderr=subprocess.STDOUT)
+    proc = spawn_twistd(config, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
     daemon = Daemon(config=config, proc=proc, log_path=log_path, ini=_parse_ini(config))
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -327,9 +335,12 @@ def start_daemon(config: Path) -> Daemon:
 
 @contextmanager
 def running_daemon(
-    directory: Path, overrides: Mapping[str, Mapping[str, str | None]] | None = None
+    directory: Path,
+    overrides: Mapping[str, Mapping[str, str | None]] | None = None,
+    *,
+    clock_offset: float = 0.0,
 ) -> Iterator[Daemon]:
-    daemon = start_daemon(write_config(directory, overrides))
+    daemon = start_daemon(write_config(directory, overrides), clock_offset=clock_offset)
     try:
         yield daemon
     finally:
@@ -360,6 +371,17 @@ def enroll_device(daemon: Daemon, device: object) -> object:
     assert status == 200, config
     discovery = device.discovery_endpoint(config)
     assert discovery is not None
+    return mdm_enroll(daemon, device, discovery)
+
+
+def mdm_enroll(daemon: Daemon, device: object, discovery: str | None = None) -> object:
+    """The MS-MDE2 part of :func:`enroll_device` (discovery, policy,
+    enrollment) for a device whose agent has enrolled; also what Windows
+    does when it enrolls again by itself."""
+    from mdmd.sim.device import WindowsDevice
+
+    assert isinstance(device, WindowsDevice)
+    discovery = discovery or daemon.url("enrollment") + "/api/mdm/microsoft/discovery"
     _, body = daemon.request("POST", "/api/mdm/microsoft/discovery", device.discover_request(discovery), SOAP)
     policy_url, enrollment_url = device.discover_result(body)
     _, body = daemon.request(
@@ -368,6 +390,41 @@ def enroll_device(daemon: Daemon, device: object) -> object:
     device.policy_min_key_bits(body)
     _, body = daemon.request("POST", "/api/mdm/microsoft/enroll", device.enroll_request(enrollment_url), SOAP)
     return device.enrolled(body)
+
+
+def renewal_exchange(
+    daemon: Daemon, device: object, context: ssl.SSLContext, new_key: object, *, signer_key: object = None
+) -> bytes:
+    """Windows' automatic renewal over real TLS: discovery at the provisioned
+    ``Renew/ServerURL`` (GET probe, then Discover), GetPolicies, then the
+    Renew RequestSecurityToken, each on the management listener over TLS
+    authenticated by *context* (the device's current certificate).  Returns
+    the last answer; the device installs it with ``device.renewed``."""
+    from urllib.parse import urlsplit
+
+    from mdmd.sim.device import WindowsDevice
+
+    assert isinstance(device, WindowsDevice) and device.enrollment is not None
+    schedule = device.enrollment.renewal
+    assert schedule is not None, "the enrollment advertised no renewal"
+    assert urlsplit(schedule.server_url).port == daemon.port("management")
+
+    def post(url: str, body: bytes) -> bytes:
+        response, answer = daemon.request(
+            "POST", urlsplit(url).path, body, SOAP, section="management", context=context
+        )
+        assert response.status == 200, (response.status, answer)
+        return answer
+
+    probe, _ = daemon.request(
+        "GET", urlsplit(schedule.server_url).path, section="management", context=context
+    )
+    assert probe.status == 200
+    policy_url, enrollment_url = device.discover_result(
+        post(schedule.server_url, device.discover_request(schedule.server_url))
+    )
+    device.policy_min_key_bits(post(policy_url, device.renewal_policies_request(policy_url)))
+    return post(enrollment_url, device.renew_request(enrollment_url, new_key, signer_key=signer_key))  # type: ignore[arg-type]
 
 
 def client_tls_context(daemon: Daemon, directory: Path, cert: object, key: object) -> ssl.SSLContext:

@@ -40,6 +40,8 @@ LIST_FIELDS = {
     "enrolled_at",
     "last_seen",
     "hw_dev_id_collision",
+    "cert_not_after",
+    "renewal",
 }
 SWV = "./DevDetail/SwV"
 GET_SWV = {"verb": "Get", "items": [{"target": SWV}]}
@@ -214,7 +216,14 @@ def test_devices_lists_every_device_with_its_fields(daemon: Daemon, fleet: Fleet
     assert synced["hw_dev_id_collision"] is False
     fresh = devices[fleet.fresh.id]
     assert (fresh["model"], fresh["manufacturer"], fresh["last_seen"]) == (None, None, None)
-    assert devices[fleet.gone.id]["state"] == "unenrolled"
+    # The current certificate's end, and no renewal yet.
+    assert fresh["cert_not_after"] == fleet.fresh.enrollment.certificate.not_valid_after_utc.strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+    assert fresh["renewal"] == {"state": "none", "renewed_at": None, "reason": None}
+    gone = devices[fleet.gone.id]
+    assert gone["state"] == "unenrolled"
+    assert gone["cert_not_after"] is None and gone["renewal"]["state"] == "none"
 
 
 def test_device_shows_certificate_inventory_and_recent_commands(daemon: Daemon, fleet: Fleet) -> None:
@@ -228,7 +237,10 @@ def test_device_shows_certificate_inventory_and_recent_commands(daemon: Daemon, 
         "thumbprint": pki.thumbprint(cert),
         "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "revoked": False,
+        "revoke_reason": None,
+        "renewed_from": None,
     }
+    assert device["cert_not_after"] == device["certificate"]["not_after"]
     assert device["inventory"] == {}
     recent = device["recent_commands"]
     assert [c["command_uuid"] for c in recent[:2]] == [second, first]  # newest first

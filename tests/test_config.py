@@ -31,6 +31,8 @@ def test_example_config_loads_with_documented_defaults() -> None:
     assert config.management.url.endswith("/api/mdm/microsoft/management")
     assert config.management.poll == PollSchedule(15, 5, 60, 10, 1440, 0, True)
     assert config.wstep.device_cert_days == 365
+    assert (config.wstep.renew_period_days, config.wstep.renew_retry_days) == (42, 7)
+    assert (config.wstep.renew_grace_days, config.wstep.keep_revoked_days) == (0, 90)
     assert config.admin.url == "http://127.0.0.1:8445"
     assert config.database == os.path.join(config.state_dir, "mdmd.sqlite3")
 
@@ -62,6 +64,23 @@ def test_every_example_key_is_documented() -> None:
         ({"mdmd": {"workers": "all"}}, "", "[mdmd] workers", "whole number"),
         ({"wstep": {"device_cert_days": "0"}}, "", "[wstep] device_cert_days", "between 1 and 3650"),
         ({"wstep": {"device_cert_days": "a year"}}, "", "[wstep] device_cert_days", "whole number"),
+        ({"wstep": {"renew_period_days": "0"}}, "", "[wstep] renew_period_days", "between 1 and 1000"),
+        ({"wstep": {"renew_period_days": "1001"}}, "", "[wstep] renew_period_days", "between 1 and 1000"),
+        (
+            {"wstep": {"device_cert_days": "30", "renew_period_days": "30"}},
+            "",
+            "[wstep] renew_period_days",
+            "less than device_cert_days (30)",
+        ),
+        ({"wstep": {"renew_retry_days": "0"}}, "", "[wstep] renew_retry_days", "between 1 and 1000"),
+        (
+            {"wstep": {"renew_period_days": "10", "renew_retry_days": "11"}},
+            "",
+            "[wstep] renew_retry_days",
+            "must not exceed renew_period_days (10)",
+        ),
+        ({"wstep": {"renew_grace_days": "-1"}}, "", "[wstep] renew_grace_days", "between 0 and 1000"),
+        ({"wstep": {"keep_revoked_days": "0"}}, "", "[wstep] keep_revoked_days", "between 1 and 36500"),
         (
             {"management": {"poll_schedule": "15x0 60x10 1440x0"}},
             "",
@@ -135,6 +154,11 @@ def test_twistd_missing_required_key_exits_with_one_line(tmp_path: Path) -> None
 def test_twistd_bad_value_exits_with_one_line(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"enrollment": {"max_body_bytes": "lots"}})
     _assert_one_line_failure(run_twistd(config), "[enrollment] max_body_bytes")
+
+
+def test_twistd_renewal_period_not_shorter_than_the_certificate_exits_with_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"wstep": {"device_cert_days": "40", "renew_period_days": "42"}})
+    _assert_one_line_failure(run_twistd(config), "[wstep] renew_period_days", "less than device_cert_days")
 
 
 def test_twistd_unreadable_config_exits_with_one_line(tmp_path: Path) -> None:

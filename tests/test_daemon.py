@@ -8,8 +8,9 @@ import re
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_enrollment_listener_serves_tls_with_the_bootstrapped_chain(daemon: Daem
     assert b"no such endpoint" in body
 
 
-def _server_alert(port: int, ctx: ssl.SSLContext) -> str | None:
+def _server_alert(port: int, ctx: ssl.SSLContext, source: str = "127.0.0.1") -> str | None:
     """Connect to *port* on loopback, run the client's side of the TLS
     handshake and read: return the reason of the TLS alert with which the
     server refused this client.
@@ -121,7 +122,7 @@ def _server_alert(port: int, ctx: ssl.SSLContext) -> str | None:
     and the server's alert is what the read gets; nothing is written, so the
     server never closes on unread data (which would make it a reset)."""
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0)) as raw,
         pytest.raises(ssl.SSLError) as refused,
         ctx.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
@@ -251,3 +252,135 @@ def test_request_log_line_names_listener_method_path_status(daemon: Daemon) -> N
     daemon.request("POST", "/api/fleet/orbit/whatever?x=1", b"{}")
     lines = [line for line in daemon.log_text().splitlines() if "POST /api/fleet/orbit/whatever" in line]
     assert lines and "enrollment POST /api/fleet/orbit/whatever 404" in lines[-1]
+
+
+# --- refused management connections are logged (mdmd.refusals) ---
+#
+# Each test connects from its own loopback address (all of 127/8 is the
+# loopback interface): refusals are summarised per address and minute.
+
+_SOURCES = iter(f"127.0.{n // 250}.{n % 250 + 2}" for n in range(1, 5000))
+
+
+def _refusal_lines(daemon: Daemon, source: str, expected: int = 1) -> list[str]:
+    """The daemon's refusal lines about *source*, polled (bounded) until
+    *expected* are there."""
+    needle = f"refused from {source}:"
+    deadline = time.monotonic() + 10
+    while True:
+        found = [line for line in daemon.log_text().splitlines() if needle in line]
+        if len(found) >= expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_a_handshake_without_certificate_is_logged(
+    daemon: Daemon, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    source = next(_SOURCES)
+    ctx = _only(_client_context(daemon, tmp_path, None, None), version)
+    assert _server_alert(daemon.port("management"), ctx, source) == NO_CERTIFICATE[version]
+    (line,) = _refusal_lines(daemon, source)
+    assert line.endswith(
+        f"management TLS handshake refused from {source}: no certificate; no certificate presented"
+    )
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_a_handshake_with_a_certificate_from_another_ca_is_logged(
+    daemon: Daemon, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    source = next(_SOURCES)
+    other_key = pki.generate_rsa_key(2048)
+    other_ca = pki.create_ca_certificate(other_key, "not the identity CA", days=30, now=datetime.now(UTC))
+    cert, key = _device_cert(other_ca, other_key, "B5B954E81FBCB94EB79BD08BE625F4EE")
+    ctx = _only(_client_context(daemon, tmp_path, cert, key), version)
+    assert _server_alert(daemon.port("management"), ctx, source) == "TLSV1_ALERT_UNKNOWN_CA"
+    (line,) = _refusal_lines(daemon, source)
+    assert f"management TLS handshake refused from {source}: unknown issuer; " in line
+    assert (
+        f"certificate subject 'CN=B5B954E81FBCB94EB79BD08BE625F4EE' serial {pki.serial_hex(cert)} "
+        "issuer 'CN=not the identity CA,O=mdmd'" in line
+    )
+
+
+def test_a_handshake_with_a_look_alike_of_the_identity_ca_is_logged(daemon: Daemon, tmp_path: Path) -> None:
+    source = next(_SOURCES)
+    identity, _ = _identity(daemon)
+    impostor_key = pki.generate_rsa_key(2048)
+    common_name = identity.subject.rfc4514_string().split("CN=")[-1].split(",")[0]
+    impostor = pki.create_ca_certificate(impostor_key, common_name, days=30, now=datetime.now(UTC))
+    cert, key = _device_cert(impostor, impostor_key, "B5B954E81FBCB94EB79BD08BE625F4EE")
+    assert _server_alert(daemon.port("management"), _client_context(daemon, tmp_path, cert, key), source)
+    (line,) = _refusal_lines(daemon, source)
+    assert f"refused from {source}: unknown issuer" in line and f"serial {pki.serial_hex(cert)}" in line
+
+
+def test_a_handshake_with_an_expired_certificate_is_logged(daemon: Daemon, tmp_path: Path) -> None:
+    source = next(_SOURCES)
+    identity, identity_key = _identity(daemon)
+    key = pki.generate_rsa_key(2048)
+    past = datetime.now(UTC) - timedelta(days=3)
+    cert = pki.issue_device_certificate(
+        identity, identity_key, key.public_key(), "EXPIRED1", days=1, now=past
+    )
+    alert = _server_alert(daemon.port("management"), _client_context(daemon, tmp_path, cert, key), source)
+    assert alert == "SSLV3_ALERT_CERTIFICATE_EXPIRED"
+    (line,) = _refusal_lines(daemon, source)
+    assert (
+        f"management TLS handshake refused from {source}: expired; certificate subject 'CN=EXPIRED1'" in line
+    )
+    assert f"serial {pki.serial_hex(cert)} issuer '{identity.subject.rfc4514_string()}'" in line
+
+
+def test_a_certificate_mdmd_never_issued_is_refused_after_the_handshake_and_logged(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # Signed by the identity CA (the TLS layer accepts it), unknown to the store.
+    source = next(_SOURCES)
+    cert, key = _device_cert(*_identity(daemon), "NEVERISSUED")
+    ctx = _client_context(daemon, tmp_path, cert, key)
+    with socket.create_connection(
+        ("127.0.0.1", daemon.port("management")), source_address=(source, 0)
+    ) as raw:
+        conn = HTTPConnection("localhost", daemon.port("management"), timeout=30)
+        conn.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        conn.request(
+            "POST",
+            "/api/mdm/microsoft/management",
+            b"<SyncML/>",
+            {"Content-Type": "application/vnd.syncml.dm+xml"},
+        )
+        assert conn.getresponse().status == 403
+    (line,) = _refusal_lines(daemon, source)
+    assert (
+        f"management request refused from {source}: not a certificate mdmd issued (unknown serial); " in line
+    )
+    assert f"certificate subject 'CN=NEVERISSUED' serial {pki.serial_hex(cert)} issuer '" in line
+
+
+def test_repeated_refusals_from_one_address_are_not_logged_one_by_one(daemon: Daemon, tmp_path: Path) -> None:
+    source, other = next(_SOURCES), next(_SOURCES)
+    ctx = _client_context(daemon, tmp_path, None, None)
+    for _ in range(25):
+        _server_alert(daemon.port("management"), ctx, source)
+    _server_alert(daemon.port("management"), ctx, other)
+    # The other address's line is written after all of source's refusals.
+    assert len(_refusal_lines(daemon, other)) == 1
+    assert len(_refusal_lines(daemon, source)) == 1
+
+
+def test_refusals_counted_when_the_daemon_stops_are_logged(tmp_path: Path) -> None:
+    daemon = start_daemon(write_config(tmp_path))
+    try:
+        source = next(_SOURCES)
+        ctx = _client_context(daemon, tmp_path, None, None)
+        for _ in range(3):
+            _server_alert(daemon.port("management"), ctx, source)
+        assert len(_refusal_lines(daemon, source)) == 1
+    finally:
+        daemon.stop()
+    assert f"management: 2 more refused from {source} in the last 60 s (last: no certificate)" in (
+        daemon.log_text()
+    )

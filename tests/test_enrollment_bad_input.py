@@ -25,6 +25,7 @@ from enrollment_helpers import (
     DISCOVERY,
     DISCOVERY_PATH,
     ENROLL_PATH,
+    PKCS7,
     POLICY_PATH,
     RENEW,
     S11,
@@ -607,17 +608,24 @@ def test_valid_csr_control_case_enrolls(env: Env) -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_renew_request_is_a_certificate_request_fault_not_supported(env: Env) -> None:
+def test_renew_request_on_the_enrollment_listener_is_not_eligible_to_renew(env: Env) -> None:
+    # Without a client certificate nothing says which certificate is renewed:
+    # the fault says where renewals are served.
     built = enroll_request(
-        env.daemon, env.security, env.csr, default_context(uuid.uuid4().hex.upper()), request_type=RENEW
+        env.daemon,
+        env.security,
+        env.csr,
+        default_context(uuid.uuid4().hex.upper()),
+        request_type=RENEW,
+        value_type=PKCS7,
     )
     expect_fault(
         env,
         ENROLL_PATH,
         built,
-        subcode="CertificateRequest",
-        errortype="NotSupported",
-        reason=("renewal is not served", RENEW),
+        subcode="Authorization",
+        errortype="NotEligibleToRenew",
+        reason=("renewals are served at", "/api/mdm/microsoft/discovery"),
     )
 
 

@@ -93,7 +93,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             "provider_id": PROVIDER_ID,
             "provider_name": "mdmd e2e",
         },
-        "wstep": {"device_cert_days": str(CERT_DAYS)},
+        "wstep": {"device_cert_days": str(CERT_DAYS), "renew_period_days": "10", "renew_retry_days": "3"},
     }
     with running_daemon(tmp_path_factory.mktemp("e2e"), overrides) as d:
         yield d
@@ -259,10 +259,16 @@ def check_enrollment_answer(
     assert types["PollOnLogin"] == "boolean"
     assert {types[name] for name in POLL if name != "PollOnLogin"} == {"integer"}
 
-    # -- no renewal advertised: it is not served (docs/windows-clients.md) --
-    for element in wap.iter():
-        assert element.get("type") not in ("WSTEP", "Renew"), element.get("type")
-        assert element.get("name") not in ("ROBOSupport", "RenewPeriod", "RetryInterval")
+    # -- automatic renewal, at discovery on the management listener --
+    management_base = daemon.url("management").removesuffix("/api/mdm/microsoft/management")
+    renew = next(n for n in (characteristic(s, "My", "WSTEP", "Renew") for s in stores) if n is not None)
+    assert renew is not None
+    assert parms(renew) == {
+        "ROBOSupport": "true",
+        "RenewPeriod": "10",
+        "RetryInterval": "3",
+        "ServerURL": management_base + "/api/mdm/microsoft/discovery",
+    }
     return cert
 
 

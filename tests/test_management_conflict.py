@@ -87,7 +87,10 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     )
     h = wait(store.enroll_host(host(1), now=1.0))
     record = enrollment(device.device_id, h.id, pki.serial_hex(cert), hw=None)
-    wait(store.record_device_enrollment(replace(record, cert_thumbprint=pki.thumbprint(cert)), now=2.0))
+    record = replace(
+        record, cert_thumbprint=pki.thumbprint(cert), cert_not_after=cert.not_valid_after_utc.timestamp()
+    )
+    wait(store.record_device_enrollment(record, now=2.0))
     yield Setup(store, device, cert)
     store.stop()
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,6 +133,27 @@ def test_device_shows_fields_and_certificate(daemon: Daemon, pc: Managed) -> Non
     assert "\ncertificate:\n" in out
     assert re.search(rf"^  serial +{pki.serial_hex(pc.enrollment.certificate)}$", out, re.M)
     assert re.search(r"^  revoked +no$", out, re.M)
+    not_after = pc.enrollment.certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert re.search(rf"^cert_not_after +{not_after}$", out, re.M)
+    assert re.search(r"^renewal +none$", out, re.M)
+
+
+@pytest.mark.parametrize(
+    ("renewal", "shown"),
+    [
+        ({"state": "none", "renewed_at": None, "reason": None}, "none"),
+        (
+            {"state": "renewed", "renewed_at": "2030-01-01T00:00:00Z", "reason": None},
+            "renewed 2030-01-01T00:00:00Z",
+        ),
+        ({"state": "failed", "renewed_at": None, "reason": "certificate ended"}, "failed: certificate ended"),
+        (None, None),
+    ],
+)
+def test_the_renewal_state_in_one_cell(renewal: Any, shown: str | None) -> None:
+    from mdmd.mdmctl import _renewal_text
+
+    assert _renewal_text(renewal) == shown
 
 
 def test_get_prints_the_uuid_of_a_pending_command(daemon: Daemon, pc: Managed) -> None:

@@ -116,40 +116,36 @@ def test_an_edited_profile_moves_devices_to_the_new_version(
     assert TELEMETRY not in client.nodes
 
 
-def test_drift_on_the_device_is_found_and_repaired(
-    daemon: Daemon, keys: list[object], tmp_path: Path
-) -> None:
-    enrolled, client = device(daemon, keys, tmp_path)
-    group_with(daemon, "drifting", enrolled.id)
-    admin(
-        daemon,
-        "POST",
-        "/api/v1/profiles",
-        {"name": "drifting", "items": replace_items((CAMERA, "0"))},
-        expect=201,
-    )
-    admin(daemon, "PUT", "/api/v1/profiles/drifting/groups", {"groups": ["drifting"]})
-    run_session(daemon, enrolled, client)
-    assert profile_states(daemon, enrolled.id)["drifting"][0] == "verified"
+def test_drift_on_the_device_is_found_and_repaired(keys: list[object], tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    with running_daemon(tmp_path / "d") as first:
+        config = first.config
+        enrolled, client = device(first, keys, tmp_path)
+        group_with(first, "drifting", enrolled.id)
+        items = replace_items((CAMERA, "0"))
+        admin(first, "POST", "/api/v1/profiles", {"name": "drifting", "items": items}, expect=201)
+        admin(first, "PUT", "/api/v1/profiles/drifting/groups", {"groups": ["drifting"]})
+        run_session(first, enrolled, client)
+        assert profile_states(first, enrolled.id)["drifting"][0] == "verified"
+        # The next check-in within the verify interval reads nothing back.
+        assert [m.commands for m in run_session(first, enrolled, client)] == [[]]
     drift = client.drift(CAMERA)
     assert drift is not None and client.nodes[CAMERA] == ("int", "1")
-    # Make the verification old, as a day passing would.
-    db = daemon.state / "mdmd.sqlite3"
-    import sqlite3
-
-    with sqlite3.connect(db) as conn:
-        conn.execute(
-            "UPDATE device_profiles SET verified_at = verified_at - 2 * 86400 WHERE device_id = ?",
-            (enrolled.id,),
-        )
-    seen = run_session(daemon, enrolled, client)
-    verbs = [c.tag.split("}")[1] for m in seen for c in m.commands]
-    assert verbs == ["Get", "Atomic", "Get"]
-    assert client.nodes[CAMERA] == ("int", "0")
-    answer = admin(daemon, "GET", f"/api/v1/devices/{enrolled.id}/profiles")
-    (entry,) = [p for p in answer["profiles"] if p["name"] == "drifting"]
-    assert entry["state"] == "verified"
-    assert "drifted" in [h["state"] for h in entry["history"]]
+    # Two days later (the daemon's clock moved; no waiting), the check-in
+    # reads the profile back, finds the drift and puts the profile back.
+    daemon = start_daemon(config, clock_offset=2 * 86400)
+    try:
+        seen = run_session(daemon, enrolled, client)
+        verbs = [c.tag.split("}")[1] for m in seen for c in m.commands]
+        assert verbs == ["Get", "Atomic", "Get"]
+        assert client.nodes[CAMERA] == ("int", "0")
+        answer = admin(daemon, "GET", f"/api/v1/devices/{enrolled.id}/profiles")
+        (entry,) = [p for p in answer["profiles"] if p["name"] == "drifting"]
+        assert entry["state"] == "verified"
+        assert "drifted" in [h["state"] for h in entry["history"]]
+        assert f"profile drifting drifted: {CAMERA}: sent '0', the device has '1'" in daemon.log_text()
+    finally:
+        daemon.stop()
 
 
 def test_a_refused_locuri_fails_with_that_locuri_and_code(

@@ -20,7 +20,9 @@ from mdmd.provisioning import (
     DEFAULT_ENCODING,
     PollSchedule,
     ProvisioningDocParams,
+    RenewalSettings,
     build_provisioning_doc,
+    build_renewal_provisioning_doc,
     cert_thumbprint,
 )
 from mdmd.xmlsafe import parse_untrusted_xml
@@ -167,10 +169,69 @@ def test_intermediate_goes_to_ca_store(
     assert [c.get("type") for c in ca_system] == [cert_thumbprint(intermediate_der)]
 
 
-def test_no_renewal_is_advertised(params: ProvisioningDocParams) -> None:
+def test_no_renewal_is_advertised_without_settings(params: ProvisioningDocParams) -> None:
     data, doc = build(params)
     assert b"WSTEP" not in data and b"ROBOSupport" not in data and b"RenewPeriod" not in data
     assert not [c for c in doc.iter("characteristic") if c.get("type") == "WSTEP"]
+
+
+RENEW_URL = "https://mdm.example.com:8444/api/mdm/microsoft/discovery"
+
+
+@pytest.mark.parametrize("enrollment_type", ["Full", "Device"])
+def test_renewal_is_advertised_under_my_wstep_renew(
+    params: ProvisioningDocParams, enrollment_type: Any
+) -> None:
+    renewal = RenewalSettings(renew_period_days=42, retry_interval_days=7, server_url=RENEW_URL)
+    _, doc = build(dataclasses.replace(params, renewal=renewal, enrollment_type=enrollment_type))
+    my = char(stores(doc)[1], "My")
+    store = "User" if enrollment_type == "Full" else "System"
+    assert [c.get("type") for c in my] == [store, "WSTEP"]
+    assert parms(char(my, "WSTEP", "Renew")) == [
+        ("ROBOSupport", "true", "boolean"),
+        ("RenewPeriod", "42", "integer"),
+        ("RetryInterval", "7", "integer"),
+        ("ServerURL", RENEW_URL, "string"),
+    ]
+    # Renewal needs EntDMID set by the enrollment (MS-MDE2 2.2.9.3).
+    assert parm_value(char(doc, "DMClient", "Provider", "mdmd"), "EntDMID")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"renew_period_days": 0},
+        {"renew_period_days": 1001},
+        {"retry_interval_days": 0},
+        {"renew_period_days": 5, "retry_interval_days": 6},
+        {"renew_period_days": True},
+        {"server_url": "http://mdm.example.com/discovery"},
+    ],
+)
+def test_renewal_settings_stay_within_the_csp_limits(kwargs: dict[str, Any]) -> None:
+    values: dict[str, Any] = {"renew_period_days": 42, "retry_interval_days": 7, "server_url": RENEW_URL}
+    with pytest.raises(ValueError):
+        RenewalSettings(**{**values, **kwargs})
+
+
+@pytest.mark.parametrize(("enrollment_type", "store"), [("Full", "User"), ("Device", "System")])
+def test_renewal_document_carries_the_new_certificate_only(
+    device_der: bytes, enrollment_type: Any, store: str
+) -> None:
+    data = build_renewal_provisioning_doc(device_der, enrollment_type)
+    doc = parse_untrusted_xml(data)
+    assert doc.tag == "wap-provisioningdoc" and doc.get("version") == "1.1"
+    assert [c.get("type") for c in doc] == ["CertificateStore"]
+    assert [c.get("type") for c in char(doc, "CertificateStore")] == ["My"]
+    assert [c.get("type") for c in char(doc, "CertificateStore", "My")] == [store]
+    node = char(doc, "CertificateStore", "My", store, POC_THUMBPRINT)
+    assert parms(node) == [("EncodedCertificate", base64.b64encode(device_der).decode(), None)]
+    # MS-MDE2 3.5.4.1.1.2: PrivateKeyContainer inside the certificate's node.
+    assert [c.get("type") for c in node if c.tag == "characteristic"] == ["PrivateKeyContainer"]
+    with pytest.raises(ValueError):
+        build_renewal_provisioning_doc(b"", "Full")
+    with pytest.raises(ValueError):
+        build_renewal_provisioning_doc(device_der, "User")  # type: ignore[arg-type]
 
 
 def test_w7_application(params: ProvisioningDocParams) -> None:

@@ -14,9 +14,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.task import Clock
 
-from harness import REPO, Daemon, daemon_env, running_daemon
+from harness import REPO, Daemon, daemon_env, db_rows, running_daemon, start_daemon, write_config
 from mdmd.sim.cli import Fleet, SimDevice, parse_args
 from mdmd.sim.device import DEFAULT_WRITE_ONLY, ManagementClient, WindowsDevice
+
+DAY = 86400.0
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +210,91 @@ def test_bad_tree_options_are_usage_errors(bad: list[str], capsys: pytest.Captur
         parse_args(["--url", "https://localhost:8443", "--secret", "s", "--devices", "1", *bad])
     assert exit.value.code == 2
     assert bad[0] in capsys.readouterr().err
+
+
+def test_devices_renew_when_their_certificate_enters_its_renewal_period(
+    keys: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    directory = tmp_path_factory.mktemp("sim-renewal")
+    saved = directory / "devices.json"
+    config = write_config(directory)
+    # Enrolled with the daemon's (and the devices') clock 326 days back: by
+    # the real clock their one-year certificates have 39 days left.
+    daemon = start_daemon(config, clock_offset=-326 * DAY)
+    try:
+        code, summary, stderr = sim(
+            "--config", str(config), "--devices", "2", "--concurrency", "2", "--duration", "0",
+            "--keys-cache", str(keys), "--save-devices", str(saved), "--clock-offset", "-326",
+        )  # fmt: skip
+        assert code == 0 and summary["enrolled"] == 2 and summary["renewed"] == 0, (summary, stderr)
+    finally:
+        daemon.stop()
+    before = {d["device_id"]: d["certificate"] for d in json.loads(saved.read_text())["devices"]}
+    daemon = start_daemon(config)
+    try:
+        # Ten days earlier the renewal period (42 days) has not begun.
+        code, summary, stderr = sim(
+            "--config", str(config), "--load-devices", str(saved), "--duration", "0", "--clock-offset", "-10"
+        )
+        assert code == 0 and summary["renewed"] == 0 and summary["checkins"] == 2, (summary, stderr)
+        # Now it has: each device renews, then checks in with its new certificate.
+        code, summary, stderr = sim(
+            "--config", str(config), "--load-devices", str(saved), "--save-devices", str(saved),
+            "--duration", "0",
+        )  # fmt: skip
+        assert code == 0, (summary, stderr)
+        assert summary["renewed"] == 2 and summary["checkins"] == 2 and summary["error_count"] == 0
+        assert summary["latency_ms"]["renew"]["count"] == 2
+        after = {d["device_id"]: d["certificate"] for d in json.loads(saved.read_text())["devices"]}
+        assert after.keys() == before.keys() and all(after[i] != before[i] for i in after)
+        for device_id in after:
+            status, shown = daemon.admin("GET", f"/api/v1/devices/{device_id}")
+            assert status == 200 and isinstance(shown, dict)
+            assert shown["renewal"]["state"] == "renewed" and shown["certificate"]["renewed_from"]
+        # The old certificates retired at the first session with the new ones.
+        retired = db_rows(daemon, "SELECT count(*) FROM certificates WHERE revoke_reason = 'renewed'")
+        assert retired == [(2,)]
+        # With their new certificates they are not due again.
+        code, summary, stderr = sim("--config", str(config), "--load-devices", str(saved), "--duration", "0")
+        assert code == 0 and summary["renewed"] == 0 and summary["checkins"] == 2, (summary, stderr)
+    finally:
+        daemon.stop()
+
+
+def test_a_refused_renewal_is_counted_and_the_device_keeps_checking_in(
+    daemon: Daemon, keys: Path, tmp_path: Path
+) -> None:
+    saved = tmp_path / "devices.json"
+    code, summary, _ = sim(
+        "--config", str(daemon.config), "--devices", "1", "--duration", "0",
+        "--keys-cache", str(keys), "--save-devices", str(saved),
+    )  # fmt: skip
+    assert code == 0
+    # The device believes it is 330 days later; the server knows better.
+    code, summary, _ = sim(
+        "--config",
+        str(daemon.config),
+        "--load-devices",
+        str(saved),
+        "--duration",
+        "0",
+        "--clock-offset",
+        "330",
+    )
+    assert code == 1
+    assert summary["errors"] == {"renew: fault s:Authorization": 1}
+    assert "NotEligibleToRenew" in summary["first_errors"][0]["body"]
+    assert summary["renewed"] == 0 and summary["checkins"] == 1
+
+
+def test_the_clock_offset_is_days(capsys: pytest.CaptureFixture[str]) -> None:
+    from mdmd.sim.cli import parse_args
+
+    base = ["--url", "https://localhost:8443", "--secret", "s", "--devices", "1"]
+    assert parse_args(base).clock_offset == 0.0
+    assert parse_args([*base, "--clock-offset", "1.5"]).clock_offset == 1.5 * DAY
+    assert parse_args([*base, "--clock-offset", "-326"]).clock_offset == -326 * DAY
+    for bad in ("soon", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            parse_args([*base, "--clock-offset", bad])
+    assert "number of days" in capsys.readouterr().err

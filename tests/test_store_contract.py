@@ -33,7 +33,7 @@ from mdmd.profiles import (
     ProfileStep,
     profile_version,
 )
-from mdmd.store import AssignmentOutcome, SessionConflict, Store
+from mdmd.store import AssignmentOutcome, CertificateRenewal, RenewalRefused, SessionConflict, Store
 from store_helpers import BACKENDS, enrollment, host, wait
 
 
@@ -150,6 +150,163 @@ def test_a_failed_transaction_changes_nothing(store: Store) -> None:
         wait(store.record_device_enrollment(enrollment("DEV1", h.id, "aa"), now=3.0))
     cert = wait(store.certificate("aa"))
     assert cert is not None and cert.revoked_at is None
+
+
+# --- certificate renewal ---
+
+
+def _renewal(
+    renewed: str, serial: str, device_id: str = "DEV1", not_after: float = 500.0
+) -> CertificateRenewal:
+    return CertificateRenewal(
+        device_id=device_id,
+        renewed_serial=renewed,
+        cert_serial=serial,
+        cert_thumbprint=serial.upper() * 2,
+        cert_not_before=10.0,
+        cert_not_after=not_after,
+    )
+
+
+def _enrolled(store: Store, device_id: str = "DEV1", serial: str = "aa", n: int = 1) -> int:
+    h = wait(store.enroll_host(host(n), now=1.0))
+    wait(store.record_device_enrollment(enrollment(device_id, h.id, serial), now=2.0))
+    return h.id
+
+
+def _live(store: Store, device_id: str = "DEV1") -> list[str]:
+    return sorted(c.serial for c in wait(store.device_certificates(device_id)) if c.revoked_at is None)
+
+
+def test_a_renewal_adds_a_certificate_and_keeps_the_old_one_working(store: Store) -> None:
+    _enrolled(store)
+    outcome = wait(store.record_renewal(_renewal("aa", "bb"), now=20.0))
+    assert outcome.superseded_serials == ()
+    new = wait(store.certificate("bb"))
+    assert new is not None and new.renewed_from == "aa" and new.issued_at == 20.0
+    assert new.activated_at is None and new.revoked_at is None and new.not_after == 500.0
+    assert _live(store) == ["aa", "bb"]
+    # The old certificate still opens sessions until the new one is used.
+    ctx = wait(store.management_context("aa"))
+    assert ctx is not None and ctx.certificate.revoked_at is None
+    # The device's current certificate is the newest one.
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.certificate is not None
+    assert (device.certificate.serial, device.certificate.renewed_from) == ("bb", "aa")
+    (listed,) = wait(store.devices())
+    assert listed.certificate is not None and listed.certificate.serial == "bb"
+
+
+def test_a_renewal_again_with_the_old_certificate_supersedes_the_lost_one(store: Store) -> None:
+    _enrolled(store)
+    wait(store.record_renewal(_renewal("aa", "bb"), now=20.0))
+    outcome = wait(store.record_renewal(_renewal("aa", "cc"), now=30.0))
+    assert outcome.superseded_serials == ("bb",)
+    lost = wait(store.certificate("bb"))
+    assert lost is not None and lost.revoked_at == 30.0 and lost.revoke_reason == "superseded"
+    assert _live(store) == ["aa", "cc"]
+
+
+def test_the_first_session_of_the_new_certificate_retires_the_old_one(store: Store) -> None:
+    _enrolled(store)
+    wait(store.record_renewal(_renewal("aa", "bb"), now=20.0))
+    wait(store.record_renewal(_renewal("aa", "cc"), now=30.0))
+    assert wait(store.confirm_renewal("aa", now=40.0)) == ()  # not a renewed certificate
+    revoked: tuple[str, ...] = wait(store.confirm_renewal("cc", now=40.0))
+    assert revoked == ("aa",)
+    old = wait(store.certificate("aa"))
+    assert old is not None and old.revoked_at == 40.0 and old.revoke_reason == "renewed"
+    new = wait(store.certificate("cc"))
+    assert new is not None and new.activated_at == 40.0 and new.revoked_at is None
+    assert _live(store) == ["cc"]
+    assert wait(store.confirm_renewal("cc", now=50.0)) == ()  # only the first session counts
+    again = wait(store.certificate("cc"))
+    assert again is not None and again.activated_at == 40.0
+
+
+def test_a_confirmed_renewal_supersedes_any_other_live_certificate(store: Store) -> None:
+    _enrolled(store)
+    wait(store.record_renewal(_renewal("aa", "bb"), now=20.0))
+    wait(store.record_renewal(_renewal("bb", "cc"), now=30.0))  # renewed again before bb was used
+    revoked: tuple[str, ...] = wait(store.confirm_renewal("cc", now=40.0))
+    assert set(revoked) == {"aa", "bb"}
+    reasons = {c.serial: c.revoke_reason for c in wait(store.device_certificates("DEV1"))}
+    assert reasons == {"aa": "superseded", "bb": "renewed", "cc": None}
+
+
+@pytest.mark.parametrize("case", ["unknown", "revoked", "unenrolled", "other device"])
+def test_a_refused_renewal_changes_nothing(store: Store, case: str) -> None:
+    h = _enrolled(store)
+    renewed = "aa"
+    device_id = "DEV1"
+    if case == "unknown":
+        renewed = "zz"
+    elif case == "revoked":
+        wait(store.record_device_enrollment(enrollment("DEV1", h, "a2"), now=3.0))
+    elif case == "unenrolled":
+        wait(store.commit_management_step(ManagementStep("DEV1", session=None, unenroll=True), now=3.0))
+    else:
+        _enrolled(store, "DEV2", "dd", n=2)
+        device_id = "DEV2"
+    before = (wait(store.device_certificates("DEV1")), wait(store.device_certificates("DEV2")))
+    with pytest.raises(RenewalRefused):
+        wait(store.record_renewal(_renewal(renewed, "bb", device_id=device_id), now=20.0))
+    assert wait(store.certificate("bb")) is None
+    assert (wait(store.device_certificates("DEV1")), wait(store.device_certificates("DEV2"))) == before
+
+
+def test_reenrollment_revokes_renewed_certificates_too(store: Store) -> None:
+    h = _enrolled(store)
+    wait(store.record_renewal(_renewal("aa", "bb"), now=20.0))
+    outcome = wait(store.record_device_enrollment(enrollment("DEV1", h, "cc"), now=30.0))
+    assert set(outcome.revoked_serials) == {"aa", "bb"}
+    assert _live(store) == ["cc"]
+    assert wait(store.confirm_renewal("bb", now=40.0)) == ()
+    assert _live(store) == ["cc"]
+
+
+def test_an_unenrolled_device_has_no_current_certificate(store: Store) -> None:
+    _enrolled(store)
+    wait(store.commit_management_step(ManagementStep("DEV1", session=None, unenroll=True), now=3.0))
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.certificate is None
+
+
+def test_ended_certificates_that_were_renewed_are_retired_in_batches(store: Store) -> None:
+    # enrollment() certificates end at 2.0.
+    for n in range(1, 4):
+        _enrolled(store, f"DEV{n}", f"a{n}", n=n)
+        wait(store.record_renewal(_renewal(f"a{n}", f"b{n}", device_id=f"DEV{n}"), now=1.5))
+    _enrolled(store, "DEV9", "a9", n=9)  # ended, never renewed: stays as it is
+    assert wait(store.retire_renewed_certificates(1.9, limit=10)) == 0  # not ended yet
+    assert wait(store.retire_renewed_certificates(5.0, limit=2)) == 2
+    assert wait(store.retire_renewed_certificates(5.0, limit=2)) == 1
+    assert wait(store.retire_renewed_certificates(5.0, limit=2)) == 0
+    for n in range(1, 4):
+        old = wait(store.certificate(f"a{n}"))
+        assert old is not None and old.revoke_reason == "renewed" and old.revoked_at == 2.0
+        assert _live(store, f"DEV{n}") == [f"b{n}"]
+    lonely = wait(store.certificate("a9"))
+    assert lonely is not None and lonely.revoked_at is None
+
+
+def test_old_superseded_and_renewed_certificates_are_pruned_in_batches(store: Store) -> None:
+    h = _enrolled(store)
+    for n, now in enumerate((10.0, 20.0, 30.0)):
+        wait(store.record_device_enrollment(enrollment("DEV1", h, f"r{n}"), now=now))
+    wait(store.record_renewal(_renewal("r2", "bb"), now=40.0))
+    wait(store.confirm_renewal("bb", now=50.0))  # r2 renewed at 50
+    _enrolled(store, "DEV2", "u1", n=2)
+    wait(store.commit_management_step(ManagementStep("DEV2", session=None, unenroll=True), now=3.0))
+    # aa (10), r0 (20), r1 (30) superseded; r2 renewed (50); u1 unenrolled (3).
+    assert wait(store.prune_certificates(35.0, limit=2)) == 2
+    assert wait(store.prune_certificates(35.0, limit=2)) == 1
+    assert wait(store.prune_certificates(35.0, limit=2)) == 0
+    assert sorted(c.serial for c in wait(store.device_certificates("DEV1"))) == ["bb", "r2"]
+    assert wait(store.prune_certificates(60.0, limit=10)) == 1
+    assert [c.serial for c in wait(store.device_certificates("DEV1"))] == ["bb"]
+    # An unenrolled device keeps its record of what it had.
+    assert [c.serial for c in wait(store.device_certificates("DEV2"))] == ["u1"]
 
 
 # --- the command queue ---

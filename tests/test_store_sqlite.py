@@ -24,7 +24,7 @@ import pytest
 from harness import REPO
 from mdmd.management import LargeObject
 from mdmd.store import HostEnrollment, StoreError
-from mdmd.store.sqlite import SQLiteStore
+from mdmd.store.sqlite import _DEVICE_SELECT, _LIVE_SERIALS_OF_DEVICE_OR_HOST, SQLiteStore, migrate
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from store_helpers import ThreadReactor, host, wait
 
@@ -92,7 +92,7 @@ _WRITER = textwrap.dedent(
     from twisted.internet import reactor, task
     from twisted.internet.defer import Deferred
     from mdmd.store import HostEnrollment
-    from mdmd.store.sqlite import SQLiteStore
+    from mdmd.store.sqlite import _DEVICE_SELECT, _LIVE_SERIALS_OF_DEVICE_OR_HOST, SQLiteStore, migrate
 
     store = SQLiteStore(sys.argv[1], reactor)
     store.open()
@@ -122,7 +122,7 @@ _WRITER = textwrap.dedent(
     from twisted.internet import reactor, task
     from twisted.internet.defer import Deferred
     from mdmd.store import HostEnrollment
-    from mdmd.store.sqlite import SQLiteStore
+    from mdmd.store.sqlite import _DEVICE_SELECT, _LIVE_SERIALS_OF_DEVICE_OR_HOST, SQLiteStore, migrate
 
     store = SQLiteStore(sys.argv[1], reactor)
     store.open()
@@ -286,6 +286,8 @@ def test_schema_version_2_sessions_are_carried_over(tmp_path: Path) -> None:
         assert session.request_digest == "cd" * 32
         assert dict(session.objects) == {"1:4:0": LargeObject("u1", 6, 12, "chr", None)}
         assert wait(s.last_reply("DEV1")) == b"<SyncML>reply</SyncML>"
+        # Schema 4 (renewal): an older certificate renewed nothing.
+        assert ctx.certificate.renewed_from is None and ctx.certificate.activated_at is None
     finally:
         s.stop()
     conn = sqlite3.connect(path)
@@ -295,3 +297,55 @@ def test_schema_version_2_sessions_are_carried_over(tmp_path: Path) -> None:
     finally:
         conn.close()
     assert pieces == [("1:4:0", "h\u00e9llo")]
+
+
+def _steps(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> int:
+    """SQLite virtual-machine steps one query takes: a deterministic measure
+    of the rows it touches (no timing)."""
+    count = [0]
+
+    def tick() -> int:
+        count[0] += 1
+        return 0
+
+    conn.set_progress_handler(tick, 1)
+    try:
+        conn.execute(sql, args).fetchall()
+    finally:
+        conn.set_progress_handler(None, 1)
+    return count[0]
+
+
+def test_finding_a_devices_live_certificates_does_not_grow_with_its_history() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrate(conn)
+    conn.execute(
+        "INSERT INTO hosts (id, hardware_uuid, node_key_hash, platform, hostname, hardware_serial, info,"
+        " enrolled_at) VALUES (1, 'u', x'00', 'windows', 'h', 's', '{}', 1)"
+    )
+    conn.execute(
+        "INSERT INTO devices (device_id, host_id, enrollment_type, context, state, enrolled_at)"
+        " VALUES ('DEV1', 1, 'Full', '[]', 'enrolled', 1)"
+    )
+
+    def certificate(n: int, revoked: bool) -> None:
+        conn.execute(
+            "INSERT INTO certificates (serial, device_id, thumbprint, not_before, not_after, issued_at,"
+            " revoked_at, revoke_reason) VALUES (?, 'DEV1', ?, 0, 1, ?, ?, ?)",
+            (f"s{n}", f"t{n}", n, n if revoked else None, "superseded" if revoked else None),
+        )
+
+    certificate(0, revoked=False)
+    queries = [
+        (_LIVE_SERIALS_OF_DEVICE_OR_HOST, ("DEV1", 1)),
+        (_DEVICE_SELECT + " WHERE d.device_id = ?", ("DEV1",)),
+    ]
+    fresh = [_steps(conn, sql, args) for sql, args in queries]
+    for n in range(1, 5001):
+        certificate(n, revoked=True)
+    assert [_steps(conn, sql, args) for sql, args in queries] == fresh
+    # Without the partial index the same lookups walk the whole history.
+    conn.execute("DROP INDEX certificates_live")
+    assert all(
+        _steps(conn, sql, args) > 100 * steps for (sql, args), steps in zip(queries, fresh, strict=True)
+    )

@@ -16,10 +16,12 @@ from mdmd.soap import (
     DIAGNOSTICS,
     ENCODING_TYPE_BASE64,
     REQUEST_TYPE_ISSUE,
+    REQUEST_TYPE_RENEW,
     SOAP12,
     TOKEN_TYPE_DEVICE_ENROLLMENT,
     VALUE_TYPE_DEVICE_ENROLLMENT_USER_TOKEN,
     VALUE_TYPE_PKCS7,
+    VALUE_TYPE_PKCS7_WSTEP,
     VALUE_TYPE_PKCS10,
     VALUE_TYPE_PROVISION_DOC,
     WSA,
@@ -191,12 +193,48 @@ def test_wrong_encoding_type_is_certificate_request_fault() -> None:
     assert fault_of(rst(bst=bst)).code is FaultCode.CERTIFICATE_REQUEST
 
 
-@pytest.mark.parametrize("kind", ["Renew", "Recovery"])
-def test_renew_and_recovery_are_not_supported(kind: str) -> None:
-    fault = fault_of(rst(request_type=f"{WST}/{kind}"))
+def test_recovery_is_not_supported() -> None:
+    fault = fault_of(rst(request_type=f"{WST}/Recovery"))
     assert fault.code is FaultCode.CERTIFICATE_REQUEST
     assert fault.errortype == ErrorType.NOT_SUPPORTED
     assert "not served" in fault.reason and REQUEST_TYPE_ISSUE in fault.reason
+
+
+def _pkcs7_bst(value_type: str = VALUE_TYPE_PKCS7, value: str = CSR_B64) -> str:
+    return (
+        f'<wsse:BinarySecurityToken ValueType="{value_type}" '
+        f'EncodingType="{ENCODING_TYPE_BASE64}">{value}</wsse:BinarySecurityToken>'
+    )
+
+
+@pytest.mark.parametrize("value_type", [VALUE_TYPE_PKCS7, VALUE_TYPE_PKCS7_WSTEP])
+def test_a_renewal_carries_a_pkcs7_and_needs_no_device_id(value_type: str) -> None:
+    # Microsoft Learn's ROBO sample has only DeviceType and ApplicationVersion.
+    context = '<ac:ContextItem Name="DeviceType"><ac:Value>CIMClient_Windows</ac:Value></ac:ContextItem>'
+    token = parse_request_security_token(
+        parse_soap_request(rst(request_type=REQUEST_TYPE_RENEW, bst=_pkcs7_bst(value_type), context=context))
+    )
+    assert token.is_renewal and token.request_type == REQUEST_TYPE_RENEW
+    assert token.token_der == b"\x30\x03\x02\x01\x00"
+    assert token.device_id == "" and token.context_value("DeviceType") == "CIMClient_Windows"
+    with pytest.raises(ValueError):
+        _ = token.csr_der
+
+
+@pytest.mark.parametrize(
+    "bst",
+    [
+        "",
+        f'<wsse:BinarySecurityToken ValueType="{VALUE_TYPE_PKCS10}">{CSR_B64}</wsse:BinarySecurityToken>',
+        _pkcs7_bst(value="not base64!"),
+        _pkcs7_bst(value="  "),
+    ],
+)
+def test_a_renewal_without_a_usable_pkcs7_is_not_eligible_to_renew(bst: str) -> None:
+    fault = fault_of(rst(request_type=REQUEST_TYPE_RENEW, bst=bst))
+    assert fault.code is FaultCode.AUTHORIZATION
+    assert fault.errortype == ErrorType.NOT_ELIGIBLE_TO_RENEW
+    assert "PKCS#7" in fault.reason or "#PKCS7" in fault.reason
 
 
 def test_unknown_request_type_is_message_format() -> None:

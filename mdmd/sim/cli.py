@@ -5,7 +5,13 @@ and config, MS-MDE2 discovery (GET probe, then POST), MS-XCEP policy and
 MS-WSTEP enrollment with its own RSA-2048 key, then OMA-DM management
 sessions over mutual TLS with the certificate it was issued, again every
 ``--interval`` seconds until ``--duration`` has passed, answering the
-server's commands the Windows way.  The messages are built and read by
+server's commands the Windows way.  When a device's certificate enters its
+provisioned renewal period it renews it first, as Windows does (MS-MDE2 3.5:
+discovery, policy and a Renew request at the provisioned ServerURL over TLS
+with the current certificate), then checks in with the new one; after a
+failure it waits the provisioned retry interval.  ``--clock-offset DAYS``
+moves the devices' clock for that decision (the server decides with its
+own).  The messages are built and read by
 :mod:`mdmd.sim.device` (the emulator the test suite uses too); this module
 adds the Twisted transport (:mod:`mdmd.sim.transport`), the orchestration
 and the measurements.
@@ -46,13 +52,13 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import defer, error, task
+from twisted.internet import defer, error, task, threads
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.ssl import platformTrust
 from twisted.web.client import ResponseFailed
 
-from mdmd.sim.device import EnrollmentResult, ManagementClient, ProtocolError, WindowsDevice
+from mdmd.sim.device import EnrollmentResult, ManagementClient, ProtocolError, RenewalSchedule, WindowsDevice
 from mdmd.sim.transport import HTTPReply, HTTPSClient, HTTPStatusError, SimTLSPolicy, load_trust_root
 
 __all__ = ["Fleet", "SimOptions", "Stats", "main", "parse_args"]
@@ -65,7 +71,7 @@ SOAP_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
 SYNCML_CONTENT_TYPE = "application/vnd.syncml.dm+xml"
 # Windows appends this to the provisioned management URL.
 MANAGEMENT_QUERY = "mode=Maintenance&Platform=WoA"
-STEPS = ("orbit_enroll", "orbit_config", "discovery", "policy", "enroll", "checkin")
+STEPS = ("orbit_enroll", "orbit_config", "discovery", "policy", "enroll", "checkin", "renew")
 MAX_SESSION_MESSAGES = 200
 FIRST_ERRORS = 3
 DEVICES_FILE_VERSION = 1
@@ -100,6 +106,7 @@ class SimOptions:
     refuse: tuple[tuple[str, int], ...] = ()
     write_only: tuple[str, ...] = ()
     seed: int | None = None
+    clock_offset: float = 0.0  # seconds added to the devices' clock
 
 
 def _positive_int(text: str) -> int:
@@ -137,6 +144,16 @@ def _refusal(text: str) -> tuple[str, int]:
     if not code.isdigit() or not 400 <= int(code) <= 599:
         raise argparse.ArgumentTypeError(f"CODE must be a status code from 400 to 599, got {code!r}")
     return _locuri(locuri), int(code)
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of days, got {text!r}") from None
+    if math.isnan(value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number of days, got {text!r}")
+    return value * 86400.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
@@ -188,6 +205,14 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
         "(default: a new TLS connection per session, like Windows)",
     )
     fleet.add_argument("--timeout", type=_seconds, default=30.0, metavar="S", help="per request (30)")
+    fleet.add_argument(
+        "--clock-offset",
+        type=_days,
+        default=0.0,
+        metavar="DAYS",
+        help="move the devices' clock by DAYS (may be negative or fractional): when their "
+        "certificates are due for renewal (the server decides with its own clock)",
+    )
     fleet.add_argument(
         "--save-devices", metavar="FILE", help="write the enrolled devices (keys, certificates) to FILE"
     )
@@ -295,6 +320,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
         refuse=tuple(a.refuse),
         write_only=tuple(a.write_only),
         seed=a.seed,
+        clock_offset=a.clock_offset,
     )
 
 
@@ -364,6 +390,7 @@ class SimDevice:
     device: WindowsDevice
     client: ManagementClient | None = None
     http: HTTPSClient | None = None  # kept between check-ins with --keep-alive
+    renew_not_before: float = 0.0  # after a failed renewal: the retry interval (wall clock)
 
     @property
     def name(self) -> str:
@@ -398,6 +425,13 @@ def save_devices(path: str, devices: Sequence[SimDevice]) -> int:
                 "provider_id": e.provider_id,
                 "session_id": sd.client.session_id if sd.client else 0,
                 "nodes": sd.client.tree_state() if sd.client else {},
+                "renewal": None
+                if e.renewal is None
+                else {
+                    "renew_period_days": e.renewal.renew_period_days,
+                    "retry_interval_days": e.renewal.retry_interval_days,
+                    "server_url": e.renewal.server_url,
+                },
             }
         )
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -430,6 +464,7 @@ def load_devices(path: str, limit: int | None, max_msg_size: int | None) -> list
             management_url=r["management_url"],
             provider_id=r["provider_id"],
             provisioning_doc=b"",
+            renewal=None if not r.get("renewal") else RenewalSchedule(**r["renewal"]),
         )
         client = ManagementClient(device, max_msg_size=max_msg_size)
         client.session_id = int(r.get("session_id", 0))
@@ -552,6 +587,7 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
 class Stats:
     devices: int = 0
     enrolled: int = 0
+    renewed: int = 0
     checkins: int = 0
     messages: int = 0
     commands: int = 0
@@ -607,6 +643,7 @@ class Stats:
             "duration_s": options.duration,
             "keep_alive": options.keep_alive,
             "enrolled": self.enrolled,
+            "renewed": self.renewed,
             "checkins": self.checkins,
             "messages": self.messages,
             "commands": self.commands,
@@ -644,6 +681,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['elapsed_s']:.1f} s, simulator CPU {s['sim_cpu_s']:.1f} s"
         f"{' (interrupted)' if s['interrupted'] else ''}",
         f"  enrolled   {s['enrolled']:>8}   enrollments/s {num(s['enrollments_per_s'])}",
+        f"  renewed    {s['renewed']:>8}",
         f"  check-ins  {s['checkins']:>8}   check-ins/s   {num(s['checkins_per_s'])}"
         f"   (messages {s['messages']}, commands answered {s['commands']}"
         f"{', drifts injected ' + str(s['drifts']) if s['drifts'] else ''})",
@@ -695,6 +733,10 @@ class Fleet:
 
     def now(self) -> float:
         return time.monotonic()
+
+    def device_clock(self) -> float:
+        """The devices' wall clock (``--clock-offset`` applied)."""
+        return time.time() + self.options.clock_offset
 
     @property
     def in_flight(self) -> int:
@@ -837,8 +879,58 @@ class Fleet:
             sd.http = http
         return http
 
+    # -- certificate renewal --
+
+    def _forget_identity(self, sd: SimDevice) -> None:
+        self._identities.pop(sd.index, None)
+
+    async def renew(self, sd: SimDevice) -> bool:
+        """Windows' automatic renewal (MS-MDE2 3.5) over TLS with the current
+        certificate; True if the device now holds a new certificate."""
+        dev = sd.device
+        enrollment = dev.enrollment
+        assert enrollment is not None and enrollment.renewal is not None
+        schedule = enrollment.renewal
+        # A new RSA key is seconds of CPU for many devices: off the reactor.
+        new_key: rsa.RSAPrivateKey = await threads.deferToThread(
+            rsa.generate_private_key, public_exponent=65537, key_size=2048
+        )
+        http = HTTPSClient(self.reactor, self._identity(sd), timeout=self.options.timeout)
+        started = time.monotonic()
+        try:
+            await http.request("GET", schedule.server_url)
+            reply = await http.post(
+                schedule.server_url, dev.discover_request(schedule.server_url), SOAP_CONTENT_TYPE, expect=None
+            )
+            policy_url, enrollment_url = accept(reply, dev.discover_result)
+            reply = await http.post(
+                policy_url, dev.renewal_policies_request(policy_url), SOAP_CONTENT_TYPE, expect=None
+            )
+            accept(reply, dev.policy_min_key_bits)
+            request = dev.renew_request(enrollment_url, new_key)
+            reply = await http.post(enrollment_url, request, SOAP_CONTENT_TYPE, expect=None)
+            accept(reply, lambda body: dev.renewed(body, new_key))
+        except Exception as e:
+            self.stats.error("renew", sd, e)
+            # Windows tries again after the provisioned retry interval.
+            sd.renew_not_before = self.device_clock() + schedule.retry_interval_days * 86400
+            return False
+        finally:
+            await _quietly(http.close())
+        self._observe("renew", started)
+        self.stats.renewed += 1
+        # Check in with the new certificate from now on.
+        self._forget_identity(sd)
+        if sd.http is not None:
+            await _quietly(sd.http.close())
+            sd.http = None
+        return True
+
     async def checkin(self, sd: SimDevice) -> bool:
         """One whole OMA-DM session; True if it went as Windows expects."""
+        clock = self.device_clock()
+        if sd.device.renewal_due(clock) and clock >= sd.renew_not_before:
+            await self.renew(sd)
         enrollment = sd.device.enrollment
         assert enrollment is not None
         if sd.client is None:

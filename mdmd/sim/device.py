@@ -15,12 +15,14 @@ import random
 import secrets
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lxml import etree
 
@@ -31,6 +33,7 @@ __all__ = [
     "EnrollmentResult",
     "ManagementClient",
     "ProtocolError",
+    "RenewalSchedule",
     "ServerMessage",
     "WindowsDevice",
 ]
@@ -52,7 +55,12 @@ DEVICE_ENROLLMENT_TOKEN = (
     "http://schemas.microsoft.com/5.0.0.0/ConfigurationManager/Enrollment/DeviceEnrollmentToken"
 )
 ISSUE = "http://docs.oasis-open.org/ws-sx/ws-trust/200512/Issue"
+RENEW = "http://docs.oasis-open.org/ws-sx/ws-trust/200512/Renew"
 PKCS10 = "http://schemas.microsoft.com/windows/pki/2009/01/enrollment#PKCS10"
+PKCS7 = WSSE + "#PKCS7"
+PASSWORD_TEXT = (
+    "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-username-token-profile-1.0#PasswordText"
+)
 RST_ACTION = "http://schemas.microsoft.com/windows/pki/2009/01/enrollment/RST/wstep"
 ANONYMOUS = "http://www.w3.org/2005/08/addressing/anonymous"
 _ENVELOPE = (
@@ -67,12 +75,24 @@ class ProtocolError(Exception):
 
 
 @dataclass(frozen=True)
+class RenewalSchedule:
+    """``CertificateStore/My/WSTEP/Renew`` as provisioned: Windows renews by
+    itself (ROBO) from *renew_period_days* before the certificate's end,
+    every *retry_interval_days* while that fails, at *server_url*."""
+
+    renew_period_days: int
+    retry_interval_days: int
+    server_url: str
+
+
+@dataclass(frozen=True)
 class EnrollmentResult:
     certificate: x509.Certificate
     root_certificates: tuple[x509.Certificate, ...]
     management_url: str
     provider_id: str
     provisioning_doc: bytes = field(repr=False)
+    renewal: RenewalSchedule | None = None
 
 
 def _parser() -> etree.XMLParser:
@@ -265,8 +285,6 @@ class WindowsDevice:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(self.key, hashes.SHA256())
         )
-        from cryptography.hazmat.primitives.serialization import Encoding
-
         return csr.public_bytes(Encoding.DER)
 
     def enroll_request(self, enrollment_url: str, csr_der: bytes | None = None) -> bytes:
@@ -366,6 +384,13 @@ class WindowsDevice:
                         mine = cert
         if mine is None:
             raise ProtocolError(f"no certificate in CertificateStore/My/{store}")
+        renewal = None
+        for cs in wap.findall("characteristic[@type='CertificateStore']"):
+            my = characteristic(cs, "My")
+            wstep = characteristic(my, "WSTEP") if my is not None else None
+            renew = characteristic(wstep, "Renew") if wstep is not None else None
+            if renew is not None:
+                renewal = _renewal_schedule(renew)
         if mine.public_key().public_numbers() != self.key.public_key().public_numbers():  # type: ignore[union-attr]
             raise ProtocolError("the issued certificate is not for this device's key")
         app = wap.find("characteristic[@type='APPLICATION']")
@@ -380,9 +405,166 @@ class WindowsDevice:
             management_url=str(params["ADDR"]),
             provider_id=str(params.get("PROVIDER-ID") or ""),
             provisioning_doc=doc,
+            renewal=renewal,
         )
         self.enrollment = result
         return result
+
+    # -- certificate renewal (MS-MDE2 3.5, "ROBO") --
+
+    def renewal_due(self, now: float) -> bool:
+        """Whether Windows would renew now: the certificate is inside its
+        renewal period and has not ended (an ended one is never renewed)."""
+        e = self.enrollment
+        if e is None or e.renewal is None:
+            return False
+        end = e.certificate.not_valid_after_utc.timestamp()
+        return end - e.renewal.renew_period_days * 86400 <= now < end
+
+    def _renewal_security_header(self) -> str:
+        # Microsoft Learn's ROBO sample: a timestamp and a UsernameToken
+        # with an empty password; the TLS client certificate authenticates.
+        created = datetime.now(UTC)
+        expires = created + timedelta(minutes=5)
+        stamp = "%Y-%m-%dT%H:%M:%S.000Z"
+        return (
+            f'<wsse:Security s:mustUnderstand="1"><u:Timestamp u:Id="_0">'
+            f"<u:Created>{created.strftime(stamp)}</u:Created><u:Expires>{expires.strftime(stamp)}</u:Expires>"
+            f'</u:Timestamp><wsse:UsernameToken u:Id="uuid-{uuid.uuid4()}-5"><wsse:Username></wsse:Username>'
+            f'<wsse:Password Type="{PASSWORD_TEXT}"></wsse:Password></wsse:UsernameToken></wsse:Security>'
+        )
+
+    def renewal_policies_request(self, policy_url: str) -> bytes:
+        """GetPolicies during a renewal: no enrollment token, the TLS client
+        certificate speaks for the device."""
+        return self.get_policies_request(policy_url).replace(
+            self._security_header().encode(), self._renewal_security_header().encode()
+        )
+
+    def renew_request(
+        self, enrollment_url: str, new_key: rsa.RSAPrivateKey, *, signer_key: Any = None
+    ) -> bytes:
+        """The ROBO RequestSecurityToken: a PKCS#7 SignedData (raw DER
+        content) around a PKCS#10 for *new_key*, signed with the current
+        certificate's key (*signer_key* stands in for it in tests)."""
+        e = self.enrollment
+        if e is None:
+            raise ProtocolError("the device is not enrolled")
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(
+                x509.Name(
+                    [x509.NameAttribute(NameOID.COMMON_NAME, f"{uuid.uuid4()}!{self.device_id}".upper()[:64])]
+                )
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(new_key, hashes.SHA256())
+            .public_bytes(Encoding.DER)
+        )
+        token = (
+            pkcs7.PKCS7SignatureBuilder()
+            .set_data(csr)
+            .add_signer(e.certificate, signer_key or self.key, hashes.SHA256())
+            .sign(Encoding.DER, [pkcs7.PKCS7Options.Binary])
+        )
+        bst = (
+            f'<wsse:BinarySecurityToken ValueType="{PKCS7}" EncodingType="{BASE64}">'
+            f"{base64.b64encode(token).decode()}</wsse:BinarySecurityToken>"
+        )
+        context = [
+            ("OSEdition", "48"),
+            ("OSVersion", self.os_version),
+            ("DeviceName", self.hostname),
+            ("EnrollmentType", self.enrollment_type),
+            ("DeviceType", "CIMClient_Windows"),
+            ("ApplicationVersion", self.os_version),
+            ("DeviceID", self.device_id),
+            ("HWDevID", self.hw_dev_id),
+            ("Locale", "en-US"),
+        ]
+        items = "".join(
+            f'<ac:ContextItem Name="{name}"><ac:Value>{_escape(value)}</ac:Value></ac:ContextItem>'
+            for name, value in context
+        )
+        return _xml(f"""
+            {_ENVELOPE}
+            <s:Header>
+            <a:Action s:mustUnderstand="1">{RST_ACTION}</a:Action>
+            <a:MessageID>urn:uuid:{uuid.uuid4()}</a:MessageID>
+            <a:ReplyTo><a:Address>{ANONYMOUS}</a:Address></a:ReplyTo>
+            <a:To s:mustUnderstand="1">{_escape(enrollment_url)}</a:To>
+            {self._renewal_security_header()}
+            </s:Header>
+            <s:Body>
+            <wst:RequestSecurityToken>
+            <wst:TokenType>{DEVICE_ENROLLMENT_TOKEN}</wst:TokenType>
+            <wst:RequestType>{RENEW}</wst:RequestType>
+            {bst}
+            <ac:AdditionalContext xmlns="{AC}">{items}</ac:AdditionalContext>
+            </wst:RequestSecurityToken>
+            </s:Body>
+            </s:Envelope>""")
+
+    def renewed(self, answer: bytes, new_key: rsa.RSAPrivateKey) -> EnrollmentResult:
+        """Install the renewal's certificate (MS-MDE2 3.5.4.1.1.2) and its key,
+        as Windows does: from now on the device uses them."""
+        e = self.enrollment
+        if e is None:
+            raise ProtocolError("the device is not enrolled")
+        root = _parse(answer)
+        fault = _fault(root)
+        if fault:
+            raise ProtocolError(f"renewal fault {fault}")
+        bst = root.find(
+            f"{{{S}}}Body/{{{WST}}}RequestSecurityTokenResponseCollection/"
+            f"{{{WST}}}RequestSecurityTokenResponse/{{{WST}}}RequestedSecurityToken/"
+            f"{{{WSSE}}}BinarySecurityToken"
+        )
+        if bst is None or bst.get("ValueType") != PROVISION_DOC:
+            raise ProtocolError("renewal RSTRC without a DeviceEnrollmentProvisionDoc token")
+        wap = _parse(base64.b64decode(bst.text or "", validate=True))
+        store = "User" if self.enrollment_type == "Full" else "System"
+        nodes = wap.findall(
+            f"characteristic[@type='CertificateStore']/characteristic[@type='My']/characteristic[@type='{store}']/characteristic"
+        )
+        certs = []
+        for node in nodes:
+            value = node.find("parm[@name='EncodedCertificate']")
+            if value is None:
+                continue
+            cert = x509.load_der_x509_certificate(base64.b64decode(value.get("value", "")))
+            if cert.fingerprint(hashes.SHA1()).hex().upper() != node.get("type"):
+                raise ProtocolError(f"thumbprint path {node.get('type')} does not match its certificate")
+            if node.find("characteristic[@type='PrivateKeyContainer']") is None:
+                raise ProtocolError("the renewed certificate has no PrivateKeyContainer")
+            certs.append(cert)
+        if len(certs) != 1:
+            raise ProtocolError(f"{len(certs)} certificates in the renewal's CertificateStore/My/{store}")
+        (cert,) = certs
+        if cert.public_key().public_numbers() != new_key.public_key().public_numbers():  # type: ignore[union-attr]
+            raise ProtocolError("the renewed certificate is not for the new key")
+        self.key = new_key
+        self.enrollment = replace(e, certificate=cert)
+        return self.enrollment
+
+
+def _renewal_schedule(renew: etree._Element) -> RenewalSchedule | None:
+    params = {p.get("name"): (p.get("value"), p.get("datatype")) for p in renew if p.tag == "parm"}
+    if params.get("ROBOSupport") != ("true", "boolean"):
+        return None
+    try:
+        period, retry = int(params["RenewPeriod"][0] or ""), int(params["RetryInterval"][0] or "")
+    except (KeyError, ValueError):
+        raise ProtocolError("WSTEP/Renew without integer RenewPeriod and RetryInterval") from None
+    # The CertificateStore CSP refuses anything else.
+    if not (1 <= retry <= period <= 1000):
+        raise ProtocolError(f"WSTEP/Renew RenewPeriod {period} / RetryInterval {retry} out of range")
+    if params.get("RenewPeriod", (None, None))[1] != "integer" or params["RetryInterval"][1] != "integer":
+        raise ProtocolError("WSTEP/Renew values must carry datatype integer")
+    url = params.get("ServerURL", (None, None))[0] or ""
+    if not url.startswith("https://"):
+        raise ProtocolError(f"WSTEP/Renew ServerURL {url!r} is not an https URL")
+    return RenewalSchedule(period, retry, url)
 
 
 # -- OMA-DM (MS-MDM) --

@@ -12,6 +12,7 @@ from mdmd.store.interface import Store
 from mdmd.store.records import (
     AssignmentOutcome,
     CertificateRecord,
+    CertificateRenewal,
     CommandRecord,
     DeviceConflict,
     DeviceEnrollment,
@@ -25,6 +26,8 @@ from mdmd.store.records import (
     ManagementContext,
     ProfileContext,
     ProfileRecord,
+    RenewalOutcome,
+    RenewalRefused,
     SessionConflict,
     StoredAlert,
     StoreError,
@@ -33,6 +36,7 @@ from mdmd.store.records import (
 __all__ = [
     "AssignmentOutcome",
     "CertificateRecord",
+    "CertificateRenewal",
     "CommandRecord",
     "DeviceConflict",
     "DeviceEnrollment",
@@ -46,6 +50,8 @@ __all__ = [
     "ManagementContext",
     "ProfileContext",
     "ProfileRecord",
+    "RenewalOutcome",
+    "RenewalRefused",
     "SessionConflict",
     "Store",
     "StoreError",

@@ -12,6 +12,7 @@ from mdmd.profiles import Profile, ProfileStep
 from mdmd.store.records import (
     AssignmentOutcome,
     CertificateRecord,
+    CertificateRenewal,
     CommandRecord,
     DeviceEnrollment,
     DeviceProfileEntry,
@@ -24,6 +25,7 @@ from mdmd.store.records import (
     ManagementContext,
     ProfileContext,
     ProfileRecord,
+    RenewalOutcome,
     StoredAlert,
 )
 
@@ -74,6 +76,34 @@ class Store(Protocol):
     def devices(self) -> Deferred[list[DeviceRecord]]: ...
 
     def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]: ...
+
+    # -- certificate renewal (MS-MDE2 3.5) --
+
+    def record_renewal(self, renewal: CertificateRenewal, now: float) -> Deferred[RenewalOutcome]:
+        """Store a certificate issued by renewal.  The renewed certificate
+        stays valid (the answer may be lost on its way); certificates issued
+        by an earlier renewal of it are revoked as superseded.
+        ``RenewalRefused``, and nothing written, if the renewed certificate
+        is unknown, revoked or not its device's, or the device unenrolled."""
+        ...
+
+    def confirm_renewal(self, serial: str, now: float) -> Deferred[tuple[str, ...]]:
+        """The renewed certificate *serial* opened a management session: its
+        device's other live certificates stop working (the one it renewed:
+        ``renewed``, any other: ``superseded``).  Returns their serials;
+        nothing happens (and ``()``) for a certificate that is not a renewed
+        one waiting for its first session."""
+        ...
+
+    def retire_renewed_certificates(self, now: float, *, limit: int) -> Deferred[int]:
+        """Revoke (reason ``renewed``) up to *limit* certificates that ended
+        before *now* while a renewal of them exists; how many."""
+        ...
+
+    def prune_certificates(self, revoked_before: float, *, limit: int) -> Deferred[int]:
+        """Delete up to *limit* certificates revoked as ``superseded`` or
+        ``renewed`` before *revoked_before*; how many."""
+        ...
 
     # -- OMA-DM sessions --
 

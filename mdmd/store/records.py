@@ -18,6 +18,7 @@ from mdmd.profiles import DeviceProfile, DeviceVars, Profile, ProfileCommand, Pr
 __all__ = [
     "AssignmentOutcome",
     "CertificateRecord",
+    "CertificateRenewal",
     "CommandRecord",
     "DeviceConflict",
     "DeviceEnrollment",
@@ -31,6 +32,8 @@ __all__ = [
     "ManagementContext",
     "ProfileContext",
     "ProfileRecord",
+    "RenewalOutcome",
+    "RenewalRefused",
     "SessionConflict",
     "StoreError",
     "StoredAlert",
@@ -57,6 +60,17 @@ class SessionConflict(Exception):
     def __init__(self, device_id: str) -> None:
         super().__init__(f"device {device_id}: SyncML session changed since it was read")
         self.device_id = device_id
+
+
+class RenewalRefused(Exception):
+    """The certificate being renewed is no longer one that may be renewed
+    (revoked, unknown, its device unenrolled) by the time the renewal is
+    written: refused, nothing changed."""
+
+    def __init__(self, serial: str, reason: str) -> None:
+        super().__init__(f"certificate {serial}: {reason}")
+        self.serial = serial
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +123,26 @@ class EnrollmentOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateRenewal:
+    """A certificate issued by renewal (MS-MDE2 3.5), stored before the
+    response leaves: the new certificate of the device of *renewed_serial*."""
+
+    device_id: str
+    renewed_serial: str
+    cert_serial: str
+    cert_thumbprint: str
+    cert_not_before: float
+    cert_not_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalOutcome:
+    # Certificates issued by an earlier renewal of the same certificate
+    # whose answer never reached the device: revoked as superseded.
+    superseded_serials: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceRecord:
     device_id: str
     host_id: int | None
@@ -122,6 +156,9 @@ class DeviceRecord:
     unenrolled_at: float | None
     last_seen: float | None
     inventory: dict[str, str]
+    #: The device's current certificate: the newest one not revoked (None:
+    #: it has none, e.g. unenrolled).
+    certificate: CertificateRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +170,13 @@ class CertificateRecord:
     not_after: float
     issued_at: float
     revoked_at: float | None
+    # superseded | renewed | unenrolled when revoked
+    revoke_reason: str | None = None
+    #: The certificate this one renewed (None: issued at enrollment).
+    renewed_from: str | None = None
+    #: When a renewed certificate opened its first management session (the
+    #: moment its predecessor stopped working).
+    activated_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

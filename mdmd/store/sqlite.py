@@ -33,6 +33,7 @@ from mdmd.store.engine import TransactionEngine
 from mdmd.store.records import (
     AssignmentOutcome,
     CertificateRecord,
+    CertificateRenewal,
     CommandRecord,
     DeviceConflict,
     DeviceEnrollment,
@@ -46,6 +47,8 @@ from mdmd.store.records import (
     ManagementContext,
     ProfileContext,
     ProfileRecord,
+    RenewalOutcome,
+    RenewalRefused,
     SessionConflict,
     StoredAlert,
     StoreError,
@@ -251,14 +254,7 @@ class SQLiteStore:
             # Re-enrollment of the same device, or a new MDM device ID on the
             # same host (Windows reinstalled): the old certificates must stop
             # opening sessions.
-            old = conn.execute(
-                """
-                SELECT serial FROM certificates
-                WHERE revoked_at IS NULL AND device_id IN (
-                    SELECT device_id FROM devices WHERE device_id = ? OR host_id = ?)
-                """,
-                (e.device_id, e.host_id),
-            ).fetchall()
+            old = conn.execute(_LIVE_SERIALS_OF_DEVICE_OR_HOST, (e.device_id, e.host_id)).fetchall()
             revoked = tuple(r["serial"] for r in old)
             conn.executemany(
                 "UPDATE certificates SET revoked_at = ?, revoke_reason = 'superseded' WHERE serial = ?",
@@ -340,7 +336,7 @@ class SQLiteStore:
 
     def device(self, device_id: str) -> Deferred[DeviceRecord | None]:
         def txn(conn: sqlite3.Connection) -> DeviceRecord | None:
-            row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            row = conn.execute(_DEVICE_SELECT + " WHERE d.device_id = ?", (device_id,)).fetchone()
             return None if row is None else _device(row)
 
         return self._run(txn, write=False)
@@ -354,7 +350,7 @@ class SQLiteStore:
 
     def devices(self) -> Deferred[list[DeviceRecord]]:
         def txn(conn: sqlite3.Connection) -> list[DeviceRecord]:
-            return [_device(r) for r in conn.execute("SELECT * FROM devices ORDER BY enrolled_at, device_id")]
+            return [_device(r) for r in conn.execute(_DEVICE_SELECT + " ORDER BY d.enrolled_at, d.device_id")]
 
         return self._run(txn, write=False)
 
@@ -367,6 +363,119 @@ class SQLiteStore:
 
         return self._run(txn, write=False)
 
+    # -- certificate renewal --
+
+    def record_renewal(self, renewal: CertificateRenewal, now: float) -> Deferred[RenewalOutcome]:
+        def txn(conn: sqlite3.Connection) -> RenewalOutcome:
+            r = renewal
+            # Checked again where it is written: the request was checked on
+            # a read that another process's write may have overtaken.
+            row = conn.execute(
+                """
+                SELECT c.device_id, c.revoked_at, d.state FROM certificates c
+                JOIN devices d ON d.device_id = c.device_id WHERE c.serial = ?
+                """,
+                (r.renewed_serial,),
+            ).fetchone()
+            if row is None or row["device_id"] != r.device_id:
+                raise RenewalRefused(r.renewed_serial, "not a certificate of this device")
+            if row["revoked_at"] is not None:
+                raise RenewalRefused(r.renewed_serial, "revoked")
+            if row["state"] != "enrolled":
+                raise RenewalRefused(r.renewed_serial, "device not enrolled")
+            superseded = tuple(
+                x["serial"]
+                for x in conn.execute(
+                    "SELECT serial FROM certificates WHERE renewed_from = ? AND revoked_at IS NULL",
+                    (r.renewed_serial,),
+                )
+            )
+            conn.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = 'superseded' WHERE serial = ?",
+                [(now, serial) for serial in superseded],
+            )
+            conn.execute(
+                """
+                INSERT INTO certificates (serial, device_id, thumbprint, not_before, not_after,
+                                          issued_at, renewed_from)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    r.cert_serial,
+                    r.device_id,
+                    r.cert_thumbprint,
+                    r.cert_not_before,
+                    r.cert_not_after,
+                    now,
+                    r.renewed_serial,
+                ),
+            )
+            return RenewalOutcome(superseded)
+
+        return self._run(txn)
+
+    def confirm_renewal(self, serial: str, now: float) -> Deferred[tuple[str, ...]]:
+        def txn(conn: sqlite3.Connection) -> tuple[str, ...]:
+            row = conn.execute(
+                "SELECT device_id, renewed_from FROM certificates"
+                " WHERE serial = ? AND renewed_from IS NOT NULL AND activated_at IS NULL"
+                " AND revoked_at IS NULL",
+                (serial,),
+            ).fetchone()
+            if row is None:
+                return ()
+            conn.execute("UPDATE certificates SET activated_at = ? WHERE serial = ?", (now, serial))
+            others = [
+                (x["serial"], "renewed" if x["serial"] == row["renewed_from"] else "superseded")
+                for x in conn.execute(
+                    "SELECT serial FROM certificates"
+                    " WHERE device_id = ? AND revoked_at IS NULL AND serial != ?",
+                    (row["device_id"], serial),
+                )
+            ]
+            conn.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+                [(now, reason, other) for other, reason in others],
+            )
+            return tuple(other for other, _ in others)
+
+        return self._run(txn)
+
+    def retire_renewed_certificates(self, now: float, *, limit: int) -> Deferred[int]:
+        def txn(conn: sqlite3.Connection) -> int:
+            # It stopped working when it ended: that is its revocation time
+            # (the one pruning counts from).
+            cursor = conn.execute(
+                """
+                UPDATE certificates SET revoked_at = not_after, revoke_reason = 'renewed'
+                WHERE serial IN (
+                    SELECT c.serial FROM certificates c
+                    WHERE c.revoked_at IS NULL AND c.not_after < ?
+                    AND EXISTS (SELECT 1 FROM certificates s WHERE s.renewed_from = c.serial)
+                    LIMIT ?)
+                """,
+                (now, limit),
+            )
+            return cursor.rowcount
+
+        return self._run(txn)
+
+    def prune_certificates(self, revoked_before: float, *, limit: int) -> Deferred[int]:
+        def txn(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                """
+                DELETE FROM certificates WHERE serial IN (
+                    SELECT serial FROM certificates
+                    WHERE revoked_at IS NOT NULL AND revoked_at < ?
+                    AND revoke_reason IN ('superseded', 'renewed')
+                    LIMIT ?)
+                """,
+                (revoked_before, limit),
+            )
+            return cursor.rowcount
+
+        return self._run(txn)
+
     # -- OMA-DM management --
 
     def management_context(
@@ -377,7 +486,7 @@ class SQLiteStore:
             if cert_row is None:
                 return None
             device_id = cert_row["device_id"]
-            device_row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            device_row = conn.execute(_DEVICE_SELECT + " WHERE d.device_id = ?", (device_id,)).fetchone()
             session_row = conn.execute(
                 "SELECT state FROM syncml_sessions WHERE device_id = ?", (device_id,)
             ).fetchone()
@@ -868,6 +977,28 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
 
+# The live certificates of a device and of the host's other devices, read
+# through certificates_live: the device's live certificates only, however
+# many it had before.
+_LIVE_SERIALS_OF_DEVICE_OR_HOST = """
+    SELECT serial FROM certificates
+    WHERE revoked_at IS NULL AND device_id IN (
+        SELECT device_id FROM devices WHERE device_id = ? OR host_id = ?)
+"""
+
+# A device with its current certificate (the newest live one), found through
+# the certificates_live index: the same cost whatever the device's history.
+_DEVICE_SELECT = """
+    SELECT d.*, c.serial AS c_serial, c.thumbprint AS c_thumbprint, c.not_before AS c_not_before,
+           c.not_after AS c_not_after, c.issued_at AS c_issued_at, c.renewed_from AS c_renewed_from,
+           c.activated_at AS c_activated_at
+    FROM devices d
+    LEFT JOIN certificates c ON c.serial = (
+        SELECT serial FROM certificates
+        WHERE device_id = d.device_id AND revoked_at IS NULL
+        ORDER BY issued_at DESC, serial DESC LIMIT 1)
+"""
+
 _HOST_SELECT = """
     SELECT h.*, (SELECT d.device_id FROM devices d
                  WHERE d.host_id = h.id AND d.state = 'enrolled'
@@ -904,6 +1035,19 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
         unenrolled_at=row["unenrolled_at"],
         last_seen=row["last_seen"],
         inventory=json.loads(row["inventory"]),
+        certificate=None
+        if row["c_serial"] is None
+        else CertificateRecord(
+            serial=row["c_serial"],
+            device_id=row["device_id"],
+            thumbprint=row["c_thumbprint"],
+            not_before=row["c_not_before"],
+            not_after=row["c_not_after"],
+            issued_at=row["c_issued_at"],
+            revoked_at=None,
+            renewed_from=row["c_renewed_from"],
+            activated_at=row["c_activated_at"],
+        ),
     )
 
 
@@ -916,6 +1060,9 @@ def _certificate(row: sqlite3.Row) -> CertificateRecord:
         not_after=row["not_after"],
         issued_at=row["issued_at"],
         revoked_at=row["revoked_at"],
+        revoke_reason=row["revoke_reason"],
+        renewed_from=row["renewed_from"],
+        activated_at=row["activated_at"],
     )
 
 

@@ -231,5 +231,19 @@ _V4: Final = (
     "CREATE INDEX device_profile_events_by_device ON device_profile_events(device_id, profile_name, id)",
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
+# 5 (certificate renewal): a certificate knows the one it renewed and
+# when it opened its first session; looking up a device's live certificates
+# (re-enrollment, renewal, the current certificate) reads a partial index of
+# the live ones only, whatever the device's history; retiring ended
+# predecessors and pruning old revoked rows read their own small indexes.
+_V5: Final = (
+    "ALTER TABLE certificates ADD COLUMN renewed_from TEXT",
+    "ALTER TABLE certificates ADD COLUMN activated_at REAL",
+    "CREATE INDEX certificates_live ON certificates(device_id, issued_at) WHERE revoked_at IS NULL",
+    "CREATE INDEX certificates_live_by_end ON certificates(not_after) WHERE revoked_at IS NULL",
+    "CREATE INDEX certificates_by_predecessor ON certificates(renewed_from) WHERE renewed_from IS NOT NULL",
+    "CREATE INDEX certificates_revoked ON certificates(revoked_at) WHERE revoked_at IS NOT NULL",
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
