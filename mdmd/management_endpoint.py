@@ -268,14 +268,14 @@ class ManagementResource(EndpointResource):
         await app.store.commit_management_step(
             reply.step, app.now(), expected_seq=ctx.session_seq, profiles=profiles
         )
-        for event in profiles.events:
-            if event.state in ("failed", "drifted"):
+        for change in profiles.events:
+            if change.state in ("failed", "drifted"):
                 log.warn(
                     "device {device_id} profile {profile} {state}: {detail}",
                     device_id=device_id,
-                    profile=event.profile,
-                    state=event.state,
-                    detail=event.detail,
+                    profile=change.profile,
+                    state=change.state,
+                    detail=change.detail,
                     session_id=hdr.session_id,
                     msg_id=hdr.msg_id,
                 )
