@@ -5,6 +5,7 @@ kill -9.  Behaviour every backend shares is in test_store_contract.py."""
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -16,17 +17,27 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from test_store_contract import LIST_QUERIES
 
 from harness import REPO
 from mdmd.management import LargeObject
-from mdmd.store import HostEnrollment, StoreError
+from mdmd.store import DeviceQuery, HostEnrollment, StoreError, sqlite_devices
+from mdmd.store import sqlite as sqlite_module
 from mdmd.store.sqlite import SQLiteStore
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
-from store_helpers import ThreadReactor, host, wait
+from store_helpers import (
+    ListFleet,
+    ThreadReactor,
+    build_list_fleet,
+    expected_devices,
+    host,
+    read_all_pages,
+    wait,
+)
 
 
 @pytest.fixture
@@ -295,3 +306,142 @@ def test_schema_version_2_sessions_are_carried_over(tmp_path: Path) -> None:
     finally:
         conn.close()
     assert pieces == [("1:4:0", "h\u00e9llo")]
+
+
+# --- the device list on indexes ---
+
+
+@pytest.fixture(scope="module")
+def listed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SQLiteStore, ListFleet]]:
+    path = tmp_path_factory.mktemp("list") / "mdmd.sqlite3"
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    s.start()
+    try:
+        yield s, build_list_fleet(s)
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("query", LIST_QUERIES, ids=repr)
+def test_walking_the_sort_index_lists_what_reading_candidates_does(
+    listed: tuple[SQLiteStore, ListFleet], query: DeviceQuery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The contract suite's fleet is small, so filters are read by their
+    # candidates; with no candidate limit every page walks the sort index.
+    store, fleet = listed
+    monkeypatch.setattr(sqlite_devices, "CANDIDATE_LIMIT", -1)
+    expected = expected_devices(store, fleet, query)
+    for limit in (1, 3, 100):
+        assert read_all_pages(store, query, limit) == expected, limit
+
+
+def _plan(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[str]:
+    return [str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+
+
+@pytest.mark.parametrize("candidate_limit", [-1, 5000])
+def test_every_device_list_query_runs_on_indexes(
+    listed: tuple[SQLiteStore, ListFleet], candidate_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = listed
+    monkeypatch.setattr(sqlite_devices, "CANDIDATE_LIMIT", candidate_limit)
+    conn = sqlite3.connect(store.path)
+    try:
+        for query in LIST_QUERIES:
+            for after in (None, (10.0, "0Adevice")):
+                sql, params = sqlite_devices.page_sql(conn, query, 100, after)
+                plan = _plan(conn, sql, params)
+                # No table is read whole: every scan walks an index, every
+                # search uses one (or the rowid).
+                tables = [
+                    line for line in plan if line.startswith(("SCAN", "SEARCH")) and "subquery" not in line
+                ]
+                assert tables and all("USING" in line for line in tables), (query, after, plan)
+                if candidate_limit < 0 and after is None:
+                    # Walking the sort order's index: nothing to sort.
+                    assert not any("TEMP B-TREE" in line for line in plan), (query, plan)
+    finally:
+        conn.close()
+
+
+def test_a_bulk_read_does_not_delay_a_devices_read(store: SQLiteStore) -> None:
+    wait(store.enroll_host(host(1), now=1.0))
+    release = threading.Event()
+
+    def long_listing(conn: sqlite3.Connection) -> None:
+        assert release.wait(10), "never released"
+
+    listing = store._run(long_listing, write=False, bulk=True)
+    try:
+        assert wait(store.host_by_node_key(host(1).node_key_hash)) is not None
+        assert not listing.called
+    finally:
+        release.set()
+    wait(listing)
+
+
+def _old_database(path: Path, version: int) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:version]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={version}")
+    h = host(1)
+    conn.execute(
+        "INSERT INTO hosts (id, hardware_uuid, node_key_hash, platform, hostname, hardware_serial, info,"
+        " enrolled_at) VALUES (1, ?, ?, 'windows', 'h', 's', '{}', 1)",
+        (h.hardware_uuid, h.node_key_hash),
+    )
+    conn.close()
+
+
+def test_a_backup_is_written_before_a_migration(tmp_path: Path) -> None:
+    path = tmp_path / "mdmd.sqlite3"
+    _old_database(path, SCHEMA_VERSION - 1)
+    told: list[tuple[int, str]] = []
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    assert s.open(before_migration=lambda version, copy: told.append((version, copy))) == SCHEMA_VERSION - 1
+    s.stop()
+    (copy,) = tmp_path.glob(f"mdmd.sqlite3.v{SCHEMA_VERSION - 1}-backup-*")
+    assert told == [(SCHEMA_VERSION - 1, str(copy))] and s.migration_backup == str(copy)
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    conn = sqlite3.connect(copy)
+    try:
+        # The copy is the database as it was: the old version, the old rows.
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
+        assert conn.execute("SELECT hardware_uuid FROM hosts").fetchall() == [("uuid-1",)]
+    finally:
+        conn.close()
+    # Up to date now: no second copy.
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    s.stop()
+    assert len(list(tmp_path.glob("mdmd.sqlite3.v*"))) == 1
+
+
+def test_a_migration_without_room_for_its_backup_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "mdmd.sqlite3"
+    _old_database(path, SCHEMA_VERSION - 1)
+
+    def disk_full(source: sqlite3.Connection, copy: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(sqlite_module, "backup_database", disk_full)
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match=r"cannot write a backup .*No space left.* nothing was changed"):
+        s.open()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
+    finally:
+        conn.close()
+
+
+def test_a_new_database_needs_no_backup(tmp_path: Path) -> None:
+    s = SQLiteStore(str(tmp_path / "mdmd.sqlite3"), ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    s.stop()
+    assert s.migration_backup is None and not list(tmp_path.glob("*backup*"))

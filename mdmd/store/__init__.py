@@ -10,12 +10,20 @@ queue with its results, and OMA-DM session state.
 
 from mdmd.store.interface import Store
 from mdmd.store.records import (
+    DEVICE_SORTS,
+    AdminToken,
+    AuditEntry,
+    AuditQuery,
+    AuditRecord,
     CertificateRecord,
     CommandRecord,
     DeviceConflict,
     DeviceEnrollment,
+    DevicePage,
+    DeviceQuery,
     DeviceRecord,
     EnrollmentOutcome,
+    FleetCounts,
     HostEnrollment,
     HostRecord,
     ManagementContext,
@@ -25,12 +33,20 @@ from mdmd.store.records import (
 )
 
 __all__ = [
+    "DEVICE_SORTS",
+    "AdminToken",
+    "AuditEntry",
+    "AuditQuery",
+    "AuditRecord",
     "CertificateRecord",
     "CommandRecord",
     "DeviceConflict",
     "DeviceEnrollment",
+    "DevicePage",
+    "DeviceQuery",
     "DeviceRecord",
     "EnrollmentOutcome",
+    "FleetCounts",
     "HostEnrollment",
     "HostRecord",
     "ManagementContext",
