@@ -17,7 +17,7 @@ from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mdmd import pki
+from mdmd import metrics, pki
 from mdmd.app import Mdmd
 from mdmd.management import Reply, SessionError, is_retransmission, process_message, refusal
 from mdmd.store import ManagementContext, SessionConflict
@@ -180,6 +180,7 @@ class ManagementResource(EndpointResource):
         app = self.app
         hdr = message.hdr
         device_id = ctx.device.device_id
+        request.session_id, request.msg_id = hdr.session_id, hdr.msg_id
         if is_retransmission(message, body, ctx.session):
             # The device did not get our reply and sent the same message
             # again: the same answer, and nothing changes.
@@ -211,6 +212,8 @@ class ManagementResource(EndpointResource):
             return _syncml(refusal(hdr, e.status, server_url=app.config.management.url, msg_id=out))
         # Durable before the reply that acknowledges it leaves.
         await app.store.commit_management_step(reply.step, app.now(), expected_seq=ctx.session_seq)
+        if reply.step.new_session:
+            metrics.CHECKIN_SESSIONS.inc()
         for event in reply.events:
             log.info(
                 "device {device_id} session {session_id} msg {msg_id}: {event}",

@@ -13,15 +13,11 @@ from mdmd.agent import (
 )
 from mdmd.app import Mdmd
 from mdmd.enrollment import DiscoveryResource, EnrollmentResource, PolicyResource
+from mdmd.health import FleetCountsCache, HealthResource, MetricsResource, ReadyResource
 from mdmd.management_endpoint import ManagementResource
-from mdmd.web import EndpointResource, HTTPResponse, MdmdRequest, Route, json_response
+from mdmd.web import Route
 
 __all__ = ["admin_routes", "enrollment_routes", "management_routes"]
-
-
-class HealthResource(EndpointResource):
-    async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
-        return json_response(200, {"status": "ok"})
 
 
 def enrollment_routes(app: Mdmd) -> list[Route]:
@@ -45,4 +41,11 @@ def management_routes(app: Mdmd) -> list[Route]:
 
 
 def admin_routes(app: Mdmd) -> list[Route]:
-    return [Route("/healthz", HealthResource()), *admin_api_routes(app)]
+    """The admin API behind the token; what monitoring asks, without."""
+    fleet = FleetCountsCache(app.store, app.reactor, app.config.admin.metrics_cache_seconds)  # type: ignore[arg-type]
+    return [
+        Route("/healthz", HealthResource(), public=True),
+        Route("/readyz", ReadyResource(app.readiness), public=True),
+        Route("/metrics", MetricsResource(fleet, app.reactor), public=True),
+        *admin_api_routes(app),
+    ]

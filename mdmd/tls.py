@@ -3,7 +3,10 @@
 
 Both listen on a plain Twisted endpoint (``tcp:...``, ``systemd:...``) wrapped
 here in TLS, because an ``ssl:`` endpoint string cannot require client
-certificates (its ``caCertsDir`` only configures a client's trust).
+certificates (its ``caCertsDir`` only configures a client's trust).  The
+options sit in a :class:`ReloadableTLS`, so that ``systemctl reload``
+(SIGHUP) swaps in a renewed certificate for new connections while
+established ones carry on with theirs.
 """
 
 from __future__ import annotations
@@ -13,8 +16,14 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL.crypto import X509
+from OpenSSL.SSL import Connection
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -22,11 +31,12 @@ from twisted.internet.ssl import (
     TLSVersion,
     trustRootFromCertificates,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.web.http import Request
 from zope.interface import implementer
 
 __all__ = [
+    "ReloadableTLS",
     "TLSServerEndpoint",
     "mutual_tls_options",
     "peer_certificate",
@@ -84,11 +94,27 @@ def peer_certificate(request: Request) -> x509.Certificate | None:
     return cert.to_cryptography()  # type: ignore[no-any-return]
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """Server TLS options that can be replaced while the listener serves:
+    each new connection takes the options current when it arrives."""
+
+    def __init__(self, options: CertificateOptions) -> None:
+        self.options = options
+
+    def replace(self, options: CertificateOptions) -> None:
+        options.getContext()  # a certificate OpenSSL refuses fails here, not in a handshake
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> Connection:
+        return self.options.serverConnectionForTLS(tlsProtocol)
+
+
 @implementer(IStreamServerEndpoint)
 class TLSServerEndpoint:
     """An ``IStreamServerEndpoint`` that speaks TLS over another endpoint."""
 
-    def __init__(self, wrapped: IStreamServerEndpoint, options: CertificateOptions) -> None:
+    def __init__(self, wrapped: IStreamServerEndpoint, options: CertificateOptions | ReloadableTLS) -> None:
         self._wrapped = wrapped
         self._options = options
 
@@ -96,7 +122,9 @@ class TLSServerEndpoint:
         return self._wrapped.listen(tls_server_factory(self._options, factory))
 
 
-def tls_server_factory(options: CertificateOptions, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
+def tls_server_factory(
+    options: CertificateOptions | ReloadableTLS, factory: IProtocolFactory
+) -> TLSMemoryBIOFactory:
     """*factory* behind TLS with *options*, server side."""
     tls = TLSMemoryBIOFactory(options, False, factory)
     tls.noisy = False  # mdmd logs its own line per listener

@@ -5,6 +5,7 @@ routing) are tested without sockets."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -175,7 +176,8 @@ def test_a_client_that_goes_away_mid_request_gets_nothing_written(
 def test_the_guard_answers_for_every_route_and_every_unknown_path(logs: Sequence[dict[str, Any]]) -> None:
     site = MdmdSite(
         RoutingResource(
-            [Route("/open", Echo(), public=True), Route("/secret", Echo())], guard=BearerTokenGuard("t" * 32)
+            [Route("/open", Echo(), public=True), Route("/secret", Echo())],
+            guard=BearerTokenGuard(lambda: {hashlib.sha256(b"t" * 32).digest(): "tester"}),
         ),
         listener="admin",
         max_body_bytes=1024,
