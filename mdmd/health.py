@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -29,7 +30,7 @@ __all__ = ["FleetCountsCache", "HealthResource", "MetricsResource", "Readiness",
 log = Logger(namespace=__name__)
 
 #: A check says what is wrong, or None.
-Check = Callable[[], Awaitable[str | None]]
+Check = Callable[[], Coroutine[Any, Any, str | None]]
 
 #: How long the store may take to commit the readiness probe.
 STORE_PROBE_TIMEOUT = 5.0
