@@ -98,8 +98,12 @@ class MdmdService(MultiService):
         try:
             super().privilegedStartService()
         except ListenError as e:
-            sys.stderr.write(f"mdmd: {e}\n")
-            sys.stderr.flush()
+            # Logging has begun and sys.stderr goes to the log by now: the
+            # line goes to the process's real standard error, like a
+            # configuration error's.
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(f"mdmd: {e}\n")
+            stderr.flush()
             raise SystemExit(EX_CANTLISTEN) from None
 
 
