@@ -129,3 +129,36 @@ def test_a_backup_never_overwrites_and_names_a_missing_database(tmp_path: Path) 
     assert done.returncode == 1 and "exists" in done.stderr
     assert (tmp_path / "copy").read_text() == "keep me"
     assert os.path.exists(tmp_path / "state" / "mdmd.sqlite3")
+
+
+def test_an_upgrade_copies_the_database_before_migrating_it(tmp_path: Path) -> None:
+    from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+
+    config = write_config(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    old = SCHEMA_VERSION - 1
+    conn = sqlite3.connect(state / "mdmd.sqlite3", isolation_level=None)
+    for migration in MIGRATIONS[:old]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={old}")
+    conn.execute(
+        "INSERT INTO hosts (hardware_uuid, node_key_hash, platform, hostname, hardware_serial, info,"
+        " enrolled_at) VALUES ('U1', x'01', 'windows', 'OLD-PC', 'S1', '{}', 1)"
+    )
+    conn.close()
+    daemon = start_daemon(config)
+    try:
+        (copy,) = state.glob(f"mdmd.sqlite3.v{old}-backup-*")
+        assert f"migrating the database from schema version {old}; a copy of it as it was is in {copy}" in (
+            daemon.log_text()
+        )
+    finally:
+        daemon.stop()
+    conn = sqlite3.connect(copy)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == old
+        assert conn.execute("SELECT hostname FROM hosts").fetchall() == [("OLD-PC",)]
+    finally:
+        conn.close()

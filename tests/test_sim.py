@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from harness import REPO, Daemon, daemon_env, running_daemon
+from harness import REPO, Daemon, daemon_env, running_daemon, write_config
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,33 @@ def test_a_wrong_enroll_secret_is_counted_by_kind_and_fails_the_run(daemon: Daem
     first = summary["first_errors"][0]
     assert first["kind"] == "orbit_enroll: http 401" and first["http_status"] == 401
     assert "Authentication failed" in first["body"]
+
+
+def _sim_fails(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "mdmd.sim.cli", *args],
+        env=daemon_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+def test_a_brought_in_certificate_makes_the_simulator_ask_for_cacert(tmp_path: Path) -> None:
+    # Production: mdmctl init --no-tls, no development root in state_dir.
+    state = tmp_path / "state"
+    from mdmd.mdmctl import main as mdmctl
+
+    assert mdmctl(["init", "--no-tls", str(state)]) == 0
+    config = write_config(tmp_path, {"mdmd": {"bootstrap": "no"}})
+    line = _sim_fails("--config", str(config), "--devices", "1")
+    assert line.startswith("mdmd-sim: the server's TLS certificate is not from mdmd's development root")
+    assert "give --cacert" in line
+    assert _sim_fails("--config", str(config), "--devices", "1", "--cacert", str(tmp_path / "none.pem")) == (
+        f"mdmd-sim: --cacert {tmp_path / 'none.pem'}: no such file"
+    )
