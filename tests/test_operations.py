@@ -340,3 +340,18 @@ def test_a_reload_that_finds_a_bad_certificate_keeps_serving_the_old_one(daemon:
     os.kill(daemon.proc.pid, signal.SIGHUP)
     poll("the reload", lambda: reloads(daemon, "reloaded") > done)
     assert served_certificate(daemon).serial_number == fixed.serial_number
+
+
+def test_the_units_reload_command_reloads(daemon: Daemon) -> None:
+    import configparser
+    import shlex
+    import subprocess
+
+    from harness import REPO
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(REPO / "systemd" / "mdmd.service")
+    argv = [a.replace("$MAINPID", str(daemon.proc.pid)) for a in shlex.split(unit["Service"]["ExecReload"])]
+    done = reloads(daemon, "reloaded")
+    subprocess.run(argv, check=True, timeout=30)
+    poll("the reload", lambda: reloads(daemon, "reloaded") > done)
