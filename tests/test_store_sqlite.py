@@ -331,6 +331,7 @@ def test_walking_the_sort_index_lists_what_reading_candidates_does(
     # candidates; with no candidate limit every page walks the sort index.
     store, fleet = listed
     monkeypatch.setattr(sqlite_devices, "CANDIDATE_LIMIT", -1)
+    monkeypatch.setattr(sqlite_devices, "SEARCH_CANDIDATE_LIMIT", -1)
     expected = expected_devices(store, fleet, query)
     for limit in (1, 3, 100):
         assert read_all_pages(store, query, limit) == expected, limit
@@ -346,6 +347,7 @@ def test_every_device_list_query_runs_on_indexes(
 ) -> None:
     store, _ = listed
     monkeypatch.setattr(sqlite_devices, "CANDIDATE_LIMIT", candidate_limit)
+    monkeypatch.setattr(sqlite_devices, "SEARCH_CANDIDATE_LIMIT", candidate_limit)
     conn = sqlite3.connect(store.path)
     try:
         for query in LIST_QUERIES:

@@ -7,8 +7,9 @@ every listed row and, when an index finds the filter's devices directly, a
 ways, whichever touches fewer rows:
 
 - some filter's candidates are few (at most :data:`CANDIDATE_LIMIT`, counted
-  with a bounded probe): those rows are read by rowid, checked against every
-  filter and sorted;
+  with a bounded probe; the search's limit is higher, since checking it
+  along the sort order costs a host lookup per row): those rows are read by
+  rowid, checked against every filter and sorted;
 - otherwise the index of the sort order is walked from the page's position,
   each row checked against every filter, until the page is full (the filters
   all match many devices, so a page fills quickly).
@@ -45,9 +46,13 @@ __all__ = [
 ]
 
 #: A filter whose devices an index finds, and that matches at most this
-#: many, is read by its candidates; sorting this many rows stays well
-#: within a page's budget.
+#: many, is read by its candidates: reading and sorting this many rows costs
+#: about what walking the sort order to fill a page costs when one device
+#: in 200 matches (measured on a million devices, bench/RESULTS.md).
 CANDIDATE_LIMIT: Final = 5000
+#: The search is checked along the sort order with a lookup of the agent
+#: host per row, which makes walking dearer: candidates pay up to here.
+SEARCH_CANDIDATE_LIMIT: Final = 10000
 
 #: Every column of a device record (not the enrollment context, which only
 #: the device's own page would need).
@@ -77,6 +82,11 @@ class Condition:
     params: tuple[object, ...]
     candidates: str | None = None
     candidate_params: tuple[object, ...] = ()
+    # Rows as many as the candidates, from an index alone (when selecting the
+    # candidates' rowids costs a lookup each), with the same parameters.
+    estimate: str | None = None
+    # At most this many candidates are read (None: CANDIDATE_LIMIT).
+    candidate_limit: int | None = None
 
 
 def _prefix(column: str) -> str:
@@ -146,6 +156,7 @@ def conditions(query: DeviceQuery) -> list[Condition]:
                 "SELECT d.rowid FROM certificates c JOIN devices d ON d.device_id = c.device_id"
                 " WHERE c.revoked_at IS NULL AND c.not_after < ?",
                 (t,),
+                "SELECT 1 FROM certificates WHERE revoked_at IS NULL AND not_after < ?",
             )
         )
     if query.hw_dev_id_collision is not None:
@@ -177,24 +188,30 @@ def conditions(query: DeviceQuery) -> list[Condition]:
                     ]
                 ),
                 bounds * 5,
+                candidate_limit=SEARCH_CANDIDATE_LIMIT,
             )
         )
     return found
 
 
 def _fewest_candidates(conn: sqlite3.Connection, found: Sequence[Condition]) -> Condition | None:
-    """The condition with the fewest candidates, if at most CANDIDATE_LIMIT;
-    each probe stops counting once it has beaten the best so far."""
+    """The condition with the fewest candidates, if within its limit; each
+    probe stops counting past its limit or the best so far."""
     best: Condition | None = None
-    bound = CANDIDATE_LIMIT + 1
+    fewest: int | None = None
     for condition in found:
         if condition.candidates is None:
             continue
+        limit = CANDIDATE_LIMIT if condition.candidate_limit is None else condition.candidate_limit
+        bound = limit + 1 if fewest is None else min(limit + 1, fewest)
+        if bound <= 0:
+            continue
+        counted = condition.estimate or condition.candidates
         (count,) = conn.execute(
-            f"SELECT count(*) FROM ({condition.candidates} LIMIT ?)", (*condition.candidate_params, bound)
+            f"SELECT count(*) FROM ({counted} LIMIT ?)", (*condition.candidate_params, bound)
         ).fetchone()
         if count < bound:
-            best, bound = condition, count
+            best, fewest = condition, count
     return best
 
 

@@ -158,10 +158,20 @@ _V3: Final = (
 _V4: Final = (
     "CREATE INDEX devices_by_id_nocase ON devices(device_id COLLATE NOCASE)",
     "CREATE INDEX devices_by_name_nocase ON devices(device_name COLLATE NOCASE)",
-    "CREATE INDEX devices_by_enrolled_at ON devices(enrolled_at, device_id)",
-    # Never seen sorts (and filters) as seen at 0, so that a position in the
-    # list is never NULL.
-    "CREATE INDEX devices_by_last_seen ON devices(coalesce(last_seen, 0), device_id)",
+    # The two orders of the list, each with the device ID as tie-breaker and
+    # then every small column a filter or the search tests, so that walking
+    # an order checks the filters on the index alone and reads the table
+    # only for the rows it lists.  Never seen sorts (and filters) as seen at
+    # 0, so that a position in the list is never NULL.
+    """
+    CREATE INDEX devices_by_enrolled_at ON devices(
+        enrolled_at, device_id, state, os_version, hw_dev_id_collision, last_seen, host_id, device_name)
+    """,
+    """
+    CREATE INDEX devices_by_last_seen ON devices(
+        coalesce(last_seen, 0), device_id, state, os_version, hw_dev_id_collision, enrolled_at, host_id,
+        device_name)
+    """,
     "CREATE INDEX devices_by_state ON devices(state)",
     "CREATE INDEX devices_by_os_version ON devices(os_version)",
     "CREATE INDEX devices_with_hw_dev_id_collision ON devices(device_id) WHERE hw_dev_id_collision = 1",
@@ -169,6 +179,11 @@ _V4: Final = (
     "CREATE INDEX hosts_by_serial_nocase ON hosts(hardware_serial COLLATE NOCASE)",
     "CREATE INDEX hosts_by_uuid_nocase ON hosts(hardware_uuid COLLATE NOCASE)",
     "CREATE INDEX certificates_valid_by_not_after ON certificates(not_after) WHERE revoked_at IS NULL",
+    # A device's latest-expiring valid certificate, from the index alone.
+    """
+    CREATE INDEX certificates_valid_by_device ON certificates(device_id, not_after, revoked_at)
+    WHERE revoked_at IS NULL
+    """,
     "CREATE INDEX commands_by_state ON commands(state)",
     """
     CREATE TABLE admin_tokens (
