@@ -618,6 +618,13 @@ def _backup(args: argparse.Namespace) -> int:
     source_path = config.database
     if not os.path.exists(source_path):
         raise CliError(f"no database at {source_path} ([mdmd] state_dir)")
+    owner = os.stat(source_path).st_uid
+    if os.geteuid() != owner:
+        # SQLite may create the -wal and -shm files beside the database,
+        # owned by whoever runs this: they must stay mdmd's.
+        raise CliError(
+            f"run mdmctl backup as the user that owns {source_path} (uid {owner}): sudo -u mdmd mdmctl ..."
+        )
     target = os.path.abspath(args.file)
     if os.path.exists(target):
         raise CliError(f"{target} exists: give a new file")
