@@ -251,3 +251,10 @@ def test_request_log_line_names_listener_method_path_status(daemon: Daemon) -> N
     daemon.request("POST", "/api/fleet/orbit/whatever?x=1", b"{}")
     lines = [line for line in daemon.log_text().splitlines() if "POST /api/fleet/orbit/whatever" in line]
     assert lines and "enrollment POST /api/fleet/orbit/whatever 404" in lines[-1]
+
+
+def test_the_request_line_names_the_client_and_the_request_id(daemon: Daemon) -> None:
+    response, _ = daemon.request("GET", "/healthz", headers={"X-Request-ID": "abc-1"}, section="admin")
+    assert response.status == 200 and response.getheader("X-Request-ID") == "abc-1"
+    (line,) = [line for line in daemon.log_text().splitlines() if "request_id=abc-1" in line]
+    assert "admin GET /healthz 200 " in line and "client=127.0.0.1 request_id=abc-1" in line

@@ -252,14 +252,6 @@ def test_a_request_id_given_by_a_proxy_is_in_the_answer_and_the_log(daemon: Daem
     assert line["path"] == "/healthz" and line["status"] == 200
 
 
-def test_text_logs_carry_client_and_request_id_too(tmp_path: Path) -> None:
-    with running_daemon(tmp_path) as daemon:
-        response, _ = daemon.request("GET", "/healthz", headers={"X-Request-ID": "abc-1"}, section="admin")
-        assert response.status == 200
-        (line,) = [line for line in daemon.log_text().splitlines() if "request_id=abc-1" in line]
-    assert "admin GET /healthz 200 " in line and "client=127.0.0.1 request_id=abc-1" in line
-
-
 # --- systemctl reload: new TLS certificates without dropping a connection ---
 
 
