@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -24,7 +25,7 @@ import pytest
 from test_store_contract import LIST_QUERIES
 
 from harness import REPO
-from mdmd.management import LargeObject
+from mdmd.management import LargeObject, ManagementStep
 from mdmd.store import DeviceQuery, HostEnrollment, StoreError, sqlite_devices
 from mdmd.store import sqlite as sqlite_module
 from mdmd.store.sqlite import SQLiteStore
@@ -33,6 +34,7 @@ from store_helpers import (
     ListFleet,
     ThreadReactor,
     build_list_fleet,
+    enrollment,
     expected_devices,
     host,
     read_all_pages,
@@ -447,3 +449,109 @@ def test_a_new_database_needs_no_backup(tmp_path: Path) -> None:
     s.open()
     s.stop()
     assert s.migration_backup is None and not list(tmp_path.glob("*backup*"))
+
+
+def _fill(path: Path, count: int) -> None:
+    """*count* enrolled devices with their hosts and certificates, inserted
+    directly: the fleet the next test's requests must not walk."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO hosts (id, hardware_uuid, node_key_hash, platform, hostname, hardware_serial, info,"
+            " enrolled_at) VALUES (?, ?, ?, 'windows', ?, ?, '{}', 1)",
+            [
+                (1000 + i, f"fill-{i}", hashlib.sha256(b"fill%d" % i).digest(), f"FILL-{i}", f"FS{i}")
+                for i in range(count)
+            ],
+        )
+        conn.execute(
+            "INSERT INTO devices (device_id, host_id, hw_dev_id, enrollment_type, context, state,"
+            " enrolled_at) SELECT 'FILL' || id, id, 'hw' || id, 'Full', '[]', 'enrolled', 1"
+            " FROM hosts WHERE id >= 1000"
+        )
+        conn.execute(
+            "INSERT INTO certificates (serial, device_id, thumbprint, not_before, not_after, issued_at)"
+            " SELECT 'f' || host_id, device_id, 'T' || host_id, 1, 9e9, 1 FROM devices WHERE host_id >= 1000"
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def _work_of_device_requests(path: Path, fleet: int) -> tuple[int, list[str]]:
+    """SQLite VM steps (in hundreds) of what devices, agents and the admin
+    API's single-device calls ask of a store holding *fleet* other devices,
+    and the statements run."""
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    _fill(path, fleet)
+    assert s._engine is not None
+    steps: list[int] = []
+    statements: list[str] = []
+
+    def count() -> int:
+        steps.append(1)
+        return 0  # go on
+
+    for conn in (s._engine._writer, *s._engine._readers.values()):
+        assert conn is not None
+        conn.set_trace_callback(statements.append)
+        conn.set_progress_handler(count, 100)
+    s.start()
+    try:
+        a = wait(s.enroll_host(host(1), now=1.0))
+        b = wait(s.enroll_host(host(2), now=1.0))
+        wait(s.host_by_node_key(host(1).node_key_hash, seen_at=2.0))
+        wait(s.record_device_enrollment(enrollment("DEV1", a.id, "s1", hw="clone"), now=2.0))
+        wait(s.record_device_enrollment(enrollment("DEV2", b.id, "s2", hw="clone"), now=2.0))
+        wait(s.record_device_enrollment(enrollment("DEV3", b.id, "s3", hw="other"), now=3.0))
+        assert wait(s.queue_command("dev1", "u1", "Get", "<Get/>", now=4.0)) is not None
+        context = wait(s.management_context("s1"))
+        assert context is not None
+        step = ManagementStep(
+            "DEV1",
+            session=None,
+            sent=(("u1", "1", 1),),
+            answered=(("u1", 200),),
+            inventory={"./DevInfo/Mod": "VM"},
+        )
+        wait(s.commit_management_step(step, now=5.0, expected_seq=context.session_seq))
+        for device_id in ("dev1", "DEV1"):
+            wait(s.device(device_id))
+        wait(s.device_commands("DEV1"))
+        wait(s.device_certificates("DEV1"))
+        wait(s.command("u1"))
+        wait(s.last_reply("DEV1"))
+        wait(s.device_alerts("DEV1"))
+        assert wait(s.request_unenrollment("dev3")) is True
+        wait(s.certificate("s1"))
+        wait(s.host_by_node_key(host(2).node_key_hash))
+    finally:
+        s.stop()
+    return len(steps), statements
+
+
+def test_what_devices_and_agents_ask_does_not_grow_with_the_fleet(tmp_path: Path) -> None:
+    # The planner has no statistics: an index on a column with few values
+    # (state, say) looks as selective as a device's own and can lure a
+    # query into walking every enrolled device.  The same requests must cost
+    # the same against 50 and 3,000 other devices.
+    (tmp_path / "small").mkdir()
+    (tmp_path / "large").mkdir()
+    small, statements = _work_of_device_requests(tmp_path / "small" / "mdmd.sqlite3", 50)
+    large, _ = _work_of_device_requests(tmp_path / "large" / "mdmd.sqlite3", 3000)
+    assert large < small * 1.5, (small, large)
+    # And none of their statements reads a fleet table whole.
+    conn = sqlite3.connect(tmp_path / "large" / "mdmd.sqlite3")
+    try:
+        checked = 0
+        for sql in dict.fromkeys(statements):
+            if not sql.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT")):
+                continue
+            checked += 1
+            for line in (str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql)):
+                assert not re.match(r"SCAN (\w+ )?(devices|hosts|certificates|commands|d|h|c)\b", line), sql
+    finally:
+        conn.close()
+    assert checked >= 20

@@ -765,9 +765,9 @@ class SQLiteStore:
 
     def fleet_counts(self, now: float) -> Deferred[FleetCounts]:
         def txn(conn: sqlite3.Connection) -> FleetCounts:
-            devices = dict.fromkeys(("enrolled", "unenrolled"), 0.0)
-            for row in conn.execute("SELECT state, count(*) AS n FROM devices GROUP BY state"):
-                devices[row["state"]] = float(row["n"])
+            (total,) = conn.execute("SELECT count(*) FROM devices").fetchone()
+            (unenrolled,) = conn.execute("SELECT count(*) FROM devices WHERE state = 'unenrolled'").fetchone()
+            devices = {"enrolled": float(total - unenrolled), "unenrolled": float(unenrolled)}
             commands = dict.fromkeys(("pending", "sent", "acknowledged", "failed"), 0.0)
             for row in conn.execute("SELECT state, count(*) AS n FROM commands GROUP BY state"):
                 commands[row["state"]] = float(row["n"])

@@ -172,7 +172,10 @@ _V4: Final = (
         coalesce(last_seen, 0), device_id, state, os_version, hw_dev_id_collision, enrolled_at, host_id,
         device_name)
     """,
-    "CREATE INDEX devices_by_state ON devices(state)",
+    # Partial: an index on state alone would look selective to the planner
+    # (no statistics) and lure the device-facing queries that test
+    # state = 'enrolled' away from their own indexes.
+    "CREATE INDEX devices_unenrolled ON devices(device_id) WHERE state = 'unenrolled'",
     "CREATE INDEX devices_by_os_version ON devices(os_version)",
     "CREATE INDEX devices_with_hw_dev_id_collision ON devices(device_id) WHERE hw_dev_id_collision = 1",
     "CREATE INDEX hosts_by_hostname_nocase ON hosts(hostname COLLATE NOCASE)",
