@@ -49,7 +49,6 @@ from mdmd.store import (
     DeviceQuery,
     DeviceRecord,
 )
-from mdmd.store.sqlite_schema import SCHEMA_VERSION
 from mdmd.syncml import (
     Command,
     Item,
@@ -953,13 +952,13 @@ class VersionResource(_AdminResource):
     """``GET /api/v1/version``."""
 
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
-        return json_response(200, version_json())
+        return json_response(200, version_json(self.app.store.schema_version))
 
 
-def version_json() -> dict[str, Any]:
+def version_json(schema_version: int) -> dict[str, Any]:
     return {
         "version": __version__,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version,
         "python": platform.python_version(),
         "twisted": twisted.__version__,
         "openssl": ssl.OPENSSL_VERSION,

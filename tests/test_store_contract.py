@@ -523,6 +523,10 @@ def test_fleet_counts_for_the_metrics(store: Store) -> None:
     assert counts["certificates_expiring"] == {"": 2}
 
 
+def test_the_store_says_its_schema_version(store: Store) -> None:
+    assert isinstance(store.schema_version, int) and store.schema_version >= 1
+
+
 def test_a_writable_store_commits_the_readiness_probe(store: Store) -> None:
     wait(store.check_writable(1.0))
     wait(store.check_writable(2.0))

@@ -48,6 +48,11 @@ class Store(Protocol):
 
     def start(self) -> None: ...
 
+    @property
+    def schema_version(self) -> int:
+        """The schema version this store's data has (once open)."""
+        ...
+
     def stop(self) -> None: ...
 
     # -- orbit agents --

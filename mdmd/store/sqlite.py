@@ -135,6 +135,10 @@ class SQLiteStore:
             self.on_commit(size, seconds)
 
     @property
+    def schema_version(self) -> int:
+        return SCHEMA_VERSION
+
+    @property
     def alive(self) -> bool:
         """The store's threads are running (readiness)."""
         return self._engine is not None and self._engine.alive
