@@ -190,7 +190,7 @@ def admin_site(app: Mdmd) -> MdmdSite:
     and metrics without."""
     assert app.tokens is not None
     return MdmdSite(
-        RoutingResource(admin_routes(app), guard=BearerTokenGuard(app.tokens.current)),
+        RoutingResource(admin_routes(app), guard=BearerTokenGuard(app.tokens.current, app.tokens.pending)),
         listener="admin",
         max_body_bytes=1024 * 1024,
     )

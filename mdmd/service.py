@@ -168,7 +168,10 @@ def build_service(
     app.readiness.add("store", store_check(store, reactor))  # type: ignore[arg-type]
 
     async def tokens_loaded() -> str | None:
-        return None if tokens.loaded else "the admin tokens are not loaded"
+        waiting = tokens.pending()
+        if waiting is not None:  # starting: the load is a moment away
+            await waiting
+        return None if tokens.loaded else "the admin tokens cannot be loaded"
 
     app.readiness.add("admin tokens", tokens_loaded)
     enrollment, management = device_listeners(app)

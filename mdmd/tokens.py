@@ -58,6 +58,7 @@ class AdminTokens:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._by_hash: dict[bytes, str] | None = None
+        self._waiting: list[Deferred[None]] | None = []
 
     def current(self) -> dict[bytes, str] | None:
         return self._by_hash
@@ -66,9 +67,25 @@ class AdminTokens:
     def loaded(self) -> bool:
         return self._by_hash is not None
 
+    def pending(self) -> Deferred[None] | None:
+        """A Deferred that fires once the first load is done (or has failed),
+        None after that."""
+        if self._waiting is None:
+            return None
+        waiting: Deferred[None] = Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def settle(self) -> None:
+        """The first load is over, for better or worse: release the waiting."""
+        waiting, self._waiting = self._waiting or [], None
+        for d in waiting:
+            d.callback(None)
+
     async def load(self) -> None:
         tokens = await self.store.admin_tokens()
         self._by_hash = {t.token_hash: t.name for t in tokens if t.revoked_at is None}
+        self.settle()
 
     async def adopt_bootstrap(self, token: str, now: float) -> None:
         outcome = await self.store.adopt_bootstrap_token(BOOTSTRAP_NAME, hash_token(token), now)
@@ -97,4 +114,5 @@ class AdminTokensService(Service):
         super().startService()
         d = Deferred.fromCoroutine(self.tokens.adopt_bootstrap(self.bootstrap_token, self.now))
         d.addErrback(lambda f: log.failure("cannot load the admin tokens: the admin API answers 503", f))
+        d.addBoth(lambda _: self.tokens.settle())
         d.chainDeferred(self.loaded)

@@ -361,7 +361,9 @@ def _segment(raw: bytes) -> str | None:
     return text
 
 
-Guard = Callable[[MdmdRequest], HTTPResponse | None]
+#: None lets the request through; a response refuses it; a Deferred holds it
+#: until the guard can judge (the admin tokens are still loading).
+Guard = Callable[[MdmdRequest], "HTTPResponse | Deferred[None] | None"]
 
 
 class RoutingResource(Resource):
@@ -389,6 +391,8 @@ class RoutingResource(Resource):
                 continue
             if self.guard is not None and not route.public:
                 refusal = self.guard(req)
+                if isinstance(refusal, Deferred):
+                    return self._later(refusal, request)
                 if refusal is not None:
                     _write(req, refusal)
                     return NOT_DONE_YET
@@ -399,10 +403,24 @@ class RoutingResource(Resource):
             # Nothing below a guarded listener is revealed without the token,
             # not even which paths exist.
             refusal = self.guard(req)
+            if isinstance(refusal, Deferred):
+                return self._later(refusal, request)
             if refusal is not None:
                 _write(req, refusal)
                 return NOT_DONE_YET
         _write(req, json_error(404, f"no such endpoint: {request.path.decode('latin-1')}"))
+        return NOT_DONE_YET
+
+    def _later(self, ready: Deferred[None], request: server.Request) -> int:
+        """Route *request* again once the guard can judge it."""
+
+        def again(_: object) -> None:
+            result = self.render(request)
+            if isinstance(result, bytes):  # a resource that answered at once
+                request.write(result)
+                request.finish()
+
+        ready.addCallback(again)
         return NOT_DONE_YET
 
 
@@ -412,19 +430,29 @@ class BearerTokenGuard:
     from hash to name, replaced whole when tokens change), so that no
     request waits for the store and nothing is compared byte by byte with a
     secret: what a timing difference could reveal is a digest of what the
-    client sent.  The request's ``admin`` becomes the token's name.  Until
-    the tokens are loaded (*tokens* is None) every request is answered 503.
+    client sent.  The request's ``admin`` becomes the token's name.  While
+    the tokens load (*tokens* gives None) a request waits for *pending*'s
+    Deferred; if they cannot be loaded (*pending* gives None too) it is
+    answered 503.
     """
 
     realm: ClassVar[str] = "mdmd-admin"
 
-    def __init__(self, tokens: Callable[[], dict[bytes, str] | None]) -> None:
+    def __init__(
+        self,
+        tokens: Callable[[], dict[bytes, str] | None],
+        pending: Callable[[], Deferred[None] | None] | None = None,
+    ) -> None:
         self._tokens = tokens
+        self._pending = pending
 
-    def __call__(self, request: MdmdRequest) -> HTTPResponse | None:
+    def __call__(self, request: MdmdRequest) -> HTTPResponse | Deferred[None] | None:
         tokens = self._tokens()
         if tokens is None:
-            return json_error(503, "starting: the admin tokens are not loaded yet")
+            waiting = self._pending() if self._pending is not None else None
+            if waiting is not None:
+                return waiting
+            return json_error(503, "the admin tokens cannot be loaded: see the log")
         header = request.getHeader(b"Authorization") or b""
         scheme, _, presented = header.partition(b" ")
         name = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -300,9 +300,11 @@ def test_requests_are_counted_by_route_template_not_by_path(site: MdmdSite) -> N
     assert after == (seconds or 0.0) + 3
 
 
-def _guarded(tokens: dict[bytes, str] | None) -> MdmdSite:
+def _guarded(
+    tokens: dict[bytes, str] | None, pending: Callable[[], Deferred[None] | None] | None = None
+) -> MdmdSite:
     return MdmdSite(
-        RoutingResource([Route("/secret", Echo())], guard=BearerTokenGuard(lambda: tokens)),
+        RoutingResource([Route("/secret", Echo())], guard=BearerTokenGuard(lambda: tokens, pending)),
         listener="admin",
         max_body_bytes=1024,
         reactor=MemoryReactorClock(),
@@ -317,6 +319,34 @@ def test_the_guard_names_the_token_and_waits_for_the_tokens_to_load(logs: Sequen
     line = _request_line([e for e in logs if e.get("status") == 200])
     assert line["admin"] == "alice" and "admin=alice" in formatEvent(line)
     assert exchange(_guarded(tokens), request.replace(b"alice", b"mallory"))[0] == 401
+
+
+def test_a_request_waits_for_the_tokens_to_load() -> None:
+    loaded: dict[bytes, str] = {}
+    tokens: list[dict[bytes, str]] = []
+    waiting: list[Deferred[None]] = []
+
+    def pending() -> Deferred[None] | None:
+        if tokens:
+            return None
+        waiting.append(Deferred())
+        return waiting[-1]
+
+    site = MdmdSite(
+        RoutingResource(
+            [Route("/secret", Echo())], guard=BearerTokenGuard(lambda: tokens[0] if tokens else None, pending)
+        ),
+        listener="admin",
+        max_body_bytes=1024,
+        reactor=MemoryReactorClock(),
+    )
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /secret HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken-of-alice\r\n\r\n")
+    assert transport.value() == b"" and len(waiting) == 1  # held, not refused
+    loaded[hashlib.sha256(b"t0ken-of-alice").digest()] = "alice"
+    tokens.append(loaded)
+    waiting[0].callback(None)
+    assert parse_response(transport.value())[0] == 200
 
 
 def test_a_json_log_line_holds_the_request_lines_fields(
