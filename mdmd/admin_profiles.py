@@ -18,7 +18,6 @@ from twisted.logger import Logger
 
 from mdmd.app import Mdmd
 from mdmd.commands import FieldError
-from mdmd.jsonsafe import JSONInputError, parse_untrusted_json
 from mdmd.profiles import (
     DeviceProfile,
     ProfileEvent,
@@ -37,9 +36,9 @@ from mdmd.web import (
     MdmdRequest,
     Route,
     iso_time,
+    json_body,
     json_error,
     json_response,
-    request_body,
 )
 
 __all__ = ["profile_routes"]
@@ -57,14 +56,6 @@ def _refuse(status: int, message: str, errors: Sequence[FieldError] = ()) -> HTT
     if errors:
         extra["errors"] = [{"name": e.name, "reason": e.reason} for e in errors]
     return HTTPError(json_error(status, message, **extra), message)
-
-
-def _body(request: MdmdRequest) -> object:
-    try:
-        return parse_untrusted_json(request_body(request))
-    except JSONInputError as e:
-        reason = f"the request body is {e}"
-        raise _refuse(400, reason, [FieldError(e.field or "base", reason)]) from None
 
 
 def _profile(obj: object, name: str | None = None) -> Any:
@@ -181,14 +172,12 @@ class ProfilesResource(_Resource):
         return json_response(200, {"profiles": [profile_json(p) for p in profiles]})
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        profile = _profile(_body(request))
+        profile = _profile(json_body(request))
         if not await self.app.store.create_profile(profile, self.app.now()):
             raise _refuse(
                 409, f"profile {profile.name} exists (PUT /api/v1/profiles/{profile.name} changes it)"
             )
-        log.info(
-            "admin created profile {profile} version {version}", profile=profile.name, version=profile.version
-        )
+        await self.app.audit(request, "profile.create", profile.name, {"version": profile.version})
         return json_response(201, {"name": profile.name, "version": profile.version})
 
 
@@ -213,19 +202,17 @@ class ProfileResource(_Resource):
 
     async def handle_PUT(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
-        profile = _profile(_body(request), name)
+        profile = _profile(json_body(request), name)
         if not await self.app.store.update_profile(profile, self.app.now()):
             raise _refuse(404, f"no such profile: {name}")
-        log.info(
-            "admin updated profile {profile} to version {version}", profile=name, version=profile.version
-        )
+        await self.app.audit(request, "profile.update", name, {"version": profile.version})
         return json_response(200, {"name": name, "version": profile.version})
 
     async def handle_DELETE(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
         if not await self.app.store.delete_profile(name, self.app.now()):
             raise _refuse(404, f"no such profile: {name}")
-        log.info("admin deleted profile {profile}: devices remove it at their next session", profile=name)
+        await self.app.audit(request, "profile.delete", name)
         return json_response(202, {"name": name})
 
 
@@ -234,7 +221,7 @@ class ProfileGroupsResource(_Resource):
 
     async def handle_PUT(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
-        body = _body(request)
+        body = json_body(request)
         if not isinstance(body, dict) or set(body) != {"groups"}:
             raise _refuse(400, 'the body must be {"groups": [names]}', [FieldError("groups", "required")])
         groups = _names(body["groups"], "groups")
@@ -246,11 +233,7 @@ class ProfileGroupsResource(_Resource):
             raise _refuse(
                 400, f"no such group: {unknown}", [FieldError("groups", f"no such group: {unknown}")]
             )
-        log.info(
-            "admin assigned profile {profile} to {groups}",
-            profile=name,
-            groups=", ".join(groups) or "no group",
-        )
+        await self.app.audit(request, "profile.assign", name, {"groups": list(dict.fromkeys(groups))})
         return json_response(200, {"name": name, "groups": list(dict.fromkeys(groups))})
 
 
@@ -262,7 +245,7 @@ class GroupsResource(_Resource):
         return json_response(200, {"groups": [group_json(g) for g in groups]})
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        body = _body(request)
+        body = json_body(request)
         name = body.get("name") if isinstance(body, dict) else None
         reason = check_name(name)
         if reason is None and name == ALL_GROUP:
@@ -274,7 +257,7 @@ class GroupsResource(_Resource):
             raise _refuse(400, "unknown field", fields)
         if not await self.app.store.create_group(name, self.app.now()):
             raise _refuse(409, f"group {name} exists")
-        log.info("admin created group {group}", group=name)
+        await self.app.audit(request, "group.create", name)
         return json_response(201, {"name": name})
 
 
@@ -300,7 +283,7 @@ class GroupResource(_Resource):
             raise _refuse(400, "the built-in group all cannot be deleted")
         if not await self.app.store.delete_group(name):
             raise _refuse(404, f"no such group: {name}")
-        log.info("admin deleted group {group}", group=name)
+        await self.app.audit(request, "group.delete", name)
         return HTTPResponse(204, b"")
 
 
@@ -313,7 +296,7 @@ class GroupDevicesResource(_Resource):
             raise _refuse(
                 400, "the built-in group all holds every enrolled device; its members cannot change"
             )
-        body = _body(request)
+        body = json_body(request)
         if not isinstance(body, dict) or not body or set(body) - {"add", "remove"}:
             raise _refuse(400, 'the body must be {"add": [device IDs], "remove": [device IDs]}')
         add = _names(body.get("add", []), "add")
@@ -328,11 +311,12 @@ class GroupDevicesResource(_Resource):
                 f"no such device: {shown}",
                 [FieldError("add" if d in add else "remove", f"no such device: {d}") for d in change.unknown],
             )
-        log.info(
-            "admin changed group {group}: {added} added, {removed} removed",
-            group=name,
-            added=change.added,
-            removed=change.removed,
+        await self.app.audit(
+            request,
+            "group.members",
+            name,
+            # The first IDs name the change; the counts say how big it was.
+            {"added": change.added, "removed": change.removed, "add": add[:100], "remove": remove[:100]},
         )
         return json_response(200, {"name": name, "added": change.added, "removed": change.removed})
 

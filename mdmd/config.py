@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -101,6 +102,8 @@ class AdminConfig:
     listen: str
     url: str
     token_file: str
+    allow_remote: bool = False
+    metrics_cache_seconds: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +119,16 @@ class MdmdConfig:
     wstep: WstepConfig
     admin: AdminConfig
     profiles: ProfilesConfig = ProfilesConfig(24 * 3600.0, 3)
+    log_format: str = "text"
 
     @property
     def database(self) -> str:
         return os.path.join(self.state_dir, "mdmd.sqlite3")
+
+    @property
+    def lock_file(self) -> str:
+        """Held (flock) by the running main process: one mdmd per state_dir."""
+        return os.path.join(self.state_dir, "mdmd.lock")
 
 
 # --- value parsers: each raises ValueError with a message for the operator ---
@@ -176,6 +185,16 @@ def _duration(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip()
+        if value not in allowed:
+            raise ValueError(f"expected {' or '.join(allowed)}, got {value!r}")
+        return value
+
+    return parse
+
+
 def _text(value: str) -> str:
     value = value.strip()
     if not value:
@@ -197,6 +216,23 @@ def _endpoint(value: str) -> str:
     return value
 
 
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why *host* (a URL's, without brackets) is neither an IP address nor a
+    DNS name, or None."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return f"host {host!r} is neither a DNS name nor an IP address"
+    return None
+
+
 def _url(*schemes: str, path_required: bool = False) -> Callable[[str], str]:
     def parse(value: str) -> str:
         value = value.strip()
@@ -207,6 +243,9 @@ def _url(*schemes: str, path_required: bool = False) -> Callable[[str], str]:
             raise ValueError(f"not a valid URL: {e}") from None
         if parts.scheme not in schemes or not parts.hostname:
             raise ValueError(f"expected a {' or '.join(schemes)}:// URL with a host, got {value!r}")
+        problem = _host_problem(parts.hostname)
+        if problem is not None or any(ch.isspace() for ch in value):
+            raise ValueError(f"not a valid URL: {problem or 'it contains white space'}: {value!r}")
         if parts.query or parts.fragment:
             raise ValueError("must not have a query string or fragment")
         if path_required and parts.path in ("", "/"):
@@ -267,6 +306,7 @@ _SCHEMA: _Schema = {
         "workers": (_workers, 1),
         "tls_root_cert": (_text, "tls-root.pem"),
         "tls_root_key": (_text, "tls-root.key"),
+        "log_format": (_choice("text", "json"), "text"),
     },
     "enrollment": {
         "listen": (_endpoint, _REQUIRED),
@@ -307,6 +347,8 @@ _SCHEMA: _Schema = {
         "listen": (_endpoint, "tcp:8445:interface=127.0.0.1"),
         "url": (_url("http", "https"), None),
         "token_file": (_text, "admin_token"),
+        "allow_remote": (_boolean, False),
+        "metrics_cache_seconds": (_bounded_int(0, 3600), 10),
     },
 }
 
@@ -450,9 +492,12 @@ def load_config(path: str) -> MdmdConfig:
             listen=typed(str, a["listen"]),
             url=typed(str, admin_url),
             token_file=in_state("admin", "token_file"),
+            allow_remote=typed(bool, a["allow_remote"]),
+            metrics_cache_seconds=typed(int, a["metrics_cache_seconds"]),
         ),
         profiles=ProfilesConfig(
             verify_interval=typed(float, values["profiles"]["verify_interval"]),
             max_retries=typed(int, values["profiles"]["max_retries"]),
         ),
+        log_format=typed(str, values["mdmd"]["log_format"]),
     )

@@ -25,7 +25,7 @@ from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mdmd import pki
+from mdmd import metrics, pki
 from mdmd.app import Mdmd
 from mdmd.management import NewCommand, Reply, SessionError, is_retransmission, process_message, refusal
 from mdmd.profiles import DeviceVars, ProfilePlanner, ProfileSettings
@@ -217,6 +217,7 @@ class ManagementResource(EndpointResource):
         app = self.app
         hdr = message.hdr
         device_id = ctx.device.device_id
+        request.session_id, request.msg_id = hdr.session_id, hdr.msg_id
         if is_retransmission(message, body, ctx.session):
             # The device did not get our reply and sent the same message
             # again: the same answer, and nothing changes.
@@ -279,6 +280,8 @@ class ManagementResource(EndpointResource):
                     session_id=hdr.session_id,
                     msg_id=hdr.msg_id,
                 )
+        if reply.step.new_session:
+            metrics.CHECKIN_SESSIONS.inc()
         for event in reply.events:
             log.info(
                 "device {device_id} session {session_id} msg {msg_id}: {event}",

@@ -1,16 +1,20 @@
 """``mdmctl``: the administrator's command line.
 
 ``mdmctl init DIR`` creates the key material a production deployment needs
-without starting the server.  Every other command talks to the admin API of
-a running mdmd (``[admin] url`` and the token in ``[admin] token_file`` of
-``--config``, default ``/etc/mdmd/mdmd.ini``)::
+without starting the server; ``mdmctl check-config`` runs the daemon's
+start-up checks; ``mdmctl backup FILE`` copies the database of a running (or
+stopped) mdmd.  Every other command talks to the admin API of a running mdmd
+(``[admin] url`` of ``--config``, default ``/etc/mdmd/mdmd.ini``, with the
+token in ``$MDMCTL_TOKEN``, ``--token-file`` or ``[admin] token_file``)::
 
-    mdmctl devices                      mdmctl device ID
+    mdmctl devices [--search Q] [--state S] [--expiring DAYS] [--all] ...
+    mdmctl device ID                    mdmctl commands ID
     mdmctl get ID ./DevDetail/SwV       mdmctl replace ID LOCURI --format int --data 1
     mdmctl add ID LOCURI ...            mdmctl delete ID LOCURI
     mdmctl exec ID LOCURI [--data ...]  mdmctl queue ID --syncml FILE|-
-    mdmctl command UUID                 mdmctl commands ID
-    mdmctl unenroll ID
+    mdmctl command UUID                 mdmctl unenroll ID
+    mdmctl token create|list|revoke     mdmctl audit [--all] [--actor NAME]
+    mdmctl version
     mdmctl profile list|show|add|update|delete ...
     mdmctl group list|show|add|delete|members ...
     mdmctl assign PROFILE GROUP...
@@ -28,16 +32,17 @@ import argparse
 import http.client
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-from mdmd.config import ConfigError, load_config
+from mdmd.config import ConfigError, MdmdConfig, load_config
 
 __all__ = ["DEFAULT_CONFIG", "CliError", "main"]
 
@@ -167,12 +172,20 @@ class AdminClient:
             raise CliError(f"the admin API at {self.base_url} did not answer with JSON") from None
 
 
-def _client(args: argparse.Namespace) -> AdminClient:
+def _config(args: argparse.Namespace) -> MdmdConfig:
     try:
-        config = load_config(args.config)
+        return load_config(args.config)
     except ConfigError as e:
         raise CliError(_one_line(str(e))) from None
-    path = config.admin.token_file
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    config = _config(args)
+    from_env = os.environ.get("MDMCTL_TOKEN", "").strip()
+    token_file = getattr(args, "token_file", None)
+    if from_env and token_file is None:
+        return AdminClient(config.admin.url, from_env)
+    path = token_file or config.admin.token_file
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
@@ -205,9 +218,20 @@ def _cell(value: object) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    return _aligned(headers, rows)[0]
+
+
+def _aligned(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], widths: list[int] | None = None
+) -> tuple[list[str], list[int]]:
+    """The header and rows aligned, with the column widths used (at least
+    *widths*, so that the pages of one listing line up)."""
     cells = [list(headers), *([_cell(v) for v in row] for row in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    found = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    if widths is not None:
+        found = [max(a, b) for a, b in zip(found, widths, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, found, strict=True)).rstrip() for row in cells]
+    return lines, found
 
 
 def _fields(pairs: Sequence[tuple[str, object]]) -> list[str]:
@@ -220,11 +244,24 @@ def _print(lines: Sequence[str]) -> None:
         print(line)
 
 
-def _show_devices(answer: Any) -> None:
+_DEVICE_HEADERS = (
+    "DEVICE ID",
+    "NAME",
+    "MANUFACTURER",
+    "MODEL",
+    "OS VERSION",
+    "STATE",
+    "ENROLLED",
+    "LAST SEEN",
+)
+
+
+def _show_devices(answer: Any, widths: list[int] | None = None, *, header: bool = True) -> list[int] | None:
+    """One page of devices as table rows; *widths* keeps later pages'
+    columns under the first page's header."""
     devices = answer.get("devices", [])
     if not devices:
-        print("no devices")
-        return
+        return widths
     rows = [
         (
             d["device_id"] + ("*" if d.get("hw_dev_id_collision") else ""),
@@ -238,10 +275,11 @@ def _show_devices(answer: Any) -> None:
         )
         for d in devices
     ]
-    headers = ("DEVICE ID", "NAME", "MANUFACTURER", "MODEL", "OS VERSION", "STATE", "ENROLLED", "LAST SEEN")
-    _print(_table(headers, rows))
+    lines, widths = _aligned(_DEVICE_HEADERS, rows, widths)
+    _print(lines if header else lines[1:])
     if any(d.get("hw_dev_id_collision") for d in devices):
         print("* shares its HWDevID with another enrolled device (a clone made without sysprep?)")
+    return widths
 
 
 def _command_rows(commands: Sequence[Any]) -> list[tuple[object, ...]]:
@@ -382,8 +420,83 @@ def _output(args: argparse.Namespace, answer: Any, show: Callable[[Any], None]) 
 # --------------------------------------------------------------------------
 
 
+_AGO = re.compile(r"([0-9]{1,6})([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _when(text: str) -> str:
+    """A time for the API: ISO 8601 as it is, or an age such as 30d, 12h."""
+    match = _AGO.fullmatch(text.strip())
+    if match is None:
+        return text
+    ago = datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    return ago.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _device_filters(args: argparse.Namespace) -> dict[str, str]:
+    filters = {
+        "q": args.search,
+        "state": args.state,
+        "os_version": args.os_version,
+        "group": args.group,
+        "cert_expiring_within": None if args.expiring is None else str(args.expiring),
+        "last_seen_before": None if args.last_seen_before is None else _when(args.last_seen_before),
+        "last_seen_after": None if args.last_seen_after is None else _when(args.last_seen_after),
+        "hw_dev_id_collision": None if args.collision is None else ("true" if args.collision else "false"),
+        "sort": args.sort,
+        "order": "desc" if args.desc else None,
+    }
+    return {k: v for k, v in filters.items() if v is not None}
+
+
+def _pages(client: AdminClient, path: str, first: dict[str, str], limit: int, every: bool) -> Iterator[Any]:
+    """The listing's pages: one, or with *every* all of them (following ``next``)."""
+    query = {**first, "limit": str(limit)}
+    while True:
+        answer = client.call("GET", f"{path}?{urlencode(query)}")
+        yield answer
+        cursor = answer.get("next")
+        if not every or not cursor:
+            return
+        query = {"cursor": cursor, "limit": str(limit)}
+
+
+def _stream_json(pages: Iterator[Any], key: str) -> None:
+    """Every page's items as one JSON object, written as they come: a
+    million devices never sit in memory at once."""
+    print(f'{{"{key}": [', end="")
+    first = True
+    last: Any = None
+    for page in pages:
+        for item in page.get(key, []):
+            print(("\n  " if first else ",\n  ") + json.dumps(item), end="")
+            first = False
+        last = page.get("next")
+    print(f'\n], "next": {json.dumps(last)}}}')
+
+
 def _devices(args: argparse.Namespace) -> int:
-    _output(args, _client(args).call("GET", "/api/v1/devices"), _show_devices)
+    if args.cursor and _device_filters(args):
+        raise CliError("--cursor continues its own listing: give it without filters")
+    first = {"cursor": args.cursor} if args.cursor else _device_filters(args)
+    pages = _pages(_client(args), "/api/v1/devices", first, args.limit, args.all)
+    if args.json:
+        if args.all:
+            _stream_json(pages, "devices")
+        else:
+            print(json.dumps(next(pages), indent=2))
+        return 0
+    shown = 0
+    widths: list[int] | None = None
+    answer: Any = {}
+    for answer in pages:
+        devices = answer.get("devices", [])
+        shown += len(devices)
+        widths = _show_devices(answer, widths, header=widths is None)
+    if not shown:
+        print("no devices")
+    elif answer.get("next"):
+        print(f"more: mdmctl devices --cursor {answer['next']} (or --all)")
     return 0
 
 
@@ -414,6 +527,171 @@ def _unenroll(args: argparse.Namespace) -> int:
             f"unenrollment requested for {a['device_id']}: its agent unenrolls it at its next check-in"
         ),
     )
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "create":
+        answer = client.call("POST", "/api/v1/tokens", {"name": args.name})
+        _output(
+            args,
+            answer,
+            lambda a: print(
+                f"{a['token']}\n(the token of {a['name']}: shown this once, store it now; "
+                f"use it with MDMCTL_TOKEN or --token-file)"
+            ),
+        )
+    elif args.action == "revoke":
+        answer = client.call("DELETE", f"/api/v1/tokens/{_q(args.name)}")
+        _output(args, answer, lambda a: print(f"revoked {a['name']}: it is refused from now on"))
+    else:
+        answer = client.call("GET", "/api/v1/tokens")
+
+        def show(a: Any) -> None:
+            rows = [
+                (t["name"], "active" if t["active"] else "revoked", t.get("created_at"), t.get("created_by"))
+                for t in a.get("tokens", [])
+            ]
+            _print(_table(("NAME", "STATE", "CREATED", "CREATED BY"), rows))
+
+        _output(args, answer, show)
+    return 0
+
+
+_AUDIT_HEADERS = ("ID", "AT", "ACTOR", "ACTION", "TARGET", "CLIENT", "DETAIL")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    filters = {
+        k: v for k, v in (("actor", args.actor), ("action", args.action), ("target", args.target)) if v
+    }
+    pages = _pages(_client(args), "/api/v1/audit", filters, args.limit, args.all)
+    if args.json:
+        if args.all:
+            _stream_json(pages, "entries")
+        else:
+            print(json.dumps(next(pages), indent=2))
+        return 0
+    widths: list[int] | None = None
+    shown = 0
+    answer: Any = {}
+    for answer in pages:
+        entries = answer.get("entries", [])
+        if not entries:
+            continue
+        rows = [
+            (
+                e["id"],
+                e.get("at"),
+                e.get("actor"),
+                e.get("action"),
+                e.get("target"),
+                e.get("client"),
+                json.dumps(e.get("detail") or {}, sort_keys=True),
+            )
+            for e in entries
+        ]
+        lines, widths = _aligned(_AUDIT_HEADERS, rows, widths)
+        _print(lines if shown == 0 else lines[1:])
+        shown += len(entries)
+    if not shown:
+        print("no audit entries")
+    elif answer.get("next"):
+        print("more: mdmctl audit --all")
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    from mdmd import __version__
+
+    answer = _client(args).call("GET", "/api/v1/version")
+    _output(
+        args,
+        answer,
+        lambda a: print(
+            f"server: mdmd {a.get('version')} (schema {a.get('schema_version')}, Python {a.get('python')}, "
+            f"Twisted {a.get('twisted')}, SQLite {a.get('sqlite')})\nmdmctl: mdmd {__version__}"
+        ),
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Without the server: check-config and backup
+# --------------------------------------------------------------------------
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from mdmd.preflight import run_check
+
+    status, line = run_check(_config(args))
+    print(line, file=sys.stdout if status == 0 else sys.stderr)
+    return status
+
+
+def backup_sources(config: MdmdConfig) -> list[tuple[str, str]]:
+    """(path, why) of every file a restore needs besides the database."""
+    why = [
+        (
+            config.wstep.identity_key,
+            "WSTEP identity CA key: IRREPLACEABLE. Every enrolled device's certificate chains to it; "
+            "without it every device must be enrolled again",
+        ),
+        (config.wstep.identity_cert, "WSTEP identity CA certificate"),
+        (config.enrollment.tls_cert, "server TLS certificate chain"),
+        (config.enrollment.tls_key, "server TLS key"),
+        (config.management.tls_cert, "management TLS certificate chain"),
+        (config.management.tls_key, "management TLS key"),
+        (config.enrollment.enroll_secret_file, "agents' enroll secret"),
+        (config.admin.token_file, "bootstrap admin token (the token named admin)"),
+        (config.tls_root_cert, "development TLS root (clients trust it)"),
+        (config.tls_root_key, "development TLS root key"),
+        (config.path, "the configuration"),
+    ]
+    seen: set[str] = set()
+    found = []
+    for path, reason in why:
+        if path not in seen and os.path.exists(path):
+            seen.add(path)
+            found.append((path, reason))
+    return found
+
+
+def _backup(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from mdmd.store.sqlite import backup_database
+
+    config = _config(args)
+    source_path = config.database
+    if not os.path.exists(source_path):
+        raise CliError(f"no database at {source_path} ([mdmd] state_dir)")
+    owner = os.stat(source_path).st_uid
+    if os.geteuid() != owner:
+        # SQLite may create the -wal and -shm files beside the database,
+        # owned by whoever runs this: they must stay mdmd's.
+        raise CliError(
+            f"run mdmctl backup as the user that owns {source_path} (uid {owner}): sudo -u mdmd mdmctl ..."
+        )
+    target = os.path.abspath(args.file)
+    if os.path.exists(target):
+        raise CliError(f"{target} exists: give a new file")
+    try:
+        source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
+        try:
+            # SQLite's online backup: a consistent copy while mdmd writes.
+            backup_database(source, target)
+            version = source.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            source.close()
+    except (OSError, sqlite3.Error) as e:
+        raise CliError(_one_line(f"cannot back up {source_path} to {target}: {e}")) from None
+    size = os.path.getsize(target)
+    print(f"backed up {source_path} to {target} (schema version {version}, {size / 2**20:.1f} MiB)")
+    print("A restore needs these files as well; keep copies as safe as the keys themselves:")
+    for path, reason in backup_sources(config):
+        print(f"  {path}  {reason}")
     return 0
 
 
@@ -657,6 +935,12 @@ def _assign(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------
 
 
+def _page_size(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 1000")
+    return int(text)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -676,11 +960,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mdmd's INI file, for the admin URL and token (default {DEFAULT_CONFIG})",
     )
     parser.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file with the admin token to use (default: $MDMCTL_TOKEN, else [admin] token_file)",
+    )
     # The same options after the command name (mdmctl devices --json); SUPPRESS
     # keeps a sub-command from resetting what was given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON")
+    common.add_argument(
+        "--token-file", default=argparse.SUPPRESS, metavar="PATH", help="the admin token (else $MDMCTL_TOKEN)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = commands.add_parser(
@@ -711,7 +1003,31 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    api("devices", "list MDM devices", _devices)
+    devices = api("devices", "list MDM devices, a page at a time (--all: every page)", _devices)
+    devices.add_argument("--limit", type=_page_size, default=100, metavar="N", help="devices per page (100)")
+    devices.add_argument("--all", action="store_true", help="every page, not only the first")
+    devices.add_argument("--cursor", metavar="NEXT", help="continue a listing where a page ended")
+    devices.add_argument(
+        "--search",
+        "-q",
+        metavar="TEXT",
+        help="device ID, hostname, serial or hardware UUID starting with TEXT",
+    )
+    devices.add_argument("--state", choices=("enrolled", "unenrolled"))
+    devices.add_argument("--group", metavar="NAME", help="members of this device group (all: every enrolled)")
+    devices.add_argument("--os-version", metavar="VERSION", help="this OS version or a revision of it")
+    devices.add_argument(
+        "--expiring", type=int, metavar="DAYS", help="whose certificate expires within DAYS days"
+    )
+    devices.add_argument("--last-seen-before", metavar="WHEN", help="ISO 8601 time, or an age: 30d, 12h, 15m")
+    devices.add_argument("--last-seen-after", metavar="WHEN", help="ISO 8601 time, or an age: 30d, 12h, 15m")
+    collision = devices.add_mutually_exclusive_group()
+    collision.add_argument(
+        "--collision", dest="collision", action="store_true", default=None, help="sharing a HWDevID (clones)"
+    )
+    collision.add_argument("--no-collision", dest="collision", action="store_false", help="not sharing one")
+    devices.add_argument("--sort", choices=("enrolled_at", "last_seen"), help="order (enrolled_at)")
+    devices.add_argument("--desc", action="store_true", help="newest first")
     api("device", "show one device: certificate, inventory, recent commands", _device).add_argument(
         "id", metavar="ID", help="MDM device ID"
     )
@@ -724,6 +1040,36 @@ def build_parser() -> argparse.ArgumentParser:
     api("unenroll", "ask the device's agent to unenroll it from MDM", _unenroll).add_argument(
         "id", metavar="ID", help="MDM device ID"
     )
+    token = api("token", "named admin tokens: create NAME (shown once), list, revoke NAME", _token)
+    token.add_argument("action", choices=("create", "list", "revoke"))
+    token.add_argument("name", nargs="?", metavar="NAME", help="the token's name (create, revoke)")
+    audit = api("audit", "administrators' writes, newest first: who, what, on what, when", _audit)
+    audit.add_argument("--limit", type=_page_size, default=100, metavar="N", help="entries per page (100)")
+    audit.add_argument("--all", action="store_true", help="every page, not only the first")
+    audit.add_argument("--actor", metavar="NAME", help="by this token")
+    audit.add_argument("--action", metavar="ACTION", help="e.g. command.queue, device.unenroll, token.create")
+    audit.add_argument("--target", metavar="TARGET", help="on this device ID or token name")
+    api("version", "the server's version", _version)
+
+    check = commands.add_parser(
+        "check-config",
+        help="run the daemon's start-up checks on --config without starting it (exit 0 or 78)",
+        description="The checks of twistd mdmd --config FILE --check: one line, exit 0 or 78.",
+        parents=[common],
+    )
+    check.set_defaults(run=_check_config)
+    backup = commands.add_parser(
+        "backup",
+        help="copy the database to FILE (online: mdmd may run) and name the key material a restore needs",
+        description=(
+            "Copy mdmd's database with SQLite's online backup API (a consistent copy while mdmd runs), "
+            "and list the key material and secrets a restore needs as well. Run it as a user who can "
+            "read state_dir."
+        ),
+        parents=[common],
+    )
+    backup.add_argument("file", metavar="FILE", help="the new file")
+    backup.set_defaults(run=_backup)
 
     profile = api("profile", "configuration profiles: list, show, add, update, delete", _profile)
     actions = profile.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -802,7 +1148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "token" and (args.action == "list") != (args.name is None):
+        parser.error("token create and revoke take a NAME, token list none")
     try:
         return int(args.run(args))
     except CliError as e:

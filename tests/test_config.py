@@ -92,6 +92,13 @@ def test_every_example_key_is_documented() -> None:
         ({"management": {"provider_id": "My MDM"}}, "", "[management] provider_id", "letters"),
         ({"management": {"url": "https://mdm.example.com"}}, "", "[management] url", "path"),
         ({"management": {"tls_cert": "a.pem"}}, "", "[management] tls_key", "go together"),
+        ({"enrollment": {"url": "https://v m:9443"}}, "", "[enrollment] url", "not a valid URL"),
+        ({"enrollment": {"url": "https://mdm_.example.com"}}, "", "[enrollment] url", "neither a DNS name"),
+        ({"management": {"url": "https://x:99999/m"}}, "", "[management] url", "not a valid URL"),
+        ({"admin": {"url": "http://a b:8445"}}, "", "[admin] url", "not a valid URL"),
+        ({"mdmd": {"log_format": "xml"}}, "", "[mdmd] log_format", "text or json"),
+        ({"admin": {"allow_remote": "sure"}}, "", "[admin] allow_remote", "yes or no"),
+        ({"admin": {"metrics_cache_seconds": "-1"}}, "", "[admin] metrics_cache_seconds", "between"),
     ],
 )
 def test_config_errors_name_file_section_and_key(

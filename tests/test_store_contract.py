@@ -33,8 +33,27 @@ from mdmd.profiles import (
     ProfileStep,
     profile_version,
 )
-from mdmd.store import AssignmentOutcome, CertificateRenewal, RenewalRefused, SessionConflict, Store
-from store_helpers import BACKENDS, enrollment, host, wait
+from mdmd.store import (
+    AdminToken,
+    AssignmentOutcome,
+    AuditEntry,
+    AuditQuery,
+    CertificateRenewal,
+    DeviceQuery,
+    RenewalRefused,
+    SessionConflict,
+    Store,
+)
+from store_helpers import (
+    BACKENDS,
+    ListFleet,
+    build_list_fleet,
+    enrollment,
+    expected_devices,
+    host,
+    read_all_pages,
+    wait,
+)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -644,3 +663,215 @@ def test_profile_status_counts_devices_that_have_not_had_it_yet_as_pending(store
     assert wait(store.profile_status("p1")) == {"pending": 1, "failed": 1}
     wait(store.assign_profile("p1", ["all"], 3.0))
     assert wait(store.profile_status("p1")) == {"pending": 1, "failed": 1}
+
+
+# --- the device list ---
+
+LIST_QUERIES = [
+    DeviceQuery(),
+    DeviceQuery(descending=True),
+    DeviceQuery(sort="last_seen"),
+    DeviceQuery(sort="last_seen", descending=True),
+    DeviceQuery(state="enrolled"),
+    DeviceQuery(state="unenrolled", sort="last_seen"),
+    DeviceQuery(last_seen_before=105.0),
+    DeviceQuery(last_seen_after=105.0, sort="last_seen", descending=True),
+    DeviceQuery(last_seen_after=101.0, last_seen_before=110.0),
+    DeviceQuery(os_version="10.0.22631"),
+    DeviceQuery(os_version="10.0.19045.1", descending=True),
+    DeviceQuery(cert_expiring_before=1250.0),
+    DeviceQuery(hw_dev_id_collision=True),
+    DeviceQuery(hw_dev_id_collision=False, sort="last_seen"),
+    DeviceQuery(search="desktop-0"),
+    DeviceQuery(search="0A"),
+    DeviceQuery(search="sn3"),
+    DeviceQuery(search="1AAB-U"),
+    DeviceQuery(search="pc-2", state="enrolled", sort="last_seen"),
+    DeviceQuery(search="nothing-like-this"),
+]
+
+
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
+def listed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Store, ListFleet]]:
+    """A store holding the reference fleet (read only: built once)."""
+    s = BACKENDS[request.param](tmp_path_factory.mktemp("list"))
+    s.start()
+    try:
+        yield s, build_list_fleet(s)
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("query", LIST_QUERIES, ids=repr)
+def test_the_device_list_pages_through_exactly_the_matching_devices_in_order(
+    listed: tuple[Store, ListFleet], query: DeviceQuery
+) -> None:
+    store, fleet = listed
+    expected = expected_devices(store, fleet, query)
+    for limit in (1, 4, 100):
+        assert read_all_pages(store, query, limit) == expected, limit
+
+
+def test_the_reference_fleet_exercises_every_filter(listed: tuple[Store, ListFleet]) -> None:
+    # The listing test proves little if a filter matches everything or nothing.
+    store, fleet = listed
+    total = len(wait(store.devices()))
+    for query in LIST_QUERIES[4:-1]:
+        assert 0 < len(expected_devices(store, fleet, query)) < total, query
+
+
+def test_a_page_knows_whether_more_follow(listed: tuple[Store, ListFleet]) -> None:
+    store, fleet = listed
+    everything = expected_devices(store, fleet, DeviceQuery())
+    page = wait(store.device_page(DeviceQuery(), limit=len(everything)))
+    assert [d.device_id for d in page.devices] == everything and page.after is None
+    page = wait(store.device_page(DeviceQuery(), limit=len(everything) - 1))
+    assert page.after == (page.devices[-1].enrolled_at, page.devices[-1].device_id)
+
+
+def test_devices_are_found_by_id_in_any_letter_case(store: Store) -> None:
+    h = wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("AbCdEf01", h.id, "aa"), now=2.0))
+    for spelling in ("AbCdEf01", "abcdef01", "ABCDEF01"):
+        found = wait(store.device(spelling))
+        assert found is not None and found.device_id == "AbCdEf01"
+        record = wait(store.queue_command(spelling, f"u-{spelling}", "Get", "<Get/>", now=3.0))
+        assert record is not None and record.device_id == "AbCdEf01"
+    assert wait(store.request_unenrollment("abcDEF01")) is True
+    assert wait(store.device("abcdef0")) is None
+
+
+def test_another_host_cannot_enroll_a_device_id_differing_only_in_case(store: Store) -> None:
+    from mdmd.store import DeviceConflict
+
+    a = wait(store.enroll_host(host(1), now=1.0))
+    b = wait(store.enroll_host(host(2), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", a.id, "aa"), now=2.0))
+    with pytest.raises(DeviceConflict):
+        wait(store.record_device_enrollment(enrollment("dev1", b.id, "bb"), now=3.0))
+    assert wait(store.certificate("bb")) is None
+
+
+# --- administrators: tokens and the audit log ---
+
+
+def _token(name: str, secret: bytes, at: float = 1.0) -> AdminToken:
+    return AdminToken(
+        name=name, token_hash=hashlib.sha256(secret).digest(), created_at=at, created_by="admin"
+    )
+
+
+def _entry(action: str, target: str, at: float = 5.0, actor: str = "admin") -> AuditEntry:
+    return AuditEntry(at=at, actor=actor, action=action, target=target, detail={"n": 1}, client="127.0.0.1")
+
+
+def test_tokens_are_created_listed_and_revoked_with_their_audit(store: Store) -> None:
+    assert wait(store.adopt_bootstrap_token("admin", hashlib.sha256(b"boot").digest(), now=1.0)) == "created"
+    created = wait(store.create_admin_token(_token("ci", b"one"), audit=_entry("token.create", "ci")))
+    assert created is True
+    assert wait(store.create_admin_token(_token("ci", b"two"))) is False
+    tokens = {t.name: t for t in wait(store.admin_tokens())}
+    assert set(tokens) == {"admin", "ci"}
+    assert tokens["ci"].token_hash == hashlib.sha256(b"one").digest() and tokens["ci"].revoked_at is None
+    assert wait(store.revoke_admin_token("nope", 2.0)) == "unknown"
+    result = wait(store.revoke_admin_token("ci", 3.0, by="admin", audit=_entry("token.revoke", "ci")))
+    assert result == "revoked"
+    revoked = {t.name: t for t in wait(store.admin_tokens())}["ci"]
+    assert revoked.revoked_at == 3.0 and revoked.revoked_by == "admin"
+    # The last active token stays: nobody can lock every administrator out.
+    assert wait(store.revoke_admin_token("admin", 4.0)) == "last"
+    # A revoked name can be given to a new token.
+    assert wait(store.create_admin_token(_token("ci", b"three", at=6.0))) is True
+    again = {t.name: t for t in wait(store.admin_tokens())}["ci"]
+    assert again.revoked_at is None and again.token_hash == hashlib.sha256(b"three").digest()
+    actions = [r.entry.action for r in wait(store.audit_log(AuditQuery()))]
+    assert actions == ["token.revoke", "token.create"]
+
+
+def test_the_bootstrap_token_follows_its_file_unless_revoked(store: Store) -> None:
+    first, second = hashlib.sha256(b"first").digest(), hashlib.sha256(b"second").digest()
+    assert wait(store.adopt_bootstrap_token("admin", first, now=1.0)) == "created"
+    assert wait(store.adopt_bootstrap_token("admin", first, now=2.0)) == "unchanged"
+    assert wait(store.adopt_bootstrap_token("admin", second, now=3.0)) == "updated"
+    assert {t.name: t.token_hash for t in wait(store.admin_tokens())} == {"admin": second}
+    wait(store.create_admin_token(_token("other", b"x")))
+    assert wait(store.revoke_admin_token("admin", 4.0)) == "revoked"
+    assert wait(store.adopt_bootstrap_token("admin", first, now=5.0)) == "revoked"
+    admin = {t.name: t for t in wait(store.admin_tokens())}["admin"]
+    assert admin.revoked_at == 4.0 and admin.token_hash == second
+
+
+def test_an_audited_write_and_its_record_commit_together(store: Store) -> None:
+    h = wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", h.id, "aa"), now=2.0))
+    entry = _entry("command.queue", "DEV1")
+    assert wait(store.queue_command("DEV1", "u1", "Get", "<Get/>", now=3.0, audit=entry)) is not None
+    # Nothing written, nothing recorded.
+    assert wait(store.queue_command("NOPE", "u2", "Get", "<Get/>", now=3.0, audit=entry)) is None
+    assert wait(store.request_unenrollment("NOPE", audit=_entry("device.unenroll", "NOPE"))) is False
+    assert wait(store.request_unenrollment("dev1", audit=_entry("device.unenroll", "DEV1"))) is True
+    records = wait(store.audit_log(AuditQuery()))
+    assert [(r.entry.action, r.entry.target) for r in records] == [
+        ("device.unenroll", "DEV1"),
+        ("command.queue", "DEV1"),
+    ]
+    assert records[1].entry == entry
+
+
+def test_the_audit_log_pages_newest_first_and_filters(store: Store) -> None:
+    for n in range(7):
+        wait(store.record_audit(_entry("a" if n % 2 else "b", f"t{n % 3}", at=float(n), actor=f"u{n % 2}")))
+    first = wait(store.audit_log(AuditQuery(limit=3)))
+    assert [r.entry.at for r in first] == [6.0, 5.0, 4.0]
+    rest = wait(store.audit_log(AuditQuery(limit=10, before_id=first[-1].id)))
+    assert [r.entry.at for r in rest] == [3.0, 2.0, 1.0, 0.0]
+    assert [r.entry.at for r in wait(store.audit_log(AuditQuery(actor="u1")))] == [5.0, 3.0, 1.0]
+    assert [r.entry.at for r in wait(store.audit_log(AuditQuery(action="b", target="t0")))] == [6.0, 0.0]
+
+
+# --- operations ---
+
+
+def test_fleet_counts_for_the_metrics(store: Store) -> None:
+    now = 1_000_000.0
+    a = wait(store.enroll_host(host(1), now=1.0))
+    b = wait(store.enroll_host(host(2), now=1.0))
+    soon = replace(enrollment("DEV1", a.id, "aa"), cert_not_after=now + 86400)
+    later = replace(enrollment("DEV2", b.id, "bb", hw="other"), cert_not_after=now + 40 * 86400)
+    wait(store.record_device_enrollment(soon, now=2.0))
+    wait(store.record_device_enrollment(later, now=2.0))
+    wait(
+        store.record_device_enrollment(
+            replace(enrollment("DEV3", b.id, "cc"), cert_not_after=now + 10), now=3.0
+        )
+    )
+    wait(store.queue_command("DEV1", "u1", "Get", "<Get/>", now=3.0))
+    wait(store.queue_command("DEV1", "u2", "Get", "<Get/>", now=3.0))
+    wait(store.commit_management_step(ManagementStep("DEV1", session=None, answered=(("u1", 200),)), now=4.0))
+    counts = wait(store.fleet_counts(now))
+    assert counts["devices"] == {"enrolled": 2, "unenrolled": 1}
+    assert counts["commands"] == {"pending": 1, "sent": 0, "acknowledged": 1, "failed": 0}
+    # DEV2's certificate was revoked when DEV3 replaced it on host b.
+    assert counts["certificates_expiring"] == {"": 2}
+
+
+def test_the_store_says_its_schema_version(store: Store) -> None:
+    assert isinstance(store.schema_version, int) and store.schema_version >= 1
+
+
+def test_a_writable_store_commits_the_readiness_probe(store: Store) -> None:
+    wait(store.check_writable(1.0))
+    wait(store.check_writable(2.0))
+
+
+def test_the_device_list_filters_by_group(store: Store) -> None:
+    for n, device_id in enumerate(("DEV1", "DEV2", "DEV3"), start=1):
+        _enrolled_with_command(store, device_id, n)
+    wait(store.create_group("g", 1.0))
+    wait(store.change_group_members("g", ["DEV3", "DEV1"], [], 2.0))
+    assert read_all_pages(store, DeviceQuery(group="g"), 1) == ["DEV1", "DEV3"]
+    assert read_all_pages(store, DeviceQuery(group="g", descending=True), 5) == ["DEV3", "DEV1"]
+    assert read_all_pages(store, DeviceQuery(group="all"), 2) == ["DEV1", "DEV2", "DEV3"]
+    assert read_all_pages(store, DeviceQuery(group="nobody"), 2) == []

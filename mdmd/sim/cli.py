@@ -281,7 +281,17 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
         except ConfigError as e:
             p.error(str(e))
         url = url or config.enrollment.url
-        cacert = cacert or config.tls_root_cert
+        if cacert is None:
+            if not os.path.exists(config.tls_root_cert):
+                # A brought-in certificate: mdmd has no development root to
+                # offer, and the simulator cannot guess which CA to trust.
+                root = config.tls_root_cert
+                _say(
+                    f"the server's TLS certificate is not from mdmd's development root ({root} does not"
+                    f" exist): give --cacert with the CA certificate that issued it"
+                )
+                raise SystemExit(2)
+            cacert = config.tls_root_cert
         if secret is None and not a.load_devices:
             try:
                 with open(config.enrollment.enroll_secret_file, encoding="utf-8") as f:
@@ -293,6 +303,9 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
             p.error("give --config, or --url and --secret")
         if a.devices is None:
             p.error("--devices is required (unless --load-devices)")
+    if cacert is not None and not os.path.isfile(cacert):
+        _say(f"--cacert {cacert}: no such file")
+        raise SystemExit(2)
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:

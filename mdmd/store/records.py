@@ -16,15 +16,23 @@ from mdmd.management import CommandResult, QueuedCommand, SessionState
 from mdmd.profiles import DeviceProfile, DeviceVars, Profile, ProfileCommand, ProfileEvent, ProfileItem
 
 __all__ = [
+    "DEVICE_SORTS",
+    "AdminToken",
     "AssignmentOutcome",
+    "AuditEntry",
+    "AuditQuery",
+    "AuditRecord",
     "CertificateRecord",
     "CertificateRenewal",
     "CommandRecord",
     "DeviceConflict",
     "DeviceEnrollment",
+    "DevicePage",
     "DeviceProfileEntry",
+    "DeviceQuery",
     "DeviceRecord",
     "EnrollmentOutcome",
+    "FleetCounts",
     "GroupChange",
     "GroupRecord",
     "HostEnrollment",
@@ -275,3 +283,103 @@ class DeviceProfileEntry:
 
     record: DeviceProfile
     history: tuple[ProfileEvent, ...] = ()
+
+
+# --------------------------------------------------------------------------
+# The device list
+# --------------------------------------------------------------------------
+
+#: The orders the device list can be read in (each with the device ID as
+#: tie-breaker, so that a position in the list is one (value, ID) pair).
+DEVICE_SORTS: tuple[str, ...] = ("enrolled_at", "last_seen")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceQuery:
+    """Which devices ``GET /api/v1/devices`` lists, and in what order.
+
+    Every filter given must hold (AND); ``None`` is no filter.  Times are
+    absolute (seconds since the epoch), so that every page of one listing
+    asks the same question.  A device that never checked in counts as last
+    seen at 0 (it is "last seen before" any time).
+    """
+
+    state: str | None = None  # "enrolled" | "unenrolled"
+    last_seen_before: float | None = None  # last_seen < this
+    last_seen_after: float | None = None  # last_seen >= this
+    # This version or any revision of it: "10.0.22631" matches "10.0.22631.4460".
+    os_version: str | None = None
+    # The device's latest-expiring valid (unrevoked) certificate ends before this.
+    cert_expiring_before: float | None = None
+    hw_dev_id_collision: bool | None = None
+    # Case-insensitive prefix of the device ID, the device name, or its
+    # agent host's hostname, hardware serial or hardware UUID.
+    search: str | None = None
+    # Members of this device group ("all": every enrolled device).
+    group: str | None = None
+    sort: str = "enrolled_at"  # one of DEVICE_SORTS
+    descending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePage:
+    """One page of the device list.  *after* is the position of its last
+    device ((sort value, device ID)) when more may follow, else None."""
+
+    devices: tuple[DeviceRecord, ...]
+    after: tuple[float, str] | None
+
+
+# --------------------------------------------------------------------------
+# Administrators: named tokens and the audit log
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    """A named admin API token; only its SHA-256 hash is stored."""
+
+    name: str
+    token_hash: bytes
+    created_at: float
+    created_by: str | None = None
+    revoked_at: float | None = None
+    revoked_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One administrator's write: who (the token's name), what, on what."""
+
+    at: float
+    actor: str
+    action: str  # e.g. "command.queue", "device.unenroll", "token.create"
+    target: str | None
+    detail: dict[str, Any] = field(default_factory=dict)
+    client: str | None = None  # the client's address
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    id: int
+    entry: AuditEntry
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Newest first; *before_id* continues a listing after its last record."""
+
+    limit: int = 100
+    before_id: int | None = None
+    actor: str | None = None
+    action: str | None = None
+    target: str | None = None
+
+
+# --------------------------------------------------------------------------
+# Fleet-wide counts (metrics)
+# --------------------------------------------------------------------------
+
+#: metric key -> label value -> count, e.g. {"devices": {"enrolled": 9}}.
+FleetCounts = dict[str, dict[str, float]]

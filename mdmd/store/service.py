@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
@@ -30,10 +32,16 @@ class StoreService(Service):
         return None
 
 
-def open_store(config: MdmdConfig, reactor: IReactorCore, *, check: bool = True) -> Store:
+def open_store(
+    config: MdmdConfig,
+    reactor: IReactorCore,
+    *,
+    check: bool = True,
+    before_migration: Callable[[int, str], None] | None = None,
+) -> SQLiteStore:
     store = SQLiteStore(config.database, reactor)  # type: ignore[arg-type]
     try:
-        found = store.open(check=check)
+        found = store.open(check=check, before_migration=before_migration)
     except Exception as e:
         raise ConfigError(config.path, "mdmd", "state_dir", str(e)) from None
     log.info("store {path} (schema version {found})", path=config.database, found=found)

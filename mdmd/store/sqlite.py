@@ -11,15 +11,17 @@ import base64
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 
 from mdmd.management import CommandResult, ManagementStep, QueuedCommand, decode_session, encode_session
 from mdmd.profiles import (
+    STATES,
     DeviceProfile,
     DeviceVars,
     Profile,
@@ -31,15 +33,22 @@ from mdmd.profiles import (
 )
 from mdmd.store.engine import TransactionEngine
 from mdmd.store.records import (
+    AdminToken,
     AssignmentOutcome,
+    AuditEntry,
+    AuditQuery,
+    AuditRecord,
     CertificateRecord,
     CertificateRenewal,
     CommandRecord,
     DeviceConflict,
     DeviceEnrollment,
+    DevicePage,
     DeviceProfileEntry,
+    DeviceQuery,
     DeviceRecord,
     EnrollmentOutcome,
+    FleetCounts,
     GroupChange,
     GroupRecord,
     HostEnrollment,
@@ -53,9 +62,13 @@ from mdmd.store.records import (
     StoredAlert,
     StoreError,
 )
+from mdmd.store.sqlite_devices import device_page
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["SQLiteStore", "migrate"]
+__all__ = ["SQLiteStore", "backup_database", "insert_audit", "migrate"]
+
+#: The window of the "certificates expiring soon" count.
+EXPIRING_WINDOW = 30 * 86400
 
 R = TypeVar("R")
 
@@ -95,6 +108,26 @@ def migrate(conn: sqlite3.Connection) -> int:
     return found
 
 
+def backup_database(source: sqlite3.Connection, path: str) -> None:
+    """Copy the database behind *source* to a new file *path* (0600) with
+    SQLite's online backup API: a consistent copy while others read and
+    write.  The copy is checked before it is kept."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    try:
+        target = sqlite3.connect(path)
+        try:
+            source.backup(target)
+            result = target.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                raise StoreError(f"{path}: the copy fails its integrity check: {result}")
+        finally:
+            target.close()
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
 def _no_writes(conn: sqlite3.Connection) -> Callable[[], None]:
     before = conn.total_changes
 
@@ -112,14 +145,35 @@ class SQLiteStore:
         self.path = path
         self._reactor = reactor
         self._engine: TransactionEngine[sqlite3.Connection] | None = None
+        self.migration_backup: str | None = None
+        #: Called on the writer thread after each group commit with the
+        #: batch's size and seconds (the metrics).
+        self.on_commit: Callable[[int, float], None] | None = None
+
+    def _on_commit(self, size: int, seconds: float) -> None:
+        if self.on_commit is not None:
+            self.on_commit(size, seconds)
+
+    @property
+    def schema_version(self) -> int:
+        return SCHEMA_VERSION
+
+    @property
+    def alive(self) -> bool:
+        """The store's threads are running (readiness)."""
+        return self._engine is not None and self._engine.alive
 
     # -- life cycle (synchronous: called before the reactor runs / after it stops) --
 
-    def open(self, *, check: bool = True) -> int:
+    def open(self, *, check: bool = True, before_migration: Callable[[int, str], None] | None = None) -> int:
         """Open (creating if needed), check and migrate; return the schema
         version found.  ``check=False`` is for worker processes: the main
         process has checked and migrated the file, so only the version is
-        verified."""
+        verified.
+
+        Before migrating a database that holds data, a copy of it is written
+        beside it (``mdmd.sqlite3.v3-backup-<time>``); *before_migration* is
+        called with the version found and the copy's path once it exists."""
         directory = os.path.dirname(self.path) or "."
         if not os.path.isdir(directory):
             raise StoreError(f"{directory}: state directory does not exist")
@@ -129,6 +183,20 @@ class SQLiteStore:
                 result = conn.execute("PRAGMA quick_check").fetchone()[0]
                 if result != "ok":
                     raise StoreError(f"{self.path}: database integrity check failed: {result}")
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if 0 < version < SCHEMA_VERSION:
+                    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                    copy = f"{self.path}.v{version}-backup-{stamp}"
+                    try:
+                        backup_database(conn, copy)
+                    except (OSError, sqlite3.Error) as e:
+                        raise StoreError(
+                            f"cannot write a backup to {copy} before migrating from schema version "
+                            f"{version}: {e}; nothing was changed"
+                        ) from None
+                    self.migration_backup = copy
+                    if before_migration is not None:
+                        before_migration(version, copy)
                 found = migrate(conn)
             else:
                 found = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -147,6 +215,8 @@ class SQLiteStore:
             begin_write="BEGIN IMMEDIATE",
             begin_read="BEGIN DEFERRED",
             read_guard=_no_writes,
+            bulk_reader=_connect(self.path),
+            on_commit=self._on_commit,
         )
         return found
 
@@ -160,12 +230,15 @@ class SQLiteStore:
             self._engine.stop()
             self._engine = None
 
-    def _run(self, fn: Callable[[sqlite3.Connection], R], *, write: bool = True) -> Deferred[R]:
+    def _run(
+        self, fn: Callable[[sqlite3.Connection], R], *, write: bool = True, bulk: bool = False
+    ) -> Deferred[R]:
         """Run *fn* as one transaction off the reactor; the Deferred fires
-        once its effects are committed (a read runs beside the writes)."""
+        once its effects are committed (a read runs beside the writes, a
+        *bulk* read beside the other reads too)."""
         if self._engine is None:
             return fail(StoreError("store is not open"))
-        return self._engine.write(fn) if write else self._engine.read(fn)
+        return self._engine.write(fn) if write else self._engine.read(fn, bulk=bulk)
 
     # -- hosts --
 
@@ -221,17 +294,20 @@ class SQLiteStore:
 
         return self._run(txn, write=seen_at is not None)
 
-    def request_unenrollment(self, device_id: str) -> Deferred[bool]:
+    def request_unenrollment(self, device_id: str, *, audit: AuditEntry | None = None) -> Deferred[bool]:
         """Ask the agent of this device's host to unenroll it from MDM."""
 
         def txn(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
                 """
                 UPDATE hosts SET unenroll_requested = 1
-                WHERE id = (SELECT host_id FROM devices WHERE device_id = ? AND state = 'enrolled')
+                WHERE id = (SELECT host_id FROM devices WHERE device_id = ? COLLATE NOCASE
+                            AND state = 'enrolled' ORDER BY device_id = ? DESC LIMIT 1)
                 """,
-                (device_id,),
+                (device_id, device_id),
             )
+            if cursor.rowcount > 0 and audit is not None:
+                insert_audit(conn, audit)
             return cursor.rowcount > 0
 
         return self._run(txn)
@@ -246,8 +322,12 @@ class SQLiteStore:
             # DeviceIDs are not secrets (certificate CN, SyncML headers): an
             # enrolled device belongs to its host, and another host presenting
             # the same ID must not take it over.
+            # In any letter case: the admin API finds devices case-insensitively,
+            # so two hosts must not hold IDs that differ only in case.
             owner = conn.execute(
-                "SELECT host_id FROM devices WHERE device_id = ? AND state = 'enrolled'", (e.device_id,)
+                "SELECT host_id FROM devices WHERE device_id = ? COLLATE NOCASE AND state = 'enrolled'"
+                " AND host_id IS NOT NULL AND host_id != ? LIMIT 1",
+                (e.device_id, e.host_id),
             ).fetchone()
             if owner is not None and owner["host_id"] not in (None, e.host_id):
                 raise DeviceConflict(e.device_id, owner["host_id"])
@@ -336,7 +416,13 @@ class SQLiteStore:
 
     def device(self, device_id: str) -> Deferred[DeviceRecord | None]:
         def txn(conn: sqlite3.Connection) -> DeviceRecord | None:
-            row = conn.execute(_DEVICE_SELECT + " WHERE d.device_id = ?", (device_id,)).fetchone()
+            # Any letter case finds the device; the exact ID first, then an
+            # enrolled one, then the newest.
+            row = conn.execute(
+                _DEVICE_SELECT + " WHERE d.device_id = ? COLLATE NOCASE"
+                " ORDER BY d.device_id = ? DESC, d.state = 'enrolled' DESC, d.enrolled_at DESC LIMIT 1",
+                (device_id, device_id),
+            ).fetchone()
             return None if row is None else _device(row)
 
         return self._run(txn, write=False)
@@ -352,7 +438,15 @@ class SQLiteStore:
         def txn(conn: sqlite3.Connection) -> list[DeviceRecord]:
             return [_device(r) for r in conn.execute(_DEVICE_SELECT + " ORDER BY d.enrolled_at, d.device_id")]
 
-        return self._run(txn, write=False)
+        return self._run(txn, write=False, bulk=True)
+
+    def device_page(
+        self, query: DeviceQuery, *, limit: int, after: tuple[float, str] | None = None
+    ) -> Deferred[DevicePage]:
+        def txn(conn: sqlite3.Connection) -> DevicePage:
+            return device_page(conn, query, limit, after)
+
+        return self._run(txn, write=False, bulk=True)
 
     def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]:
         def txn(conn: sqlite3.Connection) -> list[CertificateRecord]:
@@ -697,11 +791,20 @@ class SQLiteStore:
     # -- the command queue --
 
     def queue_command(
-        self, device_id: str, uuid: str, verb: str, body: str, now: float
+        self,
+        device_id: str,
+        uuid: str,
+        verb: str,
+        body: str,
+        now: float,
+        *,
+        audit: AuditEntry | None = None,
     ) -> Deferred[CommandRecord | None]:
         def txn(conn: sqlite3.Connection) -> CommandRecord | None:
             known = conn.execute(
-                "SELECT 1 FROM devices WHERE device_id = ? AND state = 'enrolled'", (device_id,)
+                "SELECT device_id FROM devices WHERE device_id = ? COLLATE NOCASE AND state = 'enrolled'"
+                " ORDER BY device_id = ? DESC LIMIT 1",
+                (device_id, device_id),
             ).fetchone()
             if known is None:
                 return None
@@ -710,8 +813,10 @@ class SQLiteStore:
                 INSERT INTO commands (uuid, device_id, verb, body, state, created_at)
                 VALUES (?, ?, ?, ?, 'pending', ?)
                 """,
-                (uuid, device_id, verb, body, now),
+                (uuid, known["device_id"], verb, body, now),
             )
+            if audit is not None:
+                insert_audit(conn, audit)
             row = conn.execute("SELECT * FROM commands WHERE uuid = ?", (uuid,)).fetchone()
             return _command(row)
 
@@ -976,6 +1081,138 @@ class SQLiteStore:
 
         return self._run(txn, write=False)
 
+    # -- administrators --
+
+    def admin_tokens(self) -> Deferred[list[AdminToken]]:
+        def txn(conn: sqlite3.Connection) -> list[AdminToken]:
+            return [_token(r) for r in conn.execute("SELECT * FROM admin_tokens ORDER BY name")]
+
+        return self._run(txn, write=False)
+
+    def create_admin_token(self, token: AdminToken, *, audit: AuditEntry | None = None) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            active = conn.execute(
+                "SELECT 1 FROM admin_tokens WHERE name = ? AND revoked_at IS NULL", (token.name,)
+            ).fetchone()
+            if active is not None:
+                return False
+            conn.execute(
+                """
+                INSERT INTO admin_tokens (name, token_hash, created_at, created_by) VALUES (?, ?, ?, ?)
+                ON CONFLICT (name) DO UPDATE SET
+                    token_hash = excluded.token_hash, created_at = excluded.created_at,
+                    created_by = excluded.created_by, revoked_at = NULL, revoked_by = NULL
+                """,
+                (token.name, token.token_hash, token.created_at, token.created_by),
+            )
+            if audit is not None:
+                insert_audit(conn, audit)
+            return True
+
+        return self._run(txn)
+
+    def revoke_admin_token(
+        self, name: str, now: float, *, by: str | None = None, audit: AuditEntry | None = None
+    ) -> Deferred[Literal["revoked", "unknown", "last"]]:
+        def txn(conn: sqlite3.Connection) -> Literal["revoked", "unknown", "last"]:
+            active = [
+                r["name"] for r in conn.execute("SELECT name FROM admin_tokens WHERE revoked_at IS NULL")
+            ]
+            if name not in active:
+                return "unknown"
+            if len(active) == 1:
+                return "last"
+            conn.execute(
+                "UPDATE admin_tokens SET revoked_at = ?, revoked_by = ? WHERE name = ?", (now, by, name)
+            )
+            if audit is not None:
+                insert_audit(conn, audit)
+            return "revoked"
+
+        return self._run(txn)
+
+    def adopt_bootstrap_token(
+        self, name: str, token_hash: bytes, now: float
+    ) -> Deferred[Literal["created", "updated", "unchanged", "revoked"]]:
+        def txn(conn: sqlite3.Connection) -> Literal["created", "updated", "unchanged", "revoked"]:
+            row = conn.execute("SELECT * FROM admin_tokens WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO admin_tokens (name, token_hash, created_at, created_by) VALUES (?, ?, ?, ?)",
+                    (name, token_hash, now, "token_file"),
+                )
+                return "created"
+            if row["revoked_at"] is not None:
+                return "revoked"
+            if bytes(row["token_hash"]) == token_hash:
+                return "unchanged"
+            conn.execute("UPDATE admin_tokens SET token_hash = ? WHERE name = ?", (token_hash, name))
+            return "updated"
+
+        return self._run(txn)
+
+    def record_audit(self, entry: AuditEntry) -> Deferred[None]:
+        def txn(conn: sqlite3.Connection) -> None:
+            insert_audit(conn, entry)
+
+        return self._run(txn)
+
+    def audit_log(self, query: AuditQuery) -> Deferred[list[AuditRecord]]:
+        def txn(conn: sqlite3.Connection) -> list[AuditRecord]:
+            where: list[str] = []
+            params: list[object] = []
+            for column, value in (("actor", query.actor), ("action", query.action), ("target", query.target)):
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    params.append(value)
+            if query.before_id is not None:
+                where.append("id < ?")
+                params.append(query.before_id)
+            rows = conn.execute(
+                f"SELECT * FROM audit_log WHERE {' AND '.join(where) or '1'} ORDER BY id DESC LIMIT ?",
+                (*params, query.limit),
+            )
+            return [_audit(r) for r in rows]
+
+        return self._run(txn, write=False, bulk=True)
+
+    # -- operations --
+
+    def fleet_counts(self, now: float) -> Deferred[FleetCounts]:
+        def txn(conn: sqlite3.Connection) -> FleetCounts:
+            (total,) = conn.execute("SELECT count(*) FROM devices").fetchone()
+            (unenrolled,) = conn.execute("SELECT count(*) FROM devices WHERE state = 'unenrolled'").fetchone()
+            devices = {"enrolled": float(total - unenrolled), "unenrolled": float(unenrolled)}
+            commands = dict.fromkeys(("pending", "sent", "acknowledged", "failed"), 0.0)
+            for row in conn.execute("SELECT state, count(*) AS n FROM commands GROUP BY state"):
+                commands[row["state"]] = float(row["n"])
+            (expiring,) = conn.execute(
+                "SELECT count(*) FROM certificates"
+                " WHERE revoked_at IS NULL AND not_after >= ? AND not_after < ?",
+                (now, now + EXPIRING_WINDOW),
+            ).fetchone()
+            profiles = {state: 0.0 for state in STATES}
+            for row in conn.execute("SELECT state, count(*) AS n FROM device_profiles GROUP BY state"):
+                profiles[row["state"]] = float(row["n"])
+            return {
+                "devices": devices,
+                "commands": commands,
+                "certificates_expiring": {"": float(expiring)},
+                "profiles": profiles,
+            }
+
+        return self._run(txn, write=False, bulk=True)
+
+    def check_writable(self, now: float) -> Deferred[None]:
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO store_health (id, checked_at) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                (now,),
+            )
+
+        return self._run(txn)
+
 
 # The live certificates of a device and of the host's other devices, read
 # through certificates_live: the device's live certificates only, however
@@ -998,6 +1235,51 @@ _DEVICE_SELECT = """
         WHERE device_id = d.device_id AND revoked_at IS NULL
         ORDER BY issued_at DESC, serial DESC LIMIT 1)
 """
+
+
+def insert_audit(conn: sqlite3.Connection, entry: AuditEntry) -> None:
+    """Record *entry* in the transaction of the write it describes (for store
+    methods that take an ``audit`` argument)."""
+    conn.execute(
+        "INSERT INTO audit_log (at, actor, action, target, detail, client, request_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            entry.at,
+            entry.actor,
+            entry.action,
+            entry.target,
+            json.dumps(entry.detail, sort_keys=True),
+            entry.client,
+            entry.request_id,
+        ),
+    )
+
+
+def _audit(row: sqlite3.Row) -> AuditRecord:
+    return AuditRecord(
+        row["id"],
+        AuditEntry(
+            at=row["at"],
+            actor=row["actor"],
+            action=row["action"],
+            target=row["target"],
+            detail=json.loads(row["detail"]),
+            client=row["client"],
+            request_id=row["request_id"],
+        ),
+    )
+
+
+def _token(row: sqlite3.Row) -> AdminToken:
+    return AdminToken(
+        name=row["name"],
+        token_hash=bytes(row["token_hash"]),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        revoked_at=row["revoked_at"],
+        revoked_by=row["revoked_by"],
+    )
+
 
 _HOST_SELECT = """
     SELECT h.*, (SELECT d.device_id FROM devices d
