@@ -10,6 +10,7 @@ queue with its results, and OMA-DM session state.
 
 from mdmd.store.interface import Store
 from mdmd.store.records import (
+    ActionOutcome,
     AssignmentOutcome,
     CertificateRecord,
     CommandRecord,
@@ -23,6 +24,9 @@ from mdmd.store.records import (
     HostEnrollment,
     HostRecord,
     ManagementContext,
+    NewAction,
+    NewOperation,
+    OperationRecord,
     ProfileContext,
     ProfileRecord,
     SessionConflict,
@@ -31,6 +35,7 @@ from mdmd.store.records import (
 )
 
 __all__ = [
+    "ActionOutcome",
     "AssignmentOutcome",
     "CertificateRecord",
     "CommandRecord",
@@ -44,6 +49,9 @@ __all__ = [
     "HostEnrollment",
     "HostRecord",
     "ManagementContext",
+    "NewAction",
+    "NewOperation",
+    "OperationRecord",
     "ProfileContext",
     "ProfileRecord",
     "SessionConflict",
