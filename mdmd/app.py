@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorCore
@@ -19,6 +20,9 @@ class Mdmd:
     material: Material
     store: Store
     reactor: IReactorCore
+    #: Tells the group operations' fan-out that one is waiting (the main
+    #: process only: it alone serves the admin API and fans out).
+    wake_fanout: Callable[[], None] | None = None
 
     def now(self) -> float:
         return self.reactor.seconds()  # type: ignore[attr-defined,no-any-return]

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from mdmd.poll import PollSchedule
 
 __all__ = [
+    "ActionsConfig",
     "AdminConfig",
     "ConfigError",
     "EnrollmentConfig",
@@ -87,6 +88,15 @@ class ProfilesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ActionsConfig:
+    """How group operations are fanned out to their members."""
+
+    fanout_batch: int = 200  # devices given their command per transaction
+    fanout_pause: float = 0.0  # seconds between two batches
+    fanout_lease: float = 30.0  # seconds a process holds an operation without renewing
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: str
     url: str
@@ -106,6 +116,7 @@ class MdmdConfig:
     wstep: WstepConfig
     admin: AdminConfig
     profiles: ProfilesConfig = ProfilesConfig(24 * 3600.0, 3)
+    actions: ActionsConfig = ActionsConfig()
 
     @property
     def database(self) -> str:
@@ -161,6 +172,23 @@ def _duration(low: float, high: float) -> Callable[[str], float]:
             raise ValueError(f"expected a duration such as 90s, 30m, 24h or 7d, got {value!r}") from None
         if not low <= seconds <= high:
             raise ValueError(f"must be between {low:g}s and {high:g}s, got {seconds:g}s")
+        return seconds
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """``250ms``, ``1.5s``, ``30s`` (a bare number is seconds)."""
+
+    def parse(value: str) -> float:
+        text = value.strip().lower()
+        scale, number = (0.001, text[:-2]) if text.endswith("ms") else (1.0, text.removesuffix("s"))
+        try:
+            seconds = float(number) * scale
+        except ValueError:
+            raise ValueError(f"expected a time such as 250ms, 1.5s or 30s, got {value!r}") from None
+        if not low <= seconds <= high:  # also refuses nan
+            raise ValueError(f"must be between {low:g}s and {high:g}s, got {value.strip()}")
         return seconds
 
     return parse
@@ -288,6 +316,11 @@ _SCHEMA: _Schema = {
         "verify_interval": (_duration(60, 365 * 86400), 24 * 3600.0),
         "max_retries": (_bounded_int(0, 100), 3),
     },
+    "actions": {
+        "fanout_batch": (_bounded_int(1, 10_000), 200),
+        "fanout_pause": (_seconds(0.0, 60.0), 0.0),
+        "fanout_lease": (_seconds(2.0, 3600.0), 30.0),
+    },
     "admin": {
         "listen": (_endpoint, "tcp:8445:interface=127.0.0.1"),
         "url": (_url("http", "https"), None),
@@ -414,5 +447,10 @@ def load_config(path: str) -> MdmdConfig:
         profiles=ProfilesConfig(
             verify_interval=typed(float, values["profiles"]["verify_interval"]),
             max_retries=typed(int, values["profiles"]["max_retries"]),
+        ),
+        actions=ActionsConfig(
+            fanout_batch=typed(int, values["actions"]["fanout_batch"]),
+            fanout_pause=typed(float, values["actions"]["fanout_pause"]),
+            fanout_lease=typed(float, values["actions"]["fanout_lease"]),
         ),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from mdmd.admin import admin_api_routes
+from mdmd.admin_actions import action_routes
 from mdmd.admin_profiles import profile_routes
 from mdmd.agent import (
     OrbitConfigResource,
@@ -46,4 +47,9 @@ def management_routes(app: Mdmd) -> list[Route]:
 
 
 def admin_routes(app: Mdmd) -> list[Route]:
-    return [Route("/healthz", HealthResource()), *admin_api_routes(app), *profile_routes(app)]
+    return [
+        Route("/healthz", HealthResource()),
+        *admin_api_routes(app),
+        *profile_routes(app),
+        *action_routes(app),
+    ]

@@ -8,6 +8,7 @@
 - the *management* listener (mutual TLS, client certificates issued by the
   WSTEP identity CA): OMA-DM sessions,
 - the *admin* listener (bearer token): the administrators' API,
+- the fan-out of group operations (:mod:`mdmd.fanout`),
 - with ``workers = N``, the worker processes and their supervision,
 - systemd readiness and watchdog notifications.
 """
@@ -16,17 +17,18 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 from mdmd.app import Mdmd
 from mdmd.config import MdmdConfig
+from mdmd.fanout import FanOutService
 from mdmd.listeners import ListenerService, admin_site, device_listeners
 from mdmd.material import Material
 from mdmd.store.service import StoreService, open_store
@@ -58,7 +60,9 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
     store = open_store(config, reactor)
     StoreService(store).setServiceParent(top)
 
-    app = Mdmd(config=config, material=material, store=store, reactor=reactor)
+    # Group operations are fanned out by the main process only.
+    fanout = FanOutService(store, cast(IReactorTime, reactor), config.actions)
+    app = Mdmd(config=config, material=material, store=store, reactor=reactor, wake_fanout=fanout.wake)
     enrollment, management = device_listeners(app)
     listen = {"enrollment": config.enrollment.listen, "management": config.management.listen}
 
@@ -83,6 +87,8 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
     ]
     for listener in listeners:
         listener.setServiceParent(top)
+    # After the store: services stop in reverse order, the loop before the store.
+    fanout.setServiceParent(top)
     ready_when: list[Deferred[Any]] = [listener.listening for listener in listeners]
 
     if config.workers > 1:
