@@ -162,8 +162,8 @@ class FanOutService(Service):
                 total=total,
             )
             total = None
-            # Yield between batches (and pause, if configured).
-            await self._pause()
+            # Yield between batches (and pause, if configured; a stop cuts it short).
+            await self._sleep(self.config.fanout_pause)
         if record is None:
             log.warn(
                 "lost the lease of operation {operation_id}; another process goes on",
@@ -180,8 +180,3 @@ class FanOutService(Service):
         if record is None or record.state != "queuing":
             self._current = None
         return True
-
-    def _pause(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.reactor.callLater(self.config.fanout_pause, d.callback, None)
-        return d
