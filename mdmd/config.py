@@ -92,7 +92,7 @@ class ActionsConfig:
     """How group operations are fanned out to their members."""
 
     fanout_batch: int = 200  # devices given their command per transaction
-    fanout_pause: float = 0.0  # seconds between two batches
+    fanout_pause: float = 0.1  # seconds between two batches
     fanout_lease: float = 30.0  # seconds a process holds an operation without renewing
 
 
@@ -318,7 +318,7 @@ _SCHEMA: _Schema = {
     },
     "actions": {
         "fanout_batch": (_bounded_int(1, 10_000), 200),
-        "fanout_pause": (_seconds(0.0, 60.0), 0.0),
+        "fanout_pause": (_seconds(0.0, 60.0), 0.1),
         "fanout_lease": (_seconds(2.0, 3600.0), 30.0),
     },
     "admin": {

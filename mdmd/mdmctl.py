@@ -328,7 +328,7 @@ def _show_device(d: Any) -> None:
                 p["name"],
                 p.get("version"),
                 p.get("state"),
-                p.get("status"),
+                _status(p),
                 p.get("updated_at"),
                 p.get("detail"),
             )

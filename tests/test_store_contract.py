@@ -34,7 +34,7 @@ from mdmd.profiles import (
     ProfileStep,
     profile_version,
 )
-from mdmd.store import AssignmentOutcome, NewAction, NewOperation, SessionConflict, Store
+from mdmd.store import AssignmentOutcome, NewAction, NewOperation, OperationRecord, SessionConflict, Store
 from store_helpers import BACKENDS, enrollment, host, wait
 
 
@@ -725,3 +725,32 @@ def test_a_command_operation_reaches_every_enrolled_device_of_all(store: Store) 
     _settle_and_commit(store, "serial1", ManagementStep("A", None, unenroll=True), 5.0)
     op = wait(store.operation("op-1"))
     assert op is not None and (op.failed, op.state) == (1, "delivering")
+
+
+def test_a_group_wipe_or_unenrollment_sets_each_members_lifecycle(store: Store) -> None:
+    for n, device_id in enumerate(["A", "B", "C"], start=1):
+        _enrolled(store, device_id, n)
+    wait(store.request_action("A", _new_action("wipe", 1), now=2.0))
+    wait(store.request_action("B", _new_action("unenroll", 2), now=2.0))
+
+    def fan(kind: str, n: int, **options: object) -> OperationRecord:
+        queued = action_command(ActionRequest.from_options(kind, options), provider_id="mdmd")
+        wait(
+            store.create_operation(
+                NewOperation(f"op-{n}", "action", "all", queued.verb, queued.body, kind, options), 3.0
+            )
+        )
+        assert wait(store.claim_operation("me", now=3.0, lease_until=30.0)) is not None
+        done = wait(store.fan_out(f"op-{n}", "me", 4.0, 34.0, limit=10))
+        assert done is not None
+        return done
+
+    unenroll = fan("unenroll", 7)
+    assert (unenroll.queued, unenroll.skipped) == (2, 1)  # B has one pending
+    lifecycles = {d.device_id: d.lifecycle for d in wait(store.devices())}
+    assert lifecycles == {"A": "wipe_pending", "B": "unenroll_pending", "C": "unenroll_pending"}
+    found = wait(store.host_by_node_key(hashlib.sha256(b"key-3").digest()))
+    assert found is not None and found.unenroll_requested
+    wipe = fan("wipe", 8, mode="wipe")
+    assert (wipe.queued, wipe.skipped) == (2, 1)  # A has one pending
+    assert {d.lifecycle for d in wait(store.devices())} == {"wipe_pending"}

@@ -774,26 +774,7 @@ class SQLiteStore:
                     """,
                     (op["group_name"], after, limit),
                 ).fetchall()
-            queued = skipped = 0
-            options = json.loads(op["options"]) if op["options"] else {}
-            for member in members:
-                command_uuid = str(uuidlib.uuid4())
-                if op["kind"] == "command":
-                    if member["state"] != "enrolled":
-                        skipped += 1
-                        continue
-                    _insert_command(
-                        conn, member["device_id"], command_uuid, op["verb"], op["body"], now, operation_id
-                    )
-                else:
-                    if _action_refusal(conn, member, op["action"]) is not None:
-                        skipped += 1
-                        continue
-                    new = NewAction(
-                        str(uuidlib.uuid4()), command_uuid, op["action"], options, op["verb"], op["body"]
-                    )
-                    _queue_action(conn, member, new, now, operation_id)
-                queued += 1
+            queued, skipped = _queue_batch(conn, op, members, now)
             finished = len(members) < limit
             conn.execute(
                 """
@@ -1441,6 +1422,69 @@ def _queue_action(
         # The agent path as well: whichever comes first unenrolls it.
         conn.execute("UPDATE hosts SET unenroll_requested = 1 WHERE id = ?", (device["host_id"],))
     return record
+
+
+def _queue_batch(
+    conn: sqlite3.Connection, op: sqlite3.Row, members: Sequence[sqlite3.Row], now: float
+) -> tuple[int, int]:
+    """Give a batch of the operation's members their command (or action),
+    with one statement per kind of row; (queued, skipped)."""
+    eligible = [m for m in members if m["state"] == "enrolled"]
+    action = op["action"] if op["kind"] == "action" else None
+    if action is not None and eligible:
+        marks = ",".join("?" * len(eligible))
+        busy = {
+            r["device_id"]
+            for r in conn.execute(
+                f"""
+                SELECT device_id FROM device_actions
+                WHERE action = ? AND {_BLOCKING} AND device_id IN ({marks})
+                """,
+                (action, *(m["device_id"] for m in eligible)),
+            )
+        }
+        eligible = [m for m in eligible if m["device_id"] not in busy]
+    operation_id = op["operation_id"]
+    uuids = [str(uuidlib.uuid4()) for _ in eligible]
+    conn.executemany(
+        """
+        INSERT INTO commands (uuid, device_id, verb, body, state, created_at, operation_id)
+        VALUES (?, ?, ?, ?, 'pending', ?, ?)
+        """,
+        [
+            (u, m["device_id"], op["verb"], op["body"], now, operation_id)
+            for u, m in zip(uuids, eligible, strict=True)
+        ],
+    )
+    if action is not None:
+        options = op["options"] or "{}"
+        conn.executemany(
+            """
+            INSERT INTO device_actions (action_id, device_id, action, options, command_uuid, operation_id,
+                                        state, created_at, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)
+            """,
+            [
+                (str(uuidlib.uuid4()), m["device_id"], action, options, u, operation_id, now, now)
+                for u, m in zip(uuids, eligible, strict=True)
+            ],
+        )
+        if action in ("wipe", "unenroll"):
+            # What lifecycle_of gives: a wipe outranks an unenrollment.
+            conn.executemany(
+                """
+                UPDATE devices SET lifecycle = CASE WHEN ? = 'wipe' OR lifecycle IS NOT 'wipe_pending'
+                    THEN ? ELSE lifecycle END
+                WHERE device_id = ? AND state = 'enrolled'
+                """,
+                [(action, lifecycle_of([action]), m["device_id"]) for m in eligible],
+            )
+        if action == "unenroll":
+            conn.executemany(
+                "UPDATE hosts SET unenroll_requested = 1 WHERE id = ?",
+                [(m["host_id"],) for m in eligible if m["host_id"] is not None],
+            )
+    return len(eligible), len(members) - len(eligible)
 
 
 def _set_lifecycle(conn: sqlite3.Connection, device_id: str) -> None:
