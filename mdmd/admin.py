@@ -34,6 +34,7 @@ from twisted.logger import Logger
 
 import twisted
 from mdmd import __version__, metrics, tokens
+from mdmd.actions import ActionRequest, DeviceAction, action_command, shown_state
 from mdmd.app import Mdmd
 from mdmd.commands import CommandRequestError, FieldError, command_targets, parse_command_request
 from mdmd.management import CommandResult
@@ -47,7 +48,9 @@ from mdmd.store import (
     CommandRecord,
     DeviceQuery,
     DeviceRecord,
+    NewAction,
 )
+from mdmd.syncml import describe_status
 from mdmd.web import (
     EndpointResource,
     HTTPError,
@@ -65,6 +68,7 @@ __all__ = [
     "MAX_LIMIT",
     "DeviceListRequest",
     "ListRequestError",
+    "action_json",
     "admin_api_routes",
     "command_json",
     "command_summary_json",
@@ -373,11 +377,36 @@ def device_json(device: DeviceRecord, now: float, policy: RenewalPolicy) -> dict
         "model": device.inventory.get("./DevInfo/Mod"),
         "manufacturer": device.inventory.get("./DevInfo/Man"),
         "os_version": device.os_version,
-        "state": device.state,
+        # enrolled, unenrolled, or what a wipe or an unenrollment made of it
+        "state": shown_state(device.state, device.lifecycle),
+        "pending_actions": list(device.pending_actions),
         "enrolled_at": iso_time(device.enrolled_at),
         "last_seen": iso_time(device.last_seen),
         "hw_dev_id_collision": device.hw_dev_id_collision,
         **renewal_json(device, now, policy),
+    }
+
+
+def status_text(code: int | None) -> str | None:
+    """The device's status code with its meaning (``"404 Not found: ..."``)."""
+    return None if code is None else describe_status(code)
+
+
+def action_json(action: DeviceAction) -> dict[str, Any]:
+    """An action asked of a device, and where it stands."""
+    return {
+        "action_id": action.action_id,
+        "device_id": action.device_id,
+        "action": action.action,
+        "options": dict(action.options),
+        "state": action.state,
+        "status": action.status,
+        "status_text": status_text(action.status),
+        "detail": action.detail,
+        "command_uuid": action.command_uuid,
+        "operation_id": action.operation_id,
+        "created_at": iso_time(action.created_at),
+        "updated_at": iso_time(action.updated_at),
     }
 
 
@@ -387,9 +416,10 @@ def device_detail_json(
     commands: Sequence[CommandRecord],
     now: float,
     policy: RenewalPolicy,
+    actions: Sequence[DeviceAction] = (),
 ) -> dict[str, Any]:
-    """``GET /api/v1/devices/{id}``: the list fields and more; *certificates*
-    and *commands* newest first."""
+    """``GET /api/v1/devices/{id}``: the list fields and more; *certificates*,
+    *commands* and *actions* newest first."""
     newest = certificates[0] if certificates else None
     return {
         **device_json(device, now, policy),
@@ -413,10 +443,13 @@ def device_detail_json(
                 "verb": c.verb,
                 "state": c.state,
                 "status": c.status,
+                "status_text": status_text(c.status),
+                "detail": c.detail,
                 "created_at": iso_time(c.created_at),
             }
             for c in commands
         ],
+        "actions": [action_json(a) for a in actions],
     }
 
 
@@ -428,6 +461,9 @@ def command_summary_json(command: CommandRecord) -> dict[str, Any]:
         "verb": command.verb,
         "state": command.state,
         "status": command.status,
+        "status_text": status_text(command.status),
+        "detail": command.detail,
+        "operation_id": command.operation_id,
         "created_at": iso_time(command.created_at),
         "sent_at": iso_time(command.sent_at),
         "acknowledged_at": iso_time(command.acked_at),
@@ -439,6 +475,7 @@ def _result_json(result: CommandResult) -> dict[str, Any]:
         "cmd_id": result.cmd_id,
         "kind": result.kind,
         "status": result.status,
+        "status_text": status_text(result.status),
         "target": result.loc_uri,
         "format": result.format,
         "type": result.type,
@@ -560,8 +597,9 @@ class DeviceResource(_DeviceResource):
         store = self.app.store
         certificates = await store.device_certificates(device.device_id)
         commands = await store.device_commands(device.device_id, limit=_RECENT_COMMANDS)
+        actions = await store.device_actions(device.device_id, limit=_RECENT_COMMANDS)
         now, policy = self.app.now(), renewal_policy(self.app.config.wstep)
-        return json_response(200, device_detail_json(device, certificates, commands, now, policy))
+        return json_response(200, device_detail_json(device, certificates, commands, now, policy, actions))
 
 
 class DeviceCommandsResource(_DeviceResource):
@@ -607,24 +645,31 @@ class DeviceCommandsResource(_DeviceResource):
 
 
 class DeviceUnenrollResource(_DeviceResource):
-    """``POST /api/v1/devices/{id}/unenroll``: the device's agent is told to
-    unenroll it at its next config poll."""
+    """``POST /api/v1/devices/{id}/unenroll``: the ``unenroll`` action.  The
+    device gets DMClient's Unenroll at its next session, and its agent, if
+    mdmd knows one, is told to unenroll it at its next config poll: whichever
+    comes first."""
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        device = await self.device(request)
-        if device.state != "enrolled":
-            raise _not_found(f"no enrolled device: {device.device_id}")
-        audit = self.app.audit_entry(request, "device.unenroll", device.device_id)
-        if not await self.app.store.request_unenrollment(device.device_id, audit=audit):
-            # Enrolled without a known agent host: nobody to ask.
-            message = f"device {device.device_id} has no agent host that could unenroll it"
+        device_id = self.device_id(request)
+        request_ = ActionRequest("unenroll")
+        queued = action_command(request_, provider_id=self.app.config.management.provider_id)
+        new = NewAction(str(uuid.uuid4()), str(uuid.uuid4()), "unenroll", {}, queued.verb, queued.body)
+        outcome = await self.app.store.request_action(device_id, new, self.app.now())
+        if outcome.result in ("no_device", "unenrolled", "wiped"):
+            raise _not_found(f"no enrolled device: {device_id}")
+        if outcome.result == "pending":
+            message = f"device {device_id} has an unenrollment pending already"
             raise HTTPError(json_error(409, message), message)
-        log.info(
-            "admin {admin} requested unenrollment of device {device_id}",
-            admin=request.admin,
-            device_id=device.device_id,
+        await self.app.audit(
+            request,
+            "device.unenroll",
+            device_id,
+            {"action_id": new.action_id, "command_uuid": new.command_uuid},
         )
-        return json_response(202, {"device_id": device.device_id})
+        return json_response(
+            202, {"device_id": device_id, "action_id": new.action_id, "command_uuid": new.command_uuid}
+        )
 
 
 class CommandResource(_AdminResource):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,9 @@ class Mdmd:
 
     #: Added to the reactor's clock (see :data:`TEST_CLOCK_OFFSET_VARIABLE`).
     clock_offset: float = 0.0
+    #: Tells the group operations' fan-out that one is waiting (the main
+    #: process only: it alone serves the admin API and fans out).
+    wake_fanout: Callable[[], None] | None = None
 
     def now(self) -> float:
         """Seconds since the epoch: every decision mdmd makes with time

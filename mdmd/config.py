@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from mdmd.poll import PollSchedule
 
 __all__ = [
+    "ActionsConfig",
     "AdminConfig",
     "ConfigError",
     "EnrollmentConfig",
@@ -98,6 +99,15 @@ class ProfilesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ActionsConfig:
+    """How group operations are fanned out to their members."""
+
+    fanout_batch: int = 200  # devices given their command per transaction
+    fanout_pause: float = 0.1  # seconds between two batches
+    fanout_lease: float = 30.0  # seconds a process holds an operation without renewing
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: str
     url: str
@@ -120,6 +130,7 @@ class MdmdConfig:
     admin: AdminConfig
     profiles: ProfilesConfig = ProfilesConfig(24 * 3600.0, 3)
     log_format: str = "text"
+    actions: ActionsConfig = ActionsConfig()
 
     @property
     def database(self) -> str:
@@ -191,6 +202,23 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         if value not in allowed:
             raise ValueError(f"expected {' or '.join(allowed)}, got {value!r}")
         return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """``250ms``, ``1.5s``, ``30s`` (a bare number is seconds)."""
+
+    def parse(value: str) -> float:
+        text = value.strip().lower()
+        scale, number = (0.001, text[:-2]) if text.endswith("ms") else (1.0, text.removesuffix("s"))
+        try:
+            seconds = float(number) * scale
+        except ValueError:
+            raise ValueError(f"expected a time such as 250ms, 1.5s or 30s, got {value!r}") from None
+        if not low <= seconds <= high:  # also refuses nan
+            raise ValueError(f"must be between {low:g}s and {high:g}s, got {value.strip()}")
+        return seconds
 
     return parse
 
@@ -342,6 +370,11 @@ _SCHEMA: _Schema = {
     "profiles": {
         "verify_interval": (_duration(60, 365 * 86400), 24 * 3600.0),
         "max_retries": (_bounded_int(0, 100), 3),
+    },
+    "actions": {
+        "fanout_batch": (_bounded_int(1, 10_000), 200),
+        "fanout_pause": (_seconds(0.0, 60.0), 0.1),
+        "fanout_lease": (_seconds(2.0, 3600.0), 30.0),
     },
     "admin": {
         "listen": (_endpoint, "tcp:8445:interface=127.0.0.1"),
@@ -500,4 +533,9 @@ def load_config(path: str) -> MdmdConfig:
             max_retries=typed(int, values["profiles"]["max_retries"]),
         ),
         log_format=typed(str, values["mdmd"]["log_format"]),
+        actions=ActionsConfig(
+            fanout_batch=typed(int, values["actions"]["fanout_batch"]),
+            fanout_pause=typed(float, values["actions"]["fanout_pause"]),
+            fanout_lease=typed(float, values["actions"]["fanout_lease"]),
+        ),
     )

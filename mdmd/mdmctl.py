@@ -12,7 +12,12 @@ token in ``$MDMCTL_TOKEN``, ``--token-file`` or ``[admin] token_file``)::
     mdmctl get ID ./DevDetail/SwV       mdmctl replace ID LOCURI --format int --data 1
     mdmctl add ID LOCURI ...            mdmctl delete ID LOCURI
     mdmctl exec ID LOCURI [--data ...]  mdmctl queue ID --syncml FILE|-
-    mdmctl command UUID                 mdmctl unenroll ID
+    mdmctl command UUID
+    mdmctl restart ID                   mdmctl wipe ID --mode protected --yes
+    mdmctl unenroll ID                  mdmctl rename ID NAME
+    mdmctl scan ID [--full]             mdmctl defender-update ID
+    mdmctl restart --group NAME [--wait SECONDS]   (every action but rename)
+    mdmctl operation ID
     mdmctl token create|list|revoke     mdmctl audit [--all] [--actor NAME]
     mdmctl version
     mdmctl profile list|show|add|update|delete ...
@@ -282,10 +287,39 @@ def _show_devices(answer: Any, widths: list[int] | None = None, *, header: bool 
     return widths
 
 
+def _status(item: Any) -> object:
+    """The device's status code with its meaning, as the API gives it."""
+    return item.get("status_text") or item.get("status")
+
+
 def _command_rows(commands: Sequence[Any]) -> list[tuple[object, ...]]:
     return [
-        (c["command_uuid"], c.get("verb"), c.get("state"), c.get("status"), c.get("created_at"))
+        (
+            c["command_uuid"],
+            c.get("verb"),
+            c.get("state"),
+            _status(c) if not c.get("detail") else f"{_cell(_status(c))} ({c['detail']})",
+            c.get("created_at"),
+        )
         for c in commands
+    ]
+
+
+_ACTION_HEADERS = ("ACTION ID", "ACTION", "OPTIONS", "STATE", "STATUS", "DETAIL", "CREATED")
+
+
+def _action_rows(actions: Sequence[Any]) -> list[tuple[object, ...]]:
+    return [
+        (
+            a["action_id"],
+            a.get("action"),
+            " ".join(f"{k}={v}" for k, v in (a.get("options") or {}).items()) or "-",
+            a.get("state"),
+            _status(a),
+            a.get("detail"),
+            a.get("created_at"),
+        )
+        for a in actions
     ]
 
 
@@ -314,6 +348,7 @@ def _show_device(d: Any) -> None:
                 ("model", d.get("model")),
                 ("os_version", d.get("os_version")),
                 ("state", d.get("state")),
+                ("pending_actions", ", ".join(d.get("pending_actions") or []) or "none"),
                 ("enrollment_type", d.get("enrollment_type")),
                 ("host_id", d.get("host_id")),
                 ("hw_dev_id", d.get("hw_dev_id")),
@@ -346,7 +381,7 @@ def _show_device(d: Any) -> None:
                 p["name"],
                 p.get("version"),
                 p.get("state"),
-                p.get("status"),
+                _status(p),
                 p.get("updated_at"),
                 p.get("detail"),
             )
@@ -358,6 +393,12 @@ def _show_device(d: Any) -> None:
                 for line in _table(("PROFILE", "VERSION", "STATE", "STATUS", "UPDATED", "DETAIL"), rows)
             ]
         )
+    else:
+        print("  none")
+    actions = d.get("actions") or []
+    print("\nactions:")
+    if actions:
+        _print(["  " + line for line in _table(_ACTION_HEADERS, _action_rows(actions))])
     else:
         print("  none")
     commands = d.get("recent_commands") or []
@@ -387,7 +428,8 @@ def _show_command(c: Any) -> None:
                 ("device_id", c.get("device_id")),
                 ("verb", c.get("verb")),
                 ("state", c.get("state")),
-                ("status", c.get("status")),
+                ("status", _status(c)),
+                ("detail", c.get("detail")),
                 ("created_at", c.get("created_at")),
                 ("sent_at", c.get("sent_at")),
                 ("acknowledged_at", c.get("acknowledged_at")),
@@ -402,7 +444,7 @@ def _show_command(c: Any) -> None:
         print("  none yet")
         return
     rows = [
-        (r.get("kind"), r.get("cmd_id"), r.get("status"), r.get("target"), r.get("format"), r.get("data"))
+        (r.get("kind"), r.get("cmd_id"), _status(r), r.get("target"), r.get("format"), r.get("data"))
         for r in results
     ]
     _print(["  " + line for line in _table(("KIND", "CMD ID", "STATUS", "TARGET", "FORMAT", "DATA"), rows)])
@@ -518,13 +560,150 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------
+# Device actions and group operations
+# --------------------------------------------------------------------------
+
+#: Action states after which waiting for a device is over.
+_ACTION_DONE = ("acknowledged", "awaiting_restart", "failed", "cancelled")
+
+
+def _action_body(args: argparse.Namespace) -> dict[str, Any]:
+    match args.command:
+        case "wipe":
+            return {"action": "wipe", "mode": args.mode, "confirm": bool(args.yes)}
+        case "rename":
+            return {"action": "rename", "name": args.name}
+        case "scan":
+            return {"action": "defender_scan", "full": bool(args.full)}
+        case "defender-update":
+            return {"action": "defender_update"}
+        case name:
+            return {"action": name}
+
+
+def _target(args: argparse.Namespace) -> None:
+    if (args.id is None) == (getattr(args, "group", None) is None):
+        raise CliError(f"{args.command}: give a device ID or --group NAME (one of them)")
+
+
+def _show_operation(o: Any) -> None:
+    _print(
+        _fields(
+            [
+                ("operation_id", o["operation_id"]),
+                ("group", o.get("group")),
+                ("what", o.get("action") or o.get("verb")),
+                ("state", o.get("state")),
+                ("total", o.get("total")),
+                ("queued", o.get("queued")),
+                ("skipped", o.get("skipped")),
+                ("acknowledged", o.get("acknowledged")),
+                ("failed", o.get("failed")),
+                ("waiting", o.get("waiting")),
+                ("created_at", o.get("created_at")),
+                ("finished_at", o.get("finished_at")),
+            ]
+        )
+    )
+
+
+def _progress_line(o: Any) -> str:
+    total = "?" if o.get("total") is None else o["total"]
+    return (
+        f"{o.get('state')}: {o.get('queued')}/{total} queued, {o.get('acknowledged')} acknowledged, "
+        f"{o.get('failed')} failed, {o.get('skipped')} skipped"
+    )
+
+
+def _wait_operation(client: AdminClient, operation_id: str, seconds: float, *, quiet: bool) -> Any:
+    """Poll the operation until it is done or *seconds* passed, printing its
+    progress when it changes."""
+    deadline = time.monotonic() + seconds
+    last = ""
+    while True:
+        op = client.call("GET", f"/api/v1/operations/{_q(operation_id)}")
+        line = _progress_line(op)
+        if line != last and not quiet:
+            print(line, flush=True)
+            last = line
+        remaining = deadline - time.monotonic()
+        if op.get("state") == "done" or remaining <= 0:
+            return op
+        time.sleep(min(_POLL_INTERVAL, remaining))
+
+
+def _wait_action(client: AdminClient, device_id: str, action_id: str, seconds: float) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        found = client.call("GET", f"/api/v1/devices/{_q(device_id)}/actions")["actions"]
+        action = next((a for a in found if a["action_id"] == action_id), None)
+        remaining = deadline - time.monotonic()
+        if action is None or action.get("state") in _ACTION_DONE or remaining <= 0:
+            return action
+        time.sleep(min(_POLL_INTERVAL, remaining))
+
+
+def _action(args: argparse.Namespace) -> int:
+    _target(args)
+    client = _client(args)
+    body = _action_body(args)
+    wait = getattr(args, "wait", None)
+    if args.id is None:
+        answer = client.call("POST", f"/api/v1/groups/{_q(args.group)}/actions", body)
+        operation_id = str(answer.get("operation_id", ""))
+        if wait is None:
+            _output(
+                args,
+                answer,
+                lambda a: print(f"operation {a['operation_id']}: {body['action']} for group {args.group}"),
+            )
+            return 0
+        if not args.json:
+            print(f"operation {operation_id}: {body['action']} for group {args.group}", flush=True)
+        op = _wait_operation(client, operation_id, wait, quiet=args.json)
+        if args.json:
+            print(json.dumps(op, indent=2))
+        if op.get("state") != "done":
+            raise CliError(f"operation {operation_id} is still {op.get('state')} after {wait:g} seconds")
+        if op.get("failed"):
+            raise CliError(f"operation {operation_id}: {op['failed']} device(s) failed or were cancelled")
+        return 0
+    answer = client.call("POST", f"/api/v1/devices/{_q(args.id)}/actions", body)
+    if wait is None:
+        _output(
+            args,
+            answer,
+            lambda a: print(
+                f"{body['action']} queued for {args.id}: action {a['action_id']}, command {a['command_uuid']}"
+            ),
+        )
+        return 0
+    if not args.json:
+        print(f"{body['action']} queued for {args.id}: action {answer['action_id']}", flush=True)
+    action = _wait_action(client, args.id, str(answer["action_id"]), wait)
+    if args.json:
+        print(json.dumps(action, indent=2))
+    elif action is not None:
+        print(f"{action['state']}: {action.get('detail') or _cell(_status(action))}")
+    state = None if action is None else action.get("state")
+    if state in ("acknowledged", "awaiting_restart"):
+        return 0
+    if state in ("failed", "cancelled"):
+        raise CliError(f"{body['action']} {state}: {action.get('detail') if action else ''}")
+    raise CliError(f"{body['action']} is still {state} after {wait:g} seconds")
+
+
 def _unenroll(args: argparse.Namespace) -> int:
+    if args.id is None or getattr(args, "group", None) is not None:
+        return _action(args)
     answer = _client(args).call("POST", f"/api/v1/devices/{_q(args.id)}/unenroll")
     _output(
         args,
         answer,
         lambda a: print(
-            f"unenrollment requested for {a['device_id']}: its agent unenrolls it at its next check-in"
+            f"unenrollment requested for {a['device_id']}: the device gets DMClient's Unenroll at its next "
+            f"session, and its agent, if it has one, unenrolls it at its next check-in"
         ),
     )
     return 0
@@ -695,6 +874,11 @@ def _backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operation(args: argparse.Namespace) -> int:
+    _output(args, _client(args).call("GET", f"/api/v1/operations/{_q(args.operation_id)}"), _show_operation)
+    return 0
+
+
 def _item(args: argparse.Namespace, target: str) -> dict[str, str]:
     item = {"target": target}
     for key in ("format", "type", "data"):
@@ -752,7 +936,7 @@ def _queue(args: argparse.Namespace) -> int:
     if state == "acknowledged":
         return 0
     if state == "failed":
-        raise CliError(f"command {command_uuid} failed with status {command.get('status')}")
+        raise CliError(f"command {command_uuid} failed: {_cell(_status(command))}")
     raise CliError(f"command {command_uuid} is still {state} after {args.wait:g} seconds")
 
 
@@ -1037,8 +1221,39 @@ def build_parser() -> argparse.ArgumentParser:
     api("command", "show one command with the device's answers", _command).add_argument(
         "uuid", metavar="UUID", help="command UUID"
     )
-    api("unenroll", "ask the device's agent to unenroll it from MDM", _unenroll).add_argument(
-        "id", metavar="ID", help="MDM device ID"
+    action_helps = {
+        "restart": "restart the device (Reboot CSP: at the end of its next session)",
+        "wipe": "wipe the device (RemoteWipe CSP); needs --yes",
+        "unenroll": "unenroll the device from MDM (DMClient Unenroll, and its agent when it has one)",
+        "scan": "start a Microsoft Defender scan (quick, or --full)",
+        "defender-update": "update Microsoft Defender's signatures",
+    }
+    for name, text in action_helps.items():
+        sub = api(name, text, _unenroll if name == "unenroll" else _action)
+        sub.add_argument("id", nargs="?", metavar="ID", help="MDM device ID (or --group)")
+        sub.add_argument("--group", metavar="NAME", help="every member of the group (all: every device)")
+        if name == "wipe":
+            sub.add_argument(
+                "--mode",
+                default="wipe",
+                choices=("wipe", "protected", "keep-provisioning", "keep-user-data"),
+                help="wipe (default), protected (keeps trying until done), keep-provisioning, keep-user-data",
+            )
+            sub.add_argument("--yes", action="store_true", help="confirm: the device is erased")
+        if name == "scan":
+            sub.add_argument("--full", action="store_true", help="a full scan instead of a quick one")
+        sub.add_argument(
+            "--wait",
+            type=_seconds,
+            metavar="SECONDS",
+            help="then wait up to SECONDS for the device (the group's progress) and show it",
+        )
+    rename = api("rename", "give the device a new computer name (in effect after a restart)", _action)
+    rename.add_argument("id", metavar="ID", help="MDM device ID")
+    rename.add_argument("name", metavar="NAME", help="1 to 15 letters, digits or hyphens, not all digits")
+    rename.add_argument("--wait", type=_seconds, metavar="SECONDS", help="then wait for the device's answer")
+    api("operation", "show a group operation's progress", _operation).add_argument(
+        "operation_id", metavar="ID", help="operation ID"
     )
     token = api("token", "named admin tokens: create NAME (shown once), list, revoke NAME", _token)
     token.add_argument("action", choices=("create", "list", "revoke"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from mdmd.admin import admin_api_routes
+from mdmd.admin_actions import action_routes
 from mdmd.admin_profiles import profile_routes
 from mdmd.agent import (
     OrbitConfigResource,
@@ -68,4 +69,5 @@ def admin_routes(app: Mdmd) -> list[Route]:
         Route("/metrics", MetricsResource(fleet, app.reactor), public=True),
         *admin_api_routes(app),
         *profile_routes(app),
+        *action_routes(app),
     ]

@@ -10,6 +10,7 @@
 - the *admin* listener (named bearer tokens): the administrators' API, and
   health, readiness and metrics without a token,
 - certificate housekeeping (:mod:`mdmd.maintenance`),
+- the fan-out of group operations (:mod:`mdmd.fanout`),
 - with ``workers = N``, the worker processes and their supervision,
 - systemd readiness and watchdog notifications, and ``systemctl reload``
   (SIGHUP): the TLS certificates read again, in every process.
@@ -24,19 +25,20 @@ import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import ILogObserver, Logger
 
 import twisted
 from mdmd import __version__
 from mdmd.app import TEST_CLOCK_OFFSET_VARIABLE, Mdmd, clock_offset_for_tests
 from mdmd.config import MdmdConfig
+from mdmd.fanout import FanOutService
 from mdmd.health import store_check
 from mdmd.listeners import (
     DeviceListener,
@@ -163,6 +165,8 @@ def build_service(
     store.on_commit = observe_commit
     StoreService(store).setServiceParent(top)
 
+    # Group operations are fanned out by the main process only.
+    fanout = FanOutService(store, cast(IReactorTime, reactor), config.actions)
     tokens = AdminTokens(store)
     app = Mdmd(
         config=config,
@@ -170,6 +174,7 @@ def build_service(
         store=store,
         reactor=reactor,
         tokens=tokens,
+        wake_fanout=fanout.wake,
         clock_offset=clock_offset_for_tests(),
     )
     if app.clock_offset:
@@ -225,6 +230,8 @@ def build_service(
     if management.refusals is not None:
         # The counts of the last minute's refusals are logged, not lost.
         reactor.addSystemEventTrigger("before", "shutdown", management.refusals.stop)
+    # After the store: services stop in reverse order, the loop before the store.
+    fanout.setServiceParent(top)
     ready_when: list[Deferred[Any]] = [listener.listening for listener in listeners]
     ready_when.append(tokens_service.loaded)
 

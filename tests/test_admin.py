@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
@@ -41,6 +42,7 @@ LIST_FIELDS = {
     "manufacturer",
     "os_version",
     "state",
+    "pending_actions",
     "enrolled_at",
     "last_seen",
     "hw_dev_id_collision",
@@ -259,6 +261,8 @@ def test_device_shows_certificate_inventory_and_recent_commands(daemon: Daemon, 
         "verb": "Delete",
         "state": "pending",
         "status": None,
+        "status_text": None,
+        "detail": None,
         "created_at": recent[0]["created_at"],
     }
     assert ISO.fullmatch(recent[0]["created_at"])
@@ -321,6 +325,9 @@ def test_a_get_is_delivered_and_its_results_shown(daemon: Daemon, fleet: Fleet) 
         "verb": "Get",
         "state": "pending",
         "status": None,
+        "status_text": None,
+        "detail": None,
+        "operation_id": None,
         "created_at": command["created_at"],
         "sent_at": None,
         "acknowledged_at": None,
@@ -340,8 +347,9 @@ def test_a_get_is_delivered_and_its_results_shown(daemon: Daemon, fleet: Fleet) 
         ("./DevInfo/Lang", "chr", "en-US"),
     ]
     for result in command["results"]:
-        assert set(result) == {"cmd_id", "kind", "status", "target", "format", "type", "data"}
-    assert any(r["kind"] == "status" and r["status"] == 200 for r in command["results"])
+        assert set(result) == {"cmd_id", "kind", "status", "status_text", "target", "format", "type", "data"}
+    assert any(r["kind"] == "status" and r["status_text"] == "200 OK" for r in command["results"])
+    assert command["status_text"] == "200 OK"
 
 
 def test_a_replace_reaches_the_device_with_format_type_and_data(daemon: Daemon, fleet: Fleet) -> None:
@@ -561,6 +569,9 @@ def test_commands_lists_newest_first_without_results(daemon: Daemon, fleet: Flee
         "verb",
         "state",
         "status",
+        "status_text",
+        "detail",
+        "operation_id",
         "created_at",
         "sent_at",
         "acknowledged_at",
@@ -584,9 +595,18 @@ def test_unenroll_tells_the_agent_and_is_logged(daemon: Daemon, fleet: Fleet) ->
 
     assert not agent_told_to_unenroll()
     status, answer = daemon.admin("POST", f"/api/v1/devices/{fleet.fresh.id}/unenroll")
-    assert (status, answer) == (202, {"device_id": fleet.fresh.id})
+    assert status == 202 and isinstance(answer, dict)
+    assert answer == {"device_id": fleet.fresh.id, "action_id": ANY, "command_uuid": ANY}
     assert agent_told_to_unenroll() is True
-    assert f"admin requested unenrollment of device {fleet.fresh.id}" in daemon.log_text()
+    # The MDM side too: the device shows it, and its next session carries
+    # DMClient's Unenroll.
+    device = _get(daemon, f"/api/v1/devices/{fleet.fresh.id}")
+    assert device["state"] == "unenroll_pending" and device["pending_actions"] == ["unenroll"]
+    command = _get(daemon, f"/api/v1/commands/{answer['command_uuid']}")
+    assert "./Vendor/MSFT/DMClient/Provider/mdmd/Unenroll" in command["syncml"]
+    status, again = daemon.admin("POST", f"/api/v1/devices/{fleet.fresh.id}/unenroll")
+    assert status == 409 and isinstance(again, dict) and "pending" in again["message"]
+    assert f"audit: admin device.unenroll {fleet.fresh.id}" in daemon.log_text()
 
 
 def test_unenroll_of_an_unenrolled_device_is_404(daemon: Daemon, fleet: Fleet) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import EXAMPLE_CONFIG, edit_ini, run_twistd, write_config
-from mdmd.config import ConfigError, load_config
+from mdmd.config import ActionsConfig, ConfigError, load_config
 from mdmd.poll import PollSchedule
 
 
@@ -35,6 +35,7 @@ def test_example_config_loads_with_documented_defaults() -> None:
     assert (config.wstep.renew_grace_days, config.wstep.keep_revoked_days) == (0, 90)
     assert config.admin.url == "http://127.0.0.1:8445"
     assert config.database == os.path.join(config.state_dir, "mdmd.sqlite3")
+    assert config.actions == ActionsConfig(fanout_batch=200, fanout_pause=0.1, fanout_lease=30.0)
 
 
 def test_every_example_key_is_documented() -> None:
@@ -99,6 +100,11 @@ def test_every_example_key_is_documented() -> None:
         ({"mdmd": {"log_format": "xml"}}, "", "[mdmd] log_format", "text or json"),
         ({"admin": {"allow_remote": "sure"}}, "", "[admin] allow_remote", "yes or no"),
         ({"admin": {"metrics_cache_seconds": "-1"}}, "", "[admin] metrics_cache_seconds", "between"),
+        ({"actions": {"fanout_pause": "soon"}}, "", "[actions] fanout_pause", "250ms, 1.5s or 30s"),
+        ({"actions": {"fanout_pause": "-1s"}}, "", "[actions] fanout_pause", "between 0s and 60s"),
+        ({"actions": {"fanout_pause": "nan"}}, "", "[actions] fanout_pause", "between"),
+        ({"actions": {"fanout_lease": "1500ms"}}, "", "[actions] fanout_lease", "between 2s and 3600s"),
+        ({"actions": {"fanout_batch": "0"}}, "", "[actions] fanout_batch", "between 1 and 10000"),
     ],
 )
 def test_config_errors_name_file_section_and_key(

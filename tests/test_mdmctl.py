@@ -244,9 +244,116 @@ def test_wait_that_sees_no_answer_exits_1(daemon: Daemon, pc: Managed) -> None:
     assert re.fullmatch(r"mdmctl: command \S+ is still pending after 0 seconds", failed(done))
 
 
-def test_unenroll_confirms(daemon: Daemon, pc: Managed) -> None:
-    out = ok(mdmctl(daemon, "unenroll", pc.id))
-    assert out.startswith(f"unenrollment requested for {pc.id}")
+def another(daemon: Daemon, tmp_path: Path, hostname: str) -> Managed:
+    """A device of a test's own (actions change it for good)."""
+    device = WindowsDevice(key=pki.generate_rsa_key(), hostname=hostname)
+    result = enroll_device(daemon, device)
+    assert isinstance(result, EnrollmentResult)
+    return Managed(device, result, ManagementClient(device), tmp_path)
+
+
+def test_unenroll_confirms(daemon: Daemon, tmp_path: Path) -> None:
+    leaving = another(daemon, tmp_path, "DESKTOP-LEAVE")
+    out = ok(mdmctl(daemon, "unenroll", leaving.id))
+    assert out.startswith(f"unenrollment requested for {leaving.id}")
+    shown = ok(mdmctl(daemon, "device", leaving.id))
+    assert re.search(r"^state +unenroll_pending$", shown, re.M)
+    assert re.search(r"^pending_actions +unenroll$", shown, re.M)
+
+
+def background(daemon: Daemon, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mdmd.mdmctl", "--config", str(daemon.config), *args],
+        env=daemon_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err
+
+
+def test_actions_for_one_device(daemon: Daemon, tmp_path: Path) -> None:
+    target = another(daemon, tmp_path, "DESKTOP-ACT")
+    for args, action in (
+        (["restart", target.id], "restart"),
+        (["scan", target.id, "--full"], "defender_scan"),
+        (["defender-update", target.id], "defender_update"),
+        (["rename", target.id, "DESK-9"], "rename"),
+    ):
+        out = ok(mdmctl(daemon, *args))
+        assert re.fullmatch(
+            rf"{action} queued for {target.id}: action {UUID.pattern}, command {UUID.pattern}\n", out
+        )
+    assert "name: 1 to 15 letters" in failed(mdmctl(daemon, "rename", target.id, "NOT_VALID"))
+    assert "--yes" in failed(mdmctl(daemon, "wipe", target.id))
+    assert "has a restart pending already" in failed(mdmctl(daemon, "restart", target.id))
+    assert "device ID or --group" in failed(mdmctl(daemon, "restart"))
+    shown = ok(mdmctl(daemon, "device", target.id))
+    assert re.search(r"^pending_actions +restart, defender_scan, defender_update, rename$", shown, re.M)
+    assert re.search(r"defender_scan +full=True +pending", shown)
+    target.sync(daemon)
+    shown = ok(mdmctl(daemon, "device", target.id))
+    assert re.search(
+        r"rename +name=DESK-9 +awaiting_restart +200 OK +the device accepted the name DESK-9", shown
+    )
+    assert re.search(r"restart +- +acknowledged +200 OK", shown)
+
+
+def test_a_failed_command_reads_with_its_meaning(daemon: Daemon, tmp_path: Path) -> None:
+    target = another(daemon, tmp_path, "DESKTOP-404")
+    proc = background(daemon, "exec", target.id, "./Vendor/MSFT/NoSuchCSP/Go", "--wait", "60")
+    assert proc.stdout is not None
+    uuid = proc.stdout.readline().strip()
+    assert UUID.fullmatch(uuid)
+    target.sync(daemon)
+    code, out, err = finish(proc)
+    assert code == 1 and re.search(r"^status +404 Not found: the device has no such node", out, re.M)
+    assert err.strip() == f"mdmctl: command {uuid} failed: 404 Not found: the device has no such node; " + (
+        "the CSP may be missing on this Windows edition"
+    )
+
+
+def test_wipe_with_yes_waits_for_the_device(daemon: Daemon, tmp_path: Path) -> None:
+    target = another(daemon, tmp_path, "DESKTOP-WIPE")
+    proc = background(daemon, "wipe", target.id, "--mode", "protected", "--yes", "--wait", "60")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(f"wipe queued for {target.id}: action ")
+    target.sync(daemon)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert out.startswith("acknowledged: the device accepted the wipe (protected, doWipeProtected)")
+    assert re.search(r"^state +wiped$", ok(mdmctl(daemon, "device", target.id)), re.M)
+
+
+def test_a_group_action_prints_the_operation_and_its_progress(daemon: Daemon, tmp_path: Path) -> None:
+    member = another(daemon, tmp_path, "DESKTOP-GRP")
+    assert mdmctl(daemon, "group", "add", "scanners").returncode == 0
+    assert mdmctl(daemon, "group", "members", "scanners", "--add", member.id).returncode == 0
+    proc = background(daemon, "scan", "--group", "scanners", "--wait", "60")
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    match = re.fullmatch(rf"operation ({UUID.pattern}): defender_scan for group scanners\n", first)
+    assert match, first
+    # The fan-out has given the member its scan: the device checks in.
+    for line in proc.stdout:
+        if line.startswith("delivering: 1/1 queued"):
+            break
+    member.sync(daemon)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert out.splitlines()[-1] == "done: 1/1 queued, 1 acknowledged, 0 failed, 0 skipped"
+    shown = ok(mdmctl(daemon, "operation", match.group(1)))
+    assert re.search(r"^state +done$", shown, re.M) and re.search(r"^acknowledged +1$", shown, re.M)
+    assert member.client.scans == ["1"]
 
 
 # --- failures ---

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mdmd.actions import ActionRequest, ActionStep, action_command, settle, shown_state
 from mdmd.management import (
     AlertRecord,
     CommandResult,
@@ -40,6 +41,9 @@ from mdmd.store import (
     AuditQuery,
     CertificateRenewal,
     DeviceQuery,
+    NewAction,
+    NewOperation,
+    OperationRecord,
     RenewalRefused,
     SessionConflict,
     Store,
@@ -875,3 +879,269 @@ def test_the_device_list_filters_by_group(store: Store) -> None:
     assert read_all_pages(store, DeviceQuery(group="g", descending=True), 5) == ["DEV3", "DEV1"]
     assert read_all_pages(store, DeviceQuery(group="all"), 2) == ["DEV1", "DEV2", "DEV3"]
     assert read_all_pages(store, DeviceQuery(group="nobody"), 2) == []
+
+
+# --- device actions and group operations ---
+
+
+def _new_action(kind: str, n: int, **options: object) -> NewAction:
+    request = ActionRequest.from_options(kind, options)
+    queued = action_command(request, provider_id="mdmd")
+    return NewAction(f"act-{n}", f"cmd-act-{n}", kind, request.options(), queued.verb, queued.body)
+
+
+def _enrolled_for_actions(store: Store, device_id: str, n: int) -> None:
+    h = wait(store.enroll_host(host(n), now=1.0))
+    wait(store.record_device_enrollment(enrollment(device_id, h.id, f"serial{n}", hw=None), now=2.0))
+
+
+def _settle_and_commit(store: Store, serial: str, step: ManagementStep, now: float) -> ActionStep:
+    ctx = wait(store.management_context(serial))
+    assert ctx is not None
+    actions = settle(ctx.actions, step)
+    wait(store.commit_management_step(step, now, actions=actions))
+    return actions
+
+
+def test_an_action_is_queued_with_its_command_and_shown_on_the_device(store: Store) -> None:
+    assert wait(store.request_action("NOPE", _new_action("restart", 0), now=3.0)).result == "no_device"
+    _enrolled_for_actions(store, "DEV1", 1)
+    outcome = wait(store.request_action("DEV1", _new_action("wipe", 1, mode="protected"), now=3.0))
+    assert outcome.result == "queued" and outcome.action is not None
+    assert (outcome.action.state, outcome.action.options) == ("pending", {"mode": "protected"})
+    command = wait(store.command("cmd-act-1"))
+    assert command is not None and command.verb == "Exec" and "doWipeProtected" in command.body
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.lifecycle == "wipe_pending" and device.pending_actions == ("wipe",)
+    # The same action again is refused while it is queued; another is not.
+    assert (
+        wait(store.request_action("DEV1", _new_action("wipe", 2, mode="wipe"), now=4.0)).result == "pending"
+    )
+    assert wait(store.request_action("DEV1", _new_action("restart", 3), now=4.0)).result == "queued"
+    listed = {d.device_id: d for d in wait(store.devices())}
+    assert listed["DEV1"].pending_actions == ("wipe", "restart")
+    assert [a.action_id for a in wait(store.device_actions("DEV1"))] == ["act-3", "act-1"]
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None and {a.action for a in ctx.actions} == {"wipe", "restart"}
+    assert wait(store.command("act-2")) is None and wait(store.command("cmd-act-2")) is None
+
+
+def test_an_mdm_unenrollment_also_asks_the_agent(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    assert wait(store.request_action("DEV1", _new_action("unenroll", 1), now=3.0)).result == "queued"
+    found = wait(store.host_by_node_key(hashlib.sha256(b"key-1").digest()))
+    assert found is not None and found.unenroll_requested
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.lifecycle == "unenroll_pending"
+
+
+def test_an_accepted_wipe_unenrolls_revokes_and_cancels_what_is_queued(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    wait(store.request_action("DEV1", _new_action("wipe", 1), now=3.0))
+    wait(store.request_action("DEV1", _new_action("defender_update", 2), now=3.0))
+    wait(store.queue_command("DEV1", "plain", "Get", "<Get/>", now=3.0))
+    sent = ManagementStep("DEV1", session=_session(), sent=(("cmd-act-1", "1A", 1),))
+    _settle_and_commit(store, "serial1", sent, now=4.0)
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.lifecycle == "wipe_pending"
+    answered = ManagementStep("DEV1", session=None, answered=(("cmd-act-1", 200),))
+    assert _settle_and_commit(store, "serial1", answered, now=5.0).ended == "wiped"
+    device = wait(store.device("DEV1"))
+    assert device is not None and (device.state, device.lifecycle) == ("unenrolled", "wiped")
+    assert shown_state(device.state, device.lifecycle) == "wiped" and device.pending_actions == ()
+    cert = wait(store.certificate("serial1"))
+    assert cert is not None and cert.revoked_at == 5.0
+    wipe, plain = wait(store.command("cmd-act-1")), wait(store.command("plain"))
+    assert wipe is not None and (wipe.state, wipe.status) == ("acknowledged", 200)
+    assert plain is not None and (plain.state, plain.status) == ("failed", None)
+    assert plain.detail == "cancelled: the device was wiped"
+    states = {a.action: a.state for a in wait(store.device_actions("DEV1"))}
+    assert states == {"wipe": "acknowledged", "defender_update": "cancelled"}
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None and ctx.queue == () and ctx.session is None
+    # Nothing more for it.
+    assert wait(store.request_action("DEV1", _new_action("restart", 3), now=6.0)).result == "wiped"
+    assert wait(store.queue_command("DEV1", "late", "Get", "<Get/>", now=6.0)) is None
+    # A fresh enrollment of the same ID is an enrolled device again.
+    wait(store.record_device_enrollment(enrollment("DEV1", 1, "serial9", hw=None), now=7.0))
+    device = wait(store.device("DEV1"))
+    assert device is not None and shown_state(device.state, device.lifecycle) == "enrolled"
+
+
+def test_a_failed_wipe_leaves_the_device_as_it_was(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    wait(store.request_action("DEV1", _new_action("wipe", 1), now=3.0))
+    _settle_and_commit(
+        store, "serial1", ManagementStep("DEV1", _session(), answered=(("cmd-act-1", 404),)), 4.0
+    )
+    device = wait(store.device("DEV1"))
+    assert device is not None and (device.state, device.lifecycle) == ("enrolled", None)
+    (wipe,) = wait(store.device_actions("DEV1"))
+    assert (wipe.state, wipe.status) == ("failed", 404) and "404 Not found" in (wipe.detail or "")
+    # It may be asked again.
+    assert wait(store.request_action("DEV1", _new_action("wipe", 2), now=5.0)).result == "queued"
+
+
+def test_alert_1226_confirms_an_unenrollment_the_device_never_answered(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    wait(store.request_action("DEV1", _new_action("unenroll", 1), now=3.0))
+    _settle_and_commit(
+        store, "serial1", ManagementStep("DEV1", _session(), sent=(("cmd-act-1", "1A", 2),)), 4.0
+    )
+    _settle_and_commit(store, "serial1", ManagementStep("DEV1", session=None, unenroll=True), 5.0)
+    device = wait(store.device("DEV1"))
+    assert device is not None and (device.state, device.lifecycle) == ("unenrolled", None)
+    assert shown_state(device.state, device.lifecycle) == "unenrolled"
+    command = wait(store.command("cmd-act-1"))
+    assert command is not None and (command.state, command.status) == ("acknowledged", None)
+    assert command.detail == "confirmed by the device's Alert 1226"
+    (unenroll,) = wait(store.device_actions("DEV1"))
+    assert unenroll.state == "acknowledged"
+    cert = wait(store.certificate("serial1"))
+    assert cert is not None and cert.revoked_at == 5.0
+    assert wait(store.request_action("DEV1", _new_action("unenroll", 2), now=6.0)).result == "unenrolled"
+
+
+def test_a_new_rename_replaces_one_waiting_for_a_restart(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    wait(store.request_action("DEV1", _new_action("rename", 1, name="A-1"), now=3.0))
+    assert (
+        wait(store.request_action("DEV1", _new_action("rename", 2, name="A-2"), now=3.0)).result == "pending"
+    )
+    _settle_and_commit(
+        store, "serial1", ManagementStep("DEV1", _session(), answered=(("cmd-act-1", 200),)), 4.0
+    )
+    (first,) = wait(store.device_actions("DEV1"))
+    assert first.state == "awaiting_restart"
+    assert (
+        wait(store.request_action("DEV1", _new_action("rename", 3, name="A-3"), now=5.0)).result == "queued"
+    )
+    states = {a.options["name"]: a.state for a in wait(store.device_actions("DEV1"))}
+    assert states == {"A-1": "cancelled", "A-3": "pending"}
+
+
+def _operation(group: str, n: int, kind: str = "action") -> NewOperation:
+    queued = action_command(ActionRequest("restart"), provider_id="mdmd")
+    return NewOperation(
+        f"op-{n}", kind, group, queued.verb, queued.body, "restart" if kind == "action" else None, {}
+    )
+
+
+def test_operations_need_an_existing_group(store: Store) -> None:
+    assert wait(store.create_operation(_operation("nope", 1), now=1.0)) is False
+    assert wait(store.operation("op-1")) is None
+    assert wait(store.create_operation(_operation("all", 2), now=1.0)) is True
+    op = wait(store.operation("op-2"))
+    assert op is not None and (op.state, op.total, op.queued) == ("pending", None, 0)
+
+
+def test_a_lease_is_held_by_one_owner_until_it_expires_or_its_owner_is_dead(store: Store) -> None:
+    wait(store.create_operation(_operation("all", 1), now=1.0))
+    first = wait(store.claim_operation("node-a/1", now=10.0, lease_until=40.0))
+    assert first is not None and (first.state, first.lease_owner) == ("queuing", "node-a/1")
+    assert wait(store.claim_operation("node-b/1", now=20.0, lease_until=50.0)) is None
+    # Its own owner may claim it again (a restart on the same node).
+    again = wait(store.claim_operation("node-a/1", now=20.0, lease_until=50.0))
+    assert again is not None and again.lease_until == 50.0
+    # A dead owner's lease is taken over at once; an expired one by anyone.
+    taken = wait(store.claim_operation("node-a/2", now=21.0, lease_until=51.0, takeover=["node-a/1"]))
+    assert taken is not None and taken.lease_owner == "node-a/2"
+    assert wait(store.fan_out("op-1", "node-a/1", 22.0, 52.0, limit=10)) is None  # lost it
+    expired = wait(store.claim_operation("node-b/1", now=60.0, lease_until=90.0))
+    assert expired is not None and expired.lease_owner == "node-b/1"
+    leases = wait(store.operation_leases())
+    assert [(o.operation_id, o.lease_owner) for o in leases] == [("op-1", "node-b/1")]
+    wait(store.release_operation("op-1", "node-b/1"))
+    released = wait(store.claim_operation("node-c/1", now=61.0, lease_until=91.0))
+    assert released is not None and released.lease_owner == "node-c/1"
+
+
+def test_a_fan_out_queues_each_member_once_in_batches_and_counts_progress(store: Store) -> None:
+    ids = [f"DEV{n}" for n in range(5)]
+    for n, device_id in enumerate(ids, start=1):
+        _enrolled_for_actions(store, device_id, n)
+    wait(store.create_group("desks", now=1.0))
+    wait(store.change_group_members("desks", ids, [], now=1.0))
+    # DEV0 has a restart pending already, DEV1 left: both are skipped.
+    wait(store.request_action("DEV0", _new_action("restart", 1), now=2.0))
+    _settle_and_commit(store, "serial2", ManagementStep("DEV1", None, unenroll=True), 2.0)
+    wait(store.create_operation(_operation("desks", 7), now=3.0))
+    claimed = wait(store.claim_operation("me", now=3.0, lease_until=30.0))
+    assert claimed is not None
+    first = wait(store.fan_out("op-7", "me", 4.0, 34.0, limit=2, total=5))
+    assert first is not None and (first.state, first.total, first.queued, first.skipped) == (
+        "queuing",
+        5,
+        0,
+        2,
+    )
+    assert first.lease_until == 34.0
+    second = wait(store.fan_out("op-7", "me", 5.0, 35.0, limit=2))
+    assert second is not None and (second.state, second.queued) == ("queuing", 2)
+    last = wait(store.fan_out("op-7", "me", 6.0, 36.0, limit=2))
+    assert last is not None and (last.state, last.total, last.queued, last.skipped) == ("delivering", 5, 3, 2)
+    assert last.lease_owner is None
+    assert wait(store.fan_out("op-7", "me", 7.0, 37.0, limit=2)) is None  # nothing left to do
+    per_device = {d: [a for a in wait(store.device_actions(d)) if a.operation_id == "op-7"] for d in ids}
+    assert {d: len(a) for d, a in per_device.items()} == {
+        "DEV0": 0,
+        "DEV1": 0,
+        "DEV2": 1,
+        "DEV3": 1,
+        "DEV4": 1,
+    }
+    # Answers count, and the last one finishes it.
+    for n, device_id in enumerate(ids[2:], start=3):
+        (act,) = per_device[device_id]
+        code = 200 if device_id != "DEV4" else 404
+        _settle_and_commit(
+            store, f"serial{n}", ManagementStep(device_id, None, answered=((act.command_uuid, code),)), 8.0
+        )
+    done = wait(store.operation("op-7"))
+    assert done is not None and (done.state, done.acknowledged, done.failed) == ("done", 2, 1)
+    assert done.finished_at == 8.0
+
+
+def test_a_command_operation_reaches_every_enrolled_device_of_all(store: Store) -> None:
+    for n, device_id in enumerate(["A", "B", "C"], start=1):
+        _enrolled_for_actions(store, device_id, n)
+    wait(store.create_operation(_operation("all", 1, kind="command"), now=3.0))
+    assert wait(store.claim_operation("me", now=3.0, lease_until=30.0)) is not None
+    done = wait(store.fan_out("op-1", "me", 4.0, 34.0, limit=10))
+    assert done is not None and (done.state, done.total, done.queued) == ("delivering", 3, 3)
+    for device_id in ("A", "B", "C"):
+        (command,) = wait(store.device_commands(device_id))
+        assert command.operation_id == "op-1" and command.verb == "Exec"
+    # A device that leaves counts its cancelled command as failed.
+    _settle_and_commit(store, "serial1", ManagementStep("A", None, unenroll=True), 5.0)
+    op = wait(store.operation("op-1"))
+    assert op is not None and (op.failed, op.state) == (1, "delivering")
+
+
+def test_a_group_wipe_or_unenrollment_sets_each_members_lifecycle(store: Store) -> None:
+    for n, device_id in enumerate(["A", "B", "C"], start=1):
+        _enrolled_for_actions(store, device_id, n)
+    wait(store.request_action("A", _new_action("wipe", 1), now=2.0))
+    wait(store.request_action("B", _new_action("unenroll", 2), now=2.0))
+
+    def fan(kind: str, n: int, **options: object) -> OperationRecord:
+        queued = action_command(ActionRequest.from_options(kind, options), provider_id="mdmd")
+        wait(
+            store.create_operation(
+                NewOperation(f"op-{n}", "action", "all", queued.verb, queued.body, kind, options), 3.0
+            )
+        )
+        assert wait(store.claim_operation("me", now=3.0, lease_until=30.0)) is not None
+        done = wait(store.fan_out(f"op-{n}", "me", 4.0, 34.0, limit=10))
+        assert done is not None
+        return done
+
+    unenroll = fan("unenroll", 7)
+    assert (unenroll.queued, unenroll.skipped) == (2, 1)  # B has one pending
+    lifecycles = {d.device_id: d.lifecycle for d in wait(store.devices())}
+    assert lifecycles == {"A": "wipe_pending", "B": "unenroll_pending", "C": "unenroll_pending"}
+    found = wait(store.host_by_node_key(hashlib.sha256(b"key-3").digest()))
+    assert found is not None and found.unenroll_requested
+    wipe = fan("wipe", 8, mode="wipe")
+    assert (wipe.queued, wipe.skipped) == (2, 1)  # A has one pending
+    assert {d.lifecycle for d in wait(store.devices())} == {"wipe_pending"}

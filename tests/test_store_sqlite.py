@@ -609,3 +609,53 @@ def test_what_devices_and_agents_ask_does_not_grow_with_the_fleet(tmp_path: Path
     finally:
         conn.close()
     assert checked >= 20
+
+
+def test_schema_version_6_devices_and_commands_carry_over_to_actions(tmp_path: Path) -> None:
+    """Migration 7 adds columns and tables beside the data: enrolled
+    devices keep their state (no lifecycle), queued commands stay queued
+    (no operation), and the new partial indexes are the ones queries use."""
+    path = tmp_path / "mdmd.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:6]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=6")
+    conn.execute(
+        "INSERT INTO devices (device_id, enrollment_type, context, state, enrolled_at)"
+        " VALUES ('DEV1', 'Full', '[]', 'enrolled', 1)"
+    )
+    conn.execute(
+        "INSERT INTO commands (uuid, device_id, verb, body, state, created_at)"
+        " VALUES ('c1', 'DEV1', 'Get', '<Get/>', 'pending', 1)"
+    )
+    conn.close()
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    assert s.open() == 6
+    s.start()
+    try:
+        device = wait(s.device("DEV1"))
+        assert device is not None and (device.state, device.lifecycle, device.pending_actions) == (
+            "enrolled",
+            None,
+            (),
+        )
+        command = wait(s.command("c1"))
+        assert command is not None and (command.state, command.operation_id, command.detail) == (
+            "pending",
+            None,
+            None,
+        )
+    finally:
+        s.stop()
+    conn = sqlite3.connect(path)
+    plan = " ".join(
+        str(r[3])
+        for r in conn.execute(
+            # The device list's query: the open actions of the whole fleet.
+            "EXPLAIN QUERY PLAN SELECT device_id, action FROM device_actions"
+            " WHERE state IN ('pending', 'sent', 'awaiting_restart')"
+        )
+    )
+    conn.close()
+    assert "device_actions_open" in plan

@@ -11,6 +11,7 @@ queue with its results, and OMA-DM session state.
 from mdmd.store.interface import Store
 from mdmd.store.records import (
     DEVICE_SORTS,
+    ActionOutcome,
     AdminToken,
     AssignmentOutcome,
     AuditEntry,
@@ -32,6 +33,9 @@ from mdmd.store.records import (
     HostEnrollment,
     HostRecord,
     ManagementContext,
+    NewAction,
+    NewOperation,
+    OperationRecord,
     ProfileContext,
     ProfileRecord,
     RenewalOutcome,
@@ -43,6 +47,7 @@ from mdmd.store.records import (
 
 __all__ = [
     "DEVICE_SORTS",
+    "ActionOutcome",
     "AdminToken",
     "AssignmentOutcome",
     "AuditEntry",
@@ -64,6 +69,9 @@ __all__ = [
     "HostEnrollment",
     "HostRecord",
     "ManagementContext",
+    "NewAction",
+    "NewOperation",
+    "OperationRecord",
     "ProfileContext",
     "ProfileRecord",
     "RenewalOutcome",

@@ -7,9 +7,11 @@ from typing import Literal, Protocol
 
 from twisted.internet.defer import Deferred
 
+from mdmd.actions import ActionStep, DeviceAction
 from mdmd.management import ManagementStep
 from mdmd.profiles import Profile, ProfileStep
 from mdmd.store.records import (
+    ActionOutcome,
     AdminToken,
     AssignmentOutcome,
     AuditEntry,
@@ -30,6 +32,9 @@ from mdmd.store.records import (
     HostEnrollment,
     HostRecord,
     ManagementContext,
+    NewAction,
+    NewOperation,
+    OperationRecord,
     ProfileContext,
     ProfileRecord,
     RenewalOutcome,
@@ -149,13 +154,18 @@ class Store(Protocol):
         *,
         expected_seq: int | None = None,
         profiles: ProfileStep | None = None,
+        actions: ActionStep | None = None,
     ) -> Deferred[None]:
         """Commit one message's step (and what it changed of the device's
-        profiles, in the same transaction).  With *expected_seq* (the
-        context's ``session_seq``) it is a compare-and-swap:
-        ``SessionConflict``, and nothing written, if another step committed
-        since.  Commands the step created are queued before its ``sent``
-        marks apply."""
+        profiles and actions, in the same transaction).  With
+        *expected_seq* (the context's ``session_seq``) it is a
+        compare-and-swap: ``SessionConflict``, and nothing written, if
+        another step committed since.  Commands the step created are queued
+        before its ``sent`` marks apply.  Answers count in their group
+        operation's progress.  When the device leaves (its Alert 1226, or
+        ``actions.ended``: wiped or unenrolled) it is unenrolled, its
+        certificates revoked, and every command and action still open for it
+        cancelled (failed, with the reason in ``detail``)."""
         ...
 
     def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
@@ -290,4 +300,62 @@ class Store(Protocol):
 
     def check_writable(self, now: float) -> Deferred[None]:
         """Commit a small write (readiness): fails when the store cannot."""
+        ...
+
+    # -- device actions and group operations --
+
+    def request_action(self, device_id: str, action: NewAction, now: float) -> Deferred[ActionOutcome]:
+        """Queue *action* for the device, unless it is not enrolled (or was
+        wiped) or the same action is queued or sent already.  A wipe or an
+        unenrollment sets the device's lifecycle; an unenrollment also asks
+        the device's agent, when there is one; a rename replaces a rename
+        still waiting for a restart."""
+        ...
+
+    def device_actions(self, device_id: str, *, limit: int = 20) -> Deferred[list[DeviceAction]]:
+        """The device's actions, newest first."""
+        ...
+
+    def create_operation(self, operation: NewOperation, now: float) -> Deferred[bool]:
+        """Record a group operation (``pending``); False, and nothing
+        stored, when the group does not exist (``all`` always does)."""
+        ...
+
+    def operation(self, operation_id: str) -> Deferred[OperationRecord | None]: ...
+
+    def operation_leases(self) -> Deferred[list[OperationRecord]]:
+        """The operations still to fan out (``pending``, ``queuing``), with
+        their leases."""
+        ...
+
+    def claim_operation(
+        self, owner: str, now: float, lease_until: float, *, takeover: Sequence[str] = ()
+    ) -> Deferred[OperationRecord | None]:
+        """Lease the oldest operation still to fan out whose lease is free,
+        expired, *owner*'s own, or held by one of *takeover* (owners known
+        to be dead); None when there is none.  Compare-and-swap: two
+        claimants never both get one operation."""
+        ...
+
+    def fan_out(
+        self,
+        operation_id: str,
+        owner: str,
+        now: float,
+        lease_until: float,
+        *,
+        limit: int,
+        total: int | None = None,
+    ) -> Deferred[OperationRecord | None]:
+        """One batch, one transaction: the next *limit* members of the
+        operation's group get its command (or action), the cursor moves past
+        them and the lease is renewed; after the last member the operation
+        is ``delivering`` (or ``done``) and the lease released.  None, and
+        nothing done, when *owner* no longer holds the lease.  *total*, if
+        given, is recorded when none is yet."""
+        ...
+
+    def release_operation(self, operation_id: str, owner: str) -> Deferred[None]:
+        """Give up *owner*'s lease (stopping), so that another process can
+        continue at once."""
         ...

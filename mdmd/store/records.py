@@ -8,15 +8,17 @@ to them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mdmd.actions import DeviceAction
 from mdmd.management import CommandResult, QueuedCommand, SessionState
 from mdmd.profiles import DeviceProfile, DeviceVars, Profile, ProfileCommand, ProfileEvent, ProfileItem
 
 __all__ = [
     "DEVICE_SORTS",
+    "ActionOutcome",
     "AdminToken",
     "AssignmentOutcome",
     "AuditEntry",
@@ -38,6 +40,9 @@ __all__ = [
     "HostEnrollment",
     "HostRecord",
     "ManagementContext",
+    "NewAction",
+    "NewOperation",
+    "OperationRecord",
     "ProfileContext",
     "ProfileRecord",
     "RenewalOutcome",
@@ -167,6 +172,10 @@ class DeviceRecord:
     #: The device's current certificate: the newest one not revoked (None:
     #: it has none, e.g. unenrolled).
     certificate: CertificateRecord | None = None
+    # What a wipe or an unenrollment made of it (mdmd.actions.shown_state),
+    # and the names of its actions not finished yet.
+    lifecycle: str | None = None
+    pending_actions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +221,8 @@ class CommandRecord:
     sent_at: float | None
     acked_at: float | None
     results: tuple[CommandResult, ...] = ()
+    detail: str | None = None  # why it was cancelled, or how it was confirmed
+    operation_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +240,7 @@ class ManagementContext:
     # work for them.
     profiles: tuple[DeviceProfile, ...] = ()
     profile_links: tuple[ProfileCommand, ...] = ()
+    actions: tuple[DeviceAction, ...] = ()  # its actions not finished yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,3 +395,68 @@ class AuditQuery:
 
 #: metric key -> label value -> count, e.g. {"devices": {"enrolled": 9}}.
 FleetCounts = dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class NewAction:
+    """An action to queue for one device: its record and its command."""
+
+    action_id: str
+    command_uuid: str
+    action: str
+    options: Mapping[str, Any]
+    verb: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class ActionOutcome:
+    """Queueing an action: ``queued`` (with the record), or why not:
+    ``no_device``, ``unenrolled``, ``wiped``, ``pending`` (the same action
+    is queued or sent already)."""
+
+    result: str
+    action: DeviceAction | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewOperation:
+    """One action or command for every member of a group."""
+
+    operation_id: str
+    kind: str  # "action" | "command"
+    group_name: str
+    verb: str
+    body: str
+    action: str | None = None
+    options: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRecord:
+    """A group operation and its progress.  ``state``: ``pending`` (not
+    started), ``queuing`` (the members are being given their commands, in
+    batches), ``delivering`` (every member has its command), ``done`` (every
+    command answered, failed or cancelled).  ``total`` is the group's size
+    when the fan-out started, then, once it is over, exactly ``queued`` +
+    ``skipped`` (members not enrolled, or with the same action pending)."""
+
+    operation_id: str
+    kind: str
+    group_name: str
+    action: str | None
+    options: Mapping[str, Any] | None
+    verb: str
+    body: str
+    state: str
+    total: int | None
+    queued: int
+    skipped: int
+    acknowledged: int
+    failed: int
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    cursor: str | None = None

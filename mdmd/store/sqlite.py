@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import time
+import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Literal, TypeVar
@@ -19,6 +20,7 @@ from typing import Literal, TypeVar
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 
+from mdmd.actions import BLOCKING_STATES, OPEN_STATES, ActionStep, DeviceAction, lifecycle_of
 from mdmd.management import CommandResult, ManagementStep, QueuedCommand, decode_session, encode_session
 from mdmd.profiles import (
     STATES,
@@ -33,6 +35,7 @@ from mdmd.profiles import (
 )
 from mdmd.store.engine import TransactionEngine
 from mdmd.store.records import (
+    ActionOutcome,
     AdminToken,
     AssignmentOutcome,
     AuditEntry,
@@ -54,6 +57,9 @@ from mdmd.store.records import (
     HostEnrollment,
     HostRecord,
     ManagementContext,
+    NewAction,
+    NewOperation,
+    OperationRecord,
     ProfileContext,
     ProfileRecord,
     RenewalOutcome,
@@ -383,7 +389,8 @@ class SQLiteStore:
                     state = 'enrolled',
                     hw_dev_id_collision = excluded.hw_dev_id_collision,
                     enrolled_at = excluded.enrolled_at,
-                    unenrolled_at = NULL
+                    unenrolled_at = NULL,
+                    lifecycle = CASE WHEN devices.lifecycle = 'wiped' THEN NULL ELSE devices.lifecycle END
                 """,
                 (
                     e.device_id,
@@ -423,7 +430,13 @@ class SQLiteStore:
                 " ORDER BY d.device_id = ? DESC, d.state = 'enrolled' DESC, d.enrolled_at DESC LIMIT 1",
                 (device_id, device_id),
             ).fetchone()
-            return None if row is None else _device(row)
+            if row is None:
+                return None
+            pending = conn.execute(
+                f"SELECT action FROM device_actions WHERE device_id = ? AND {_OPEN} ORDER BY created_at",
+                (row["device_id"],),
+            )
+            return _device(row, tuple(r["action"] for r in pending))
 
         return self._run(txn, write=False)
 
@@ -436,7 +449,15 @@ class SQLiteStore:
 
     def devices(self) -> Deferred[list[DeviceRecord]]:
         def txn(conn: sqlite3.Connection) -> list[DeviceRecord]:
-            return [_device(r) for r in conn.execute(_DEVICE_SELECT + " ORDER BY d.enrolled_at, d.device_id")]
+            pending: dict[str, list[str]] = {}
+            for r in conn.execute(
+                f"SELECT device_id, action FROM device_actions WHERE {_OPEN} ORDER BY created_at"
+            ):
+                pending.setdefault(r["device_id"], []).append(r["action"])
+            return [
+                _device(r, tuple(pending.get(r["device_id"], ())))
+                for r in conn.execute(_DEVICE_SELECT + " ORDER BY d.enrolled_at, d.device_id")
+            ]
 
         return self._run(txn, write=False, bulk=True)
 
@@ -593,6 +614,10 @@ class SQLiteStore:
             )
             profiles = conn.execute("SELECT * FROM device_profiles WHERE device_id = ?", (device_id,))
             links = conn.execute("SELECT * FROM profile_commands WHERE device_id = ?", (device_id,))
+            actions = conn.execute(
+                f"SELECT * FROM device_actions WHERE device_id = ? AND {_OPEN} ORDER BY created_at",
+                (device_id,),
+            )
             return ManagementContext(
                 certificate=_certificate(cert_row),
                 device=_device(device_row),
@@ -601,6 +626,7 @@ class SQLiteStore:
                 session_seq=device_row["session_seq"],
                 profiles=tuple(_device_profile(r) for r in profiles),
                 profile_links=tuple(_profile_command(r) for r in links),
+                actions=tuple(_action(r) for r in actions),
             )
 
         return self._run(txn, write=False)
@@ -641,6 +667,7 @@ class SQLiteStore:
         *,
         expected_seq: int | None = None,
         profiles: ProfileStep | None = None,
+        actions: ActionStep | None = None,
     ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
             device_id = step.device_id
@@ -694,15 +721,14 @@ class SQLiteStore:
                 """,
                 [(now, session_id, msg_id, uuid, device_id) for uuid, session_id, msg_id in step.sent],
             )
-            conn.executemany(
-                """
-                UPDATE commands SET state = ?, status = ?, acked_at = ?
-                WHERE uuid = ? AND device_id = ? AND state IN ('pending', 'sent')
-                """,
+            _finish_commands(
+                conn,
+                device_id,
                 [
-                    ("acknowledged" if 200 <= code < 300 else "failed", code, now, uuid, device_id)
+                    (uuid, "acknowledged" if 200 <= code < 300 else "failed", code, None)
                     for uuid, code in step.answered + step.failed
                 ],
+                now,
             )
             results = list(step.results)
             if step.new_session:
@@ -728,19 +754,28 @@ class SQLiteStore:
                     (device_id, done.key),
                 )
             _insert_results(conn, device_id, results, now)
-            if step.unenroll:
+            if actions:
+                _apply_action_step(conn, device_id, actions, now)
+            ended = actions.ended if actions and actions.ended else ("unenrolled" if step.unenroll else None)
+            if ended is not None:
+                # The device leaves management: its certificate opens nothing
+                # any more and nothing queued for it will ever be delivered.
                 conn.execute(
-                    "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
-                    (now, device_id),
+                    """
+                    UPDATE devices SET state = 'unenrolled', unenrolled_at = ?, lifecycle = ?
+                    WHERE device_id = ?
+                    """,
+                    (now, "wiped" if ended == "wiped" else None, device_id),
                 )
                 conn.execute(
                     """
-                    UPDATE certificates SET revoked_at = ?, revoke_reason = 'unenrolled'
+                    UPDATE certificates SET revoked_at = ?, revoke_reason = ?
                     WHERE device_id = ? AND revoked_at IS NULL
                     """,
-                    (now, device_id),
+                    (now, ended, device_id),
                 )
-            if step.session is None or step.unenroll:
+                _cancel_device(conn, device_id, f"cancelled: the device was {ended}", now)
+            if step.session is None or ended is not None:
                 _end_session(conn, device_id)
             else:
                 conn.execute(
@@ -808,17 +843,193 @@ class SQLiteStore:
             ).fetchone()
             if known is None:
                 return None
-            conn.execute(
-                """
-                INSERT INTO commands (uuid, device_id, verb, body, state, created_at)
-                VALUES (?, ?, ?, ?, 'pending', ?)
-                """,
-                (uuid, known["device_id"], verb, body, now),
-            )
+            _insert_command(conn, known["device_id"], uuid, verb, body, now, None)
             if audit is not None:
                 insert_audit(conn, audit)
             row = conn.execute("SELECT * FROM commands WHERE uuid = ?", (uuid,)).fetchone()
             return _command(row)
+
+        return self._run(txn)
+
+    # -- device actions and group operations --
+
+    def request_action(self, device_id: str, action: NewAction, now: float) -> Deferred[ActionOutcome]:
+        def txn(conn: sqlite3.Connection) -> ActionOutcome:
+            row = conn.execute(
+                "SELECT device_id, state, lifecycle, host_id FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if row is None:
+                return ActionOutcome("no_device")
+            refusal = _action_refusal(conn, row, action.action)
+            if refusal is not None:
+                return ActionOutcome(refusal)
+            return ActionOutcome("queued", _queue_action(conn, row, action, now, None))
+
+        return self._run(txn)
+
+    def device_actions(self, device_id: str, *, limit: int = 20) -> Deferred[list[DeviceAction]]:
+        def txn(conn: sqlite3.Connection) -> list[DeviceAction]:
+            rows = conn.execute(
+                """
+                SELECT * FROM device_actions WHERE device_id = ?
+                ORDER BY created_at DESC, rowid DESC LIMIT ?
+                """,
+                (device_id, limit),
+            )
+            return [_action(r) for r in rows]
+
+        return self._run(txn, write=False)
+
+    def create_operation(self, operation: NewOperation, now: float) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            o = operation
+            if (
+                o.group_name != ALL_GROUP
+                and conn.execute("SELECT 1 FROM device_groups WHERE name = ?", (o.group_name,)).fetchone()
+                is None
+            ):
+                return False
+            conn.execute(
+                """
+                INSERT INTO operations (operation_id, kind, group_name, action, options, verb, body, state,
+                                        created_at, updated_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)
+                """,
+                (
+                    o.operation_id, o.kind, o.group_name, o.action,
+                    None if o.options is None else json.dumps(dict(o.options), sort_keys=True),
+                    o.verb, o.body, now, now,
+                ),
+            )  # fmt: skip
+            return True
+
+        return self._run(txn)
+
+    def operation(self, operation_id: str) -> Deferred[OperationRecord | None]:
+        def txn(conn: sqlite3.Connection) -> OperationRecord | None:
+            row = conn.execute("SELECT * FROM operations WHERE operation_id = ?", (operation_id,)).fetchone()
+            return None if row is None else _operation(row)
+
+        return self._run(txn, write=False)
+
+    def operation_leases(self) -> Deferred[list[OperationRecord]]:
+        def txn(conn: sqlite3.Connection) -> list[OperationRecord]:
+            rows = conn.execute(
+                "SELECT * FROM operations WHERE state IN ('pending', 'queuing') ORDER BY created_at"
+            )
+            return [_operation(r) for r in rows]
+
+        return self._run(txn, write=False)
+
+    def claim_operation(
+        self, owner: str, now: float, lease_until: float, *, takeover: Sequence[str] = ()
+    ) -> Deferred[OperationRecord | None]:
+        def txn(conn: sqlite3.Connection) -> OperationRecord | None:
+            holders = [owner, *takeover]
+            marks = ",".join("?" * len(holders))
+            free = f"(lease_owner IS NULL OR lease_until <= ? OR lease_owner IN ({marks}))"
+            row = conn.execute(
+                f"""
+                SELECT operation_id FROM operations
+                WHERE state IN ('pending', 'queuing') AND {free} ORDER BY created_at LIMIT 1
+                """,
+                (now, *holders),
+            ).fetchone()
+            if row is None:
+                return None
+            cursor = conn.execute(
+                f"""
+                UPDATE operations SET lease_owner = ?, lease_until = ?, updated_at = ?,
+                    state = CASE state WHEN 'pending' THEN 'queuing' ELSE state END
+                WHERE operation_id = ? AND state IN ('pending', 'queuing') AND {free}
+                """,
+                (owner, lease_until, now, row["operation_id"], now, *holders),
+            )
+            if cursor.rowcount != 1:
+                return None
+            claimed = conn.execute(
+                "SELECT * FROM operations WHERE operation_id = ?", (row["operation_id"],)
+            ).fetchone()
+            return _operation(claimed)
+
+        return self._run(txn)
+
+    def fan_out(
+        self,
+        operation_id: str,
+        owner: str,
+        now: float,
+        lease_until: float,
+        *,
+        limit: int,
+        total: int | None = None,
+    ) -> Deferred[OperationRecord | None]:
+        def txn(conn: sqlite3.Connection) -> OperationRecord | None:
+            op = conn.execute("SELECT * FROM operations WHERE operation_id = ?", (operation_id,)).fetchone()
+            if op is None or op["state"] != "queuing" or op["lease_owner"] != owner:
+                return None  # the lease was lost: someone else goes on
+            if total is not None and op["total"] is None:
+                conn.execute("UPDATE operations SET total = ? WHERE operation_id = ?", (total, operation_id))
+            after = op["cursor"] or ""
+            if op["group_name"] == ALL_GROUP:
+                members = conn.execute(
+                    """
+                    SELECT device_id, state, lifecycle, host_id FROM devices
+                    WHERE state = 'enrolled' AND device_id > ? ORDER BY device_id LIMIT ?
+                    """,
+                    (after, limit),
+                ).fetchall()
+            else:
+                members = conn.execute(
+                    """
+                    SELECT m.device_id, d.state, d.lifecycle, d.host_id FROM group_members m
+                    JOIN devices d ON d.device_id = m.device_id
+                    WHERE m.group_name = ? AND m.device_id > ? ORDER BY m.device_id LIMIT ?
+                    """,
+                    (op["group_name"], after, limit),
+                ).fetchall()
+            queued, skipped = _queue_batch(conn, op, members, now)
+            finished = len(members) < limit
+            conn.execute(
+                """
+                UPDATE operations SET queued = queued + ?, skipped = skipped + ?, cursor = ?, updated_at = ?,
+                    lease_until = ?
+                WHERE operation_id = ?
+                """,
+                (
+                    queued,
+                    skipped,
+                    members[-1]["device_id"] if members else op["cursor"],
+                    now,
+                    lease_until,
+                    operation_id,
+                ),
+            )
+            if finished:
+                # Exact now: the members that were there when the batches passed.
+                conn.execute(
+                    """
+                    UPDATE operations SET state = 'delivering', total = queued + skipped,
+                        lease_owner = NULL, lease_until = NULL
+                    WHERE operation_id = ?
+                    """,
+                    (operation_id,),
+                )
+                _operations_done(conn, [operation_id], now)
+            row = conn.execute("SELECT * FROM operations WHERE operation_id = ?", (operation_id,)).fetchone()
+            return _operation(row)
+
+        return self._run(txn)
+
+    def release_operation(self, operation_id: str, owner: str) -> Deferred[None]:
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                """
+                UPDATE operations SET lease_owner = NULL, lease_until = NULL
+                WHERE operation_id = ? AND lease_owner = ?
+                """,
+                (operation_id, owner),
+            )
 
         return self._run(txn)
 
@@ -1303,7 +1514,7 @@ def _host(row: sqlite3.Row) -> HostRecord:
     )
 
 
-def _device(row: sqlite3.Row) -> DeviceRecord:
+def _device(row: sqlite3.Row, pending_actions: tuple[str, ...] = ()) -> DeviceRecord:
     return DeviceRecord(
         device_id=row["device_id"],
         host_id=row["host_id"],
@@ -1330,6 +1541,8 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
             renewed_from=row["c_renewed_from"],
             activated_at=row["c_activated_at"],
         ),
+        lifecycle=row["lifecycle"],
+        pending_actions=pending_actions,
     )
 
 
@@ -1360,6 +1573,8 @@ def _command(row: sqlite3.Row, results: tuple[CommandResult, ...] = ()) -> Comma
         sent_at=row["sent_at"],
         acked_at=row["acked_at"],
         results=results,
+        detail=row["detail"],
+        operation_id=row["operation_id"],
     )
 
 
@@ -1523,3 +1738,277 @@ def _forget_deleted_profiles(conn: sqlite3.Connection, names: Sequence[str]) -> 
             """,
             (name, name),
         )
+
+
+# -- device actions and group operations --
+
+# The condition the partial index device_actions_open is built on.
+_OPEN = "state IN ({})".format(", ".join(f"'{state}'" for state in OPEN_STATES))
+_BLOCKING = "state IN ({})".format(", ".join(f"'{state}'" for state in BLOCKING_STATES))
+
+
+def _insert_command(
+    conn: sqlite3.Connection,
+    device_id: str,
+    uuid: str,
+    verb: str,
+    body: str,
+    now: float,
+    operation_id: str | None,
+) -> None:
+    conn.execute(
+        """
+        INSERT INTO commands (uuid, device_id, verb, body, state, created_at, operation_id)
+        VALUES (?, ?, ?, ?, 'pending', ?, ?)
+        """,
+        (uuid, device_id, verb, body, now, operation_id),
+    )
+
+
+def _action(row: sqlite3.Row) -> DeviceAction:
+    return DeviceAction(
+        action_id=row["action_id"],
+        device_id=row["device_id"],
+        action=row["action"],
+        options=json.loads(row["options"]),
+        command_uuid=row["command_uuid"],
+        state=row["state"],
+        status=row["status"],
+        detail=row["detail"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        operation_id=row["operation_id"],
+    )
+
+
+def _operation(row: sqlite3.Row) -> OperationRecord:
+    return OperationRecord(
+        operation_id=row["operation_id"],
+        kind=row["kind"],
+        group_name=row["group_name"],
+        action=row["action"],
+        options=json.loads(row["options"]) if row["options"] else None,
+        verb=row["verb"],
+        body=row["body"],
+        state=row["state"],
+        total=row["total"],
+        queued=row["queued"],
+        skipped=row["skipped"],
+        acknowledged=row["acknowledged"],
+        failed=row["failed"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        lease_owner=row["lease_owner"],
+        lease_until=row["lease_until"],
+        cursor=row["cursor"],
+    )
+
+
+def _action_refusal(conn: sqlite3.Connection, device: sqlite3.Row, action: str) -> str | None:
+    """Why *action* cannot be queued for *device* (a row with its state and
+    lifecycle), or None."""
+    if device["state"] != "enrolled":
+        return "wiped" if device["lifecycle"] == "wiped" else "unenrolled"
+    same = conn.execute(
+        f"SELECT 1 FROM device_actions WHERE device_id = ? AND action = ? AND {_BLOCKING}",
+        (device["device_id"], action),
+    ).fetchone()
+    return None if same is None else "pending"
+
+
+def _queue_action(
+    conn: sqlite3.Connection, device: sqlite3.Row, new: NewAction, now: float, operation_id: str | None
+) -> DeviceAction:
+    device_id = device["device_id"]
+    if new.action == "rename":
+        # A newer name replaces one the device has not restarted into yet.
+        conn.execute(
+            """
+            UPDATE device_actions SET state = 'cancelled', detail = 'replaced by a newer rename',
+                updated_at = ?
+            WHERE device_id = ? AND action = 'rename' AND state = 'awaiting_restart'
+            """,
+            (now, device_id),
+        )
+    _insert_command(conn, device_id, new.command_uuid, new.verb, new.body, now, operation_id)
+    record = DeviceAction(
+        new.action_id, device_id, new.action, dict(new.options), new.command_uuid, "pending", None, None,
+        now, now, operation_id,
+    )  # fmt: skip
+    conn.execute(
+        """
+        INSERT INTO device_actions (action_id, device_id, action, options, command_uuid, operation_id, state,
+                                    status, detail, created_at, updated_at)
+        VALUES (?, ?, ?, ?, ?, ?, 'pending', NULL, NULL, ?, ?)
+        """,
+        (record.action_id, device_id, record.action, record.options_json(), record.command_uuid,
+         operation_id, now, now),
+    )  # fmt: skip
+    if new.action in ("wipe", "unenroll"):
+        _set_lifecycle(conn, device_id)
+    if new.action == "unenroll" and device["host_id"] is not None:
+        # The agent path as well: whichever comes first unenrolls it.
+        conn.execute("UPDATE hosts SET unenroll_requested = 1 WHERE id = ?", (device["host_id"],))
+    return record
+
+
+def _queue_batch(
+    conn: sqlite3.Connection, op: sqlite3.Row, members: Sequence[sqlite3.Row], now: float
+) -> tuple[int, int]:
+    """Give a batch of the operation's members their command (or action),
+    with one statement per kind of row; (queued, skipped)."""
+    eligible = [m for m in members if m["state"] == "enrolled"]
+    action = op["action"] if op["kind"] == "action" else None
+    if action is not None and eligible:
+        marks = ",".join("?" * len(eligible))
+        busy = {
+            r["device_id"]
+            for r in conn.execute(
+                f"""
+                SELECT device_id FROM device_actions
+                WHERE action = ? AND {_BLOCKING} AND device_id IN ({marks})
+                """,
+                (action, *(m["device_id"] for m in eligible)),
+            )
+        }
+        eligible = [m for m in eligible if m["device_id"] not in busy]
+    operation_id = op["operation_id"]
+    uuids = [str(uuidlib.uuid4()) for _ in eligible]
+    conn.executemany(
+        """
+        INSERT INTO commands (uuid, device_id, verb, body, state, created_at, operation_id)
+        VALUES (?, ?, ?, ?, 'pending', ?, ?)
+        """,
+        [
+            (u, m["device_id"], op["verb"], op["body"], now, operation_id)
+            for u, m in zip(uuids, eligible, strict=True)
+        ],
+    )
+    if action is not None:
+        options = op["options"] or "{}"
+        conn.executemany(
+            """
+            INSERT INTO device_actions (action_id, device_id, action, options, command_uuid, operation_id,
+                                        state, created_at, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)
+            """,
+            [
+                (str(uuidlib.uuid4()), m["device_id"], action, options, u, operation_id, now, now)
+                for u, m in zip(uuids, eligible, strict=True)
+            ],
+        )
+        if action in ("wipe", "unenroll"):
+            # What lifecycle_of gives: a wipe outranks an unenrollment.
+            conn.executemany(
+                """
+                UPDATE devices SET lifecycle = CASE WHEN ? = 'wipe' OR lifecycle IS NOT 'wipe_pending'
+                    THEN ? ELSE lifecycle END
+                WHERE device_id = ? AND state = 'enrolled'
+                """,
+                [(action, lifecycle_of([action]), m["device_id"]) for m in eligible],
+            )
+        if action == "unenroll":
+            conn.executemany(
+                "UPDATE hosts SET unenroll_requested = 1 WHERE id = ?",
+                [(m["host_id"],) for m in eligible if m["host_id"] is not None],
+            )
+    return len(eligible), len(members) - len(eligible)
+
+
+def _set_lifecycle(conn: sqlite3.Connection, device_id: str) -> None:
+    """The lifecycle the device's queued or sent actions give it."""
+    names = [
+        r["action"]
+        for r in conn.execute(
+            f"SELECT action FROM device_actions WHERE device_id = ? AND {_BLOCKING}", (device_id,)
+        )
+    ]
+    conn.execute(
+        "UPDATE devices SET lifecycle = ? WHERE device_id = ? AND state = 'enrolled'",
+        (lifecycle_of(names), device_id),
+    )
+
+
+def _finish_commands(
+    conn: sqlite3.Connection,
+    device_id: str,
+    outcomes: Sequence[tuple[str, str, int | None, str | None]],
+    now: float,
+) -> None:
+    """Mark the device's open commands (uuid, state, status, detail) answered,
+    failed or cancelled, once each, and count them in their operations."""
+    counted: dict[str, list[int]] = {}
+    for uuid, state, status, detail in outcomes:
+        row = conn.execute(
+            """
+            SELECT operation_id FROM commands
+            WHERE uuid = ? AND device_id = ? AND state IN ('pending', 'sent')
+            """,
+            (uuid, device_id),
+        ).fetchone()
+        if row is None:
+            continue  # another device's, or answered already
+        conn.execute(
+            "UPDATE commands SET state = ?, status = ?, acked_at = ?, detail = ? WHERE uuid = ?",
+            (state, status, now, detail, uuid),
+        )
+        if row["operation_id"] is not None:
+            counts = counted.setdefault(row["operation_id"], [0, 0])
+            counts[0 if state == "acknowledged" else 1] += 1
+    for operation_id, (acknowledged, failed) in counted.items():
+        conn.execute(
+            """
+            UPDATE operations SET acknowledged = acknowledged + ?, failed = failed + ?, updated_at = ?
+            WHERE operation_id = ?
+            """,
+            (acknowledged, failed, now, operation_id),
+        )
+    _operations_done(conn, list(counted), now)
+
+
+def _operations_done(conn: sqlite3.Connection, operation_ids: Sequence[str], now: float) -> None:
+    conn.executemany(
+        """
+        UPDATE operations SET state = 'done', finished_at = ?
+        WHERE operation_id = ? AND state = 'delivering' AND acknowledged + failed >= queued
+        """,
+        [(now, o) for o in operation_ids],
+    )
+
+
+def _apply_action_step(conn: sqlite3.Connection, device_id: str, step: ActionStep, now: float) -> None:
+    conn.executemany(
+        """
+        UPDATE device_actions SET state = ?, status = ?, detail = ?, updated_at = ?
+        WHERE action_id = ? AND device_id = ?
+        """,
+        [(u.state, u.status, u.detail, now, u.action_id, device_id) for u in step.updates],
+    )
+    _finish_commands(
+        conn,
+        device_id,
+        [(uuid, "acknowledged", None, "confirmed by the device's Alert 1226") for uuid in step.confirmed],
+        now,
+    )
+    if step.lifecycle_changed and step.ended is None:
+        conn.execute(
+            "UPDATE devices SET lifecycle = ? WHERE device_id = ? AND state = 'enrolled'",
+            (step.lifecycle, device_id),
+        )
+
+
+def _cancel_device(conn: sqlite3.Connection, device_id: str, reason: str, now: float) -> None:
+    """Everything still open for a device that left: its commands fail and
+    its actions are cancelled, with *reason*."""
+    open_commands = conn.execute(
+        "SELECT uuid FROM commands WHERE device_id = ? AND state IN ('pending', 'sent')", (device_id,)
+    ).fetchall()
+    _finish_commands(conn, device_id, [(r["uuid"], "failed", None, reason) for r in open_commands], now)
+    conn.execute(
+        f"""
+        UPDATE device_actions SET state = 'cancelled', detail = ?, updated_at = ?
+        WHERE device_id = ? AND {_OPEN}
+        """,
+        (reason, now, device_id),
+    )

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from mdmd.actions import OPEN_STATES
 from mdmd.store.records import CertificateRecord, DevicePage, DeviceQuery, DeviceRecord
 
 __all__ = [
@@ -50,12 +51,13 @@ CANDIDATE_LIMIT: Final = 5000
 #: The search is checked along the sort order with a lookup of the agent
 #: host per row, which makes walking dearer: candidates pay up to here.
 SEARCH_CANDIDATE_LIMIT: Final = 10000
+OPEN_ACTION_STATES: Final = ", ".join(f"'{state}'" for state in OPEN_STATES)
 
 #: Every column of a device record (not the enrollment context, which only
 #: the device's own page would need).
 DEVICE_COLUMNS: Final = (
     "d.device_id, d.host_id, d.hw_dev_id, d.enrollment_type, d.device_name, d.os_version, d.state, "
-    "d.hw_dev_id_collision, d.enrolled_at, d.unenrolled_at, d.last_seen, d.inventory"
+    "d.hw_dev_id_collision, d.enrolled_at, d.unenrolled_at, d.last_seen, d.inventory, d.lifecycle"
 )
 
 # sort -> (the expression ordered by, the index that holds it in that order)
@@ -284,8 +286,32 @@ def device_page(
     more = len(rows) > limit
     rows = rows[:limit]
     position = (rows[-1]["sort_key"], rows[-1]["device_id"]) if more else None
-    current = current_certificates(conn, [r["device_id"] for r in rows])
-    return DevicePage(tuple(device_record(r, current.get(r["device_id"])) for r in rows), position)
+    ids = [r["device_id"] for r in rows]
+    current = current_certificates(conn, ids)
+    pending = pending_actions(conn, ids)
+    return DevicePage(
+        tuple(device_record(r, current.get(r["device_id"]), pending.get(r["device_id"], ())) for r in rows),
+        position,
+    )
+
+
+def pending_actions(conn: sqlite3.Connection, device_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The names of each listed device's unfinished actions (one statement
+    for a page, on the actions' device index)."""
+    found: dict[str, list[str]] = {}
+    for start in range(0, len(device_ids), 500):
+        chunk = device_ids[start : start + 500]
+        rows = conn.execute(
+            f"""
+            SELECT device_id, action FROM device_actions
+            WHERE device_id IN ({",".join("?" * len(chunk))}) AND state IN ({OPEN_ACTION_STATES})
+            ORDER BY created_at
+            """,
+            chunk,
+        )
+        for row in rows:
+            found.setdefault(row["device_id"], []).append(row["action"])
+    return {k: tuple(v) for k, v in found.items()}
 
 
 def current_certificates(conn: sqlite3.Connection, device_ids: Sequence[str]) -> dict[str, CertificateRecord]:
@@ -317,7 +343,9 @@ def current_certificates(conn: sqlite3.Connection, device_ids: Sequence[str]) ->
     return found
 
 
-def device_record(row: sqlite3.Row, certificate: CertificateRecord | None = None) -> DeviceRecord:
+def device_record(
+    row: sqlite3.Row, certificate: CertificateRecord | None = None, pending: tuple[str, ...] = ()
+) -> DeviceRecord:
     return DeviceRecord(
         device_id=row["device_id"],
         host_id=row["host_id"],
@@ -332,4 +360,6 @@ def device_record(row: sqlite3.Row, certificate: CertificateRecord | None = None
         last_seen=row["last_seen"],
         inventory=json.loads(row["inventory"]),
         certificate=certificate,
+        lifecycle=row["lifecycle"],
+        pending_actions=pending,
     )

@@ -307,5 +307,65 @@ _V6: Final = (
     "CREATE TABLE store_health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL)",
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
+
+# 7 (issue 12, device actions and group operations): each action asked of
+# a device beside the command that carries it out; what a wipe or an
+# unenrollment makes of the device (``lifecycle``: wipe_pending,
+# unenroll_pending, wiped) as a column of its own, so that the devices
+# table keeps its state CHECK and needs no rebuild; a command's operation
+# and why it was cancelled; group operations with their progress counters
+# and the lease of the process fanning them out.
+_V7: Final = (
+    "ALTER TABLE devices ADD COLUMN lifecycle TEXT",
+    "ALTER TABLE commands ADD COLUMN operation_id TEXT",
+    "ALTER TABLE commands ADD COLUMN detail TEXT",
+    "CREATE INDEX commands_by_operation ON commands(operation_id, state) WHERE operation_id IS NOT NULL",
+    """
+    CREATE TABLE device_actions (
+        action_id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        action TEXT NOT NULL,
+        options TEXT NOT NULL,
+        command_uuid TEXT NOT NULL UNIQUE REFERENCES commands(uuid),
+        operation_id TEXT,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'awaiting_restart', 'acknowledged',
+                                             'failed', 'cancelled')),
+        status INTEGER,
+        detail TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX device_actions_by_device ON device_actions(device_id, created_at)",
+    """
+    CREATE INDEX device_actions_open ON device_actions(device_id, action)
+    WHERE state IN ('pending', 'sent', 'awaiting_restart')
+    """,
+    """
+    CREATE TABLE operations (
+        operation_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('action', 'command')),
+        group_name TEXT NOT NULL,
+        action TEXT,
+        options TEXT,
+        verb TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'queuing', 'delivering', 'done')),
+        cursor TEXT,
+        total INTEGER,
+        queued INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        acknowledged INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL
+    )
+    """,
+    "CREATE INDEX operations_open ON operations(created_at) WHERE state IN ('pending', 'queuing')",
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
