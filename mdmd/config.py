@@ -73,6 +73,8 @@ class ManagementConfig:
     provider_id: str
     provider_name: str
     poll: PollSchedule
+    #: The latest messages in and out kept per device (0: none).
+    message_log: int = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,10 @@ class AdminConfig:
     token_file: str
     allow_remote: bool = False
     metrics_cache_seconds: int = 10
+    #: TLS for the admin listener (the API and the web console): both or
+    #: neither, resolved against state_dir.
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +362,7 @@ _SCHEMA: _Schema = {
         "provider_name": (_text, "mdmd"),
         "poll_schedule": (_poll_schedule, PollSchedule()),
         "poll_on_login": (_boolean, True),
+        "message_log": (_bounded_int(0, 1000), 50),
     },
     "wstep": {
         "identity_cert": (_text, "wstep-identity.pem"),
@@ -382,12 +389,15 @@ _SCHEMA: _Schema = {
         "token_file": (_text, "admin_token"),
         "allow_remote": (_boolean, False),
         "metrics_cache_seconds": (_bounded_int(0, 3600), 10),
+        "tls_cert": (_text, None),
+        "tls_key": (_text, None),
     },
 }
 
 
-def _admin_url_from_listen(listen: str) -> str | None:
-    """Derive ``http://host:port`` from a ``tcp:`` endpoint, for mdmctl."""
+def _admin_url_from_listen(listen: str, *, tls: bool = False) -> str | None:
+    """Derive ``http://host:port`` (``https://`` with *tls*) from a ``tcp:``
+    endpoint, for mdmctl."""
     fields = listen.split(":")
     if fields[0] not in ("tcp", "tcp6") or len(fields) < 2:
         return None
@@ -398,7 +408,7 @@ def _admin_url_from_listen(listen: str) -> str | None:
             interface = field.split("=", 1)[1]
             if interface not in ("", "0.0.0.0", "::"):
                 host = f"[{interface}]" if ":" in interface else interface
-    return f"http://{host}:{port}"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 def load_config(path: str) -> MdmdConfig:
@@ -479,7 +489,11 @@ def load_config(path: str) -> MdmdConfig:
             "renew_retry_days",
             f"must not exceed renew_period_days ({renew_days}), got {retry_days}",
         )
-    admin_url = a["url"] if a["url"] is not None else _admin_url_from_listen(str(a["listen"]))
+    if (a["tls_cert"] is None) != (a["tls_key"] is None):
+        missing = "tls_key" if a["tls_key"] is None else "tls_cert"
+        raise ConfigError(path, "admin", missing, "tls_cert and tls_key go together")
+    admin_tls = a["tls_cert"] is not None
+    admin_url = a["url"] if a["url"] is not None else _admin_url_from_listen(str(a["listen"]), tls=admin_tls)
     if admin_url is None:
         raise ConfigError(path, "admin", "url", "required when admin listen is not a tcp: endpoint")
 
@@ -511,6 +525,7 @@ def load_config(path: str) -> MdmdConfig:
             provider_id=typed(str, m["provider_id"]),
             provider_name=typed(str, m["provider_name"]),
             poll=dataclasses.replace(poll, poll_on_login=typed(bool, m["poll_on_login"])),
+            message_log=typed(int, m["message_log"]),
         ),
         wstep=WstepConfig(
             identity_cert=in_state("wstep", "identity_cert"),
@@ -527,6 +542,8 @@ def load_config(path: str) -> MdmdConfig:
             token_file=in_state("admin", "token_file"),
             allow_remote=typed(bool, a["allow_remote"]),
             metrics_cache_seconds=typed(int, a["metrics_cache_seconds"]),
+            tls_cert=in_state("admin", "tls_cert") if admin_tls else None,
+            tls_key=in_state("admin", "tls_key") if admin_tls else None,
         ),
         profiles=ProfilesConfig(
             verify_interval=typed(float, values["profiles"]["verify_interval"]),

@@ -15,6 +15,7 @@ whose answer was lost strands nothing.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from mdmd.app import Mdmd
 from mdmd.management import NewCommand, Reply, SessionError, is_retransmission, process_message, refusal
 from mdmd.profiles import DeviceVars, ProfilePlanner, ProfileSettings
 from mdmd.refusals import CertificateSummary, RefusalLog
-from mdmd.store import ManagementContext, SessionConflict
+from mdmd.store import LoggedMessage, ManagementContext, MessageLogWrite, SessionConflict
 from mdmd.syncml import ALERT_GENERIC, SyncMLError, SyncMLMessage, describe_status, parse_message
 from mdmd.tls import peer_certificate
 from mdmd.web import EndpointResource, HTTPError, HTTPResponse, MdmdRequest, peer_address, request_body
@@ -49,6 +50,10 @@ _LARGE_MESSAGE = 64 * 1024
 # processed again from a fresh read; more conflicts than this in a row mean
 # something is wrong, and the device is told to retry later.
 _CONFLICT_ATTEMPTS = 3
+#: The message log keeps at most this much of each message (the size it
+#: records is the whole message's).
+MESSAGE_LOG_MAX_BYTES = 64 * 1024
+_MSG_ID = re.compile(rb"<MsgID>([0-9]{1,9})</MsgID>")
 _T = TypeVar("_T")
 
 
@@ -275,8 +280,16 @@ class ManagementResource(EndpointResource):
         profiles = planner.finish(reply.step)
         actions = settle(ctx.actions, reply.step, started)
         # Durable before the reply that acknowledges it leaves.
+        now = app.now()
         await app.store.commit_management_step(
-            reply.step, app.now(), expected_seq=ctx.session_seq, profiles=profiles, actions=actions
+            reply.step,
+            now,
+            expected_seq=ctx.session_seq,
+            profiles=profiles,
+            actions=actions,
+            messages=_message_log(
+                app.config.management.message_log, now, hdr.session_id, hdr.msg_id, body, reply
+            ),
         )
         # Profiles log their own failures (below), by profile.
         profile_commands = {link.command_uuid for link in ctx.profile_links} | {
@@ -328,6 +341,37 @@ class ManagementResource(EndpointResource):
             ", session ended" if reply.session_ended else ""
         )
         return _syncml(reply.body)
+
+
+def _message_log(
+    keep: int, now: float, session_id: str, msg_id: int, body: bytes, reply: Reply
+) -> MessageLogWrite:
+    """The device's message and mdmd's reply for its message log (with
+    *keep* 0 none, and what was kept is trimmed away)."""
+    if keep <= 0:
+        return MessageLogWrite((), 0)
+    # The reply is mdmd's own: its first MsgID is its SyncHdr's.
+    found = _MSG_ID.search(reply.body, 0, 1024)
+    out_msg_id = int(found.group(1)) if found else None
+    return MessageLogWrite(
+        (
+            _logged("in", now, session_id, msg_id, body),
+            _logged("out", now, session_id, out_msg_id, reply.body),
+        ),
+        keep,
+    )
+
+
+def _logged(direction: str, now: float, session_id: str, msg_id: int | None, body: bytes) -> LoggedMessage:
+    return LoggedMessage(
+        direction,
+        now,
+        session_id,
+        msg_id,
+        len(body),
+        body[:MESSAGE_LOG_MAX_BYTES],
+        len(body) > MESSAGE_LOG_MAX_BYTES,
+    )
 
 
 def _starts_session(message: SyncMLMessage) -> bool:

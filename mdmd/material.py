@@ -19,7 +19,15 @@ from twisted.logger import Logger
 from mdmd import pki
 from mdmd.config import ConfigError, MdmdConfig
 
-__all__ = ["Material", "TLSMaterial", "bootstrap_plan", "load_material", "load_tls", "prepare"]
+__all__ = [
+    "Material",
+    "TLSMaterial",
+    "bootstrap_plan",
+    "load_admin_tls",
+    "load_material",
+    "load_tls",
+    "prepare",
+]
 
 log = Logger(namespace=__name__)
 
@@ -36,6 +44,9 @@ class Material:
     identity_key: rsa.RSAPrivateKey
     enroll_secret: str
     admin_token: str
+    #: The admin listener's certificate chain and key (``[admin]
+    #: tls_cert``/``tls_key``), None when it serves plain HTTP.
+    admin_tls: tuple[Sequence[x509.Certificate], PrivateKeyTypes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +164,17 @@ def load_material(config: MdmdConfig) -> Material:
         identity_key=identity_key,
         enroll_secret=_secret(config, "enrollment", "enroll_secret_file", e.enroll_secret_file),
         admin_token=_secret(config, "admin", "token_file", config.admin.token_file),
+        admin_tls=load_admin_tls(config),
     )
+
+
+def load_admin_tls(config: MdmdConfig) -> tuple[Sequence[x509.Certificate], PrivateKeyTypes] | None:
+    """The admin listener's chain and key when ``[admin] tls_cert`` is set."""
+    a = config.admin
+    if a.tls_cert is None or a.tls_key is None:
+        return None
+    chain = _chain(config, "admin", "tls_cert", a.tls_cert)
+    return chain, _key(config, "admin", "tls_key", a.tls_key, chain[0])
 
 
 def prepare(config: MdmdConfig) -> Material:

@@ -126,6 +126,7 @@ def _private_files(config: MdmdConfig) -> list[tuple[str, str, str]]:
         ("mdmd", "tls_root_key", config.tls_root_key),
         ("enrollment", "enroll_secret_file", config.enrollment.enroll_secret_file),
         ("admin", "token_file", config.admin.token_file),
+        *([("admin", "tls_key", config.admin.tls_key)] if config.admin.tls_key else []),
     ]
 
 
@@ -224,7 +225,8 @@ def admin_listener_warning(config: MdmdConfig) -> str | None:
     """Refuse a remote admin listener (plain HTTP, bearer tokens in the
     clear) unless ``[admin] allow_remote``; then return a warning."""
     address = listen_address(config.admin.listen)
-    if address is None or _local(address):
+    if address is None or _local(address) or config.admin.tls_cert is not None:
+        # With [admin] tls_cert the API and the console are served over TLS.
         return None
     where = "every interface" if address in ("0.0.0.0", "::") else address
     if not config.admin.allow_remote:
@@ -370,6 +372,11 @@ def _material_files(config: MdmdConfig) -> list[str]:
         config.management.tls_key,
         config.enrollment.enroll_secret_file,
         config.admin.token_file,
+        *(
+            [config.admin.tls_cert, config.admin.tls_key]
+            if config.admin.tls_cert and config.admin.tls_key
+            else []
+        ),
     ]
 
 

@@ -54,7 +54,7 @@ from mdmd.material import Material
 from mdmd.metrics import observe_commit
 from mdmd.preflight import EX_CANTLISTEN
 from mdmd.store.service import StoreService, open_store
-from mdmd.tls import TLSServerEndpoint
+from mdmd.tls import TLSServerEndpoint, server_tls_options
 from mdmd.tokens import AdminTokens, AdminTokensService
 from mdmd.workers import WorkerPool
 
@@ -216,10 +216,14 @@ def build_service(
         ),
         ListenerService(
             "admin",
-            serverFromString(reactor, config.admin.listen),
+            serverFromString(reactor, config.admin.listen)
+            if material.admin_tls is None
+            else TLSServerEndpoint(
+                serverFromString(reactor, config.admin.listen), server_tls_options(*material.admin_tls)
+            ),
             admin_site(app),
             config.admin.url,
-            "HTTP, bearer token",
+            "HTTP, bearer token" if material.admin_tls is None else "TLS, bearer token",
             config_path=config.path,
             listen=config.admin.listen,
         ),

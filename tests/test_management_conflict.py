@@ -20,7 +20,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from mdmd import pki
+from mdmd import management_endpoint, pki
 from mdmd.app import Mdmd
 from mdmd.config import ProfilesConfig
 from mdmd.management import ManagementStep, SessionState
@@ -112,9 +112,10 @@ class _MutualTLSTransport(StringTransport):
         return self._peer
 
 
-def post(store: Store, cert: x509.Certificate, body: bytes) -> tuple[int, bytes]:
+def post(store: Store, cert: x509.Certificate, body: bytes, *, message_log: int = 50) -> tuple[int, bytes]:
     config = SimpleNamespace(
-        management=SimpleNamespace(url=SERVER_URL, max_msg_size=65536), profiles=ProfilesConfig(86400.0, 3)
+        management=SimpleNamespace(url=SERVER_URL, max_msg_size=65536, message_log=message_log),
+        profiles=ProfilesConfig(86400.0, 3),
     )
     app = Mdmd(config=config, material=None, store=store, reactor=Clock())  # type: ignore[arg-type]
     site = MdmdSite(
@@ -165,3 +166,60 @@ def test_a_message_that_keeps_losing_gets_503_and_stores_nothing_of_its_own(setu
     assert wait(setup.store.last_reply(setup.device.device_id)) == b"the other process"
     device = wait(setup.store.device(setup.device.device_id))
     assert device is not None and device.inventory == {}  # our package 1 inventory was never stored
+
+
+# --- the message log (issue 17) ---
+
+
+def test_each_message_and_its_reply_are_logged_with_the_step(setup: Setup) -> None:
+    get = "<Get><Item><Target><LocURI>./DevDetail/SwV</LocURI></Target></Item></Get>"
+    wait(setup.store.queue_command(setup.device.device_id, "u1", "Get", get, now=3.0))
+    client = ManagementClient(setup.device)
+    first = client.session_start(SERVER_URL)
+    status, reply = post(setup.store, setup.cert, first, message_log=3)
+    assert status == 200
+    second = client.respond(client.read(reply))
+    assert second is not None
+    status, reply2 = post(setup.store, setup.cert, second, message_log=3)
+    assert status == 200
+    log = wait(setup.store.device_messages(setup.device.device_id))
+    session = f"{client.session_id:X}"
+    # The latest 3, newest first: the second reply, the second message, the first reply.
+    assert [(m.direction, m.session_id, m.msg_id) for m in log] == [
+        ("out", session, 2),
+        ("in", session, 2),
+        ("out", session, 1),
+    ]
+    assert log[0].body == reply2 and log[0].size == len(reply2)
+    assert log[1].body == second and log[2].body == reply
+
+
+def test_a_message_that_lost_every_race_is_not_logged(setup: Setup) -> None:
+    racing = RacingStore(setup.store, losses=99)
+    status, _ = post(racing, setup.cert, ManagementClient(setup.device).session_start(SERVER_URL))
+    assert status == 503
+    assert wait(setup.store.device_messages(setup.device.device_id)) == []
+
+
+def test_the_message_log_switched_off_keeps_nothing(setup: Setup) -> None:
+    client = ManagementClient(setup.device)
+    status, _ = post(setup.store, setup.cert, client.session_start(SERVER_URL), message_log=0)
+    assert status == 200
+    assert wait(setup.store.device_messages(setup.device.device_id)) == []
+
+
+def test_a_large_message_is_logged_cut_at_the_limit_with_its_whole_size(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small limit here (the real one is 64 KiB, where messages are parsed
+    # on a thread this test's reactor does not have).
+    monkeypatch.setattr(management_endpoint, "MESSAGE_LOG_MAX_BYTES", 1024)
+    client = ManagementClient(setup.device)
+    message = client.session_start(SERVER_URL)
+    # Padding inside the SyncML (a comment) makes it larger than the limit.
+    padded = message.replace(b"</SyncML>", b"<!--" + b"x" * 4096 + b"--></SyncML>")
+    status, _ = post(setup.store, setup.cert, padded)
+    assert status == 200
+    logged = [m for m in wait(setup.store.device_messages(setup.device.device_id)) if m.direction == "in"]
+    assert len(logged) == 1 and logged[0].truncated and logged[0].size == len(padded)
+    assert logged[0].body == padded[:1024]

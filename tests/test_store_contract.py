@@ -41,6 +41,8 @@ from mdmd.store import (
     AuditQuery,
     CertificateRenewal,
     DeviceQuery,
+    LoggedMessage,
+    MessageLogWrite,
     NewAction,
     NewOperation,
     OperationRecord,
@@ -1145,3 +1147,149 @@ def test_a_group_wipe_or_unenrollment_sets_each_members_lifecycle(store: Store) 
     wipe = fan("wipe", 8, mode="wipe")
     assert (wipe.queued, wipe.skipped) == (2, 1)  # A has one pending
     assert {d.lifecycle for d in wait(store.devices())} == {"wipe_pending"}
+
+
+# --- the web console (issue 17): message log, fleet counts, lists ---
+
+
+def _logged(direction: str, at: float, msg_id: int, body: bytes = b"<SyncML/>") -> LoggedMessage:
+    return LoggedMessage(direction, at, "7", msg_id, len(body), body)
+
+
+def test_the_message_log_keeps_the_latest_messages_of_each_device(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    _enrolled_with_command(store, "DEV2", 2)
+    for n in range(1, 5):
+        messages = MessageLogWrite(
+            (_logged("in", float(n), n), _logged("out", float(n), n, b"<r%d/>" % n)), 5
+        )
+        wait(store.commit_management_step(ManagementStep("DEV1", _session()), float(n), messages=messages))
+    other = MessageLogWrite((_logged("in", 9.0, 1, b"\x00" * 100_000),), 5)
+    wait(store.commit_management_step(ManagementStep("DEV2", _session()), 9.0, messages=other))
+    log = wait(store.device_messages("DEV1", limit=50))
+    # The latest 5 of 8, newest first, bodies as given.
+    assert [(m.direction, m.msg_id) for m in log] == [
+        ("out", 4),
+        ("in", 4),
+        ("out", 3),
+        ("in", 3),
+        ("out", 2),
+    ]
+    assert log[0].body == b"<r4/>" and log[0].size == 5 and log[0].session_id == "7" and log[0].at == 4.0
+    assert [m.msg_id for m in wait(store.device_messages("DEV1", limit=2))] == [4, 4]
+    (big,) = wait(store.device_messages("DEV2"))
+    assert big.body == b"\x00" * 100_000 and big.size == 100_000 and big.truncated is False
+    # keep 0 (the log switched off) empties the device's log; the other's stays.
+    wait(
+        store.commit_management_step(
+            ManagementStep("DEV1", _session()), 10.0, messages=MessageLogWrite((), 0)
+        )
+    )
+    assert wait(store.device_messages("DEV1")) == []
+    assert len(wait(store.device_messages("DEV2"))) == 1
+
+
+def test_a_refused_step_logs_no_message(store: Store) -> None:
+    _enrolled_with_command(store, "DEV1", 1)
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None
+    wait(store.commit_management_step(ManagementStep("DEV1", _session()), 2.0))
+    messages = MessageLogWrite((_logged("in", 3.0, 2),), 50)
+    with pytest.raises(SessionConflict):
+        wait(
+            store.commit_management_step(
+                ManagementStep("DEV1", _session()), 3.0, expected_seq=ctx.session_seq, messages=messages
+            )
+        )
+    assert wait(store.device_messages("DEV1")) == []
+
+
+def test_a_devices_groups_and_a_profiles_devices_page_by_page(store: Store) -> None:
+    for n in range(1, 6):
+        _enrolled_with_command(store, f"DEV{n}", n)
+    wait(store.create_group("b", 1.0))
+    wait(store.create_group("a", 1.0))
+    wait(store.change_group_members("b", ["DEV1", "DEV2"], [], 1.0))
+    wait(store.change_group_members("a", ["DEV1"], [], 1.0))
+    assert wait(store.device_groups("DEV1")) == ["a", "b"]
+    assert wait(store.device_groups("DEV3")) == []
+    wait(store.create_profile(_profile("p1"), 1.0))
+    for n, state in ((1, "verified"), (2, "failed"), (3, "verified"), (4, "pending")):
+        record = DeviceProfile("p1", "v1", state, status=500 if state == "failed" else None, updated_at=2.0)
+        wait(
+            store.commit_management_step(
+                ManagementStep(f"DEV{n}", _session()), 2.0, profiles=ProfileStep((record,))
+            )
+        )
+    seen: list[tuple[str, str]] = []
+    after = None
+    while True:
+        page = wait(store.profile_devices("p1", after=after, limit=3))
+        seen += [(r.device_id, r.state) for r in page]
+        if len(page) < 3:
+            break
+        after = page[-1].position
+    assert sorted(seen) == [
+        ("DEV1", "verified"),
+        ("DEV2", "failed"),
+        ("DEV3", "verified"),
+        ("DEV4", "pending"),
+    ]
+    assert [s for _, s in seen] == sorted(s for _, s in seen)  # by state
+    failed = wait(store.profile_devices("p1", state="failed"))
+    assert [(r.device_id, r.status) for r in failed] == [("DEV2", 500)]
+    assert wait(store.profile_devices("nope")) == []
+
+
+def test_operations_are_listed_newest_first(store: Store) -> None:
+    for n in range(3):
+        wait(store.create_operation(_operation("all", n), now=float(n)))
+    assert [o.operation_id for o in wait(store.operations())] == ["op-2", "op-1", "op-0"]
+    assert [o.operation_id for o in wait(store.operations(limit=1))] == ["op-2"]
+
+
+def test_fleet_counts_for_the_console(store: Store) -> None:
+    now = 100 * 86400.0 + 3600.0
+    seen_at = {1: now - 60, 2: now - 7200, 3: now - 3 * 86400, 4: now - 30 * 86400}
+    for n in range(1, 7):
+        h = wait(store.enroll_host(host(n), now=1.0))
+        enrolled_at = now - 86400 * (n - 1) if n < 6 else now - 90 * 86400
+        wait(
+            store.record_device_enrollment(enrollment(f"DEV{n}", h.id, f"s{n}", hw=f"hw{n}"), now=enrolled_at)
+        )
+    # DEV5 never checked in; DEV6 leaves.
+    wait(store.commit_management_step(ManagementStep("DEV6", None, unenroll=True), now - 90 * 86400))
+    wait(store.create_profile(_profile("everyone"), 1.0))
+    wait(store.create_profile(_profile("some"), 1.0))
+    wait(store.create_profile(_profile("nobody"), 1.0))
+    wait(store.create_group("g", 1.0))
+    wait(store.change_group_members("g", ["DEV1", "DEV2", "DEV6"], [], 1.0))
+    wait(store.assign_profile("everyone", ["all"], 1.0))
+    wait(store.assign_profile("some", ["g"], 1.0))
+    for device_id, profile, state in (
+        ("DEV1", "everyone", "verified"),
+        ("DEV2", "everyone", "drifted"),
+        ("DEV6", "everyone", "verified"),  # unenrolled: not one of all's devices
+        ("DEV1", "some", "failed"),
+    ):
+        record = DeviceProfile(profile, "v1", state, updated_at=2.0)
+        wait(
+            store.commit_management_step(
+                ManagementStep(device_id, _session()), 2.0, profiles=ProfileStep((record,))
+            )
+        )
+    # A step records when its device was last seen (the profile records'
+    # steps above included).
+    for n, at in seen_at.items():
+        wait(store.commit_management_step(ManagementStep(f"DEV{n}", _session()), at))
+    counts = wait(store.fleet_counts(now))
+    assert counts["devices"] == {"enrolled": 5, "unenrolled": 1}
+    assert counts["checkins"] == {"1h": 1, "24h": 1, "7d": 1, "older": 1, "never": 1}
+    enrollments = counts["enrollments"]
+    assert len(enrollments) == 30 and sum(enrollments.values()) == 5
+    assert [enrollments[d] for d in sorted(enrollments)[-5:]] == [1, 1, 1, 1, 1]
+    assert counts["profile:everyone"] == {"verified": 2, "drifted": 1, "pending": 3}
+    assert counts["profile:some"] == {"failed": 1, "pending": 1}
+    assert counts["profile:nobody"] == {}
+    wait(store.delete_profile("nobody", 3.0))
+    assert "profile:nobody" not in wait(store.fleet_counts(now))

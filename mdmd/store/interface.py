@@ -31,11 +31,14 @@ from mdmd.store.records import (
     GroupRecord,
     HostEnrollment,
     HostRecord,
+    LoggedMessage,
     ManagementContext,
+    MessageLogWrite,
     NewAction,
     NewOperation,
     OperationRecord,
     ProfileContext,
+    ProfileDeviceState,
     ProfileRecord,
     RenewalOutcome,
     StoredAlert,
@@ -155,9 +158,12 @@ class Store(Protocol):
         expected_seq: int | None = None,
         profiles: ProfileStep | None = None,
         actions: ActionStep | None = None,
+        messages: MessageLogWrite | None = None,
     ) -> Deferred[None]:
         """Commit one message's step (and what it changed of the device's
-        profiles and actions, in the same transaction).  With
+        profiles and actions, and its *messages* for the device's message
+        log, trimmed to the latest ``messages.keep``, in the same
+        transaction).  With
         *expected_seq* (the context's ``session_seq``) it is a
         compare-and-swap: ``SessionConflict``, and nothing written, if
         another step committed since.  Commands the step created are queued
@@ -166,6 +172,12 @@ class Store(Protocol):
         ``actions.ended``: wiped or unenrolled) it is unenrolled, its
         certificates revoked, and every command and action still open for it
         cancelled (failed, with the reason in ``detail``)."""
+        ...
+
+    def device_messages(self, device_id: str, *, limit: int = 50) -> Deferred[list[LoggedMessage]]:
+        """The device's message log (the exact device ID), newest first:
+        the messages :meth:`commit_management_step` logged, bodies whole as
+        they were given."""
         ...
 
     def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
@@ -251,6 +263,19 @@ class Store(Protocol):
         """None when there is no such group."""
         ...
 
+    def device_groups(self, device_id: str) -> Deferred[list[str]]:
+        """The groups the device (exact ID) is a member of, by name (``all``
+        not included)."""
+        ...
+
+    def profile_devices(
+        self, name: str, *, state: str | None = None, after: tuple[str, int] | None = None, limit: int = 100
+    ) -> Deferred[list[ProfileDeviceState]]:
+        """The devices' records of the profile *name* (only those in *state*
+        when given), a page of *limit* starting after the ``position`` of
+        a previous page's last record; ordered by state, then as stored."""
+        ...
+
     def device_profiles(self, device_id: str, *, history: int = 5) -> Deferred[list[DeviceProfileEntry]]:
         """The device's records of its profiles, each with its latest
         *history* events."""
@@ -293,9 +318,17 @@ class Store(Protocol):
     # -- operations --
 
     def fleet_counts(self, now: float) -> Deferred[FleetCounts]:
-        """Counts over the whole fleet for the metrics (devices by state,
-        commands by state, certificates expiring within 30 days); read
-        beside devices' requests, never on the reactor."""
+        """Counts over the whole fleet for the metrics and the console's
+        fleet page, read beside devices' requests, never on the reactor, on
+        indexes: ``devices`` by state, ``commands`` by state,
+        ``certificates_expiring`` (valid certificates ending within 30
+        days), ``profiles`` (device profile records by state),
+        ``checkins`` (enrolled devices last seen within ``1h``, ``24h``,
+        ``7d``, ``older``, ``never``; each bucket excludes the ones before
+        it), ``enrollments`` (devices enrolled on each of the last 30 UTC
+        days, by ``YYYY-MM-DD``), and ``profile:NAME`` for each profile not
+        being deleted (its devices by state, the devices of its groups that
+        have no record of it yet as ``pending``)."""
         ...
 
     def check_writable(self, now: float) -> Deferred[None]:
@@ -322,6 +355,10 @@ class Store(Protocol):
         ...
 
     def operation(self, operation_id: str) -> Deferred[OperationRecord | None]: ...
+
+    def operations(self, *, limit: int = 100) -> Deferred[list[OperationRecord]]:
+        """The latest *limit* group operations, newest first."""
+        ...
 
     def operation_leases(self) -> Deferred[list[OperationRecord]]:
         """The operations still to fan out (``pending``, ``queuing``), with

@@ -39,11 +39,14 @@ __all__ = [
     "GroupRecord",
     "HostEnrollment",
     "HostRecord",
+    "LoggedMessage",
     "ManagementContext",
+    "MessageLogWrite",
     "NewAction",
     "NewOperation",
     "OperationRecord",
     "ProfileContext",
+    "ProfileDeviceState",
     "ProfileRecord",
     "RenewalOutcome",
     "RenewalRefused",
@@ -460,3 +463,48 @@ class OperationRecord:
     lease_owner: str | None = None
     lease_until: float | None = None
     cursor: str | None = None
+
+
+# --------------------------------------------------------------------------
+# The SyncML message log (issue 17)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedMessage:
+    """One SyncML message in (from the device) or out (mdmd's reply), as the
+    message log keeps it: *body* holds at most the first bytes of the
+    message (*truncated* says when it was longer); *size* is its whole size."""
+
+    direction: str  # "in" | "out"
+    at: float
+    session_id: str | None
+    msg_id: int | None
+    size: int
+    body: bytes
+    truncated: bool = False
+    id: int = 0  # given by the store
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLogWrite:
+    """The messages one step logs for its device, and how many of the
+    device's latest messages the log keeps (older ones are deleted in the
+    same transaction)."""
+
+    messages: tuple[LoggedMessage, ...]
+    keep: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileDeviceState:
+    """One device's record of a profile (the console's per-device status)."""
+
+    device_id: str
+    version: str
+    state: str
+    status: int | None
+    detail: str | None
+    updated_at: float
+    #: Where the next page starts (opaque to callers).
+    position: tuple[str, int] = ("", 0)

@@ -13,9 +13,10 @@ import os
 import sqlite3
 import time
 import uuid as uuidlib
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
@@ -56,11 +57,14 @@ from mdmd.store.records import (
     GroupRecord,
     HostEnrollment,
     HostRecord,
+    LoggedMessage,
     ManagementContext,
+    MessageLogWrite,
     NewAction,
     NewOperation,
     OperationRecord,
     ProfileContext,
+    ProfileDeviceState,
     ProfileRecord,
     RenewalOutcome,
     RenewalRefused,
@@ -668,6 +672,7 @@ class SQLiteStore:
         expected_seq: int | None = None,
         profiles: ProfileStep | None = None,
         actions: ActionStep | None = None,
+        messages: MessageLogWrite | None = None,
     ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
             device_id = step.device_id
@@ -775,6 +780,8 @@ class SQLiteStore:
                     (now, ended, device_id),
                 )
                 _cancel_device(conn, device_id, f"cancelled: the device was {ended}", now)
+            if messages is not None:
+                _log_messages(conn, device_id, messages)
             if step.session is None or ended is not None:
                 _end_session(conn, device_id)
             else:
@@ -795,6 +802,28 @@ class SQLiteStore:
                 )
 
         return self._run(txn)
+
+    def device_messages(self, device_id: str, *, limit: int = 50) -> Deferred[list[LoggedMessage]]:
+        def txn(conn: sqlite3.Connection) -> list[LoggedMessage]:
+            rows = conn.execute(
+                "SELECT * FROM device_messages WHERE device_id = ? ORDER BY id DESC LIMIT ?",
+                (device_id, limit),
+            )
+            return [
+                LoggedMessage(
+                    r["direction"],
+                    r["at"],
+                    r["session_id"],
+                    r["msg_id"],
+                    r["size"],
+                    zlib.decompress(r["body"]),
+                    bool(r["truncated"]),
+                    r["id"],
+                )
+                for r in rows
+            ]
+
+        return self._run(txn, write=False)
 
     def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
         def txn(conn: sqlite3.Connection) -> ProfileContext:
@@ -904,6 +933,15 @@ class SQLiteStore:
             return True
 
         return self._run(txn)
+
+    def operations(self, *, limit: int = 100) -> Deferred[list[OperationRecord]]:
+        def txn(conn: sqlite3.Connection) -> list[OperationRecord]:
+            rows = conn.execute(
+                "SELECT * FROM operations ORDER BY created_at DESC, operation_id LIMIT ?", (limit,)
+            )
+            return [_operation(r) for r in rows]
+
+        return self._run(txn, write=False)
 
     def operation(self, operation_id: str) -> Deferred[OperationRecord | None]:
         def txn(conn: sqlite3.Connection) -> OperationRecord | None:
@@ -1274,6 +1312,49 @@ class SQLiteStore:
 
         return self._run(txn)
 
+    def device_groups(self, device_id: str) -> Deferred[list[str]]:
+        def txn(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT group_name FROM group_members WHERE device_id = ? ORDER BY group_name", (device_id,)
+            )
+            return [r["group_name"] for r in rows]
+
+        return self._run(txn, write=False)
+
+    def profile_devices(
+        self, name: str, *, state: str | None = None, after: tuple[str, int] | None = None, limit: int = 100
+    ) -> Deferred[list[ProfileDeviceState]]:
+        def txn(conn: sqlite3.Connection) -> list[ProfileDeviceState]:
+            # Along device_profiles_by_profile (profile_name, state, rowid):
+            # a page costs its own rows, however many devices have the profile.
+            where: list[str] = ["profile_name = ?"]
+            params: list[object] = [name]
+            if state is not None:
+                where.append("state = ?")
+                params.append(state)
+            if after is not None:
+                where.append("(state, rowid) > (?, ?)")
+                params += [after[0], after[1]]
+            rows = conn.execute(
+                f"SELECT rowid AS pos, device_id, version, state, status, detail, updated_at"
+                f" FROM device_profiles WHERE {' AND '.join(where)} ORDER BY state, rowid LIMIT ?",
+                (*params, limit),
+            )
+            return [
+                ProfileDeviceState(
+                    r["device_id"],
+                    r["version"],
+                    r["state"],
+                    r["status"],
+                    r["detail"],
+                    r["updated_at"],
+                    (r["state"], r["pos"]),
+                )
+                for r in rows
+            ]
+
+        return self._run(txn, write=False, bulk=True)
+
     def device_profiles(self, device_id: str, *, history: int = 5) -> Deferred[list[DeviceProfileEntry]]:
         def txn(conn: sqlite3.Connection) -> list[DeviceProfileEntry]:
             out = []
@@ -1403,14 +1484,31 @@ class SQLiteStore:
                 (now, now + EXPIRING_WINDOW),
             ).fetchone()
             profiles = {state: 0.0 for state in STATES}
-            for row in conn.execute("SELECT state, count(*) AS n FROM device_profiles GROUP BY state"):
-                profiles[row["state"]] = float(row["n"])
-            return {
+            per_profile: dict[str, dict[str, float]] = {}
+            # One walk of device_profiles_by_profile answers both.
+            for row in conn.execute(
+                "SELECT profile_name, state, count(*) AS n FROM device_profiles GROUP BY profile_name, state"
+            ):
+                profiles[row["state"]] += float(row["n"])
+                per_profile.setdefault(row["profile_name"], {})[row["state"]] = float(row["n"])
+            enrolled = total - unenrolled
+            counts: FleetCounts = {
                 "devices": devices,
                 "commands": commands,
                 "certificates_expiring": {"": float(expiring)},
                 "profiles": profiles,
+                "checkins": _checkin_recency(conn, now, enrolled),
+                "enrollments": _enrollments_by_day(conn, now),
             }
+            for name in [
+                r["name"] for r in conn.execute("SELECT name FROM profiles WHERE deleted_at IS NULL")
+            ]:
+                states = per_profile.get(name, {})
+                unseen = _profile_unseen(conn, name, enrolled, states)
+                if unseen:
+                    states["pending"] = states.get("pending", 0.0) + unseen
+                counts[f"profile:{name}"] = states
+            return counts
 
         return self._run(txn, write=False, bulk=True)
 
@@ -1423,6 +1521,112 @@ class SQLiteStore:
             )
 
         return self._run(txn)
+
+
+def _log_messages(conn: sqlite3.Connection, device_id: str, log: MessageLogWrite) -> None:
+    """Append a step's messages to the device's log and drop what is past
+    ``log.keep`` (along device_messages_by_device: the device's own rows)."""
+    conn.executemany(
+        "INSERT INTO device_messages (device_id, direction, at, session_id, msg_id, size, truncated, body)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                device_id,
+                m.direction,
+                m.at,
+                m.session_id,
+                m.msg_id,
+                m.size,
+                int(m.truncated),
+                zlib.compress(m.body),
+            )
+            for m in log.messages
+        ],
+    )
+    conn.execute(
+        """
+        DELETE FROM device_messages WHERE device_id = ? AND id <= (
+            SELECT id FROM device_messages WHERE device_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)
+        """,
+        (device_id, device_id, log.keep),
+    )
+
+
+#: The check-in recency buckets of the fleet counts: (name, seconds).
+_RECENCY: Final = (("1h", 3600), ("24h", 86400), ("7d", 7 * 86400))
+
+
+def _checkin_recency(conn: sqlite3.Connection, now: float, enrolled: int) -> dict[str, float]:
+    """Enrolled devices by how long ago they last checked in, each bucket
+    counted on devices_by_last_seen (its state column included)."""
+    out: dict[str, float] = {}
+    within_before = 0
+    for name, seconds in _RECENCY:
+        (within,) = conn.execute(
+            "SELECT count(*) FROM devices INDEXED BY devices_by_last_seen"
+            " WHERE coalesce(last_seen, 0) >= ? AND state = 'enrolled'",
+            (now - seconds,),
+        ).fetchone()
+        out[name] = float(within - within_before)
+        within_before = within
+    (never,) = conn.execute(
+        "SELECT count(*) FROM devices INDEXED BY devices_by_last_seen"
+        " WHERE coalesce(last_seen, 0) = 0 AND state = 'enrolled'"
+    ).fetchone()
+    out["older"] = float(max(0, enrolled - within_before - never))
+    out["never"] = float(never)
+    return out
+
+
+def _enrollments_by_day(conn: sqlite3.Connection, now: float) -> dict[str, float]:
+    """Devices enrolled on each of the last 30 UTC days (on devices_by_enrolled_at)."""
+    today = int(now // 86400)
+    first = today - 29
+    days = {time.strftime("%Y-%m-%d", time.gmtime((first + i) * 86400)): 0.0 for i in range(30)}
+    for row in conn.execute(
+        "SELECT CAST(enrolled_at / 86400 AS INTEGER) AS day, count(*) AS n FROM devices"
+        " INDEXED BY devices_by_enrolled_at WHERE enrolled_at >= ? GROUP BY day",
+        (first * 86400.0,),
+    ):
+        key = time.strftime("%Y-%m-%d", time.gmtime(row["day"] * 86400))
+        if key in days:
+            days[key] += float(row["n"])
+    return days
+
+
+def _profile_unseen(conn: sqlite3.Connection, name: str, enrolled: int, states: dict[str, float]) -> float:
+    """The enrolled devices of the profile's groups that have no record of
+    it yet.  For the group all: the enrolled devices less the records of
+    enrolled devices, these found as all records less those of unenrolled
+    devices (a walk of the small devices_unenrolled index), so that no
+    query visits every device."""
+    groups = [
+        r["group_name"]
+        for r in conn.execute("SELECT group_name FROM profile_assignments WHERE profile_name = ?", (name,))
+    ]
+    if not groups:
+        return 0.0
+    if ALL_GROUP in groups:
+        (gone,) = conn.execute(
+            """
+            SELECT count(*) FROM devices d JOIN device_profiles p
+                ON p.device_id = d.device_id AND p.profile_name = ?
+            WHERE d.state = 'unenrolled'
+            """,
+            (name,),
+        ).fetchone()
+        return float(max(0, enrolled - (sum(states.values()) - gone)))
+    (unseen,) = conn.execute(
+        """
+        SELECT COUNT(DISTINCT m.device_id) FROM group_members m
+        JOIN profile_assignments a ON a.group_name = m.group_name AND a.profile_name = ?
+        JOIN devices d ON d.device_id = m.device_id AND d.state = 'enrolled'
+        WHERE NOT EXISTS (
+            SELECT 1 FROM device_profiles p WHERE p.device_id = m.device_id AND p.profile_name = ?)
+        """,
+        (name, name),
+    ).fetchone()
+    return float(unseen)
 
 
 # The live certificates of a device and of the host's other devices, read

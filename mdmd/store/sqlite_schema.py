@@ -367,5 +367,27 @@ _V7: Final = (
     "CREATE INDEX operations_open ON operations(created_at) WHERE state IN ('pending', 'queuing')",
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+
+# Issue 17 (web console): each device's SyncML message log, the latest
+# [management] message_log messages in and out, written with the step of the
+# message they belong to; bodies zlib-compressed, at most the first 64 KiB of
+# a message kept.
+_MESSAGE_LOG: Final = (
+    """
+    CREATE TABLE device_messages (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+        at REAL NOT NULL,
+        session_id TEXT,
+        msg_id INTEGER,
+        size INTEGER NOT NULL,
+        truncated INTEGER NOT NULL DEFAULT 0,
+        body BLOB NOT NULL
+    )
+    """,
+    "CREATE INDEX device_messages_by_device ON device_messages(device_id, id)",
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _MESSAGE_LOG)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
