@@ -36,7 +36,7 @@ from mdmd.web import (
     json_response,
 )
 
-__all__ = ["action_routes", "operation_json"]
+__all__ = ["action_routes", "operation_json", "queue_device_action"]
 
 log = Logger(namespace=__name__)
 
@@ -98,28 +98,39 @@ class DeviceActionsResource(_Resource):
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
         device_id = request.device_id = request.path_params["device_id"]
-        wanted = _action_request(request, group=False)
-        queued = self.command_of(wanted)
-        new = NewAction(
-            str(uuid.uuid4()), str(uuid.uuid4()), wanted.action, wanted.options(), queued.verb, queued.body
-        )
-        outcome = await self.app.store.request_action(device_id, new, self.app.now())
-        match outcome.result:
-            case "no_device":
-                raise _refuse(404, f"no such device: {device_id}")
-            case "wiped":
-                raise _refuse(409, f"device {device_id} was wiped: it is no longer managed")
-            case "unenrolled":
-                raise _refuse(409, f"device {device_id} is unenrolled: it is no longer managed")
-            case "pending":
-                raise _refuse(409, f"device {device_id} has a {wanted.action} pending already")
-        detail = {
-            "options": dict(wanted.options()),
-            "action_id": new.action_id,
-            "command_uuid": new.command_uuid,
-        }
-        await self.app.audit(request, f"action.{wanted.action}", device_id, detail)
+        new = await queue_device_action(self.app, request, device_id, json_body(request))
         return json_response(201, {"action_id": new.action_id, "command_uuid": new.command_uuid})
+
+
+async def queue_device_action(app: Mdmd, request: MdmdRequest, device_id: str, body: object) -> NewAction:
+    """Check an action request (a ``POST .../actions`` body), queue it for
+    the device and audit it under the request's token: what the API and the
+    console do.  :class:`HTTPError` for a refusal."""
+    try:
+        wanted = parse_action_request(body, group=False)
+    except ActionRequestError as e:
+        raise _refuse(400, e.message, e.errors) from None
+    queued = action_command(wanted, provider_id=app.config.management.provider_id)
+    new = NewAction(
+        str(uuid.uuid4()), str(uuid.uuid4()), wanted.action, wanted.options(), queued.verb, queued.body
+    )
+    outcome = await app.store.request_action(device_id, new, app.now())
+    match outcome.result:
+        case "no_device":
+            raise _refuse(404, f"no such device: {device_id}")
+        case "wiped":
+            raise _refuse(409, f"device {device_id} was wiped: it is no longer managed")
+        case "unenrolled":
+            raise _refuse(409, f"device {device_id} is unenrolled: it is no longer managed")
+        case "pending":
+            raise _refuse(409, f"device {device_id} has a {wanted.action} pending already")
+    detail = {
+        "options": dict(wanted.options()),
+        "action_id": new.action_id,
+        "command_uuid": new.command_uuid,
+    }
+    await app.audit(request, f"action.{wanted.action}", device_id, detail)
+    return new
 
 
 class _GroupOperationResource(_Resource):

@@ -20,6 +20,7 @@ from mdmd.app import Mdmd
 from mdmd.commands import FieldError
 from mdmd.profiles import (
     DeviceProfile,
+    Profile,
     ProfileEvent,
     ProfileItem,
     ProfileRequestError,
@@ -27,7 +28,7 @@ from mdmd.profiles import (
     parse_profile_request,
     profile_syncml,
 )
-from mdmd.store import DeviceProfileEntry, GroupRecord, ProfileRecord
+from mdmd.store import DeviceProfileEntry, GroupChange, GroupRecord, ProfileRecord
 from mdmd.syncml import describe_status
 from mdmd.web import (
     EndpointResource,
@@ -41,7 +42,18 @@ from mdmd.web import (
     json_response,
 )
 
-__all__ = ["profile_routes"]
+__all__ = [
+    "assign_profile",
+    "change_group_members",
+    "create_group",
+    "create_profile",
+    "delete_group",
+    "device_profile_json",
+    "group_json",
+    "profile_json",
+    "profile_routes",
+    "update_profile",
+]
 
 log = Logger(namespace=__name__)
 
@@ -58,7 +70,7 @@ def _refuse(status: int, message: str, errors: Sequence[FieldError] = ()) -> HTT
     return HTTPError(json_error(status, message, **extra), message)
 
 
-def _profile(obj: object, name: str | None = None) -> Any:
+def _profile(obj: object, name: str | None = None) -> Profile:
     try:
         return parse_profile_request(obj, name=name)
     except ProfileRequestError as e:
@@ -172,12 +184,7 @@ class ProfilesResource(_Resource):
         return json_response(200, {"profiles": [profile_json(p) for p in profiles]})
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        profile = _profile(json_body(request))
-        if not await self.app.store.create_profile(profile, self.app.now()):
-            raise _refuse(
-                409, f"profile {profile.name} exists (PUT /api/v1/profiles/{profile.name} changes it)"
-            )
-        await self.app.audit(request, "profile.create", profile.name, {"version": profile.version})
+        profile = await create_profile(self.app, request, json_body(request))
         return json_response(201, {"name": profile.name, "version": profile.version})
 
 
@@ -202,10 +209,7 @@ class ProfileResource(_Resource):
 
     async def handle_PUT(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
-        profile = _profile(json_body(request), name)
-        if not await self.app.store.update_profile(profile, self.app.now()):
-            raise _refuse(404, f"no such profile: {name}")
-        await self.app.audit(request, "profile.update", name, {"version": profile.version})
+        profile = await update_profile(self.app, request, name, json_body(request))
         return json_response(200, {"name": name, "version": profile.version})
 
     async def handle_DELETE(self, request: MdmdRequest) -> HTTPResponse:
@@ -224,17 +228,8 @@ class ProfileGroupsResource(_Resource):
         body = json_body(request)
         if not isinstance(body, dict) or set(body) != {"groups"}:
             raise _refuse(400, 'the body must be {"groups": [names]}', [FieldError("groups", "required")])
-        groups = _names(body["groups"], "groups")
-        outcome = await self.app.store.assign_profile(name, groups, self.app.now())
-        if not outcome.found:
-            raise _refuse(404, f"no such profile: {name}")
-        if outcome.unknown_groups:
-            unknown = ", ".join(outcome.unknown_groups)
-            raise _refuse(
-                400, f"no such group: {unknown}", [FieldError("groups", f"no such group: {unknown}")]
-            )
-        await self.app.audit(request, "profile.assign", name, {"groups": list(dict.fromkeys(groups))})
-        return json_response(200, {"name": name, "groups": list(dict.fromkeys(groups))})
+        groups = await assign_profile(self.app, request, name, _names(body["groups"], "groups"))
+        return json_response(200, {"name": name, "groups": groups})
 
 
 class GroupsResource(_Resource):
@@ -245,19 +240,7 @@ class GroupsResource(_Resource):
         return json_response(200, {"groups": [group_json(g) for g in groups]})
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        body = json_body(request)
-        name = body.get("name") if isinstance(body, dict) else None
-        reason = check_name(name)
-        if reason is None and name == ALL_GROUP:
-            reason = "all is the built-in group of every enrolled device"
-        if reason is not None or not isinstance(name, str):
-            raise _refuse(400, f"invalid group name: {reason}", [FieldError("name", reason or "required")])
-        if isinstance(body, dict) and set(body) - {"name"}:
-            fields = [FieldError(str(k), "unknown field") for k in body if k != "name"]
-            raise _refuse(400, "unknown field", fields)
-        if not await self.app.store.create_group(name, self.app.now()):
-            raise _refuse(409, f"group {name} exists")
-        await self.app.audit(request, "group.create", name)
+        name = await create_group(self.app, request, json_body(request))
         return json_response(201, {"name": name})
 
 
@@ -278,12 +261,7 @@ class GroupResource(_Resource):
         )
 
     async def handle_DELETE(self, request: MdmdRequest) -> HTTPResponse:
-        name = request.path_params["name"]
-        if name == ALL_GROUP:
-            raise _refuse(400, "the built-in group all cannot be deleted")
-        if not await self.app.store.delete_group(name):
-            raise _refuse(404, f"no such group: {name}")
-        await self.app.audit(request, "group.delete", name)
+        await delete_group(self.app, request, request.path_params["name"])
         return HTTPResponse(204, b"")
 
 
@@ -301,23 +279,7 @@ class GroupDevicesResource(_Resource):
             raise _refuse(400, 'the body must be {"add": [device IDs], "remove": [device IDs]}')
         add = _names(body.get("add", []), "add")
         remove = _names(body.get("remove", []), "remove")
-        change = await self.app.store.change_group_members(name, add, remove, self.app.now())
-        if change is None:
-            raise _refuse(404, f"no such group: {name}")
-        if change.unknown:
-            shown = ", ".join(change.unknown[:20]) + (" ..." if len(change.unknown) > 20 else "")
-            raise _refuse(
-                400,
-                f"no such device: {shown}",
-                [FieldError("add" if d in add else "remove", f"no such device: {d}") for d in change.unknown],
-            )
-        await self.app.audit(
-            request,
-            "group.members",
-            name,
-            # The first IDs name the change; the counts say how big it was.
-            {"added": change.added, "removed": change.removed, "add": add[:100], "remove": remove[:100]},
-        )
+        change = await change_group_members(self.app, request, name, add, remove)
         return json_response(200, {"name": name, "added": change.added, "removed": change.removed})
 
 
@@ -331,6 +293,96 @@ class DeviceProfilesResource(_Resource):
             raise _refuse(404, f"no such device: {device_id}")
         entries = await self.app.store.device_profiles(device_id)
         return json_response(200, {"profiles": [device_profile_json(e) for e in entries]})
+
+
+# What the API and the console both do: check, write, audit under the
+# request's token.  Each raises HTTPError for a refusal.
+
+
+async def create_profile(app: Mdmd, request: MdmdRequest, body: object) -> Profile:
+    profile = _profile(body)
+    if not await app.store.create_profile(profile, app.now()):
+        raise _refuse(
+            409,
+            f"profile {profile.name} exists (PUT /api/v1/profiles/{profile.name} changes it)",
+            [FieldError("name", f"a profile named {profile.name} exists")],
+        )
+    await app.audit(request, "profile.create", profile.name, {"version": profile.version})
+    return profile
+
+
+async def update_profile(app: Mdmd, request: MdmdRequest, name: str, body: object) -> Profile:
+    profile = _profile(body, name)
+    if not await app.store.update_profile(profile, app.now()):
+        raise _refuse(404, f"no such profile: {name}")
+    await app.audit(request, "profile.update", name, {"version": profile.version})
+    return profile
+
+
+async def assign_profile(app: Mdmd, request: MdmdRequest, name: str, groups: Sequence[str]) -> list[str]:
+    outcome = await app.store.assign_profile(name, groups, app.now())
+    if not outcome.found:
+        raise _refuse(404, f"no such profile: {name}")
+    if outcome.unknown_groups:
+        unknown = ", ".join(outcome.unknown_groups)
+        raise _refuse(400, f"no such group: {unknown}", [FieldError("groups", f"no such group: {unknown}")])
+    assigned = list(dict.fromkeys(groups))
+    await app.audit(request, "profile.assign", name, {"groups": assigned})
+    return assigned
+
+
+async def create_group(app: Mdmd, request: MdmdRequest, body: object) -> str:
+    name = body.get("name") if isinstance(body, dict) else None
+    reason = check_name(name)
+    if reason is None and name == ALL_GROUP:
+        reason = "all is the built-in group of every enrolled device"
+    if reason is not None or not isinstance(name, str):
+        raise _refuse(400, f"invalid group name: {reason}", [FieldError("name", reason or "required")])
+    if isinstance(body, dict) and set(body) - {"name"}:
+        fields = [FieldError(str(k), "unknown field") for k in body if k != "name"]
+        raise _refuse(400, "unknown field", fields)
+    if not await app.store.create_group(name, app.now()):
+        raise _refuse(409, f"group {name} exists", [FieldError("name", f"a group named {name} exists")])
+    await app.audit(request, "group.create", name)
+    return name
+
+
+async def delete_group(app: Mdmd, request: MdmdRequest, name: str) -> None:
+    if name == ALL_GROUP:
+        raise _refuse(400, "the built-in group all cannot be deleted")
+    if not await app.store.delete_group(name):
+        raise _refuse(404, f"no such group: {name}")
+    await app.audit(request, "group.delete", name)
+
+
+async def change_group_members(
+    app: Mdmd, request: MdmdRequest, name: str, add: Sequence[str], remove: Sequence[str]
+) -> GroupChange:
+    if name == ALL_GROUP:
+        raise _refuse(400, "the built-in group all holds every enrolled device; its members cannot change")
+    change = await app.store.change_group_members(name, add, remove, app.now())
+    if change is None:
+        raise _refuse(404, f"no such group: {name}")
+    if change.unknown:
+        shown = ", ".join(change.unknown[:20]) + (" ..." if len(change.unknown) > 20 else "")
+        raise _refuse(
+            400,
+            f"no such device: {shown}",
+            [FieldError("add" if d in add else "remove", f"no such device: {d}") for d in change.unknown],
+        )
+    await app.audit(
+        request,
+        "group.members",
+        name,
+        # The first IDs name the change; the counts say how big it was.
+        {
+            "added": change.added,
+            "removed": change.removed,
+            "add": list(add[:100]),
+            "remove": list(remove[:100]),
+        },
+    )
+    return change
 
 
 def profile_routes(app: Mdmd) -> list[Route]:
