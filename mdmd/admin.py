@@ -70,10 +70,13 @@ __all__ = [
     "ListRequestError",
     "action_json",
     "admin_api_routes",
+    "audit_page",
     "command_json",
     "command_summary_json",
     "decode_cursor",
+    "device_detail_json",
     "device_json",
+    "device_list_page",
     "encode_cursor",
     "parse_device_list",
     "renewal_json",
@@ -574,19 +577,23 @@ class DevicesResource(_AdminResource):
 
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
         try:
-            wanted = parse_device_list(_query_args(request), self.app.now())
+            devices, after = await device_list_page(self.app, _query_args(request))
         except ListRequestError as e:
             raise _refused(e) from None
-        page = await self.app.store.device_page(wanted.query, limit=wanted.limit, after=wanted.after)
-        after = page.after
-        now, policy = self.app.now(), renewal_policy(self.app.config.wstep)
-        return json_response(
-            200,
-            {
-                "devices": [device_json(d, now, policy) for d in page.devices],
-                "next": None if after is None else encode_cursor(wanted.query, after),
-            },
-        )
+        return json_response(200, {"devices": devices, "next": after})
+
+
+async def device_list_page(
+    app: Mdmd, args: Mapping[str, Sequence[str]]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of the device list for a query string (what ``GET
+    /api/v1/devices`` and the console show): the devices as the API shows
+    them and the cursor of the next page.  :class:`ListRequestError`."""
+    wanted = parse_device_list(args, app.now())
+    page = await app.store.device_page(wanted.query, limit=wanted.limit, after=wanted.after)
+    now, policy = app.now(), renewal_policy(app.config.wstep)
+    after = None if page.after is None else encode_cursor(wanted.query, page.after)
+    return [device_json(d, now, policy) for d in page.devices], after
 
 
 class DeviceResource(_DeviceResource):
@@ -739,24 +746,31 @@ class AuditResource(_AdminResource):
 
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
         try:
-            query = _audit_query(_query_args(request))
+            entries, cursor = await audit_page(self.app, _query_args(request))
         except ListRequestError as e:
             raise _refused(e) from None
-        records = await self.app.store.audit_log(replace(query, limit=query.limit + 1))
-        more = len(records) > query.limit
-        records = records[: query.limit]
-        cursor = None
-        if more:
-            cursor = _pack(
-                {
-                    "v": 1,
-                    "before": records[-1].id,
-                    "actor": query.actor,
-                    "action": query.action,
-                    "target": query.target,
-                }
-            )
-        return json_response(200, {"entries": [audit_json(r) for r in records], "next": cursor})
+        return json_response(200, {"entries": entries, "next": cursor})
+
+
+async def audit_page(app: Mdmd, args: Mapping[str, Sequence[str]]) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of the audit log for a query string (``GET /api/v1/audit``
+    and the console): the entries and the next page's cursor."""
+    query = _audit_query(args)
+    records = await app.store.audit_log(replace(query, limit=query.limit + 1))
+    more = len(records) > query.limit
+    records = records[: query.limit]
+    cursor = None
+    if more:
+        cursor = _pack(
+            {
+                "v": 1,
+                "before": records[-1].id,
+                "actor": query.actor,
+                "action": query.action,
+                "target": query.target,
+            }
+        )
+    return [audit_json(r) for r in records], cursor
 
 
 class VersionResource(_AdminResource):

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mdmd import metrics
-from mdmd.store import Store
+from mdmd.store import FleetCounts, Store
 from mdmd.web import EndpointResource, HTTPResponse, MdmdRequest, json_error, json_response
 
 __all__ = ["FleetCountsCache", "HealthResource", "MetricsResource", "Readiness", "ReadyResource"]
@@ -113,6 +113,19 @@ class FleetCountsCache:
             pending, self._pending = self._pending, None
             for d in pending:
                 d.callback(None)
+
+    async def current(self) -> tuple[FleetCounts | None, float | None]:
+        """The latest counts and when they were read, for a page: counts
+        older than *max_age* are shown while a fresh read runs beside
+        (only the very first read is waited for), so that a page never
+        waits for a walk of the fleet."""
+        if metrics.FLEET.counts is None:
+            await self.refresh()
+        else:
+            updated = metrics.FLEET.updated_at
+            if (updated is None or time.time() - updated >= self.max_age) and self._pending is None:
+                Deferred.fromCoroutine(self.refresh())
+        return metrics.FLEET.counts, metrics.FLEET.updated_at
 
 
 class HealthResource(EndpointResource):

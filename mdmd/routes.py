@@ -14,6 +14,7 @@ from mdmd.agent import (
     OrbitPingResource,
 )
 from mdmd.app import Mdmd
+from mdmd.console import console_routes
 from mdmd.enrollment import (
     DISCOVERY_PATH,
     ENROLLMENT_PATH,
@@ -61,7 +62,8 @@ def management_routes(app: Mdmd, refusals: RefusalLog | None = None) -> list[Rou
 
 
 def admin_routes(app: Mdmd) -> list[Route]:
-    """The admin API behind the token; what monitoring asks, without."""
+    """The admin API behind the token; what monitoring asks, without; the
+    web console under /ui/."""
     fleet = FleetCountsCache(app.store, app.reactor, app.config.admin.metrics_cache_seconds)  # type: ignore[arg-type]
     return [
         Route("/healthz", HealthResource(), public=True),
@@ -70,4 +72,7 @@ def admin_routes(app: Mdmd) -> list[Route]:
         *admin_api_routes(app),
         *profile_routes(app),
         *action_routes(app),
+        # The web console: pages behind a session of their own, sharing
+        # the metrics' fleet counts.
+        *console_routes(app, fleet),
     ]
