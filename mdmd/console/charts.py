@@ -98,7 +98,7 @@ def columns(
             f'<rect x="{x + 1:.1f}" y="{plot_h - h:.1f}" width="{max(1.0, step - 2):.1f}" height="{h:.1f}" '
             f'fill="{PALETTE["info"]}"><title>{escape(name)}: {_number(value)}</title></rect>'
         )
-        if i % 7 == 0 or i == n - 1:
+        if i % 7 == 0 or (i == n - 1 and i % 7 >= 4):
             out.append(
                 f'<text x="{x:.1f}" y="{height - 8}" font-size="11" fill="#555">{escape(name[5:])}</text>'
             )
