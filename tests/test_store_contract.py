@@ -1212,6 +1212,7 @@ def test_a_devices_groups_and_a_profiles_devices_page_by_page(store: Store) -> N
     wait(store.change_group_members("b", ["DEV1", "DEV2"], [], 1.0))
     wait(store.change_group_members("a", ["DEV1"], [], 1.0))
     assert wait(store.device_groups("DEV1")) == ["a", "b"]
+    assert wait(store.group_names()) == ["all", "a", "b"]
     assert wait(store.device_groups("DEV3")) == []
     wait(store.create_profile(_profile("p1"), 1.0))
     for n, state in ((1, "verified"), (2, "failed"), (3, "verified"), (4, "pending")):

@@ -509,7 +509,7 @@ class DevicesPage(Page):
             devices, after = await device_list_page(self.app, wanted)
         except ListRequestError as e:
             errors = {f.name: f.reason for f in e.errors}
-        groups = [g.name for g in await self.app.store.groups()]
+        groups = await self.app.store.group_names()
         return self.page(
             "devices.html",
             session,
@@ -723,7 +723,7 @@ class ProfilePage(Page):
         if len(rows) == _PROFILE_DEVICES_PAGE:
             more = urlencode({**({"state": state} if state else {}), "after": _b64(list(rows[-1].position))})
         counts, at = await self.console.counts()
-        groups = [g.name for g in await self.app.store.groups()]
+        groups = await self.app.store.group_names()
         return self.page(
             "profile.html",
             session,

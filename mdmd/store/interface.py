@@ -249,6 +249,10 @@ class Store(Protocol):
         """Every group, the built-in ``all`` first."""
         ...
 
+    def group_names(self) -> Deferred[list[str]]:
+        """The groups' names, ``all`` first (without counting members)."""
+        ...
+
     def group(self, name: str) -> Deferred[GroupRecord | None]: ...
 
     def group_members(self, name: str, *, after: str | None = None, limit: int = 100) -> Deferred[list[str]]:
