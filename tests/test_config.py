@@ -105,6 +105,8 @@ def test_every_example_key_is_documented() -> None:
         ({"actions": {"fanout_pause": "nan"}}, "", "[actions] fanout_pause", "between"),
         ({"actions": {"fanout_lease": "1500ms"}}, "", "[actions] fanout_lease", "between 2s and 3600s"),
         ({"actions": {"fanout_batch": "0"}}, "", "[actions] fanout_batch", "between 1 and 10000"),
+        ({"management": {"message_log": "1001"}}, "", "[management] message_log", "between 0 and 1000"),
+        ({"admin": {"tls_cert": "admin.pem"}}, "", "[admin] tls_key", "go together"),
     ],
 )
 def test_config_errors_name_file_section_and_key(

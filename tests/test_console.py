@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.client import HTTPSConnection
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlencode
@@ -17,6 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from harness import running_daemon
 from mdmd.app import Mdmd
 from mdmd.config import WstepConfig
 from mdmd.console import console_routes
@@ -368,3 +370,25 @@ def test_the_cookie_is_secure_when_the_console_is_reached_over_https(console: Co
     app.config.admin.url = "https://mdm-admin.example.com"
     _, headers, _ = console.request("GET", "/ui/signin")
     assert headers["set-cookie"][0].endswith("; Secure")
+
+
+def test_the_console_is_served_over_tls_with_a_secure_cookie(tmp_path: Path) -> None:
+    """[admin] tls_cert/tls_key: the API and the console over HTTPS (the
+    development certificate covers localhost)."""
+    tls = {"tls_cert": "tls-server.pem", "tls_key": "tls-server.key"}
+    with running_daemon(tmp_path, {"admin": tls}) as daemon:
+        port = daemon.port("admin")
+        conn = HTTPSConnection("localhost", port, context=daemon.server_context(), timeout=30)
+        try:
+            conn.request("GET", "/ui/signin")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            cookie = response.getheader("Set-Cookie") or ""
+            assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and cookie.endswith("; Secure")
+            conn.request("GET", "/api/v1/version", headers={"Authorization": f"Bearer {daemon.admin_token}"})
+            response = conn.getresponse()
+            assert response.status == 200 and b"schema_version" in response.read()
+        finally:
+            conn.close()
+        assert "admin listener (TLS, bearer token)" in daemon.log_text()

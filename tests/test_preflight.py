@@ -104,6 +104,16 @@ def test_an_admin_listener_off_loopback_is_refused_unless_allowed(
     assert "[admin] listen: the admin API listens on every interface over plain HTTP" in line
 
 
+def test_an_admin_listener_off_loopback_is_allowed_over_tls(tmp_path: Path, material: Path) -> None:
+    tls = {"tls_cert": "tls-server.pem", "tls_key": "tls-server.key"}
+    config = _config(tmp_path, material, admin={"listen": "tcp:0", "url": "https://localhost:8445", **tls})
+    status, line = _check(config)
+    assert status == 0 and "plain HTTP" not in line, line
+    # Its key is held to the same rules as the others.
+    (tmp_path / "state" / "tls-server.key").chmod(0o640)
+    _refused(config, "readable by group or others")
+
+
 def test_listen_addresses_are_read_from_endpoints() -> None:
     assert listen_address("tcp:8445:interface=127.0.0.1") == "127.0.0.1"
     assert listen_address("tcp:port=8445") == "0.0.0.0"
