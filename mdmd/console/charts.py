@@ -78,7 +78,7 @@ def stacked(parts: Sequence[tuple[str, float, str]], *, label: str, width: int =
 
 
 def columns(
-    series: Sequence[tuple[str, float]], *, label: str, width: int = 620, height: int = 140
+    series: Sequence[tuple[str, float]], *, label: str, width: int = 1100, height: int = 150
 ) -> Markup:
     """A column per (label, value), e.g. one per day; every seventh label shown."""
     top = max((v for _, v in series), default=0) or 1
