@@ -114,13 +114,26 @@ class FleetCountsCache:
             for d in pending:
                 d.callback(None)
 
-    async def current(self) -> tuple[FleetCounts | None, float | None]:
+    async def current(self, first_wait: float = 0.1) -> tuple[FleetCounts | None, float | None]:
         """The latest counts and when they were read, for a page: counts
-        older than *max_age* are shown while a fresh read runs beside
-        (only the very first read is waited for), so that a page never
-        waits for a walk of the fleet."""
+        older than *max_age* are shown while a fresh read runs beside, and
+        the very first read is waited for at most *first_wait* seconds (a
+        small fleet's is done by then; a page without counts says so), so
+        that a page never waits for a walk of the fleet."""
         if metrics.FLEET.counts is None:
-            await self.refresh()
+            first = Deferred.fromCoroutine(self.refresh())
+            if not first.called:
+                waited: Deferred[None] = Deferred()
+
+                def done(_: object = None) -> None:
+                    if not waited.called:
+                        waited.callback(None)
+
+                timer = self.clock.callLater(first_wait, done)
+                first.addBoth(done)
+                await waited
+                if timer.active():
+                    timer.cancel()
         else:
             updated = metrics.FLEET.updated_at
             if (updated is None or time.time() - updated >= self.max_age) and self._pending is None:

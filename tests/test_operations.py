@@ -148,6 +148,31 @@ def test_scrapes_share_one_read_of_the_fleet_counts() -> None:
     assert _run(Deferred.fromCoroutine(cache.refresh())) is None and len(store.counts) == 1
 
 
+def test_a_page_never_waits_for_a_long_count_of_the_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mdmd import metrics
+
+    store, clock = _Store(), Clock()
+    cache = FleetCountsCache(cast(Store, store), clock, max_age=10)
+    monkeypatch.setattr(metrics.FLEET, "counts", None)
+    monkeypatch.setattr(metrics.FLEET, "updated_at", None)
+    # The first count is waited for a moment only: then the page has none.
+    page = Deferred.fromCoroutine(cache.current(first_wait=0.1))
+    assert not page.called and len(store.counts) == 1
+    clock.advance(0.1)
+    assert _run(page) == (None, None)
+    store.counts[0].callback({"devices": {"enrolled": 3.0}})
+    counts, at = _run(Deferred.fromCoroutine(cache.current()))
+    assert counts == {"devices": {"enrolled": 3.0}} and at is not None and len(store.counts) == 1
+    # Older than max_age: shown as they are while one fresh read runs beside.
+    monkeypatch.setattr(metrics.FLEET, "updated_at", at - 11)
+    assert _run(Deferred.fromCoroutine(cache.current()))[0] == {"devices": {"enrolled": 3.0}}
+    assert _run(Deferred.fromCoroutine(cache.current()))[0] == {"devices": {"enrolled": 3.0}}
+    assert len(store.counts) == 2
+    store.counts[1].callback({"devices": {"enrolled": 4.0}})
+    assert _run(Deferred.fromCoroutine(cache.current()))[0] == {"devices": {"enrolled": 4.0}}
+    assert clock.getDelayedCalls() == []
+
+
 # --- metrics ---
 
 

@@ -459,6 +459,7 @@ class FleetPage(Page):
             session,
             counted_at=None if at is None else iso_time(at),
             counted_ago=None if at is None else max(0, round(time.time() - at)),
+            reload_after=3 if at is None else None,
             states=states,
             states_chart=charts.bars(states, label="devices by state"),
             recency=recency,

@@ -10,7 +10,9 @@ rolls back to its savepoint alone.  Reads run on their own thread and
 connection, so a lookup never waits behind another request's commit; a read
 transaction is always rolled back.  Bulk reads (the administrators' lists,
 fleet-wide counts) have a thread and connection of their own too, so that a
-page of a million-device list never makes a device's check-in wait.
+page of a million-device list never makes a device's check-in wait; a
+backend may add more such lanes (*lanes*), e.g. for reads of the whole fleet
+that take seconds and must not hold up the pages of the device list.
 """
 
 from __future__ import annotations
@@ -75,12 +77,15 @@ class TransactionEngine(Generic[C]):
         name: str = "mdmd-store",
         bulk_reader: C | None = None,
         on_commit: Callable[[int, float], None] | None = None,
+        lanes: dict[str, C] | None = None,
     ) -> None:
         self._reactor = reactor
         self._writer: C | None = writer
         self._readers: dict[str, C | None] = {"read": reader}
         if bulk_reader is not None:
             self._readers["bulk"] = bulk_reader
+        for lane, conn in (lanes or {}).items():
+            self._readers[lane] = conn
         self._begin_write = begin_write
         self._begin_read = begin_read
         self._read_guard = read_guard
@@ -127,11 +132,16 @@ class TransactionEngine(Generic[C]):
         self._writes.put(_Job(fn, d))
         return d
 
-    def read(self, fn: Callable[[C], R], *, bulk: bool = False) -> Deferred[R]:
+    def read(self, fn: Callable[[C], R], *, bulk: bool = False, lane: str | None = None) -> Deferred[R]:
         """Run *fn* in a read transaction beside the writes; a *bulk* read
-        (one that may take long) also beside the other reads."""
+        (one that may take long) also beside the other reads; one for a
+        named *lane* on that lane's own thread (the bulk one's when there is
+        no such lane)."""
         d: Deferred[R] = Deferred()
-        lane = "bulk" if bulk and "bulk" in self._reads else "read"
+        if lane is not None and lane in self._reads:
+            self._reads[lane].put(_Job(fn, d))
+            return d
+        lane = "bulk" if (bulk or lane is not None) and "bulk" in self._reads else "read"
         self._reads[lane].put(_Job(fn, d))
         return d
 

@@ -227,6 +227,9 @@ class SQLiteStore:
             read_guard=_no_writes,
             bulk_reader=_connect(self.path),
             on_commit=self._on_commit,
+            # The fleet-wide counts (seconds at a million devices) beside
+            # the device list's pages, not before them.
+            lanes={"counts": _connect(self.path)},
         )
         return found
 
@@ -241,14 +244,19 @@ class SQLiteStore:
             self._engine = None
 
     def _run(
-        self, fn: Callable[[sqlite3.Connection], R], *, write: bool = True, bulk: bool = False
+        self,
+        fn: Callable[[sqlite3.Connection], R],
+        *,
+        write: bool = True,
+        bulk: bool = False,
+        lane: str | None = None,
     ) -> Deferred[R]:
         """Run *fn* as one transaction off the reactor; the Deferred fires
         once its effects are committed (a read runs beside the writes, a
-        *bulk* read beside the other reads too)."""
+        *bulk* read beside the other reads too, a *lane*'s on its own)."""
         if self._engine is None:
             return fail(StoreError("store is not open"))
-        return self._engine.write(fn) if write else self._engine.read(fn, bulk=bulk)
+        return self._engine.write(fn) if write else self._engine.read(fn, bulk=bulk, lane=lane)
 
     # -- hosts --
 
@@ -1518,7 +1526,7 @@ class SQLiteStore:
                 counts[f"profile:{name}"] = states
             return counts
 
-        return self._run(txn, write=False, bulk=True)
+        return self._run(txn, write=False, lane="counts")
 
     def check_writable(self, now: float) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
