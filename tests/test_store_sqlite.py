@@ -26,7 +26,7 @@ from test_store_contract import LIST_QUERIES
 
 from harness import REPO
 from mdmd.management import LargeObject, ManagementStep
-from mdmd.store import DeviceQuery, HostEnrollment, StoreError, sqlite_devices
+from mdmd.store import DeviceQuery, HostEnrollment, LoggedMessage, MessageLogWrite, StoreError, sqlite_devices
 from mdmd.store import sqlite as sqlite_module
 from mdmd.store.sqlite import _DEVICE_SELECT, _LIVE_SERIALS_OF_DEVICE_OR_HOST, SQLiteStore, migrate
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
@@ -437,6 +437,37 @@ def test_a_bulk_read_does_not_delay_a_devices_read(store: SQLiteStore) -> None:
     finally:
         release.set()
     wait(listing)
+
+
+def test_a_count_of_the_fleet_does_not_delay_a_page_of_the_device_list(store: SQLiteStore) -> None:
+    wait(store.enroll_host(host(1), now=1.0))
+    release = threading.Event()
+
+    def long_count(conn: sqlite3.Connection) -> None:
+        assert release.wait(10), "never released"
+
+    counting = store._run(long_count, write=False, lane="counts")
+    try:
+        page = wait(store.device_page(DeviceQuery(), limit=10))
+        assert page.devices == () and not counting.called
+    finally:
+        release.set()
+    wait(counting)
+
+
+def test_the_message_log_keeps_bodies_compressed(store: SQLiteStore, tmp_path: Path) -> None:
+    wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", 1, "s1"), now=2.0))
+    body = b"<SyncML>" + b"<Status><CmdID>1</CmdID><Data>200</Data></Status>" * 200 + b"</SyncML>"
+    messages = MessageLogWrite((LoggedMessage("in", 3.0, "1", 1, len(body), body),), 50)
+    wait(store.commit_management_step(ManagementStep("DEV1", None), 3.0, messages=messages))
+    conn = sqlite3.connect(f"file:{tmp_path / 'mdmd.sqlite3'}?mode=ro", uri=True)
+    try:
+        ((stored,),) = conn.execute("SELECT length(body) FROM device_messages").fetchall()
+    finally:
+        conn.close()
+    assert stored < len(body) / 10
+    assert wait(store.device_messages("DEV1"))[0].body == body
 
 
 def _old_database(path: Path, version: int) -> None:
