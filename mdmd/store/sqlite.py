@@ -1623,9 +1623,12 @@ def _profile_unseen(conn: sqlite3.Connection, name: str, enrolled: int, states: 
     if not groups:
         return 0.0
     if ALL_GROUP in groups:
+        # CROSS JOIN keeps this order (unenrolled devices, then their
+        # record): left to the planner, it walked every record of the
+        # profile, 3-5 s at a million devices instead of 30 ms.
         (gone,) = conn.execute(
             """
-            SELECT count(*) FROM devices d JOIN device_profiles p
+            SELECT count(*) FROM devices d INDEXED BY devices_unenrolled CROSS JOIN device_profiles p
                 ON p.device_id = d.device_id AND p.profile_name = ?
             WHERE d.state = 'unenrolled'
             """,
