@@ -61,6 +61,7 @@ from mdmd.web import (
     json_body,
     json_error,
     json_response,
+    refused,
 )
 
 __all__ = [
@@ -540,8 +541,7 @@ def _query_args(request: MdmdRequest) -> dict[str, list[str]]:
 
 
 def _refused(e: ListRequestError | CommandRequestError) -> HTTPError:
-    errors = [{"name": f.name, "reason": f.reason} for f in e.errors]
-    return HTTPError(json_error(400, e.message, errors=errors), e.message)
+    return refused(400, e.message, e.errors)
 
 
 class _AdminResource(EndpointResource):

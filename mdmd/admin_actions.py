@@ -14,7 +14,6 @@ store.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 from twisted.logger import Logger
@@ -22,18 +21,17 @@ from twisted.logger import Logger
 from mdmd.actions import ActionRequest, ActionRequestError, action_command, parse_action_request
 from mdmd.admin import action_json
 from mdmd.app import Mdmd
-from mdmd.commands import CommandRequestError, FieldError, QueuedCommand, parse_command_request
+from mdmd.commands import CommandRequestError, QueuedCommand, parse_command_request
 from mdmd.store import NewAction, NewOperation, OperationRecord
 from mdmd.web import (
     EndpointResource,
-    HTTPError,
     HTTPResponse,
     MdmdRequest,
     Route,
     iso_time,
     json_body,
-    json_error,
     json_response,
+    refused,
 )
 
 __all__ = ["action_routes", "operation_json", "queue_device_action"]
@@ -41,18 +39,11 @@ __all__ = ["action_routes", "operation_json", "queue_device_action"]
 log = Logger(namespace=__name__)
 
 
-def _refuse(status: int, message: str, errors: Sequence[FieldError] = ()) -> HTTPError:
-    extra: dict[str, Any] = {}
-    if errors:
-        extra["errors"] = [{"name": e.name, "reason": e.reason} for e in errors]
-    return HTTPError(json_error(status, message, **extra), message)
-
-
 def _action_request(request: MdmdRequest, *, group: bool) -> ActionRequest:
     try:
         return parse_action_request(json_body(request), group=group)
     except ActionRequestError as e:
-        raise _refuse(400, e.message, e.errors) from None
+        raise refused(400, e.message, e.errors) from None
 
 
 def operation_json(op: OperationRecord) -> dict[str, Any]:
@@ -92,7 +83,7 @@ class DeviceActionsResource(_Resource):
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
         device_id = request.device_id = request.path_params["device_id"]
         if await self.app.store.device(device_id) is None:
-            raise _refuse(404, f"no such device: {device_id}")
+            raise refused(404, f"no such device: {device_id}")
         actions = await self.app.store.device_actions(device_id, limit=100)
         return json_response(200, {"actions": [action_json(a) for a in actions]})
 
@@ -109,7 +100,7 @@ async def queue_device_action(app: Mdmd, request: MdmdRequest, device_id: str, b
     try:
         wanted = parse_action_request(body, group=False)
     except ActionRequestError as e:
-        raise _refuse(400, e.message, e.errors) from None
+        raise refused(400, e.message, e.errors) from None
     queued = action_command(wanted, provider_id=app.config.management.provider_id)
     new = NewAction(
         str(uuid.uuid4()), str(uuid.uuid4()), wanted.action, wanted.options(), queued.verb, queued.body
@@ -117,13 +108,13 @@ async def queue_device_action(app: Mdmd, request: MdmdRequest, device_id: str, b
     outcome = await app.store.request_action(device_id, new, app.now())
     match outcome.result:
         case "no_device":
-            raise _refuse(404, f"no such device: {device_id}")
+            raise refused(404, f"no such device: {device_id}")
         case "wiped":
-            raise _refuse(409, f"device {device_id} was wiped: it is no longer managed")
+            raise refused(409, f"device {device_id} was wiped: it is no longer managed")
         case "unenrolled":
-            raise _refuse(409, f"device {device_id} is unenrolled: it is no longer managed")
+            raise refused(409, f"device {device_id} is unenrolled: it is no longer managed")
         case "pending":
-            raise _refuse(409, f"device {device_id} has a {wanted.action} pending already")
+            raise refused(409, f"device {device_id} has a {wanted.action} pending already")
     detail = {
         "options": dict(wanted.options()),
         "action_id": new.action_id,
@@ -136,7 +127,7 @@ async def queue_device_action(app: Mdmd, request: MdmdRequest, device_id: str, b
 class _GroupOperationResource(_Resource):
     async def start(self, request: MdmdRequest, operation: NewOperation) -> HTTPResponse:
         if not await self.app.store.create_operation(operation, self.app.now()):
-            raise _refuse(404, f"no such group: {operation.group_name}")
+            raise refused(404, f"no such group: {operation.group_name}")
         if self.app.wake_fanout is not None:
             self.app.wake_fanout()
         what = f"action.{operation.action}" if operation.action else "command"
@@ -171,7 +162,7 @@ class GroupCommandsResource(_GroupOperationResource):
         try:
             queued = parse_command_request(json_body(request))
         except CommandRequestError as e:
-            raise _refuse(400, e.message, e.errors) from None
+            raise refused(400, e.message, e.errors) from None
         operation = NewOperation(str(uuid.uuid4()), "command", group, queued.verb, queued.body)
         return await self.start(request, operation)
 
@@ -183,7 +174,7 @@ class OperationResource(_Resource):
         operation_id = request.path_params["operation_id"]
         op = await self.app.store.operation(operation_id)
         if op is None:
-            raise _refuse(404, f"no such operation: {operation_id}")
+            raise refused(404, f"no such operation: {operation_id}")
         return json_response(200, operation_json(op))
 
 

@@ -32,14 +32,13 @@ from mdmd.store import DeviceProfileEntry, GroupChange, GroupRecord, ProfileReco
 from mdmd.syncml import describe_status
 from mdmd.web import (
     EndpointResource,
-    HTTPError,
     HTTPResponse,
     MdmdRequest,
     Route,
     iso_time,
     json_body,
-    json_error,
     json_response,
+    refused,
 )
 
 __all__ = [
@@ -63,18 +62,11 @@ _MAX_PAGE: Final = 1000
 _MAX_IDS: Final = 10_000
 
 
-def _refuse(status: int, message: str, errors: Sequence[FieldError] = ()) -> HTTPError:
-    extra: dict[str, Any] = {}
-    if errors:
-        extra["errors"] = [{"name": e.name, "reason": e.reason} for e in errors]
-    return HTTPError(json_error(status, message, **extra), message)
-
-
 def _profile(obj: object, name: str | None = None) -> Profile:
     try:
         return parse_profile_request(obj, name=name)
     except ProfileRequestError as e:
-        raise _refuse(400, e.message, e.errors) from None
+        raise refused(400, e.message, e.errors) from None
 
 
 def _item_json(item: ProfileItem) -> dict[str, Any]:
@@ -136,9 +128,9 @@ def device_profile_json(entry: DeviceProfileEntry) -> dict[str, Any]:
 
 def _names(obj: object, field: str, *, limit: int = _MAX_IDS) -> list[str]:
     if not isinstance(obj, list) or not all(isinstance(x, str) and x for x in obj):
-        raise _refuse(400, f"{field} must be a list of names", [FieldError(field, "must be a list of names")])
+        raise refused(400, f"{field} must be a list of names", [FieldError(field, "must be a list of names")])
     if len(obj) > limit:
-        raise _refuse(
+        raise refused(
             400, f"{field}: at most {limit} at once", [FieldError(field, f"at most {limit} at once")]
         )
     return list(obj)
@@ -154,14 +146,14 @@ def _page(request: MdmdRequest) -> tuple[int, str | None]:
         limit = 0
     if not 1 <= limit <= _MAX_PAGE:
         reason = f"limit must be a whole number from 1 to {_MAX_PAGE}"
-        raise _refuse(400, reason, [FieldError("limit", reason)])
+        raise refused(400, reason, [FieldError("limit", reason)])
     raw_cursor = (args.get(b"cursor") or [b""])[0]
     if not raw_cursor:
         return limit, None
     try:
         return limit, base64.urlsafe_b64decode(raw_cursor + b"=" * (-len(raw_cursor) % 4)).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise _refuse(
+        raise refused(
             400, "cursor is not one this API gave", [FieldError("cursor", "unknown cursor")]
         ) from None
 
@@ -195,7 +187,7 @@ class ProfileResource(_Resource):
         name = request.path_params["name"]
         profile = await self.app.store.profile(name)
         if profile is None:
-            raise _refuse(404, f"no such profile: {name}")
+            raise refused(404, f"no such profile: {name}")
         status = await self.app.store.profile_status(name)
         return json_response(
             200,
@@ -215,7 +207,7 @@ class ProfileResource(_Resource):
     async def handle_DELETE(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
         if not await self.app.store.delete_profile(name, self.app.now()):
-            raise _refuse(404, f"no such profile: {name}")
+            raise refused(404, f"no such profile: {name}")
         await self.app.audit(request, "profile.delete", name)
         return json_response(202, {"name": name})
 
@@ -227,7 +219,7 @@ class ProfileGroupsResource(_Resource):
         name = request.path_params["name"]
         body = json_body(request)
         if not isinstance(body, dict) or set(body) != {"groups"}:
-            raise _refuse(400, 'the body must be {"groups": [names]}', [FieldError("groups", "required")])
+            raise refused(400, 'the body must be {"groups": [names]}', [FieldError("groups", "required")])
         groups = await assign_profile(self.app, request, name, _names(body["groups"], "groups"))
         return json_response(200, {"name": name, "groups": groups})
 
@@ -253,7 +245,7 @@ class GroupResource(_Resource):
         limit, after = _page(request)
         group = await self.app.store.group(name)
         if group is None:
-            raise _refuse(404, f"no such group: {name}")
+            raise refused(404, f"no such group: {name}")
         members = await self.app.store.group_members(name, after=after, limit=limit)
         more = len(members) == limit and members
         return json_response(
@@ -271,12 +263,12 @@ class GroupDevicesResource(_Resource):
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
         if name == ALL_GROUP:
-            raise _refuse(
+            raise refused(
                 400, "the built-in group all holds every enrolled device; its members cannot change"
             )
         body = json_body(request)
         if not isinstance(body, dict) or not body or set(body) - {"add", "remove"}:
-            raise _refuse(400, 'the body must be {"add": [device IDs], "remove": [device IDs]}')
+            raise refused(400, 'the body must be {"add": [device IDs], "remove": [device IDs]}')
         add = _names(body.get("add", []), "add")
         remove = _names(body.get("remove", []), "remove")
         change = await change_group_members(self.app, request, name, add, remove)
@@ -290,7 +282,7 @@ class DeviceProfilesResource(_Resource):
         device_id = request.path_params["device_id"]
         request.device_id = device_id
         if await self.app.store.device(device_id) is None:
-            raise _refuse(404, f"no such device: {device_id}")
+            raise refused(404, f"no such device: {device_id}")
         entries = await self.app.store.device_profiles(device_id)
         return json_response(200, {"profiles": [device_profile_json(e) for e in entries]})
 
@@ -302,7 +294,7 @@ class DeviceProfilesResource(_Resource):
 async def create_profile(app: Mdmd, request: MdmdRequest, body: object) -> Profile:
     profile = _profile(body)
     if not await app.store.create_profile(profile, app.now()):
-        raise _refuse(
+        raise refused(
             409,
             f"profile {profile.name} exists (PUT /api/v1/profiles/{profile.name} changes it)",
             [FieldError("name", f"a profile named {profile.name} exists")],
@@ -314,7 +306,7 @@ async def create_profile(app: Mdmd, request: MdmdRequest, body: object) -> Profi
 async def update_profile(app: Mdmd, request: MdmdRequest, name: str, body: object) -> Profile:
     profile = _profile(body, name)
     if not await app.store.update_profile(profile, app.now()):
-        raise _refuse(404, f"no such profile: {name}")
+        raise refused(404, f"no such profile: {name}")
     await app.audit(request, "profile.update", name, {"version": profile.version})
     return profile
 
@@ -322,10 +314,10 @@ async def update_profile(app: Mdmd, request: MdmdRequest, name: str, body: objec
 async def assign_profile(app: Mdmd, request: MdmdRequest, name: str, groups: Sequence[str]) -> list[str]:
     outcome = await app.store.assign_profile(name, groups, app.now())
     if not outcome.found:
-        raise _refuse(404, f"no such profile: {name}")
+        raise refused(404, f"no such profile: {name}")
     if outcome.unknown_groups:
         unknown = ", ".join(outcome.unknown_groups)
-        raise _refuse(400, f"no such group: {unknown}", [FieldError("groups", f"no such group: {unknown}")])
+        raise refused(400, f"no such group: {unknown}", [FieldError("groups", f"no such group: {unknown}")])
     assigned = list(dict.fromkeys(groups))
     await app.audit(request, "profile.assign", name, {"groups": assigned})
     return assigned
@@ -337,21 +329,21 @@ async def create_group(app: Mdmd, request: MdmdRequest, body: object) -> str:
     if reason is None and name == ALL_GROUP:
         reason = "all is the built-in group of every enrolled device"
     if reason is not None or not isinstance(name, str):
-        raise _refuse(400, f"invalid group name: {reason}", [FieldError("name", reason or "required")])
+        raise refused(400, f"invalid group name: {reason}", [FieldError("name", reason or "required")])
     if isinstance(body, dict) and set(body) - {"name"}:
         fields = [FieldError(str(k), "unknown field") for k in body if k != "name"]
-        raise _refuse(400, "unknown field", fields)
+        raise refused(400, "unknown field", fields)
     if not await app.store.create_group(name, app.now()):
-        raise _refuse(409, f"group {name} exists", [FieldError("name", f"a group named {name} exists")])
+        raise refused(409, f"group {name} exists", [FieldError("name", f"a group named {name} exists")])
     await app.audit(request, "group.create", name)
     return name
 
 
 async def delete_group(app: Mdmd, request: MdmdRequest, name: str) -> None:
     if name == ALL_GROUP:
-        raise _refuse(400, "the built-in group all cannot be deleted")
+        raise refused(400, "the built-in group all cannot be deleted")
     if not await app.store.delete_group(name):
-        raise _refuse(404, f"no such group: {name}")
+        raise refused(404, f"no such group: {name}")
     await app.audit(request, "group.delete", name)
 
 
@@ -359,13 +351,13 @@ async def change_group_members(
     app: Mdmd, request: MdmdRequest, name: str, add: Sequence[str], remove: Sequence[str]
 ) -> GroupChange:
     if name == ALL_GROUP:
-        raise _refuse(400, "the built-in group all holds every enrolled device; its members cannot change")
+        raise refused(400, "the built-in group all holds every enrolled device; its members cannot change")
     change = await app.store.change_group_members(name, add, remove, app.now())
     if change is None:
-        raise _refuse(404, f"no such group: {name}")
+        raise refused(404, f"no such group: {name}")
     if change.unknown:
         shown = ", ".join(change.unknown[:20]) + (" ..." if len(change.unknown) > 20 else "")
-        raise _refuse(
+        raise refused(
             400,
             f"no such device: {shown}",
             [FieldError("add" if d in add else "remove", f"no such device: {d}") for d in change.unknown],

@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
@@ -59,6 +59,7 @@ __all__ = [
     "json_body",
     "json_error",
     "json_response",
+    "refused",
     "request_body",
 ]
 
@@ -87,6 +88,25 @@ def request_body(request: server.Request) -> bytes:
     assert request.content is not None
     request.content.seek(0)
     return bytes(request.content.read())
+
+
+class NamedReason(Protocol):
+    """A field error: which field (``items[0].target``), and why."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+def refused(status: int, message: str, errors: Sequence[NamedReason] = ()) -> HTTPError:
+    """A client mistake answered with the JSON error shape, naming each bad
+    field when there are any."""
+    extra: dict[str, Any] = {}
+    if errors:
+        extra["errors"] = [{"name": e.name, "reason": e.reason} for e in errors]
+    return HTTPError(json_error(status, message, **extra), message)
 
 
 def json_body(request: server.Request) -> object:
