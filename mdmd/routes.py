@@ -14,7 +14,7 @@ from mdmd.agent import (
     OrbitPingResource,
 )
 from mdmd.app import Mdmd
-from mdmd.console import console_routes
+from mdmd.console.pages import console_routes
 from mdmd.enrollment import (
     DISCOVERY_PATH,
     ENROLLMENT_PATH,

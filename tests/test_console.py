@@ -21,7 +21,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from harness import running_daemon
 from mdmd.app import Mdmd
 from mdmd.config import WstepConfig
-from mdmd.console import console_routes
+from mdmd.console.pages import console_routes
 from mdmd.console.session import (
     SESSION_COOKIE,
     SIGNIN_COOKIE,
