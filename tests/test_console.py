@@ -218,7 +218,10 @@ def console(tmp_path: Path) -> Iterator[Console]:
     )
     app = Mdmd(config=config, material=None, store=store, reactor=clock, tokens=tokens)  # type: ignore[arg-type]
     fleet = FleetCountsCache(store, clock, 10)
-    site = MdmdSite(RoutingResource(console_routes(app, fleet)), listener="admin", max_body_bytes=1 << 20)
+    # Its own clock: nothing a request schedules lands on the global reactor.
+    site = MdmdSite(
+        RoutingResource(console_routes(app, fleet)), listener="admin", max_body_bytes=1 << 20, reactor=clock
+    )
     yield Console(site, store)
     store.stop()
 
