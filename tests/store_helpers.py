@@ -76,6 +76,29 @@ def open_sqlite(directory: Path) -> Store:
     return store
 
 
+def postgresql_dsn() -> str:
+    """A fresh, empty schema of the session's throwaway cluster (see
+    pg_cluster.py), as a DSN whose search_path selects it; the test is
+    skipped when PostgreSQL is not installed (and not required)."""
+    import pytest
+    from pg_cluster import shared_cluster
+
+    cluster = shared_cluster()
+    if cluster is None:
+        pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
+    schema = cluster.new_name("s")
+    cluster.sql(f"CREATE SCHEMA {schema}", "mdmd_tests")
+    return cluster.dsn("mdmd_tests") + f" options=-csearch_path={schema}"
+
+
+def open_postgresql(directory: Path) -> Store:
+    from mdmd.store.postgresql import PostgreSQLStore
+
+    store = PostgreSQLStore(postgresql_dsn(), ThreadReactor(), pool_size=2)  # type: ignore[arg-type]
+    store.open()
+    return store
+
+
 #: Every backend the contract suite holds to the Store interface: name ->
 #: a function that opens (not starts) a fresh, empty store in a folder.
-BACKENDS: dict[str, Callable[[Path], Store]] = {"sqlite": open_sqlite}
+BACKENDS: dict[str, Callable[[Path], Store]] = {"sqlite": open_sqlite, "postgresql": open_postgresql}

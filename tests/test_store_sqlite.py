@@ -24,6 +24,7 @@ import pytest
 from harness import REPO
 from mdmd.management import LargeObject
 from mdmd.store import HostEnrollment, StoreError
+from mdmd.store.engine import SQLConnection
 from mdmd.store.sqlite import _DEVICE_SELECT, _LIVE_SERIALS_OF_DEVICE_OR_HOST, SQLiteStore, migrate
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from store_helpers import ThreadReactor, host, wait
@@ -176,7 +177,7 @@ def test_sigkill_during_a_stream_of_writes_loses_nothing_acknowledged(tmp_path: 
 
 
 def test_a_read_only_transaction_that_writes_is_rolled_back(store: SQLiteStore) -> None:
-    def sneaky(conn: sqlite3.Connection) -> None:
+    def sneaky(conn: SQLConnection) -> None:
         conn.execute(
             "INSERT INTO hosts (hardware_uuid, node_key_hash, platform, hostname, hardware_serial,"
             " info, enrolled_at) VALUES ('x', x'00', 'windows', 'h', 's', '{}', 0)"
@@ -215,7 +216,7 @@ def test_a_read_does_not_wait_for_a_write_in_progress(store: SQLiteStore) -> Non
     wait(store.enroll_host(host(1), now=1.0))
     release = threading.Event()
 
-    def slow_write(conn: sqlite3.Connection) -> None:
+    def slow_write(conn: SQLConnection) -> None:
         conn.execute("UPDATE hosts SET last_seen = 2.0")
         assert release.wait(10), "never released"
 

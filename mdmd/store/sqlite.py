@@ -29,7 +29,7 @@ from mdmd.profiles import (
     items_from_json,
     items_json,
 )
-from mdmd.store.engine import TransactionEngine
+from mdmd.store.engine import Engine, SQLConnection, SQLRow, TransactionEngine
 from mdmd.store.records import (
     AssignmentOutcome,
     CertificateRecord,
@@ -55,7 +55,7 @@ from mdmd.store.records import (
 )
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["SQLiteStore", "migrate"]
+__all__ = ["SQLStore", "SQLiteStore", "migrate"]
 
 R = TypeVar("R")
 
@@ -105,62 +105,17 @@ def _no_writes(conn: sqlite3.Connection) -> Callable[[], None]:
     return check
 
 
-class SQLiteStore:
-    """:class:`~mdmd.store.interface.Store` on one SQLite file."""
+class SQLStore:
+    """:class:`~mdmd.store.interface.Store` in SQL that SQLite and PostgreSQL
+    both run: every method is one transaction, a function of a connection
+    handed to the backend's engine.  The statements are written in SQLite's
+    dialect (``?`` parameters); the PostgreSQL backend translates the
+    parameters and runs its write transactions serializable, so each
+    method behaves there as it does behind SQLite's single writer."""
 
-    def __init__(self, path: str, reactor: IReactorFromThreads) -> None:
-        self.path = path
-        self._reactor = reactor
-        self._engine: TransactionEngine[sqlite3.Connection] | None = None
+    _engine: Engine | None = None
 
-    # -- life cycle (synchronous: called before the reactor runs / after it stops) --
-
-    def open(self, *, check: bool = True) -> int:
-        """Open (creating if needed), check and migrate; return the schema
-        version found.  ``check=False`` is for worker processes: the main
-        process has checked and migrated the file, so only the version is
-        verified."""
-        directory = os.path.dirname(self.path) or "."
-        if not os.path.isdir(directory):
-            raise StoreError(f"{directory}: state directory does not exist")
-        try:
-            conn = _connect(self.path)
-            if check:
-                result = conn.execute("PRAGMA quick_check").fetchone()[0]
-                if result != "ok":
-                    raise StoreError(f"{self.path}: database integrity check failed: {result}")
-                found = migrate(conn)
-            else:
-                found = int(conn.execute("PRAGMA user_version").fetchone()[0])
-                if found != SCHEMA_VERSION:
-                    raise StoreError(f"{self.path}: schema version {found}, expected {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: {e}") from None
-        # The database holds node-key hashes and device inventory: owner only.
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(self.path + suffix):
-                os.chmod(self.path + suffix, 0o600)
-        self._engine = TransactionEngine(
-            self._reactor,
-            conn,
-            _connect(self.path),
-            begin_write="BEGIN IMMEDIATE",
-            begin_read="BEGIN DEFERRED",
-            read_guard=_no_writes,
-        )
-        return found
-
-    def start(self) -> None:
-        if self._engine is None:
-            raise StoreError("store is not open")
-        self._engine.start()
-
-    def stop(self) -> None:
-        if self._engine is not None:
-            self._engine.stop()
-            self._engine = None
-
-    def _run(self, fn: Callable[[sqlite3.Connection], R], *, write: bool = True) -> Deferred[R]:
+    def _run(self, fn: Callable[[SQLConnection], R], *, write: bool = True) -> Deferred[R]:
         """Run *fn* as one transaction off the reactor; the Deferred fires
         once its effects are committed (a read runs beside the writes)."""
         if self._engine is None:
@@ -170,7 +125,7 @@ class SQLiteStore:
     # -- hosts --
 
     def enroll_host(self, enrollment: HostEnrollment, now: float) -> Deferred[HostRecord]:
-        def txn(conn: sqlite3.Connection) -> HostRecord:
+        def txn(conn: SQLConnection) -> HostRecord:
             # The same hardware UUID is the same host: keep its row (and its
             # MDM device) and replace the node key, so the old key stops
             # working at once.
@@ -211,7 +166,7 @@ class SQLiteStore:
         """The host holding this node key; with *seen_at*, also record it as
         last seen (one transaction: agents poll often)."""
 
-        def txn(conn: sqlite3.Connection) -> HostRecord | None:
+        def txn(conn: SQLConnection) -> HostRecord | None:
             if seen_at is not None:
                 conn.execute(
                     "UPDATE hosts SET last_seen = ? WHERE node_key_hash = ?", (seen_at, node_key_hash)
@@ -224,7 +179,7 @@ class SQLiteStore:
     def request_unenrollment(self, device_id: str) -> Deferred[bool]:
         """Ask the agent of this device's host to unenroll it from MDM."""
 
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             cursor = conn.execute(
                 """
                 UPDATE hosts SET unenroll_requested = 1
@@ -241,7 +196,7 @@ class SQLiteStore:
     def record_device_enrollment(
         self, enrollment: DeviceEnrollment, now: float
     ) -> Deferred[EnrollmentOutcome]:
-        def txn(conn: sqlite3.Connection) -> EnrollmentOutcome:
+        def txn(conn: SQLConnection) -> EnrollmentOutcome:
             e = enrollment
             # DeviceIDs are not secrets (certificate CN, SyncML headers): an
             # enrolled device belongs to its host, and another host presenting
@@ -335,27 +290,27 @@ class SQLiteStore:
         return self._run(txn)
 
     def device(self, device_id: str) -> Deferred[DeviceRecord | None]:
-        def txn(conn: sqlite3.Connection) -> DeviceRecord | None:
+        def txn(conn: SQLConnection) -> DeviceRecord | None:
             row = conn.execute(_DEVICE_SELECT + " WHERE d.device_id = ?", (device_id,)).fetchone()
             return None if row is None else _device(row)
 
         return self._run(txn, write=False)
 
     def certificate(self, serial: str) -> Deferred[CertificateRecord | None]:
-        def txn(conn: sqlite3.Connection) -> CertificateRecord | None:
+        def txn(conn: SQLConnection) -> CertificateRecord | None:
             row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (serial,)).fetchone()
             return None if row is None else _certificate(row)
 
         return self._run(txn, write=False)
 
     def devices(self) -> Deferred[list[DeviceRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[DeviceRecord]:
+        def txn(conn: SQLConnection) -> list[DeviceRecord]:
             return [_device(r) for r in conn.execute(_DEVICE_SELECT + " ORDER BY d.enrolled_at, d.device_id")]
 
         return self._run(txn, write=False)
 
     def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[CertificateRecord]:
+        def txn(conn: SQLConnection) -> list[CertificateRecord]:
             rows = conn.execute(
                 "SELECT * FROM certificates WHERE device_id = ? ORDER BY issued_at DESC", (device_id,)
             )
@@ -366,7 +321,7 @@ class SQLiteStore:
     # -- certificate renewal --
 
     def record_renewal(self, renewal: CertificateRenewal, now: float) -> Deferred[RenewalOutcome]:
-        def txn(conn: sqlite3.Connection) -> RenewalOutcome:
+        def txn(conn: SQLConnection) -> RenewalOutcome:
             r = renewal
             # Checked again where it is written: the request was checked on
             # a read that another process's write may have overtaken.
@@ -415,7 +370,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def confirm_renewal(self, serial: str, now: float) -> Deferred[tuple[str, ...]]:
-        def txn(conn: sqlite3.Connection) -> tuple[str, ...]:
+        def txn(conn: SQLConnection) -> tuple[str, ...]:
             row = conn.execute(
                 "SELECT device_id, renewed_from FROM certificates"
                 " WHERE serial = ? AND renewed_from IS NOT NULL AND activated_at IS NULL"
@@ -442,7 +397,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def retire_renewed_certificates(self, now: float, *, limit: int) -> Deferred[int]:
-        def txn(conn: sqlite3.Connection) -> int:
+        def txn(conn: SQLConnection) -> int:
             # It stopped working when it ended: that is its revocation time
             # (the one pruning counts from).
             cursor = conn.execute(
@@ -461,7 +416,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def prune_certificates(self, revoked_before: float, *, limit: int) -> Deferred[int]:
-        def txn(conn: sqlite3.Connection) -> int:
+        def txn(conn: SQLConnection) -> int:
             cursor = conn.execute(
                 """
                 DELETE FROM certificates WHERE serial IN (
@@ -481,7 +436,7 @@ class SQLiteStore:
     def management_context(
         self, cert_serial: str, *, queue_limit: int = 100
     ) -> Deferred[ManagementContext | None]:
-        def txn(conn: sqlite3.Connection) -> ManagementContext | None:
+        def txn(conn: SQLConnection) -> ManagementContext | None:
             cert_row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (cert_serial,)).fetchone()
             if cert_row is None:
                 return None
@@ -512,7 +467,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def device_alerts(self, device_id: str) -> Deferred[list[StoredAlert]]:
-        def txn(conn: sqlite3.Connection) -> list[StoredAlert]:
+        def txn(conn: SQLConnection) -> list[StoredAlert]:
             rows = conn.execute(
                 "SELECT * FROM device_alerts WHERE device_id = ? ORDER BY received_at DESC, code, type",
                 (device_id,),
@@ -527,7 +482,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def last_reply(self, device_id: str) -> Deferred[bytes | None]:
-        def txn(conn: sqlite3.Connection) -> bytes | None:
+        def txn(conn: SQLConnection) -> bytes | None:
             row = conn.execute(
                 "SELECT reply, base64 FROM syncml_replies WHERE device_id = ?", (device_id,)
             ).fetchone()
@@ -548,7 +503,7 @@ class SQLiteStore:
         expected_seq: int | None = None,
         profiles: ProfileStep | None = None,
     ) -> Deferred[None]:
-        def txn(conn: sqlite3.Connection) -> None:
+        def txn(conn: SQLConnection) -> None:
             device_id = step.device_id
             row = conn.execute(
                 "SELECT inventory, session_seq FROM devices WHERE device_id = ?", (device_id,)
@@ -575,7 +530,7 @@ class SQLiteStore:
                 VALUES (?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (device_id, code, type, source) DO UPDATE SET
                     format = excluded.format, data = excluded.data,
-                    received_at = excluded.received_at, count = count + 1
+                    received_at = excluded.received_at, count = device_alerts.count + 1
                 """,
                 [
                     (device_id, a.code, a.type or "", a.source or "", a.format, a.data, now)
@@ -668,7 +623,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
-        def txn(conn: sqlite3.Connection) -> ProfileContext:
+        def txn(conn: SQLConnection) -> ProfileContext:
             host = conn.execute(
                 """
                 SELECT d.device_name, h.hostname, h.hardware_serial FROM devices d
@@ -699,7 +654,7 @@ class SQLiteStore:
     def queue_command(
         self, device_id: str, uuid: str, verb: str, body: str, now: float
     ) -> Deferred[CommandRecord | None]:
-        def txn(conn: sqlite3.Connection) -> CommandRecord | None:
+        def txn(conn: SQLConnection) -> CommandRecord | None:
             known = conn.execute(
                 "SELECT 1 FROM devices WHERE device_id = ? AND state = 'enrolled'", (device_id,)
             ).fetchone()
@@ -718,7 +673,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def command(self, uuid: str) -> Deferred[CommandRecord | None]:
-        def txn(conn: sqlite3.Connection) -> CommandRecord | None:
+        def txn(conn: SQLConnection) -> CommandRecord | None:
             row = conn.execute("SELECT * FROM commands WHERE uuid = ?", (uuid,)).fetchone()
             if row is None:
                 return None
@@ -730,7 +685,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def device_commands(self, device_id: str, *, limit: int = 100) -> Deferred[list[CommandRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[CommandRecord]:
+        def txn(conn: SQLConnection) -> list[CommandRecord]:
             rows = conn.execute(
                 "SELECT * FROM commands WHERE device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, limit)
             )
@@ -741,7 +696,7 @@ class SQLiteStore:
     # -- configuration profiles and groups --
 
     def create_profile(self, profile: Profile, now: float) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             cursor = conn.execute(
                 """
                 INSERT INTO profiles (name, version, items, created_at, updated_at) VALUES (?, ?, ?, ?, ?)
@@ -754,7 +709,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def update_profile(self, profile: Profile, now: float) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             cursor = conn.execute(
                 """
                 UPDATE profiles SET version = ?, items = ?, updated_at = ?
@@ -767,20 +722,20 @@ class SQLiteStore:
         return self._run(txn)
 
     def profiles(self) -> Deferred[list[ProfileRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[ProfileRecord]:
+        def txn(conn: SQLConnection) -> list[ProfileRecord]:
             return [_profile(conn, r) for r in conn.execute("SELECT * FROM profiles ORDER BY name")]
 
         return self._run(txn, write=False)
 
     def profile(self, name: str) -> Deferred[ProfileRecord | None]:
-        def txn(conn: sqlite3.Connection) -> ProfileRecord | None:
+        def txn(conn: SQLConnection) -> ProfileRecord | None:
             row = conn.execute("SELECT * FROM profiles WHERE name = ?", (name,)).fetchone()
             return None if row is None else _profile(conn, row)
 
         return self._run(txn, write=False)
 
     def profile_status(self, name: str) -> Deferred[dict[str, int]]:
-        def txn(conn: sqlite3.Connection) -> dict[str, int]:
+        def txn(conn: SQLConnection) -> dict[str, int]:
             counts = {
                 r["state"]: r["n"]
                 for r in conn.execute(
@@ -823,7 +778,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def delete_profile(self, name: str, now: float) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             cursor = conn.execute(
                 "UPDATE profiles SET deleted_at = ? WHERE name = ? AND deleted_at IS NULL", (now, name)
             )
@@ -836,7 +791,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def assign_profile(self, name: str, groups: Sequence[str], now: float) -> Deferred[AssignmentOutcome]:
-        def txn(conn: sqlite3.Connection) -> AssignmentOutcome:
+        def txn(conn: SQLConnection) -> AssignmentOutcome:
             found = conn.execute(
                 "SELECT 1 FROM profiles WHERE name = ? AND deleted_at IS NULL", (name,)
             ).fetchone()
@@ -861,7 +816,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def create_group(self, name: str, now: float) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             if name == ALL_GROUP:
                 return False
             cursor = conn.execute(
@@ -873,7 +828,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def groups(self) -> Deferred[list[GroupRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[GroupRecord]:
+        def txn(conn: SQLConnection) -> list[GroupRecord]:
             out = [_group(conn, ALL_GROUP, None)]
             out += [
                 _group(conn, r["name"], r["created_at"])
@@ -884,7 +839,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def group(self, name: str) -> Deferred[GroupRecord | None]:
-        def txn(conn: sqlite3.Connection) -> GroupRecord | None:
+        def txn(conn: SQLConnection) -> GroupRecord | None:
             if name == ALL_GROUP:
                 return _group(conn, ALL_GROUP, None)
             row = conn.execute("SELECT * FROM device_groups WHERE name = ?", (name,)).fetchone()
@@ -893,7 +848,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def group_members(self, name: str, *, after: str | None = None, limit: int = 100) -> Deferred[list[str]]:
-        def txn(conn: sqlite3.Connection) -> list[str]:
+        def txn(conn: SQLConnection) -> list[str]:
             if name == ALL_GROUP:
                 rows = conn.execute(
                     "SELECT device_id FROM devices WHERE state = 'enrolled' AND device_id > ? "
@@ -911,7 +866,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def delete_group(self, name: str) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             if name == ALL_GROUP:
                 return False
             conn.execute("DELETE FROM group_members WHERE group_name = ?", (name,))
@@ -923,7 +878,7 @@ class SQLiteStore:
     def change_group_members(
         self, name: str, add: Sequence[str], remove: Sequence[str], now: float
     ) -> Deferred[GroupChange | None]:
-        def txn(conn: sqlite3.Connection) -> GroupChange | None:
+        def txn(conn: SQLConnection) -> GroupChange | None:
             if conn.execute("SELECT 1 FROM device_groups WHERE name = ?", (name,)).fetchone() is None:
                 return None
             wanted = list(dict.fromkeys([*add, *remove]))
@@ -959,7 +914,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def device_profiles(self, device_id: str, *, history: int = 5) -> Deferred[list[DeviceProfileEntry]]:
-        def txn(conn: sqlite3.Connection) -> list[DeviceProfileEntry]:
+        def txn(conn: SQLConnection) -> list[DeviceProfileEntry]:
             out = []
             for row in conn.execute(
                 "SELECT * FROM device_profiles WHERE device_id = ? ORDER BY profile_name", (device_id,)
@@ -1007,7 +962,7 @@ _HOST_SELECT = """
 """
 
 
-def _host(row: sqlite3.Row) -> HostRecord:
+def _host(row: SQLRow) -> HostRecord:
     return HostRecord(
         id=row["id"],
         hardware_uuid=row["hardware_uuid"],
@@ -1021,7 +976,7 @@ def _host(row: sqlite3.Row) -> HostRecord:
     )
 
 
-def _device(row: sqlite3.Row) -> DeviceRecord:
+def _device(row: SQLRow) -> DeviceRecord:
     return DeviceRecord(
         device_id=row["device_id"],
         host_id=row["host_id"],
@@ -1051,7 +1006,7 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
     )
 
 
-def _certificate(row: sqlite3.Row) -> CertificateRecord:
+def _certificate(row: SQLRow) -> CertificateRecord:
     return CertificateRecord(
         serial=row["serial"],
         device_id=row["device_id"],
@@ -1066,7 +1021,7 @@ def _certificate(row: sqlite3.Row) -> CertificateRecord:
     )
 
 
-def _command(row: sqlite3.Row, results: tuple[CommandResult, ...] = ()) -> CommandRecord:
+def _command(row: SQLRow, results: tuple[CommandResult, ...] = ()) -> CommandRecord:
     return CommandRecord(
         uuid=row["uuid"],
         device_id=row["device_id"],
@@ -1081,7 +1036,7 @@ def _command(row: sqlite3.Row, results: tuple[CommandResult, ...] = ()) -> Comma
     )
 
 
-def _result(row: sqlite3.Row) -> CommandResult:
+def _result(row: SQLRow) -> CommandResult:
     return CommandResult(
         kind=row["kind"],
         cmd_id=row["cmd_id"],
@@ -1096,7 +1051,7 @@ def _result(row: sqlite3.Row) -> CommandResult:
 
 
 def _insert_results(
-    conn: sqlite3.Connection, device_id: str, results: list[tuple[str, CommandResult]], now: float
+    conn: SQLConnection, device_id: str, results: list[tuple[str, CommandResult]], now: float
 ) -> None:
     conn.executemany(
         """
@@ -1111,7 +1066,7 @@ def _insert_results(
     )
 
 
-def _end_session(conn: sqlite3.Connection, device_id: str) -> None:
+def _end_session(conn: SQLConnection, device_id: str) -> None:
     for table in ("syncml_sessions", "syncml_replies", "large_object_chunks"):
         conn.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
 
@@ -1122,7 +1077,7 @@ ALL_GROUP = "all"
 _HISTORY = 20
 
 
-def _profile(conn: sqlite3.Connection, row: sqlite3.Row) -> ProfileRecord:
+def _profile(conn: SQLConnection, row: SQLRow) -> ProfileRecord:
     groups = conn.execute(
         "SELECT group_name FROM profile_assignments WHERE profile_name = ? ORDER BY group_name",
         (row["name"],),
@@ -1138,7 +1093,7 @@ def _profile(conn: sqlite3.Connection, row: sqlite3.Row) -> ProfileRecord:
     )
 
 
-def _group(conn: sqlite3.Connection, name: str, created_at: float | None) -> GroupRecord:
+def _group(conn: SQLConnection, name: str, created_at: float | None) -> GroupRecord:
     if name == ALL_GROUP:
         members = conn.execute("SELECT COUNT(*) FROM devices WHERE state = 'enrolled'").fetchone()[0]
     else:
@@ -1151,7 +1106,7 @@ def _group(conn: sqlite3.Connection, name: str, created_at: float | None) -> Gro
     return GroupRecord(name, members, created_at, tuple(p["profile_name"] for p in profiles))
 
 
-def _device_profile(row: sqlite3.Row) -> DeviceProfile:
+def _device_profile(row: SQLRow) -> DeviceProfile:
     return DeviceProfile.stored(
         profile=row["profile_name"],
         version=row["version"],
@@ -1165,19 +1120,19 @@ def _device_profile(row: sqlite3.Row) -> DeviceProfile:
     )
 
 
-def _profile_command(row: sqlite3.Row) -> ProfileCommand:
+def _profile_command(row: SQLRow) -> ProfileCommand:
     return ProfileCommand(
         row["command_uuid"], row["profile_name"], row["version"], row["purpose"], row["loc_uri"]
     )
 
 
-def _profile_event(row: sqlite3.Row) -> ProfileEvent:
+def _profile_event(row: SQLRow) -> ProfileEvent:
     return ProfileEvent(
         row["profile_name"], row["version"], row["state"], row["status"], row["detail"], row["at"]
     )
 
 
-def _apply_profile_step(conn: sqlite3.Connection, device_id: str, step: ProfileStep) -> None:
+def _apply_profile_step(conn: SQLConnection, device_id: str, step: ProfileStep) -> None:
     conn.executemany(
         """
         INSERT INTO device_profiles (device_id, profile_name, version, state, status, detail, attempts,
@@ -1230,7 +1185,7 @@ def _apply_profile_step(conn: sqlite3.Connection, device_id: str, step: ProfileS
     _forget_deleted_profiles(conn, [r.profile for r in step.records if r.state in ("removed", "failed")])
 
 
-def _forget_deleted_profiles(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+def _forget_deleted_profiles(conn: SQLConnection, names: Sequence[str]) -> None:
     """A deleted profile is gone once no device still has it (every record
     removed, or failed: the removal gave up)."""
     for name in dict.fromkeys(names):
@@ -1241,3 +1196,59 @@ def _forget_deleted_profiles(conn: sqlite3.Connection, names: Sequence[str]) -> 
             """,
             (name, name),
         )
+
+
+class SQLiteStore(SQLStore):
+    """:class:`~mdmd.store.interface.Store` on one SQLite file."""
+
+    def __init__(self, path: str, reactor: IReactorFromThreads) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._engine = None
+
+    # -- life cycle (synchronous: called before the reactor runs / after it stops) --
+
+    def open(self, *, check: bool = True) -> int:
+        """Open (creating if needed), check and migrate; return the schema
+        version found.  ``check=False`` is for worker processes: the main
+        process has checked and migrated the file, so only the version is
+        verified."""
+        directory = os.path.dirname(self.path) or "."
+        if not os.path.isdir(directory):
+            raise StoreError(f"{directory}: state directory does not exist")
+        try:
+            conn = _connect(self.path)
+            if check:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise StoreError(f"{self.path}: database integrity check failed: {result}")
+                found = migrate(conn)
+            else:
+                found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if found != SCHEMA_VERSION:
+                    raise StoreError(f"{self.path}: schema version {found}, expected {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: {e}") from None
+        # The database holds node-key hashes and device inventory: owner only.
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.chmod(self.path + suffix, 0o600)
+        self._engine = TransactionEngine(
+            self._reactor,
+            conn,
+            _connect(self.path),
+            begin_write="BEGIN IMMEDIATE",
+            begin_read="BEGIN DEFERRED",
+            read_guard=_no_writes,
+        )
+        return found
+
+    def start(self) -> None:
+        if self._engine is None:
+            raise StoreError("store is not open")
+        self._engine.start()
+
+    def stop(self) -> None:
+        if self._engine is not None:
+            self._engine.stop()
+            self._engine = None

@@ -1,0 +1,385 @@
+"""The PostgreSQL backend of :class:`~mdmd.store.interface.Store`, for
+several mdmd nodes sharing one database.
+
+It runs the SQL of :class:`~mdmd.store.sqlite.SQLStore` (translated from
+SQLite's ``?`` parameters to psycopg's) on psycopg 3 connections from a
+``psycopg_pool`` pool, on ``pool_size`` threads of its own: the reactor
+thread never waits for the database, and a process has at most
+``pool_size`` transactions in flight.
+
+Why it behaves as the SQLite store does: there, one writer thread runs
+every write transaction, so each store method sees the database as if it
+were alone.  Here several threads in several processes write at once, so
+write transactions run ``SERIALIZABLE``: PostgreSQL lets them commit only
+in a way equivalent to one after the other, and aborts one that cannot
+(serialization failure, deadlock), which is then run again from the start,
+as the transaction functions are pure functions of the database.  The
+session step's compare-and-swap on ``session_seq`` is one such case: of two
+nodes stepping one device's session, one commits and the other's
+re-run finds the counter moved (``SessionConflict``).  Reads run
+``REPEATABLE READ READ ONLY``: one snapshot, and a read that wrote would
+fail.  A method's Deferred fires only after its COMMIT returned.
+
+PostgreSQL groups the WAL flushes of concurrent commits itself, so there is
+no group commit here.  The schema is migrated under an advisory lock, so
+nodes started together migrate once.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import psycopg
+import psycopg.errors
+from psycopg.rows import RowMaker
+from psycopg_pool import ConnectionPool, PoolTimeout
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.failure import Failure
+
+from mdmd.store.engine import SQLConnection, SQLCursor
+from mdmd.store.postgresql_schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE
+from mdmd.store.records import StoreError
+from mdmd.store.sqlite import SQLStore
+
+__all__ = [
+    "PoolEngine",
+    "PostgreSQLStore",
+    "StoreUnavailable",
+    "connect",
+    "migrate",
+    "qmark_to_format",
+]
+
+R = TypeVar("R")
+
+#: pg_advisory_lock key of schema migrations (any constant: ours).
+MIGRATION_LOCK: Final = 0x6D646D64_00000001
+#: How often a transaction that lost a serialization race is run again.
+MAX_ATTEMPTS: Final = 30
+#: Seconds a connection attempt may take.
+CONNECT_TIMEOUT: Final = 10
+
+# Transient: the transaction is run again from the start, nothing of it
+# having been committed.
+_RETRY = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (down, refused, timed out, or the
+    credentials are refused): worth trying again later, unlike a
+    configuration mistake."""
+
+
+# --- the SQL dialect ---------------------------------------------------------
+
+_TRANSLATED: dict[str, str] = {}
+
+
+def qmark_to_format(sql: str) -> str:
+    """SQLite's ``?`` parameters as psycopg's ``%s`` (a literal ``%`` doubled);
+    quoted text and identifiers are left as they are."""
+    known = _TRANSLATED.get(sql)
+    if known is not None:
+        return known
+    out: list[str] = []
+    quote: str | None = None
+    for ch in sql:
+        if quote is not None:
+            if ch == quote:
+                quote = None
+            out.append("%%" if ch == "%" else ch)
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+        elif ch == "%":
+            out.append("%%")
+        else:
+            out.append(ch)
+    translated = "".join(out)
+    _TRANSLATED[sql] = translated
+    return translated
+
+
+class Row:
+    """A result row by position and by column name, as ``sqlite3.Row``."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, values: Sequence[Any], index: dict[str, int]) -> None:
+        self._values = values
+        self._index = index
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, str):
+            return self._values[self._index[key]]
+        return self._values[key]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __repr__(self) -> str:
+        return f"Row({dict(zip(self._index, self._values, strict=True))!r})"
+
+
+def _row_factory(cursor: psycopg.Cursor[Any]) -> RowMaker[Row]:
+    index = {column.name: i for i, column in enumerate(cursor.description or ())}
+
+    def make(values: Sequence[Any]) -> Row:
+        return Row(values, index)
+
+    return make
+
+
+class PgConnection:
+    """A psycopg connection speaking the shared SQL (:class:`SQLConnection`)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> SQLCursor:
+        cursor = self.raw.cursor(row_factory=_row_factory)
+        if parameters:
+            cursor.execute(qmark_to_format(sql), parameters)
+        else:
+            cursor.execute(sql)
+        return cursor
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> SQLCursor:
+        cursor = self.raw.cursor(row_factory=_row_factory)
+        cursor.executemany(qmark_to_format(sql), list(parameters))
+        return cursor
+
+
+# --- connections and the schema ----------------------------------------------
+
+
+def connect(dsn: str, password: str | None = None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    """One connection; :class:`StoreUnavailable` when the server cannot be
+    reached or refuses us."""
+    try:
+        return psycopg.connect(dsn, password=password, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT)
+    except psycopg.OperationalError as e:
+        raise StoreUnavailable(_one_line(e)) from None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The schema version of the database (0: no mdmd schema)."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (VERSION_TABLE,)).fetchone()
+    if row is None or not row[0]:
+        return 0
+    found = conn.execute(f"SELECT version FROM {VERSION_TABLE}").fetchone()
+    return 0 if found is None else int(found[0])
+
+
+def migrate(conn: psycopg.Connection[Any]) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION` (an autocommit
+    connection); return the version found.  Under an advisory lock, so that
+    of several nodes starting together one migrates and the others wait and
+    find the work done."""
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        found = schema_version(conn)
+        if found > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database has schema version {found}, newer than this mdmd "
+                f"understands ({SCHEMA_VERSION}); refusing to touch it"
+            )
+        for version in range(found, SCHEMA_VERSION):
+            with conn.transaction():
+                if version == 0:
+                    conn.execute(f"CREATE TABLE {VERSION_TABLE} (version INTEGER NOT NULL)")
+                    conn.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (0)")
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute(f"UPDATE {VERSION_TABLE} SET version = %s", (version + 1,))
+        return found
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+# --- the engine --------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[SQLConnection], Any]
+    write: bool
+    deferred: Deferred[Any]
+
+
+class PoolEngine:
+    """Transactions on *size* threads, each with a connection of *pool*
+    while it runs one (:class:`~mdmd.store.engine.Engine`)."""
+
+    def __init__(
+        self, reactor: IReactorFromThreads, pool: ConnectionPool, size: int, *, name: str = "mdmd-store"
+    ) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        self._size = size
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"{self._name}-{n}", daemon=True)
+            for n in range(self._size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Finish what is queued, stop the threads, close the pool."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        self._pool.close()
+
+    def write(self, fn: Callable[[SQLConnection], R]) -> Deferred[R]:
+        d: Deferred[R] = Deferred()
+        self._jobs.put(_Job(fn, True, d))
+        return d
+
+    def read(self, fn: Callable[[SQLConnection], R]) -> Deferred[R]:
+        d: Deferred[R] = Deferred()
+        self._jobs.put(_Job(fn, False, d))
+        return d
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            outcome: object
+            try:
+                outcome, ok = self._run(job), True
+            except Exception:
+                outcome, ok = Failure(), False
+            self._reactor.callFromThread(job.deferred.callback if ok else job.deferred.errback, outcome)
+
+    def _run(self, job: _Job) -> Any:
+        begin = (
+            "BEGIN ISOLATION LEVEL SERIALIZABLE"
+            if job.write
+            else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        )
+        delay = 0.001
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            stage = "connect"
+            try:
+                # On leaving the block the pool rolls back whatever the job
+                # left open (an error) and replaces a broken connection.
+                with self._pool.connection() as raw:
+                    stage = "begin"
+                    raw.execute(begin)
+                    stage = "run"
+                    result = job.fn(PgConnection(raw))
+                    stage = "commit"
+                    raw.execute("COMMIT" if job.write else "ROLLBACK")
+                    return result
+            except _RETRY:
+                if attempt == MAX_ATTEMPTS:
+                    raise
+            except psycopg.OperationalError as e:
+                # A connection the server closed (it restarted, say) fails
+                # at BEGIN, before anything that could commit was sent:
+                # another connection may do.  A failure later is the job's
+                # (whether a COMMIT whose answer was lost took effect is
+                # unknown).
+                if attempt == MAX_ATTEMPTS or stage not in ("connect", "begin"):
+                    raise StoreUnavailable(_one_line(e)) from None
+            except PoolTimeout as e:
+                raise StoreUnavailable(f"no database connection: {_one_line(e)}") from None
+            # Lost a race: back off a little (jittered) and run it again.
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+        raise AssertionError("unreachable")
+
+
+# --- the store ---------------------------------------------------------------
+
+
+class PostgreSQLStore(SQLStore):
+    """:class:`~mdmd.store.interface.Store` on a PostgreSQL database shared
+    by every mdmd node."""
+
+    def __init__(
+        self,
+        dsn: str,
+        reactor: IReactorFromThreads,
+        *,
+        password: str | None = None,
+        pool_size: int = 4,
+    ) -> None:
+        self.dsn = dsn
+        self._password = password
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._pool: ConnectionPool | None = None
+        self._engine = None
+
+    def open(self, *, check: bool = True) -> int:
+        """Connect, check and migrate (``check=False``, worker processes:
+        only verify the version); return the schema version found.
+        :class:`StoreUnavailable` if the database cannot be reached."""
+        conn = connect(self.dsn, self._password)
+        try:
+            if check:
+                found = migrate(conn)
+            else:
+                found = schema_version(conn)
+                if found != SCHEMA_VERSION:
+                    raise StoreError(f"schema version {found}, expected {SCHEMA_VERSION}")
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable(_one_line(e)) from None
+        except psycopg.Error as e:
+            raise StoreError(_one_line(e)) from None
+        finally:
+            conn.close()
+        pool = ConnectionPool(
+            self.dsn,
+            kwargs={"password": self._password, "autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            min_size=self._pool_size,
+            max_size=self._pool_size,
+            open=False,
+            name="mdmd-store",
+            timeout=30.0,
+        )
+        self._engine = PoolEngine(self._reactor, pool, self._pool_size)
+        self._pool = pool
+        return found
+
+    def start(self) -> None:
+        if self._engine is None or self._pool is None:
+            raise StoreError("store is not open")
+        # The connections are made in the background: a request that comes
+        # first waits for one (at most the pool's timeout).
+        self._pool.open(wait=False)
+        self._engine.start()
+
+    def stop(self) -> None:
+        if self._engine is not None:
+            self._engine.stop()
+            self._engine = None
