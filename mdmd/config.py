@@ -26,6 +26,7 @@ __all__ = [
     "ManagementConfig",
     "MdmdConfig",
     "ProfilesConfig",
+    "StoreConfig",
     "WstepConfig",
     "load_config",
 ]
@@ -97,6 +98,21 @@ class ProfilesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    backend: str  # "sqlite" | "postgresql"
+    # PostgreSQL: a libpq connection string without the password, the file
+    # holding the password (None: libpq's own ways, PGPASSFILE and so on),
+    # and connections per process.
+    dsn: str | None = None
+    password_file: str | None = None
+    pool_size: int = 4  # DEFAULT_POOL_SIZE
+
+
+#: [store] pool_size when unset.
+DEFAULT_POOL_SIZE = 4
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: str
     url: str
@@ -116,9 +132,11 @@ class MdmdConfig:
     wstep: WstepConfig
     admin: AdminConfig
     profiles: ProfilesConfig = ProfilesConfig(24 * 3600.0, 3)
+    store: StoreConfig = StoreConfig("sqlite")
 
     @property
     def database(self) -> str:
+        """The SQLite store's file."""
         return os.path.join(self.state_dir, "mdmd.sqlite3")
 
 
@@ -230,6 +248,32 @@ def _provider_id(value: str) -> str:
     return value
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected {' or '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _dsn(value: str) -> str:
+    """A libpq connection string (key=value or URI), without the password."""
+    from psycopg import conninfo
+
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    try:
+        params = conninfo.conninfo_to_dict(value)
+    except Exception as e:  # psycopg.ProgrammingError, with libpq's message
+        raise ValueError(f"not a libpq connection string: {' '.join(str(e).split())}") from None
+    if "password" in params:
+        raise ValueError("must not hold the password: put it in password_file")
+    return value
+
+
 def _poll_schedule(value: str) -> PollSchedule:
     parts = value.replace(",", " ").split()
     numbers: list[int] = []
@@ -302,6 +346,12 @@ _SCHEMA: _Schema = {
     "profiles": {
         "verify_interval": (_duration(60, 365 * 86400), 24 * 3600.0),
         "max_retries": (_bounded_int(0, 100), 3),
+    },
+    "store": {
+        "backend": (_choice("sqlite", "postgresql"), "sqlite"),
+        "dsn": (_dsn, None),
+        "password_file": (_text, None),
+        "pool_size": (_bounded_int(1, 100), None),
     },
     "admin": {
         "listen": (_endpoint, "tcp:8445:interface=127.0.0.1"),
@@ -404,6 +454,7 @@ def load_config(path: str) -> MdmdConfig:
             "renew_retry_days",
             f"must not exceed renew_period_days ({renew_days}), got {retry_days}",
         )
+    store = _store_config(path, values["store"], in_state)
     admin_url = a["url"] if a["url"] is not None else _admin_url_from_listen(str(a["listen"]))
     if admin_url is None:
         raise ConfigError(path, "admin", "url", "required when admin listen is not a tcp: endpoint")
@@ -455,4 +506,60 @@ def load_config(path: str) -> MdmdConfig:
             verify_interval=typed(float, values["profiles"]["verify_interval"]),
             max_retries=typed(int, values["profiles"]["max_retries"]),
         ),
+        store=store,
     )
+
+
+def _store_config(
+    path: str, values: Mapping[str, object], in_state: Callable[[str, str], str]
+) -> StoreConfig:
+    backend = str(values["backend"])
+    if backend == "sqlite":
+        for key in ("dsn", "password_file", "pool_size"):
+            if values[key] is not None:
+                raise ConfigError(path, "store", key, "only for backend = postgresql")
+        return StoreConfig("sqlite")
+    if values["dsn"] is None:
+        raise ConfigError(path, "store", "dsn", "required when backend = postgresql")
+    pool_size = values["pool_size"]
+    return StoreConfig(
+        backend,
+        dsn=str(values["dsn"]),
+        password_file=in_state("store", "password_file") if values["password_file"] is not None else None,
+        pool_size=pool_size if isinstance(pool_size, int) else DEFAULT_POOL_SIZE,
+    )
+
+
+def read_password_file(config: MdmdConfig) -> str | None:
+    """The database password from ``[store] password_file``: the file must
+    be its owner's only (0600) and hold the password alone; one trailing
+    newline is not part of it.  ConfigError naming the key otherwise."""
+    path = config.store.password_file
+    if path is None:
+        return None
+
+    def refuse(message: str) -> ConfigError:
+        return ConfigError(config.path, "store", "password_file", f"{path}: {message}")
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise refuse(f"cannot read it: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & 0o077:
+            raise refuse(f"must be readable by its owner only (mode 0600), is {mode & 0o777:04o}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(65537)
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise refuse("is not UTF-8 text") from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise refuse("is empty")
+    if len(raw) > 65536 or "\n" in password or "\r" in password or "\0" in password:
+        raise refuse("must hold the password alone, on one line")
+    return password

@@ -15,12 +15,19 @@ __all__ = ["Options", "makeService"]
 DEFAULT_CONFIG = "/etc/mdmd/mdmd.ini"
 
 
-def _fail(error: ConfigError) -> NoReturn:
+#: EX_CONFIG: a configuration mistake; the systemd unit does not restart.
+EXIT_CONFIG = 78
+#: EX_UNAVAILABLE: the database did not answer at start-up; the systemd
+#: unit restarts the daemon (Restart=on-failure) until it does.
+EXIT_UNAVAILABLE = 69
+
+
+def _fail(error: Exception, status: int = EXIT_CONFIG) -> NoReturn:
     # One line and a non-zero exit before the reactor starts: twistd would
     # otherwise print its whole usage text (UsageError) or a traceback.
     sys.stderr.write(f"mdmd: {error}\n")
     sys.stderr.flush()
-    raise SystemExit(78)  # EX_CONFIG: systemd will not spin on a bad config
+    raise SystemExit(status)
 
 
 class Options(usage.Options):
@@ -43,9 +50,12 @@ def makeService(options: Options) -> IService:
 
     from mdmd.material import prepare
     from mdmd.service import build_service
+    from mdmd.store.service import DatabaseUnavailable
 
     try:
         material = prepare(options.config)
         return build_service(options.config, material, reactor)
     except ConfigError as e:
         _fail(e)
+    except DatabaseUnavailable as e:
+        _fail(e, EXIT_UNAVAILABLE)

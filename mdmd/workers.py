@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mdmd.app import Mdmd, clock_offset_for_tests
     from mdmd.listeners import device_listeners
     from mdmd.material import load_material
-    from mdmd.store.service import StoreService, open_store
+    from mdmd.store.service import DatabaseUnavailable, StoreService, open_store
     from mdmd.tls import tls_server_factory
 
     globalLogBeginner.beginLoggingTo([_tagged_observer(args.index)], redirectStandardIO=False)
@@ -465,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as e:
         log.critical("cannot start: {error}", error=str(e))
         raise SystemExit(78) from None
+    except DatabaseUnavailable as e:
+        log.critical("cannot start: {error}", error=str(e))
+        raise SystemExit(69) from None
     if not dies_with_parent:
         log.warn(
             "PR_SET_PDEATHSIG not available: this worker stops with the main process"

@@ -98,10 +98,34 @@ def daemon_env() -> dict[str, str]:
     return env
 
 
-def write_config(directory: Path, overrides: Mapping[str, Mapping[str, str | None]] | None = None) -> Path:
+def postgresql_store() -> dict[str, str]:
+    """The ``[store]`` settings of a new, empty database in the session's
+    throwaway PostgreSQL cluster (see pg_cluster.py); the test is skipped
+    when PostgreSQL is not installed and not required."""
+    import pytest
+    from pg_cluster import shared_cluster
+
+    cluster = shared_cluster()
+    if cluster is None:
+        pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
+    return {"backend": "postgresql", "dsn": cluster.dsn(cluster.create_database()), "pool_size": "3"}
+
+
+def write_config(
+    directory: Path,
+    overrides: Mapping[str, Mapping[str, str | None]] | None = None,
+    *,
+    store: str = "sqlite",
+) -> Path:
     """The example config with listening sockets of its own (see the module's
     docstring), state in *directory*/state, and *overrides* applied (a value of
-    None deletes the key)."""
+    None deletes the key).  *store* ``postgresql``: a new database of the
+    test cluster (:func:`postgresql_store`)."""
+    if store == "postgresql":
+        overrides = {
+            **(overrides or {}),
+            "store": {**postgresql_store(), **(overrides or {}).get("store", {})},
+        }
     listeners = Listeners.bind()
     enrollment, management, admin = (listeners.port(name) for name in LISTENERS)
     base: dict[str, dict[str, str | None]] = {
@@ -339,8 +363,9 @@ def running_daemon(
     overrides: Mapping[str, Mapping[str, str | None]] | None = None,
     *,
     clock_offset: float = 0.0,
+    store: str = "sqlite",
 ) -> Iterator[Daemon]:
-    daemon = start_daemon(write_config(directory, overrides), clock_offset=clock_offset)
+    daemon = start_daemon(write_config(directory, overrides, store=store), clock_offset=clock_offset)
     try:
         yield daemon
     finally:
@@ -440,12 +465,53 @@ def client_tls_context(daemon: Daemon, directory: Path, cert: object, key: objec
     return ctx
 
 
-def db_rows(daemon: Daemon, sql: str, *args: object) -> list[tuple[object, ...]]:
-    """Read the daemon's store (read-only) the way an auditor would."""
+def store_dsn(daemon: Daemon) -> str | None:
+    """The daemon's PostgreSQL connection string (None: it runs on SQLite)."""
+    store = daemon.ini.get("store", {})
+    return store.get("dsn") if store.get("backend", "sqlite").lower() == "postgresql" else None
+
+
+def db_rows(daemon: Daemon, sql: str, *args: object) -> list[Any]:
+    """Read the daemon's store (read-only) the way an auditor would: *sql*
+    with ``?`` parameters, rows by position and by column name."""
+    dsn = store_dsn(daemon)
+    if dsn is not None:
+        return postgresql_rows(dsn, sql, *args)
     import sqlite3
 
     conn = sqlite3.connect(f"file:{daemon.state / 'mdmd.sqlite3'}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
     try:
-        return list(conn.execute(sql, args))
+        return [_SQLiteRow(row) for row in conn.execute(sql, args)]
     finally:
         conn.close()
+
+
+def postgresql_rows(dsn: str, sql: str, *args: object) -> list[Any]:
+    import psycopg
+
+    from mdmd.store.postgresql import PgConnection
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.read_only = True
+        return [_SQLiteRow(row) for row in PgConnection(conn).execute(sql, args)]
+
+
+class _SQLiteRow(tuple):  # type: ignore[type-arg]
+    """A row that is a tuple (compares equal to one) and also answers to
+    column names, from either backend."""
+
+    _names: dict[str, int]
+
+    def __new__(cls, row: Any) -> _SQLiteRow:
+        made = super().__new__(cls, tuple(row[i] for i in range(len(row))))
+        made._names = {name: i for i, name in enumerate(row.keys())}
+        return made
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return super().__getitem__(self._names[key])
+        return super().__getitem__(key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
