@@ -37,6 +37,7 @@ from typing import Any, Final, TypeVar
 
 import psycopg
 import psycopg.errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import RowMaker
 from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.internet.defer import Deferred
@@ -167,11 +168,23 @@ class PgConnection:
 # --- connections and the schema ----------------------------------------------
 
 
-def connect(dsn: str, password: str | None = None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+def connection_settings(dsn: str, password: str | None) -> dict[str, Any]:
+    """What every connection adds to the DSN: the password, autocommit (the
+    engine says BEGIN itself), a connect timeout, and ``application_name``
+    ``mdmd`` (pg_stat_activity) unless the DSN names it."""
+    settings: dict[str, Any] = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}
+    if password is not None:
+        settings["password"] = password
+    if "application_name" not in conninfo_to_dict(dsn):
+        settings["application_name"] = "mdmd"
+    return settings
+
+
+def connect(dsn: str, password: str | None = None) -> psycopg.Connection[Any]:
     """One connection; :class:`StoreUnavailable` when the server cannot be
     reached or refuses us."""
     try:
-        return psycopg.connect(dsn, password=password, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT)
+        return psycopg.connect(dsn, **connection_settings(dsn, password))
     except psycopg.OperationalError as e:
         raise StoreUnavailable(_one_line(e)) from None
 
@@ -360,7 +373,7 @@ class PostgreSQLStore(SQLStore):
             conn.close()
         pool = ConnectionPool(
             self.dsn,
-            kwargs={"password": self._password, "autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs=connection_settings(self.dsn, self._password),
             min_size=self._pool_size,
             max_size=self._pool_size,
             open=False,

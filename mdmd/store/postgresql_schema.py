@@ -252,5 +252,16 @@ _V5: Final = (
     "CREATE INDEX certificates_revoked ON certificates(revoked_at) WHERE revoked_at IS NOT NULL",
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5)
+# 6 (issue 16): background job leases, as SQLite's.
+_V6: Final = (
+    f"""
+    CREATE TABLE job_leases (
+        name {_KEY} PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until {_TIME} NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
 SCHEMA_VERSION: Final = len(MIGRATIONS)

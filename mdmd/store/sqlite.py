@@ -431,6 +431,22 @@ class SQLStore:
 
         return self._run(txn)
 
+    # -- background jobs --
+
+    def claim_lease(self, name: str, holder: str, now: float, until: float) -> Deferred[bool]:
+        def txn(conn: SQLConnection) -> bool:
+            cursor = conn.execute(
+                """
+                INSERT INTO job_leases (name, holder, until) VALUES (?, ?, ?)
+                ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until
+                WHERE job_leases.until <= ? OR job_leases.holder = excluded.holder
+                """,
+                (name, holder, until, now),
+            )
+            return cursor.rowcount > 0
+
+        return self._run(txn)
+
     # -- OMA-DM management --
 
     def management_context(
