@@ -238,15 +238,20 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     log_path: Path
     ini: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Where requests go, when not to this daemon's own listeners (the
+    #: load balancer in front of several nodes).
+    ports: dict[str, int] | None = None
 
     @property
     def state(self) -> Path:
-        return self.config.parent / "state"
+        return (self.config.parent / self.ini.get("mdmd", {}).get("state_dir", "state")).resolve()
 
     def url(self, section: str) -> str:
         return self.ini[section]["url"]
 
     def port(self, section: str) -> int:
+        if self.ports is not None and section in self.ports:
+            return self.ports[section]
         return listeners_of(self.config).port(section)
 
     @property
@@ -370,6 +375,164 @@ def running_daemon(
         yield daemon
     finally:
         daemon.stop()
+
+
+# --------------------------------------------------------------------------
+# Several nodes on one PostgreSQL database, behind haproxy
+# --------------------------------------------------------------------------
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+#: The listeners haproxy balances (the admin API stays per node).
+BALANCED = ("enrollment", "management")
+
+
+def haproxy_config(frontends: Mapping[str, str], backends: Mapping[str, Sequence[int]]) -> str:
+    """A TCP-mode haproxy configuration: each listener's *frontends* bind
+    (``fd@N`` for an inherited socket, or ``ADDR:PORT``) balanced over the
+    nodes' ports of that listener.  TLS passes through untouched, so mutual
+    TLS stays between the device and the node (etc/haproxy.cfg is the
+    documented sample)."""
+    lines = [
+        "global",
+        "    log stderr format raw local0 info",
+        "    maxconn 4096",
+        "defaults",
+        "    mode tcp",
+        "    log global",
+        "    option tcplog",
+        "    timeout connect 2s",
+        "    timeout client 120s",
+        "    timeout server 120s",
+        # A connection to a dead node is refused: try again, on another.
+        "    retries 3",
+        "    option redispatch 1",
+    ]
+    for name in BALANCED:
+        lines += [
+            f"frontend {name}",
+            f"    bind {frontends[name]}",
+            f"    default_backend {name}_nodes",
+            f"backend {name}_nodes",
+            "    balance roundrobin",
+        ]
+        lines += [
+            f"    server node{n} 127.0.0.1:{port} check inter 500ms fall 1 rise 2"
+            for n, port in enumerate(backends[name], 1)
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Nodes:
+    """Several mdmd nodes on one database and key material, and haproxy in
+    front of their enrollment and management listeners.  ``front`` is a
+    Daemon whose requests go through haproxy (its admin API is node 1's)."""
+
+    nodes: list[Daemon]
+    front: Daemon
+    haproxy: subprocess.Popen[bytes]
+    haproxy_log: Path
+
+    def kill(self, node: Daemon) -> None:
+        """kill -9 of *node*, and its listening sockets gone with it, as
+        with a real process (the harness keeps its own copies so that a
+        restarted daemon finds its ports; these would go on accepting
+        connections nobody serves)."""
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait()
+        for sock in listeners_of(node.config).sockets.values():
+            sock.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self.haproxy.poll() is None:
+            self.haproxy.terminate()
+            try:
+                self.haproxy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.haproxy.kill()
+                self.haproxy.wait()
+
+
+def start_nodes(
+    directory: Path, count: int = 2, overrides: Mapping[str, Mapping[str, str | None]] | None = None
+) -> Nodes:
+    """*count* nodes (``node1``, ``node2``, ... under *directory*) sharing a
+    new database of the test cluster and node 1's state folder (the key
+    material), each with its own listeners, and haproxy on two more
+    loopback sockets of the harness, which are the public URLs."""
+    front = Listeners.bind()
+    public = {
+        "enrollment": {"url": f"https://localhost:{front.port('enrollment')}"},
+        "management": {"url": f"https://localhost:{front.port('management')}/api/mdm/microsoft/management"},
+        "store": postgresql_store(),
+    }
+    settings: dict[str, dict[str, str | None]] = {s: dict(v) for s, v in (overrides or {}).items()}
+    for section, values in public.items():
+        settings.setdefault(section, {}).update(values)
+    nodes: list[Daemon] = []
+    haproxy: subprocess.Popen[bytes] | None = None
+    try:
+        for n in range(1, count + 1):
+            folder = directory / f"node{n}"
+            folder.mkdir()
+            if n > 1:
+                # The same key material: node 1 created it (bootstrap).
+                settings["mdmd"] = {**settings.get("mdmd", {}), "state_dir": str(nodes[0].state)}
+            nodes.append(start_daemon(write_config(folder, settings)))
+        log_path = directory / "haproxy.log"
+        fds = {name: front.sockets[name].fileno() for name in BALANCED}
+        config = directory / "haproxy.cfg"
+        config.write_text(
+            haproxy_config(
+                {name: f"fd@{fd}" for name, fd in fds.items()},
+                {name: [node.port(name) for node in nodes] for name in BALANCED},
+            )
+        )
+        with open(log_path, "wb") as log:
+            haproxy = subprocess.Popen(
+                [HAPROXY, "-f", str(config), "-db"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=list(fds.values()),
+            )
+        ports = {name: front.port(name) for name in BALANCED}
+        entry = Daemon(nodes[0].config, nodes[0].proc, nodes[0].log_path, nodes[0].ini, ports=ports)
+        # The harness's sockets queue connections until haproxy accepts
+        # them; a first connection through proves it serves.
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if haproxy.poll() is not None:
+                raise AssertionError(f"haproxy exited with {haproxy.returncode}:\n{log_path.read_text()}")
+            try:
+                entry.request("GET", "/api/mdm/microsoft/discovery")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        # Keep the front sockets open as long as the test process lives.
+        _LISTENERS[(directory / "haproxy.cfg").resolve()] = front
+        return Nodes(nodes, entry, haproxy, log_path)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        if haproxy is not None and haproxy.poll() is None:
+            haproxy.kill()
+            haproxy.wait()
+        raise
+
+
+@contextmanager
+def running_nodes(
+    directory: Path, count: int = 2, overrides: Mapping[str, Mapping[str, str | None]] | None = None
+) -> Iterator[Nodes]:
+    nodes = start_nodes(directory, count, overrides)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
 
 
 def copy_state(src: Path, dst: Path) -> None:
