@@ -531,24 +531,30 @@ def _store_config(
 
 
 def read_password_file(config: MdmdConfig) -> str | None:
-    """The database password from ``[store] password_file``: the file must
-    be its owner's only (0600) and hold the password alone; one trailing
-    newline is not part of it.  ConfigError naming the key otherwise."""
+    """The database password from ``[store] password_file`` (None when
+    unset); ConfigError naming the key when the file is not right
+    (:func:`password_from_file`)."""
     path = config.store.password_file
     if path is None:
         return None
+    try:
+        return password_from_file(path)
+    except ValueError as e:
+        raise ConfigError(config.path, "store", "password_file", f"{path}: {e}") from None
 
-    def refuse(message: str) -> ConfigError:
-        return ConfigError(config.path, "store", "password_file", f"{path}: {message}")
 
+def password_from_file(path: str) -> str:
+    """A password file's password: the file must be its owner's only
+    (0600) and hold the password alone; one trailing newline is not part of
+    it.  ValueError saying what is wrong otherwise."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
-        raise refuse(f"cannot read it: {e.strerror}") from None
+        raise ValueError(f"cannot read it: {e.strerror}") from None
     try:
         mode = os.fstat(fd).st_mode
         if mode & 0o077:
-            raise refuse(f"must be readable by its owner only (mode 0600), is {mode & 0o777:04o}")
+            raise ValueError(f"must be readable by its owner only (mode 0600), is {mode & 0o777:04o}")
         with os.fdopen(os.dup(fd), "rb") as f:
             raw = f.read(65537)
     finally:
@@ -556,10 +562,10 @@ def read_password_file(config: MdmdConfig) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise refuse("is not UTF-8 text") from None
+        raise ValueError("is not UTF-8 text") from None
     password = text.removesuffix("\n").removesuffix("\r")
     if not password:
-        raise refuse("is empty")
+        raise ValueError("is empty")
     if len(raw) > 65536 or "\n" in password or "\r" in password or "\0" in password:
-        raise refuse("must hold the password alone, on one line")
+        raise ValueError("must hold the password alone, on one line")
     return password
