@@ -36,6 +36,8 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from mdmd.store.records import StoreUnavailable
+
 __all__ = [
     "BearerTokenGuard",
     "EndpointResource",
@@ -324,6 +326,19 @@ async def _call(handler: Handler, request: MdmdRequest) -> HTTPResponse:
             device_id=request.device_id,
         )
         return e.response
+    except StoreUnavailable as e:
+        # The database is down or unreachable (PostgreSQL): nothing was
+        # done; the client tries again later.  One line, no traceback.
+        log.warn(
+            "{listener} {method} {path}: store unavailable, answered 503: {error}",
+            listener=request.site.listener if hasattr(request, "site") else "?",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            error=str(e),
+            device_id=request.device_id,
+        )
+        unavailable = json_error(503, "the store is unavailable; try again later")
+        return HTTPResponse(503, unavailable.body, headers=(("Retry-After", "60"),))
     except Exception:
         log.failure(
             "unhandled error in {method} {path}",

@@ -125,6 +125,24 @@ class Cluster:
         cluster.sql("CREATE DATABASE mdmd_tests")
         return cluster
 
+    def pause(self) -> None:
+        """Stop the server (fast: its clients are disconnected), keeping the data."""
+        for conn in self._admin.values():
+            conn.close()
+        self._admin.clear()
+        subprocess.run(
+            [*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.directory / "data"), "-m", "fast",
+             "-w", "stop"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    def resume(self) -> None:
+        subprocess.run(
+            [*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.directory / "data"), "-l",
+             str(self.directory / "server.log"), "-w", "-t", "60", "start"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
     def stop(self) -> None:
         for conn in self._admin.values():
             conn.close()

@@ -286,3 +286,47 @@ def test_sigkill_during_a_stream_of_writes_loses_nothing_acknowledged(dsn: str) 
     assert len(acked) >= 400, "writer did not acknowledge enough writes"
     stored = {row[0] for row in _rows(dsn, "SELECT hardware_uuid FROM hosts")}
     assert [n for n in acked if f"uuid-{n}" not in stored] == []
+
+
+def test_a_daemon_answers_503_while_the_database_is_down_and_serves_again_once_it_is_back(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    from harness import running_daemon
+    from mdmd import pki
+    from mdmd.sim.device import ManagementClient, WindowsDevice
+    from omadm_helpers import enroll, post, run_session
+
+    # A cluster of its own, to stop and start.
+    own = Cluster.start(cluster.bindir)
+    try:
+        store = {"backend": "postgresql", "dsn": own.dsn(own.create_database()), "pool_size": "2"}
+        (tmp_path / "d").mkdir()
+        with running_daemon(tmp_path / "d", {"store": store}) as daemon:
+            enrolled = enroll(daemon, WindowsDevice(key=pki.generate_rsa_key()), tmp_path)
+            client = ManagementClient(enrolled.device)
+            run_session(daemon, enrolled, client)
+            own.pause()
+            status, body = post(daemon, enrolled, client.session_start(enrolled.enrollment.management_url))
+            assert status == 503 and b"try again later" in body
+            code, _ = daemon.post_json("/api/fleet/orbit/config", enrolled.device.orbit_config_request())
+            assert code == 503
+            own.resume()
+            # The same process, no restart: once the pool has connected
+            # again (a moment; Windows would retry on its schedule), it
+            # serves.
+            deadline = time.monotonic() + 30
+            while True:
+                status, body = post(
+                    daemon, enrolled, client.session_start(enrolled.enrollment.management_url)
+                )
+                if status == 200:
+                    break
+                assert status == 503 and time.monotonic() < deadline
+                time.sleep(0.2)
+            assert [m.commands for m in run_session(daemon, enrolled, client)] == [[]]
+            lines = daemon.log_text().splitlines()
+            assert len([line for line in lines if "store unavailable, answered 503" in line]) >= 2
+            assert not [line for line in lines if "Traceback" in line or "[stderr#" in line]
+            assert len([line for line in lines if "PostgreSQL connection pool" in line]) <= 4
+    finally:
+        own.stop()

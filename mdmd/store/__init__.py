@@ -31,6 +31,7 @@ from mdmd.store.records import (
     SessionConflict,
     StoredAlert,
     StoreError,
+    StoreUnavailable,
 )
 
 __all__ = [
@@ -55,5 +56,6 @@ __all__ = [
     "SessionConflict",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "StoredAlert",
 ]

@@ -27,6 +27,7 @@ nodes started together migrate once.
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 import threading
@@ -42,11 +43,12 @@ from psycopg.rows import RowMaker
 from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mdmd.store.engine import SQLConnection, SQLCursor
 from mdmd.store.postgresql_schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE
-from mdmd.store.records import StoreError
+from mdmd.store.records import StoreError, StoreUnavailable
 from mdmd.store.sqlite import SQLStore
 
 __all__ = [
@@ -60,22 +62,32 @@ __all__ = [
 
 R = TypeVar("R")
 
+log = Logger(namespace=__name__)
+
 #: pg_advisory_lock key of schema migrations (any constant: ours).
 MIGRATION_LOCK: Final = 0x6D646D64_00000001
 #: How often a transaction that lost a serialization race is run again.
 MAX_ATTEMPTS: Final = 30
 #: Seconds a connection attempt may take.
 CONNECT_TIMEOUT: Final = 10
+#: Seconds a transaction waits for a pooled connection (there is one per
+#: thread, so it waits only while connections are being made again).
+POOL_WAIT: Final = 5.0
+#: While the database cannot be reached: one job per PROBE_INTERVAL seconds
+#: waits up to PROBE_WAIT for a connection, the others fail at once.
+PROBE_INTERVAL: Final = 1.0
+PROBE_WAIT: Final = 2.0
+#: A connection the pool cannot make again within this many seconds is
+#: given up, and made again when a transaction next needs one (so that,
+#: once the database is back, the next transaction reconnects at once
+#: instead of waiting out the pool's growing back-off).
+RECONNECT_TIMEOUT: Final = 2.0
+#: psycopg_pool's warnings: at most one line per this many seconds.
+POOL_LOG_INTERVAL: Final = 10.0
 
 # Transient: the transaction is run again from the start, nothing of it
 # having been committed.
 _RETRY = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
-
-
-class StoreUnavailable(StoreError):
-    """The database cannot be reached (down, refused, timed out, or the
-    credentials are refused): worth trying again later, unlike a
-    configuration mistake."""
 
 
 # --- the SQL dialect ---------------------------------------------------------
@@ -252,6 +264,10 @@ class PoolEngine:
         self._name = name
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        # Why the database cannot be reached, while it cannot (None: it can).
+        self._down: str | None = None
+        self._next_probe = 0.0
+        self._probe_lock = threading.Lock()
 
     def start(self) -> None:
         self._threads = [
@@ -292,19 +308,47 @@ class PoolEngine:
                 outcome, ok = Failure(), False
             self._reactor.callFromThread(job.deferred.callback if ok else job.deferred.errback, outcome)
 
+    def _admit(self) -> float | None:
+        """While the database cannot be reached and the pool has no
+        connection, a job fails at once (a 503 for its request) instead of
+        queueing behind others that wait for one; one job a second goes
+        ahead and waits a little (it makes the pool connect again).  The
+        seconds the job may wait for a connection (None: the pool's own)."""
+        down = self._down
+        if down is None:
+            return None
+        if self._pool.get_stats().get("pool_available", 0) > 0:
+            return None
+        with self._probe_lock:
+            now = time.monotonic()
+            if now >= self._next_probe:
+                self._next_probe = now + PROBE_INTERVAL
+                return PROBE_WAIT
+        raise StoreUnavailable(down)
+
     def _run(self, job: _Job) -> Any:
         begin = (
             "BEGIN ISOLATION LEVEL SERIALIZABLE"
             if job.write
             else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
         )
+        wait = self._admit()
+        try:
+            result = self._attempts(job, begin, wait)
+        except StoreUnavailable as e:
+            self._down = str(e)
+            raise
+        self._down = None
+        return result
+
+    def _attempts(self, job: _Job, begin: str, wait: float | None) -> Any:
         delay = 0.001
         for attempt in range(1, MAX_ATTEMPTS + 1):
             stage = "connect"
             try:
                 # On leaving the block the pool rolls back whatever the job
                 # left open (an error) and replaces a broken connection.
-                with self._pool.connection() as raw:
+                with self._pool.connection(timeout=wait) as raw:
                     stage = "begin"
                     raw.execute(begin)
                     stage = "run"
@@ -315,20 +359,52 @@ class PoolEngine:
             except _RETRY:
                 if attempt == MAX_ATTEMPTS:
                     raise
+            except PoolTimeout as e:  # (an OperationalError: first)
+                raise StoreUnavailable(f"no database connection: {_one_line(e)}") from None
             except psycopg.OperationalError as e:
                 # A connection the server closed (it restarted, say) fails
                 # at BEGIN, before anything that could commit was sent:
                 # another connection may do.  A failure later is the job's
                 # (whether a COMMIT whose answer was lost took effect is
                 # unknown).
-                if attempt == MAX_ATTEMPTS or stage not in ("connect", "begin"):
+                if attempt == MAX_ATTEMPTS or stage != "begin":
                     raise StoreUnavailable(_one_line(e)) from None
-            except PoolTimeout as e:
-                raise StoreUnavailable(f"no database connection: {_one_line(e)}") from None
             # Lost a race: back off a little (jittered) and run it again.
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.05)
         raise AssertionError("unreachable")
+
+
+class _PoolLog(logging.Handler):
+    """psycopg_pool's warnings (a connection it could not make again, one it
+    discarded) in mdmd's log, not Python's stderr: one line, and at most one
+    per :data:`POOL_LOG_INTERVAL` (a database that is down would otherwise
+    fill the log), saying how many were left out."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._last = -POOL_LOG_INTERVAL
+        self._left_out = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        with self.lock or threading.Lock():
+            if now - self._last < POOL_LOG_INTERVAL:
+                self._left_out += 1
+                return
+            self._last, left_out, self._left_out = now, self._left_out, 0
+        log.warn(
+            "PostgreSQL connection pool: {message}{more}",
+            message=" ".join(record.getMessage().split()),
+            more=f" ({left_out} more such lines in the last {POOL_LOG_INTERVAL:g} s)" if left_out else "",
+        )
+
+
+def _route_pool_log() -> None:
+    logger = logging.getLogger("psycopg.pool")
+    if not any(isinstance(h, _PoolLog) for h in logger.handlers):
+        logger.addHandler(_PoolLog())
+        logger.propagate = False
 
 
 # --- the store ---------------------------------------------------------------
@@ -378,7 +454,8 @@ class PostgreSQLStore(SQLStore):
             max_size=self._pool_size,
             open=False,
             name="mdmd-store",
-            timeout=30.0,
+            timeout=POOL_WAIT,
+            reconnect_timeout=RECONNECT_TIMEOUT,
         )
         self._engine = PoolEngine(self._reactor, pool, self._pool_size)
         self._pool = pool
@@ -387,6 +464,7 @@ class PostgreSQLStore(SQLStore):
     def start(self) -> None:
         if self._engine is None or self._pool is None:
             raise StoreError("store is not open")
+        _route_pool_log()
         # The connections are made in the background: a request that comes
         # first waits for one (at most the pool's timeout).
         self._pool.open(wait=False)
