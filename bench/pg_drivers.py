@@ -16,6 +16,11 @@ Measured: check-ins per second, the process's CPU per check-in, the
 reactor thread's share, and PostgreSQL's own CPU.
 
     python bench/pg_drivers.py threads|async DSN SECONDS CONCURRENCY POOL DEVICES
+
+``store-serializable`` and ``store-repeatable-read`` run mdmd's own store
+calls of a check-in instead (its read, the profiles' read, its session
+step), with write transactions at that isolation level, and count the
+transactions run again after losing a race (``--pg-drivers`` prints them).
 """
 
 from __future__ import annotations
@@ -270,6 +275,62 @@ def run_async(
     return _result(done[0], window["elapsed"], window["cpu"], window["main"], window["pg"])
 
 
+def run_store(
+    dsn: str, seconds: float, concurrency: int, pool_size: int, fleet: list[tuple[str, str]], begin_write: str
+) -> dict[str, Any]:
+    """mdmd's own store (threads and psycopg_pool) doing a check-in's store
+    calls: the session start's context, the profiles' context, the session
+    step with an alert and the reply; write transactions begun with
+    *begin_write*.  Also counts the transactions run again after a race."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred, gatherResults
+
+    from mdmd.management import AlertRecord, ManagementStep, SessionState
+    from mdmd.store.postgresql import PoolEngine, PostgreSQLStore
+
+    PoolEngine.BEGIN_WRITE = begin_write
+    store = PostgreSQLStore(dsn, reactor, pool_size=pool_size)  # type: ignore[arg-type]
+    store.open(check=False)
+    store.start()
+    done = [0]
+    window: dict[str, float] = {}
+    alert = AlertRecord("1201", None, None, None, None)
+
+    async def lane(n: int) -> None:
+        while time.monotonic() < window["end"]:
+            device_id, serial = fleet[n % len(fleet)]
+            ctx = await store.management_context(serial)
+            assert ctx is not None
+            await store.profile_context(device_id)
+            session = SessionState(session_id=f"{n:X}", last_msg_id=1, next_msg_id=2, max_msg_size=65536)
+            step = ManagementStep(device_id, session, reply=REPLY, alerts=(alert,), new_session=True)
+            await store.commit_management_step(step, time.time(), expected_seq=ctx.session_seq)
+            done[0] += 1
+            n += concurrency
+
+    def start() -> None:
+        window["end"] = time.monotonic() + seconds
+        window["cpu"], window["main"] = process_cpu(), thread_cpu(threading.get_native_id())
+        window["pg"], window["t0"] = postgres_cpu(dsn), time.monotonic()
+        lanes = [Deferred.fromCoroutine(lane(i)) for i in range(concurrency)]
+        gatherResults(lanes).addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    elapsed = time.monotonic() - window["t0"]
+    engine = store._engine
+    races = engine.races if isinstance(engine, PoolEngine) else 0
+    result = _result(
+        done[0],
+        elapsed,
+        process_cpu() - window["cpu"],
+        thread_cpu(threading.get_native_id()) - window["main"],
+        postgres_cpu(dsn) - window["pg"],
+    )
+    store.stop()
+    return {**result, "races_per_1000": round(1000 * races / max(1, done[0]), 1)}
+
+
 def _result(count: int, elapsed: float, cpu: float, main: float, pg: float) -> dict[str, Any]:
     return {
         "checkins": count,
@@ -284,8 +345,13 @@ def _result(count: int, elapsed: float, cpu: float, main: float, pg: float) -> d
 def main(argv: list[str]) -> int:
     mode, dsn, seconds, concurrency, pool_size, count = argv
     fleet = devices(dsn, int(count))
-    runner = run_threads if mode == "threads" else run_async
-    print(json.dumps(runner(dsn, float(seconds), int(concurrency), int(pool_size), fleet)))
+    args = (dsn, float(seconds), int(concurrency), int(pool_size), fleet)
+    if mode == "store-serializable":
+        print(json.dumps(run_store(*args, "BEGIN ISOLATION LEVEL SERIALIZABLE")))
+    elif mode == "store-repeatable-read":
+        print(json.dumps(run_store(*args, "BEGIN ISOLATION LEVEL REPEATABLE READ")))
+    else:
+        print(json.dumps((run_threads if mode == "threads" else run_async)(*args)))
     return 0
 
 

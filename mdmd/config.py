@@ -59,6 +59,9 @@ class EnrollmentConfig:
     enroll_secret_file: str
     windows_mdm: bool
     max_body_bytes: int
+    # Connections come from a load balancer that sends the PROXY protocol
+    # header (haproxy's send-proxy-v2) with the client's address.
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,7 @@ class ManagementConfig:
     provider_id: str
     provider_name: str
     poll: PollSchedule
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +324,7 @@ _SCHEMA: _Schema = {
         "enroll_secret_file": (_text, "enroll_secret"),
         "windows_mdm": (_boolean, True),
         "max_body_bytes": (_bounded_int(4096, 64 * 1024 * 1024), 1024 * 1024),
+        "proxy_protocol": (_boolean, False),
     },
     "management": {
         "listen": (_endpoint, _REQUIRED),
@@ -332,6 +337,7 @@ _SCHEMA: _Schema = {
         "provider_name": (_text, "mdmd"),
         "poll_schedule": (_poll_schedule, PollSchedule()),
         "poll_on_login": (_boolean, True),
+        "proxy_protocol": (_boolean, False),
     },
     "wstep": {
         "identity_cert": (_text, "wstep-identity.pem"),
@@ -474,6 +480,7 @@ def load_config(path: str) -> MdmdConfig:
             enroll_secret_file=in_state("enrollment", "enroll_secret_file"),
             windows_mdm=typed(bool, en["windows_mdm"]),
             max_body_bytes=typed(int, en["max_body_bytes"]),
+            proxy_protocol=typed(bool, en["proxy_protocol"]),
         ),
         management=ManagementConfig(
             listen=typed(str, m["listen"]),
@@ -487,6 +494,7 @@ def load_config(path: str) -> MdmdConfig:
             provider_id=typed(str, m["provider_id"]),
             provider_name=typed(str, m["provider_name"]),
             poll=dataclasses.replace(poll, poll_on_login=typed(bool, m["poll_on_login"])),
+            proxy_protocol=typed(bool, m["proxy_protocol"]),
         ),
         wstep=WstepConfig(
             identity_cert=in_state("wstep", "identity_cert"),

@@ -23,12 +23,13 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 
 from mdmd.app import TEST_CLOCK_OFFSET_VARIABLE, Mdmd, clock_offset_for_tests
 from mdmd.config import MdmdConfig
-from mdmd.listeners import ListenerService, admin_site, device_listeners
+from mdmd.listeners import DeviceListener, ListenerService, admin_site, device_listeners
 from mdmd.maintenance import CertificateMaintenance
 from mdmd.material import Material
 from mdmd.store.service import StoreService, open_store
@@ -55,6 +56,13 @@ def _notify_systemd(message: bytes) -> None:
         log.warn("cannot notify systemd: {error}", error=e)
 
 
+def _socket(reactor: IReactorCore, listen: str, device: DeviceListener) -> IStreamServerEndpoint:
+    """The listening socket's endpoint; behind a load balancer that sends
+    the PROXY protocol header, the reader of that header on top."""
+    endpoint = serverFromString(reactor, listen)
+    return proxyEndpoint(endpoint) if device.proxy_protocol else endpoint
+
+
 def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore) -> MultiService:
     top = MultiService()
     store = open_store(config, reactor)
@@ -78,9 +86,7 @@ def build_service(config: MdmdConfig, material: Material, reactor: IReactorCore)
         *(
             ListenerService(
                 device.name,
-                TLSServerEndpoint(
-                    serverFromString(reactor, listen[device.name]), device.tls, device.refusals
-                ),
+                TLSServerEndpoint(_socket(reactor, listen[device.name], device), device.tls, device.refusals),
                 device.site,
                 device.public_url,
                 device.description,

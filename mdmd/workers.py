@@ -481,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     StoreService(store).setServiceParent(top)
     for listener, spec in zip(device_listeners(app), args.listener, strict=True):
         fd, family = (int(x) for x in spec.split(":"))
-        factory = tls_server_factory(listener.tls, listener.site, listener.refusals)
+        factory = listener.outermost(tls_server_factory(listener.tls, listener.site, listener.refusals))
         if listener.refusals is not None:
             reactor.addSystemEventTrigger("before", "shutdown", listener.refusals.stop)
         _AdoptedListener(reactor, fd, family, factory, listener.name).setServiceParent(top)

@@ -386,7 +386,9 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 BALANCED = ("enrollment", "management")
 
 
-def haproxy_config(frontends: Mapping[str, str], backends: Mapping[str, Sequence[int]]) -> str:
+def haproxy_config(
+    frontends: Mapping[str, str], backends: Mapping[str, Sequence[int]], *, proxy_protocol: bool = False
+) -> str:
     """A TCP-mode haproxy configuration: each listener's *frontends* bind
     (``fd@N`` for an inherited socket, or ``ADDR:PORT``) balanced over the
     nodes' ports of that listener.  TLS passes through untouched, so mutual
@@ -416,7 +418,8 @@ def haproxy_config(frontends: Mapping[str, str], backends: Mapping[str, Sequence
             "    balance roundrobin",
         ]
         lines += [
-            f"    server node{n} 127.0.0.1:{port} check inter 500ms fall 1 rise 2"
+            f"    server node{n} 127.0.0.1:{port}{' send-proxy-v2' if proxy_protocol else ''}"
+            " check inter 500ms fall 1 rise 2"
             for n, port in enumerate(backends[name], 1)
         ]
     return "\n".join(lines) + "\n"
@@ -456,18 +459,27 @@ class Nodes:
 
 
 def start_nodes(
-    directory: Path, count: int = 2, overrides: Mapping[str, Mapping[str, str | None]] | None = None
+    directory: Path,
+    count: int = 2,
+    overrides: Mapping[str, Mapping[str, str | None]] | None = None,
+    *,
+    proxy_protocol: bool = False,
 ) -> Nodes:
     """*count* nodes (``node1``, ``node2``, ... under *directory*) sharing a
     new database of the test cluster and node 1's state folder (the key
     material), each with its own listeners, and haproxy on two more
-    loopback sockets of the harness, which are the public URLs."""
+    loopback sockets of the harness, which are the public URLs.  With
+    *proxy_protocol*, haproxy sends the PROXY protocol header and the
+    nodes' device listeners expect it."""
     front = Listeners.bind()
     public = {
         "enrollment": {"url": f"https://localhost:{front.port('enrollment')}"},
         "management": {"url": f"https://localhost:{front.port('management')}/api/mdm/microsoft/management"},
         "store": postgresql_store(),
     }
+    if proxy_protocol:
+        for section in BALANCED:
+            public[section]["proxy_protocol"] = "yes"
     settings: dict[str, dict[str, str | None]] = {s: dict(v) for s, v in (overrides or {}).items()}
     for section, values in public.items():
         settings.setdefault(section, {}).update(values)
@@ -488,6 +500,7 @@ def start_nodes(
             haproxy_config(
                 {name: f"fd@{fd}" for name, fd in fds.items()},
                 {name: [node.port(name) for node in nodes] for name in BALANCED},
+                proxy_protocol=proxy_protocol,
             )
         )
         with open(log_path, "wb") as log:
@@ -526,9 +539,13 @@ def start_nodes(
 
 @contextmanager
 def running_nodes(
-    directory: Path, count: int = 2, overrides: Mapping[str, Mapping[str, str | None]] | None = None
+    directory: Path,
+    count: int = 2,
+    overrides: Mapping[str, Mapping[str, str | None]] | None = None,
+    *,
+    proxy_protocol: bool = False,
 ) -> Iterator[Nodes]:
-    nodes = start_nodes(directory, count, overrides)
+    nodes = start_nodes(directory, count, overrides, proxy_protocol=proxy_protocol)
     try:
         yield nodes
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import os
+import socket
 import ssl
 import subprocess
 import threading
@@ -329,3 +330,34 @@ def test_the_sample_haproxy_configuration_is_valid_and_passes_tls_through() -> N
     text = sample.read_text()
     assert "    mode tcp\n" in text and "mode http" not in text and "ssl" not in text
     assert "option redispatch" in text
+
+
+def test_behind_the_proxy_protocol_a_node_sees_and_logs_the_clients_address(tmp_path: Path) -> None:
+    with running_nodes(tmp_path, count=1, proxy_protocol=True) as nodes:
+        (node,) = nodes.nodes
+        front = nodes.front.port("management")
+        # A client at 127.0.0.2 presenting no certificate, through haproxy
+        # (which connects to the node from 127.0.0.1).
+        raw = socket.create_connection(("127.0.0.1", front), timeout=10, source_address=("127.0.0.2", 0))
+        # Refused: at the handshake (TLS 1.2) or at the first read (1.3).
+        with (
+            pytest.raises(OSError),
+            node.server_context().wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            if tls.recv(100) == b"":
+                raise OSError("closed")
+        deadline = time.monotonic() + 10
+        while "management TLS handshake refused from 127.0.0.2: no certificate" not in node.log_text():
+            assert time.monotonic() < deadline, node.log_text()[-2000:]
+            time.sleep(0.05)
+        assert "refused from 127.0.0.1" not in node.log_text()
+        # Enrollment is served through it as ever.
+        response, _ = nodes.front.request(
+            "POST", "/api/fleet/orbit/config", b"{}", {"Content-Type": "application/json"}
+        )
+        assert response.status == 401
+        # Straight to the node, without the header: closed, nothing served.
+        with socket.create_connection(("127.0.0.1", node.port("management")), timeout=10) as direct:
+            direct.sendall(b"\x16\x03\x01\x00\x05hello")
+            assert direct.recv(100) == b""

@@ -32,7 +32,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -172,9 +172,35 @@ class PgConnection:
         return cursor
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> SQLCursor:
+        rows = list(parameters)
+        # psycopg runs executemany in a pipeline of its own, which costs a
+        # round trip even for nothing: most of a session step's lists are
+        # empty or hold one row.
+        if not rows:
+            return _NO_ROWS
+        if len(rows) == 1:
+            return self.execute(sql, rows[0])
         cursor = self.raw.cursor(row_factory=_row_factory)
-        cursor.executemany(qmark_to_format(sql), list(parameters))
+        cursor.executemany(qmark_to_format(sql), rows)
         return cursor
+
+
+class _NoRows:
+    """What executing a statement for no rows at all returns."""
+
+    rowcount = 0
+
+    def fetchone(self) -> None:
+        return None
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
+_NO_ROWS: Final = _NoRows()
 
 
 # --- connections and the schema ----------------------------------------------
@@ -255,6 +281,9 @@ class PoolEngine:
     """Transactions on *size* threads, each with a connection of *pool*
     while it runs one (:class:`~mdmd.store.engine.Engine`)."""
 
+    BEGIN_WRITE = "BEGIN ISOLATION LEVEL SERIALIZABLE"
+    BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
     def __init__(
         self, reactor: IReactorFromThreads, pool: ConnectionPool, size: int, *, name: str = "mdmd-store"
     ) -> None:
@@ -268,6 +297,8 @@ class PoolEngine:
         self._down: str | None = None
         self._next_probe = 0.0
         self._probe_lock = threading.Lock()
+        #: Transactions run again because they lost a race (a measure).
+        self.races = 0
 
     def start(self) -> None:
         self._threads = [
@@ -327,11 +358,7 @@ class PoolEngine:
         raise StoreUnavailable(down)
 
     def _run(self, job: _Job) -> Any:
-        begin = (
-            "BEGIN ISOLATION LEVEL SERIALIZABLE"
-            if job.write
-            else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
-        )
+        begin = self.BEGIN_WRITE if job.write else self.BEGIN_READ
         wait = self._admit()
         try:
             result = self._attempts(job, begin, wait)
@@ -359,6 +386,7 @@ class PoolEngine:
             except _RETRY:
                 if attempt == MAX_ATTEMPTS:
                     raise
+                self.races += 1
             except PoolTimeout as e:  # (an OperationalError: first)
                 raise StoreUnavailable(f"no database connection: {_one_line(e)}") from None
             except psycopg.OperationalError as e:

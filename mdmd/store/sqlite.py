@@ -111,7 +111,11 @@ class SQLStore:
     handed to the backend's engine.  The statements are written in SQLite's
     dialect (``?`` parameters); the PostgreSQL backend translates the
     parameters and runs its write transactions serializable, so each
-    method behaves there as it does behind SQLite's single writer."""
+    method behaves there as it does behind SQLite's single writer.
+
+    A transaction function may run more than once (PostgreSQL runs one that
+    lost a race again): it must change nothing but the database, and build
+    whatever it returns afresh each time."""
 
     _engine: Engine | None = None
 
