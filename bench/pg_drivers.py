@@ -75,7 +75,13 @@ _WRITE = [
     ),
 ]
 
-SESSION = json.dumps({"v": 2, "sid": "1A", "last": 1, "out": 2, "max": 65536, "refs": {}, "sent": []})
+def _session() -> str:
+    from mdmd.management import SessionState, encode_session
+
+    return encode_session(SessionState(session_id="1A", last_msg_id=1, next_msg_id=2, max_msg_size=65536))
+
+
+SESSION = _session()
 REPLY = b"<SyncML>" + b"x" * 700 + b"</SyncML>"
 
 
