@@ -75,6 +75,7 @@ _WRITE = [
     ),
 ]
 
+
 def _session() -> str:
     from mdmd.management import SessionState, encode_session
 
