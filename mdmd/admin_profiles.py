@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
 from typing import Any, Final
 
 from twisted.logger import Logger
 
 from mdmd.app import Mdmd
 from mdmd.commands import FieldError
-from mdmd.jsonsafe import JSONInputError, parse_untrusted_json
 from mdmd.profiles import (
     DeviceProfile,
     ProfileEvent,
@@ -32,14 +30,13 @@ from mdmd.store import DeviceProfileEntry, GroupRecord, ProfileRecord
 from mdmd.syncml import describe_status
 from mdmd.web import (
     EndpointResource,
-    HTTPError,
     HTTPResponse,
     MdmdRequest,
     Route,
     iso_time,
-    json_error,
+    json_body,
     json_response,
-    request_body,
+    refused,
 )
 
 __all__ = ["profile_routes"]
@@ -52,26 +49,11 @@ _MAX_PAGE: Final = 1000
 _MAX_IDS: Final = 10_000
 
 
-def _refuse(status: int, message: str, errors: Sequence[FieldError] = ()) -> HTTPError:
-    extra: dict[str, Any] = {}
-    if errors:
-        extra["errors"] = [{"name": e.name, "reason": e.reason} for e in errors]
-    return HTTPError(json_error(status, message, **extra), message)
-
-
-def _body(request: MdmdRequest) -> object:
-    try:
-        return parse_untrusted_json(request_body(request))
-    except JSONInputError as e:
-        reason = f"the request body is {e}"
-        raise _refuse(400, reason, [FieldError(e.field or "base", reason)]) from None
-
-
 def _profile(obj: object, name: str | None = None) -> Any:
     try:
         return parse_profile_request(obj, name=name)
     except ProfileRequestError as e:
-        raise _refuse(400, e.message, e.errors) from None
+        raise refused(400, e.message, e.errors) from None
 
 
 def _item_json(item: ProfileItem) -> dict[str, Any]:
@@ -133,9 +115,9 @@ def device_profile_json(entry: DeviceProfileEntry) -> dict[str, Any]:
 
 def _names(obj: object, field: str, *, limit: int = _MAX_IDS) -> list[str]:
     if not isinstance(obj, list) or not all(isinstance(x, str) and x for x in obj):
-        raise _refuse(400, f"{field} must be a list of names", [FieldError(field, "must be a list of names")])
+        raise refused(400, f"{field} must be a list of names", [FieldError(field, "must be a list of names")])
     if len(obj) > limit:
-        raise _refuse(
+        raise refused(
             400, f"{field}: at most {limit} at once", [FieldError(field, f"at most {limit} at once")]
         )
     return list(obj)
@@ -151,14 +133,14 @@ def _page(request: MdmdRequest) -> tuple[int, str | None]:
         limit = 0
     if not 1 <= limit <= _MAX_PAGE:
         reason = f"limit must be a whole number from 1 to {_MAX_PAGE}"
-        raise _refuse(400, reason, [FieldError("limit", reason)])
+        raise refused(400, reason, [FieldError("limit", reason)])
     raw_cursor = (args.get(b"cursor") or [b""])[0]
     if not raw_cursor:
         return limit, None
     try:
         return limit, base64.urlsafe_b64decode(raw_cursor + b"=" * (-len(raw_cursor) % 4)).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise _refuse(
+        raise refused(
             400, "cursor is not one this API gave", [FieldError("cursor", "unknown cursor")]
         ) from None
 
@@ -181,14 +163,12 @@ class ProfilesResource(_Resource):
         return json_response(200, {"profiles": [profile_json(p) for p in profiles]})
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        profile = _profile(_body(request))
+        profile = _profile(json_body(request))
         if not await self.app.store.create_profile(profile, self.app.now()):
-            raise _refuse(
+            raise refused(
                 409, f"profile {profile.name} exists (PUT /api/v1/profiles/{profile.name} changes it)"
             )
-        log.info(
-            "admin created profile {profile} version {version}", profile=profile.name, version=profile.version
-        )
+        await self.app.audit(request, "profile.create", profile.name, {"version": profile.version})
         return json_response(201, {"name": profile.name, "version": profile.version})
 
 
@@ -199,7 +179,7 @@ class ProfileResource(_Resource):
         name = request.path_params["name"]
         profile = await self.app.store.profile(name)
         if profile is None:
-            raise _refuse(404, f"no such profile: {name}")
+            raise refused(404, f"no such profile: {name}")
         status = await self.app.store.profile_status(name)
         return json_response(
             200,
@@ -213,19 +193,17 @@ class ProfileResource(_Resource):
 
     async def handle_PUT(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
-        profile = _profile(_body(request), name)
+        profile = _profile(json_body(request), name)
         if not await self.app.store.update_profile(profile, self.app.now()):
-            raise _refuse(404, f"no such profile: {name}")
-        log.info(
-            "admin updated profile {profile} to version {version}", profile=name, version=profile.version
-        )
+            raise refused(404, f"no such profile: {name}")
+        await self.app.audit(request, "profile.update", name, {"version": profile.version})
         return json_response(200, {"name": name, "version": profile.version})
 
     async def handle_DELETE(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
         if not await self.app.store.delete_profile(name, self.app.now()):
-            raise _refuse(404, f"no such profile: {name}")
-        log.info("admin deleted profile {profile}: devices remove it at their next session", profile=name)
+            raise refused(404, f"no such profile: {name}")
+        await self.app.audit(request, "profile.delete", name)
         return json_response(202, {"name": name})
 
 
@@ -234,23 +212,19 @@ class ProfileGroupsResource(_Resource):
 
     async def handle_PUT(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
-        body = _body(request)
+        body = json_body(request)
         if not isinstance(body, dict) or set(body) != {"groups"}:
-            raise _refuse(400, 'the body must be {"groups": [names]}', [FieldError("groups", "required")])
+            raise refused(400, 'the body must be {"groups": [names]}', [FieldError("groups", "required")])
         groups = _names(body["groups"], "groups")
         outcome = await self.app.store.assign_profile(name, groups, self.app.now())
         if not outcome.found:
-            raise _refuse(404, f"no such profile: {name}")
+            raise refused(404, f"no such profile: {name}")
         if outcome.unknown_groups:
             unknown = ", ".join(outcome.unknown_groups)
-            raise _refuse(
+            raise refused(
                 400, f"no such group: {unknown}", [FieldError("groups", f"no such group: {unknown}")]
             )
-        log.info(
-            "admin assigned profile {profile} to {groups}",
-            profile=name,
-            groups=", ".join(groups) or "no group",
-        )
+        await self.app.audit(request, "profile.assign", name, {"groups": list(dict.fromkeys(groups))})
         return json_response(200, {"name": name, "groups": list(dict.fromkeys(groups))})
 
 
@@ -262,19 +236,19 @@ class GroupsResource(_Resource):
         return json_response(200, {"groups": [group_json(g) for g in groups]})
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        body = _body(request)
+        body = json_body(request)
         name = body.get("name") if isinstance(body, dict) else None
         reason = check_name(name)
         if reason is None and name == ALL_GROUP:
             reason = "all is the built-in group of every enrolled device"
         if reason is not None or not isinstance(name, str):
-            raise _refuse(400, f"invalid group name: {reason}", [FieldError("name", reason or "required")])
+            raise refused(400, f"invalid group name: {reason}", [FieldError("name", reason or "required")])
         if isinstance(body, dict) and set(body) - {"name"}:
             fields = [FieldError(str(k), "unknown field") for k in body if k != "name"]
-            raise _refuse(400, "unknown field", fields)
+            raise refused(400, "unknown field", fields)
         if not await self.app.store.create_group(name, self.app.now()):
-            raise _refuse(409, f"group {name} exists")
-        log.info("admin created group {group}", group=name)
+            raise refused(409, f"group {name} exists")
+        await self.app.audit(request, "group.create", name)
         return json_response(201, {"name": name})
 
 
@@ -287,7 +261,7 @@ class GroupResource(_Resource):
         limit, after = _page(request)
         group = await self.app.store.group(name)
         if group is None:
-            raise _refuse(404, f"no such group: {name}")
+            raise refused(404, f"no such group: {name}")
         members = await self.app.store.group_members(name, after=after, limit=limit)
         more = len(members) == limit and members
         return json_response(
@@ -297,10 +271,10 @@ class GroupResource(_Resource):
     async def handle_DELETE(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
         if name == ALL_GROUP:
-            raise _refuse(400, "the built-in group all cannot be deleted")
+            raise refused(400, "the built-in group all cannot be deleted")
         if not await self.app.store.delete_group(name):
-            raise _refuse(404, f"no such group: {name}")
-        log.info("admin deleted group {group}", group=name)
+            raise refused(404, f"no such group: {name}")
+        await self.app.audit(request, "group.delete", name)
         return HTTPResponse(204, b"")
 
 
@@ -310,29 +284,30 @@ class GroupDevicesResource(_Resource):
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
         name = request.path_params["name"]
         if name == ALL_GROUP:
-            raise _refuse(
+            raise refused(
                 400, "the built-in group all holds every enrolled device; its members cannot change"
             )
-        body = _body(request)
+        body = json_body(request)
         if not isinstance(body, dict) or not body or set(body) - {"add", "remove"}:
-            raise _refuse(400, 'the body must be {"add": [device IDs], "remove": [device IDs]}')
+            raise refused(400, 'the body must be {"add": [device IDs], "remove": [device IDs]}')
         add = _names(body.get("add", []), "add")
         remove = _names(body.get("remove", []), "remove")
         change = await self.app.store.change_group_members(name, add, remove, self.app.now())
         if change is None:
-            raise _refuse(404, f"no such group: {name}")
+            raise refused(404, f"no such group: {name}")
         if change.unknown:
             shown = ", ".join(change.unknown[:20]) + (" ..." if len(change.unknown) > 20 else "")
-            raise _refuse(
+            raise refused(
                 400,
                 f"no such device: {shown}",
                 [FieldError("add" if d in add else "remove", f"no such device: {d}") for d in change.unknown],
             )
-        log.info(
-            "admin changed group {group}: {added} added, {removed} removed",
-            group=name,
-            added=change.added,
-            removed=change.removed,
+        await self.app.audit(
+            request,
+            "group.members",
+            name,
+            # The first IDs name the change; the counts say how big it was.
+            {"added": change.added, "removed": change.removed, "add": add[:100], "remove": remove[:100]},
         )
         return json_response(200, {"name": name, "added": change.added, "removed": change.removed})
 
@@ -344,7 +319,7 @@ class DeviceProfilesResource(_Resource):
         device_id = request.path_params["device_id"]
         request.device_id = device_id
         if await self.app.store.device(device_id) is None:
-            raise _refuse(404, f"no such device: {device_id}")
+            raise refused(404, f"no such device: {device_id}")
         entries = await self.app.store.device_profiles(device_id)
         return json_response(200, {"profiles": [device_profile_json(e) for e in entries]})
 

@@ -6,6 +6,7 @@ import hmac
 
 from twisted.logger import Logger
 
+from mdmd import metrics
 from mdmd.app import Mdmd
 from mdmd.orbit import (
     OrbitRequestError,
@@ -98,6 +99,7 @@ class OrbitEnrollResource(EndpointResource):
             ),
             now=self.app.now(),
         )
+        metrics.AGENT_ENROLLMENTS.inc()
         log.info(
             "orbit host {host_id} enrolled (hardware_uuid={hardware_uuid}, platform={platform})",
             host_id=host.id,

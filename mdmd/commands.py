@@ -33,6 +33,7 @@ __all__ = [
     "FieldError",
     "QueuedCommand",
     "check_item",
+    "command_targets",
     "parse_command_request",
     "without_ids",
 ]
@@ -264,3 +265,14 @@ def _data(data: object, name: str, verb: str | None, fmt: str | None, errors: li
             errors.append(FieldError(name, "format b64 needs base64 data"))
             return None
     return data
+
+
+def command_targets(body: str) -> list[str]:
+    """The LocURIs a stored command addresses (for the audit log)."""
+    return [
+        item.target
+        for cmd in parse_commands_fragment(body)
+        for c in walk(cmd)
+        for item in c.items
+        if item.target is not None
+    ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 from mdmd.poll import PollSchedule
 
 __all__ = [
+    "ActionsConfig",
     "AdminConfig",
     "ConfigError",
     "EnrollmentConfig",
@@ -117,10 +119,21 @@ DEFAULT_POOL_SIZE = 4
 
 
 @dataclass(frozen=True, slots=True)
+class ActionsConfig:
+    """How group operations are fanned out to their members."""
+
+    fanout_batch: int = 200  # devices given their command per transaction
+    fanout_pause: float = 0.1  # seconds between two batches
+    fanout_lease: float = 30.0  # seconds a process holds an operation without renewing
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: str
     url: str
     token_file: str
+    allow_remote: bool = False
+    metrics_cache_seconds: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +150,18 @@ class MdmdConfig:
     admin: AdminConfig
     profiles: ProfilesConfig = ProfilesConfig(24 * 3600.0, 3)
     store: StoreConfig = StoreConfig("sqlite")
+    log_format: str = "text"
+    actions: ActionsConfig = ActionsConfig()
 
     @property
     def database(self) -> str:
         """The SQLite store's file."""
         return os.path.join(self.state_dir, "mdmd.sqlite3")
+
+    @property
+    def lock_file(self) -> str:
+        """Held (flock) by the running main process: one mdmd per state_dir."""
+        return os.path.join(self.state_dir, "mdmd.lock")
 
 
 # --- value parsers: each raises ValueError with a message for the operator ---
@@ -198,6 +218,33 @@ def _duration(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip()
+        if value not in allowed:
+            raise ValueError(f"expected {' or '.join(allowed)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """``250ms``, ``1.5s``, ``30s`` (a bare number is seconds)."""
+
+    def parse(value: str) -> float:
+        text = value.strip().lower()
+        scale, number = (0.001, text[:-2]) if text.endswith("ms") else (1.0, text.removesuffix("s"))
+        try:
+            seconds = float(number) * scale
+        except ValueError:
+            raise ValueError(f"expected a time such as 250ms, 1.5s or 30s, got {value!r}") from None
+        if not low <= seconds <= high:  # also refuses nan
+            raise ValueError(f"must be between {low:g}s and {high:g}s, got {value.strip()}")
+        return seconds
+
+    return parse
+
+
 def _text(value: str) -> str:
     value = value.strip()
     if not value:
@@ -219,6 +266,23 @@ def _endpoint(value: str) -> str:
     return value
 
 
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why *host* (a URL's, without brackets) is neither an IP address nor a
+    DNS name, or None."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return f"host {host!r} is neither a DNS name nor an IP address"
+    return None
+
+
 def _url(*schemes: str, path_required: bool = False) -> Callable[[str], str]:
     def parse(value: str) -> str:
         value = value.strip()
@@ -229,6 +293,9 @@ def _url(*schemes: str, path_required: bool = False) -> Callable[[str], str]:
             raise ValueError(f"not a valid URL: {e}") from None
         if parts.scheme not in schemes or not parts.hostname:
             raise ValueError(f"expected a {' or '.join(schemes)}:// URL with a host, got {value!r}")
+        problem = _host_problem(parts.hostname)
+        if problem is not None or any(ch.isspace() for ch in value):
+            raise ValueError(f"not a valid URL: {problem or 'it contains white space'}: {value!r}")
         if parts.query or parts.fragment:
             raise ValueError("must not have a query string or fragment")
         if path_required and parts.path in ("", "/"):
@@ -250,16 +317,6 @@ def _provider_id(value: str) -> str:
             "must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return value
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        value = value.strip().lower()
-        if value not in choices:
-            raise ValueError(f"expected {' or '.join(choices)}, got {value!r}")
-        return value
-
-    return parse
 
 
 def _dsn(value: str) -> str:
@@ -315,6 +372,7 @@ _SCHEMA: _Schema = {
         "workers": (_workers, 1),
         "tls_root_cert": (_text, "tls-root.pem"),
         "tls_root_key": (_text, "tls-root.key"),
+        "log_format": (_choice("text", "json"), "text"),
     },
     "enrollment": {
         "listen": (_endpoint, _REQUIRED),
@@ -359,10 +417,17 @@ _SCHEMA: _Schema = {
         "password_file": (_text, None),
         "pool_size": (_bounded_int(1, 100), None),
     },
+    "actions": {
+        "fanout_batch": (_bounded_int(1, 10_000), 200),
+        "fanout_pause": (_seconds(0.0, 60.0), 0.1),
+        "fanout_lease": (_seconds(2.0, 3600.0), 30.0),
+    },
     "admin": {
         "listen": (_endpoint, "tcp:8445:interface=127.0.0.1"),
         "url": (_url("http", "https"), None),
         "token_file": (_text, "admin_token"),
+        "allow_remote": (_boolean, False),
+        "metrics_cache_seconds": (_bounded_int(0, 3600), 10),
     },
 }
 
@@ -509,12 +574,20 @@ def load_config(path: str) -> MdmdConfig:
             listen=typed(str, a["listen"]),
             url=typed(str, admin_url),
             token_file=in_state("admin", "token_file"),
+            allow_remote=typed(bool, a["allow_remote"]),
+            metrics_cache_seconds=typed(int, a["metrics_cache_seconds"]),
         ),
         profiles=ProfilesConfig(
             verify_interval=typed(float, values["profiles"]["verify_interval"]),
             max_retries=typed(int, values["profiles"]["max_retries"]),
         ),
         store=store,
+        log_format=typed(str, values["mdmd"]["log_format"]),
+        actions=ActionsConfig(
+            fanout_batch=typed(int, values["actions"]["fanout_batch"]),
+            fanout_pause=typed(float, values["actions"]["fanout_pause"]),
+            fanout_lease=typed(float, values["actions"]["fanout_lease"]),
+        ),
     )
 
 

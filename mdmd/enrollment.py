@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mdmd import pki
+from mdmd import metrics, pki
 from mdmd.app import Mdmd
 from mdmd.discovery import build_discover_response, negotiate_discover, parse_discover
 from mdmd.orbit import EnrollmentTokenError, hash_node_key, parse_enrollment_token
@@ -339,6 +339,7 @@ class EnrollmentResource(SoapResource):
             )
         except DeviceConflict:
             raise _conflict(device_id, host.id) from None
+        metrics.ENROLLMENTS.inc()
         log.info(
             "enrolled device {device_id} (host {host_id}, {enrollment_type}), certificate serial "
             "{serial} thumbprint {thumbprint}, CSR signed with {csr_hash}; revoked {revoked}",

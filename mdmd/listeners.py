@@ -7,27 +7,44 @@ main process opened.  The admin listener stays in the main process.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
-from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 
+from mdmd import preflight
 from mdmd.app import Mdmd
+from mdmd.config import ConfigError
+from mdmd.material import load_tls
 from mdmd.refusals import RefusalLog
 from mdmd.routes import admin_routes, enrollment_routes, management_routes
-from mdmd.tls import mutual_tls_options, server_tls_options
+from mdmd.tls import ReloadableTLS, mutual_tls_options, server_tls_options
 from mdmd.web import BearerTokenGuard, MdmdSite, RoutingResource
 
-__all__ = ["DeviceListener", "ListenerService", "admin_site", "device_listeners"]
+__all__ = [
+    "DeviceListener",
+    "ListenError",
+    "ListenerService",
+    "admin_site",
+    "device_listeners",
+    "reload_tls",
+]
 
 log = Logger(namespace=__name__)
 
 
+class ListenError(ConfigError):
+    """A listener cannot listen (the port is taken, the address is not
+    this machine's): one line naming the key."""
+
+
 class ListenerService(StreamServerEndpointService):
-    """A listener that says where it listens, and fails start-up if it cannot."""
+    """A listener that says where it listens, and fails start-up with one
+    line naming its key if it cannot."""
 
     def __init__(
         self,
@@ -36,21 +53,39 @@ class ListenerService(StreamServerEndpointService):
         factory: IProtocolFactory,
         public_url: str,
         description: str,
+        *,
+        config_path: str = "?",
+        listen: str = "?",
     ) -> None:
         super().__init__(endpoint, factory)
         self.setName(name)
         self.public_url = public_url
         self.description = description
+        self.config_path = config_path
+        self.listen = listen
         self._raiseSynchronously = True
         self.listening: Deferred[IListeningPort] = Deferred()
+        self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            error = e.socketError
+            reason = getattr(error, "strerror", None) or str(error)
+            raise ListenError(
+                self.config_path, self.name, "listen", f"cannot listen on {self.listen}: {reason}"
+            ) from None
+        except Exception as e:
+            raise ListenError(
+                self.config_path, self.name, "listen", f"cannot listen on {self.listen}: {e}"
+            ) from None
         assert self._waitingForPort is not None
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: IListeningPort | None) -> IListeningPort | None:
         if port is not None:
+            self.port = port
             address = port.getHost()
             where = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
             log.info(
@@ -63,14 +98,21 @@ class ListenerService(StreamServerEndpointService):
             self.listening.callback(port)
         return port
 
+    async def problem(self) -> str | None:
+        """Readiness: None while it listens."""
+        if not self.running or self.port is None:
+            return "not listening"
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceListener:
-    """What a device-facing listener serves: its TLS options and its site.
-    The main process listens with it; worker processes adopt its socket."""
+    """What a device-facing listener serves: its TLS options (replaceable on
+    reload) and its site.  The main process listens with it; worker
+    processes adopt its socket."""
 
     name: str
-    tls: CertificateOptions
+    tls: ReloadableTLS
     site: MdmdSite
     public_url: str
     description: str
@@ -101,7 +143,7 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
     return (
         DeviceListener(
             "enrollment",
-            server_tls_options(material.enrollment_chain, material.enrollment_key),
+            ReloadableTLS(server_tls_options(material.enrollment_chain, material.enrollment_key)),
             MdmdSite(
                 RoutingResource(enrollment_routes(app)),
                 listener="enrollment",
@@ -113,7 +155,11 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
         ),
         DeviceListener(
             "management",
-            mutual_tls_options(material.management_chain, material.management_key, [material.identity_cert]),
+            ReloadableTLS(
+                mutual_tls_options(
+                    material.management_chain, material.management_key, [material.identity_cert]
+                )
+            ),
             MdmdSite(
                 RoutingResource(management_routes(app, refusals)),
                 listener="management",
@@ -127,10 +173,47 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
     )
 
 
+def reload_tls(app: Mdmd, listeners: Sequence[DeviceListener]) -> bool:
+    """Read the TLS certificates and keys again and serve new connections
+    with them (``systemctl reload``, SIGHUP); established connections keep
+    theirs.  Anything wrong (a key that does not match, a certificate that
+    does not cover the URL) keeps the old ones and says why."""
+    config = app.config
+    try:
+        tls = load_tls(config)
+        preflight.check_private_files(config)
+        preflight.check_certificates_cover_urls(config, tls)
+        options = {
+            "enrollment": server_tls_options(tls.enrollment_chain, tls.enrollment_key),
+            "management": mutual_tls_options(
+                tls.management_chain, tls.management_key, [app.material.identity_cert]
+            ),
+        }
+        for listener in listeners:
+            listener.tls.replace(options[listener.name])
+    except Exception as e:  # a ConfigError, or OpenSSL's refusal of a certificate
+        reason = str(e) if isinstance(e, ConfigError | ValueError) else f"{type(e).__name__}: {e}"
+        log.error(
+            "reload: TLS certificates NOT reloaded, the previous ones stay in use: {error}", error=reason
+        )
+        return False
+    log.info(
+        "reload: TLS certificates reloaded: enrollment {enrollment} until {enrollment_until}, "
+        "management {management} until {management_until}",
+        enrollment=tls.enrollment_chain[0].subject.rfc4514_string(),
+        enrollment_until=tls.enrollment_chain[0].not_valid_after_utc.isoformat(),
+        management=tls.management_chain[0].subject.rfc4514_string(),
+        management_until=tls.management_chain[0].not_valid_after_utc.isoformat(),
+    )
+    return True
+
+
 def admin_site(app: Mdmd) -> MdmdSite:
-    """The administrators' API behind the bearer token."""
+    """The administrators' API behind the bearer tokens; health, readiness
+    and metrics without."""
+    assert app.tokens is not None
     return MdmdSite(
-        RoutingResource(admin_routes(app), guard=BearerTokenGuard(app.material.admin_token)),
+        RoutingResource(admin_routes(app), guard=BearerTokenGuard(app.tokens.current, app.tokens.pending)),
         listener="admin",
         max_body_bytes=1024 * 1024,
     )

@@ -84,6 +84,9 @@ _KNOWN_ALERTS: Final = frozenset(
 # Inventory the device reports by Replace in package 1 is kept, bounded.
 _MAX_INVENTORY_ITEMS: Final = 64
 _MAX_INVENTORY_VALUE: Final = 4096
+# The read-only device description CSPs: what a Get reads there is
+# inventory as well.
+_INVENTORY_ROOTS: Final = ("./DevInfo/", "./DevDetail/")
 # A large object the device uploads in chunks is reassembled up to this size.
 MAX_LARGE_OBJECT: Final = 16 * 1024 * 1024
 # Status codes (OMA-DM RepPro 1.2 §10, MS-MDM 2.2.6.1).
@@ -395,6 +398,7 @@ def process_message(
     default_max_msg_size: int,
     new_commands: Sequence[NewCommand] = (),
     followups: FollowUps | None = None,
+    ends_session: Callable[[str, int], bool] | None = None,
 ) -> Reply:
     """Answer one device message that is not a retransmission (see
     :func:`is_retransmission`).  Raises :class:`SessionError` for a message
@@ -402,7 +406,10 @@ def process_message(
 
     *new_commands* go before the *queue*; *followups* is asked, for every
     command the device answered in this message, what to send next (sent
-    before anything else).  Both end up in the step's ``created``."""
+    before anything else).  Both end up in the step's ``created``.
+    *ends_session* is asked the same of each answered command: True (the
+    device accepted a wipe or its unenrollment) ends the session with this
+    reply, statuses only, and forgets it."""
     hdr = message.hdr
     state, new_session = _session_for(message, session, default_max_msg_size)
     work = _Work(state, done=set(state.done), objects=dict(state.objects))
@@ -415,11 +422,15 @@ def process_message(
         else:
             _client_results(element, hdr, work)
 
+    leaving = ends_session is not None and any(ends_session(uuid, code) for uuid, code in work.answered)
+    if leaving:
+        work.events.append("the device accepted a command that ends its management; session ended")
     created: list[NewCommand] = []
-    if followups is not None:
+    if followups is not None and not leaving:
         for uuid, code in work.answered:
             created += followups(uuid, code, [r for u, r in work.results if u == uuid])
-    created += new_commands
+    if not leaving:
+        created += new_commands
     queue = [*(QueuedCommand(c.uuid, c.body) for c in created), *queue]
 
     reply_hdr = reply_header(hdr, state.next_msg_id, source=server_url)
@@ -427,7 +438,7 @@ def process_message(
     refs: dict[str, SentRef] = dict(state.refs)
     package_open = False
     session_ended = False
-    if work.unenroll or work.abort:
+    if work.unenroll or work.abort or leaving:
         reply = build_message(reply_hdr, work.statuses, final=True)
         session_ended = True
     elif not message.final and not (work.next_message and state.package_open):
@@ -458,7 +469,7 @@ def process_message(
     )
     step = ManagementStep(
         device_id=device_id,
-        session=None if work.unenroll else next_state,
+        session=None if work.unenroll or leaving else next_state,
         reply=reply,
         inventory=work.inventory,
         alerts=tuple(work.alerts),
@@ -612,14 +623,26 @@ def _client_results(results: Results, hdr: SyncHdr, work: _Work) -> None:
             code = _large_object_chunk(results, item, key, pending, ref.uuid, work)
             continue
         meta = item.meta or results.meta
-        work.results.append(
-            (
-                ref.uuid,
-                _result(results, item, meta.format if meta else None, meta.type if meta else None, item.data),
-            )
-        )
+        result = _result(results, item, meta.format if meta else None, meta.type if meta else None, item.data)
+        work.results.append((ref.uuid, result))
+        _inventory_value(result, work)
     if code is not None:
         work.statuses.append(status_for(results, hdr.msg_id, code, work.cmd_id()))
+
+
+def _inventory_value(result: CommandResult, work: _Work) -> None:
+    """A value the server read from the device's DevInfo or DevDetail
+    (its name after a rename, say) is kept as inventory too."""
+    uri, data = result.loc_uri, result.data
+    if (
+        uri is None
+        or data is None
+        or result.format == "node"
+        or not uri.startswith(_INVENTORY_ROOTS)
+        or (uri not in work.inventory and len(work.inventory) >= _MAX_INVENTORY_ITEMS)
+    ):
+        return
+    work.inventory[uri] = data[:_MAX_INVENTORY_VALUE]
 
 
 def _large_object_chunk(

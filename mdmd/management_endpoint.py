@@ -25,13 +25,15 @@ from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mdmd import pki
+from mdmd import metrics, pki
+from mdmd.actions import ActionUpdate, ends_enrollment, settle
+from mdmd.actions import plan_session as plan_action_session
 from mdmd.app import Mdmd
 from mdmd.management import NewCommand, Reply, SessionError, is_retransmission, process_message, refusal
 from mdmd.profiles import DeviceVars, ProfilePlanner, ProfileSettings
 from mdmd.refusals import CertificateSummary, RefusalLog
 from mdmd.store import ManagementContext, SessionConflict
-from mdmd.syncml import ALERT_GENERIC, SyncMLError, SyncMLMessage, parse_message
+from mdmd.syncml import ALERT_GENERIC, SyncMLError, SyncMLMessage, describe_status, parse_message
 from mdmd.tls import peer_certificate
 from mdmd.web import EndpointResource, HTTPError, HTTPResponse, MdmdRequest, peer_address, request_body
 from mdmd.xmlsafe import XMLInputError
@@ -202,13 +204,14 @@ class ManagementResource(EndpointResource):
             return 401, "not a certificate mdmd issued (another certificate with this serial)"
         if ctx.certificate.revoked_at is not None:
             reason = ctx.certificate.revoke_reason or "revoked"
-            return 403, f"revoked ({reason}): certificate of device {ctx.device.device_id}"
+            wiped = " (the device was wiped)" if ctx.device.lifecycle == "wiped" else ""
+            return 403, f"revoked ({reason}): certificate of device {ctx.device.device_id}{wiped}"
         if ctx.certificate.not_after < now:
             # OpenSSL checks validity with the system clock; mdmd's own clock
             # decides here too.
             return 403, f"expired: certificate of device {ctx.device.device_id}"
         if ctx.device.state != "enrolled":
-            return 403, f"device {ctx.device.device_id} is not enrolled"
+            return 403, f"device {ctx.device.device_id} is not enrolled{wiped}"
         return None
 
     async def _session(
@@ -217,6 +220,7 @@ class ManagementResource(EndpointResource):
         app = self.app
         hdr = message.hdr
         device_id = ctx.device.device_id
+        request.session_id, request.msg_id = hdr.session_id, hdr.msg_id
         if is_retransmission(message, body, ctx.session):
             # The device did not get our reply and sent the same message
             # again: the same answer, and nothing changes.
@@ -233,12 +237,16 @@ class ManagementResource(EndpointResource):
             new_uuid=lambda: str(uuid.uuid4()),
         )
         planned: list[NewCommand] = []
+        started: list[ActionUpdate] = []
         if _starts_session(message):
             # Desired state first: what the device's profiles need goes out
             # before the administrators' one-shot commands.
             wanted = await app.store.profile_context(device_id)
             planner.device = wanted.device
             planned = planner.plan_session(wanted.desired)
+            # A rename waiting for its restart asks for the device's name.
+            asked, started = plan_action_session(ctx.actions, ctx.device.inventory, lambda: str(uuid.uuid4()))
+            planned += asked
         try:
             reply: Reply = await self._off_reactor_if_large(
                 body,
@@ -252,6 +260,7 @@ class ManagementResource(EndpointResource):
                 default_max_msg_size=app.config.management.max_msg_size,
                 new_commands=planned,
                 followups=planner.followups,
+                ends_session=ends_enrollment(ctx.actions),
             )
         except SessionError as e:
             log.warn(
@@ -264,10 +273,35 @@ class ManagementResource(EndpointResource):
             out = ctx.session.next_msg_id if ctx.session else 1
             return _syncml(refusal(hdr, e.status, server_url=app.config.management.url, msg_id=out))
         profiles = planner.finish(reply.step)
+        actions = settle(ctx.actions, reply.step, started)
         # Durable before the reply that acknowledges it leaves.
         await app.store.commit_management_step(
-            reply.step, app.now(), expected_seq=ctx.session_seq, profiles=profiles
+            reply.step, app.now(), expected_seq=ctx.session_seq, profiles=profiles, actions=actions
         )
+        # Profiles log their own failures (below), by profile.
+        profile_commands = {link.command_uuid for link in ctx.profile_links} | {
+            link.command_uuid for link in profiles.links
+        }
+        action_of = {a.command_uuid: a.action for a in ctx.actions}
+        for command_uuid, code in reply.step.answered:
+            if 200 <= code < 300 or command_uuid in profile_commands:
+                continue
+            log.warn(
+                "device {device_id} failed {what} {command_uuid}: {status_text}",
+                device_id=device_id,
+                what=f"action {action_of[command_uuid]}" if command_uuid in action_of else "command",
+                command_uuid=command_uuid,
+                status=code,
+                status_text=describe_status(code),
+                session_id=hdr.session_id,
+                msg_id=hdr.msg_id,
+            )
+        if actions.ended is not None:
+            log.info(
+                "device {device_id} {ended}: certificate revoked, nothing more is sent to it",
+                device_id=device_id,
+                ended=actions.ended,
+            )
         for change in profiles.events:
             if change.state in ("failed", "drifted"):
                 log.warn(
@@ -279,6 +313,8 @@ class ManagementResource(EndpointResource):
                     session_id=hdr.session_id,
                     msg_id=hdr.msg_id,
                 )
+        if reply.step.new_session:
+            metrics.CHECKIN_SESSIONS.inc()
         for event in reply.events:
             log.info(
                 "device {device_id} session {session_id} msg {msg_id}: {event}",

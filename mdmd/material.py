@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from mdmd import pki
 from mdmd.config import ConfigError, MdmdConfig
 
-__all__ = ["Material", "bootstrap_plan", "load_material", "prepare"]
+__all__ = ["Material", "TLSMaterial", "bootstrap_plan", "load_material", "load_tls", "prepare"]
 
 log = Logger(namespace=__name__)
 
@@ -36,6 +36,16 @@ class Material:
     identity_key: rsa.RSAPrivateKey
     enroll_secret: str
     admin_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class TLSMaterial:
+    """The listeners' server certificates and keys (reloaded on SIGHUP)."""
+
+    enrollment_chain: Sequence[x509.Certificate]
+    enrollment_key: PrivateKeyTypes
+    management_chain: Sequence[x509.Certificate]
+    management_key: PrivateKeyTypes
 
 
 def bootstrap_plan(config: MdmdConfig) -> pki.BootstrapPlan:
@@ -95,9 +105,9 @@ def _secret(config: MdmdConfig, section: str, key: str, path: str) -> str:
     return value
 
 
-def load_material(config: MdmdConfig) -> Material:
-    """Load and cross-check every file the daemon needs; ConfigError on the first problem."""
-    e, m, w = config.enrollment, config.management, config.wstep
+def load_tls(config: MdmdConfig) -> TLSMaterial:
+    """The listeners' certificate chains and keys, each key matching its certificate."""
+    e, m = config.enrollment, config.management
     enrollment_chain = _chain(config, "enrollment", "tls_cert", e.tls_cert)
     enrollment_key = _key(config, "enrollment", "tls_key", e.tls_key, enrollment_chain[0])
     if (m.tls_cert, m.tls_key) == (e.tls_cert, e.tls_key):
@@ -105,6 +115,13 @@ def load_material(config: MdmdConfig) -> Material:
     else:
         management_chain = _chain(config, "management", "tls_cert", m.tls_cert)
         management_key = _key(config, "management", "tls_key", m.tls_key, management_chain[0])
+    return TLSMaterial(enrollment_chain, enrollment_key, management_chain, management_key)
+
+
+def load_material(config: MdmdConfig) -> Material:
+    """Load and cross-check every file the daemon needs; ConfigError on the first problem."""
+    e, w = config.enrollment, config.wstep
+    tls = load_tls(config)
     identity = _chain(config, "wstep", "identity_cert", w.identity_cert)
     if len(identity) != 1:
         raise ConfigError(
@@ -128,10 +145,10 @@ def load_material(config: MdmdConfig) -> Material:
             f"{w.identity_cert}: not a CA certificate (CA:true required)",
         )
     return Material(
-        enrollment_chain=enrollment_chain,
-        enrollment_key=enrollment_key,
-        management_chain=management_chain,
-        management_key=management_key,
+        enrollment_chain=tls.enrollment_chain,
+        enrollment_key=tls.enrollment_key,
+        management_chain=tls.management_chain,
+        management_key=tls.management_key,
         identity_cert=identity[0],
         identity_key=identity_key,
         enroll_secret=_secret(config, "enrollment", "enroll_secret_file", e.enroll_secret_file),

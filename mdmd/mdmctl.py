@@ -1,16 +1,25 @@
 """``mdmctl``: the administrator's command line.
 
 ``mdmctl init DIR`` creates the key material a production deployment needs
-without starting the server.  Every other command talks to the admin API of
-a running mdmd (``[admin] url`` and the token in ``[admin] token_file`` of
-``--config``, default ``/etc/mdmd/mdmd.ini``)::
+without starting the server; ``mdmctl check-config`` runs the daemon's
+start-up checks; ``mdmctl backup FILE`` copies the database of a running (or
+stopped) mdmd.  Every other command talks to the admin API of a running mdmd
+(``[admin] url`` of ``--config``, default ``/etc/mdmd/mdmd.ini``, with the
+token in ``$MDMCTL_TOKEN``, ``--token-file`` or ``[admin] token_file``)::
 
-    mdmctl devices                      mdmctl device ID
+    mdmctl devices [--search Q] [--state S] [--expiring DAYS] [--all] ...
+    mdmctl device ID                    mdmctl commands ID
     mdmctl get ID ./DevDetail/SwV       mdmctl replace ID LOCURI --format int --data 1
     mdmctl add ID LOCURI ...            mdmctl delete ID LOCURI
     mdmctl exec ID LOCURI [--data ...]  mdmctl queue ID --syncml FILE|-
-    mdmctl command UUID                 mdmctl commands ID
-    mdmctl unenroll ID
+    mdmctl command UUID
+    mdmctl restart ID                   mdmctl wipe ID --mode protected --yes
+    mdmctl unenroll ID                  mdmctl rename ID NAME
+    mdmctl scan ID [--full]             mdmctl defender-update ID
+    mdmctl restart --group NAME [--wait SECONDS]   (every action but rename)
+    mdmctl operation ID
+    mdmctl token create|list|revoke     mdmctl audit [--all] [--actor NAME]
+    mdmctl version
     mdmctl profile list|show|add|update|delete ...
     mdmctl group list|show|add|delete|members ...
     mdmctl assign PROFILE GROUP...
@@ -31,16 +40,17 @@ import argparse
 import http.client
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-from mdmd.config import ConfigError, load_config
+from mdmd.config import ConfigError, MdmdConfig, load_config
 
 __all__ = ["DEFAULT_CONFIG", "CliError", "main"]
 
@@ -170,12 +180,20 @@ class AdminClient:
             raise CliError(f"the admin API at {self.base_url} did not answer with JSON") from None
 
 
-def _client(args: argparse.Namespace) -> AdminClient:
+def _config(args: argparse.Namespace) -> MdmdConfig:
     try:
-        config = load_config(args.config)
+        return load_config(args.config)
     except ConfigError as e:
         raise CliError(_one_line(str(e))) from None
-    path = config.admin.token_file
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    config = _config(args)
+    from_env = os.environ.get("MDMCTL_TOKEN", "").strip()
+    token_file = getattr(args, "token_file", None)
+    if from_env and token_file is None:
+        return AdminClient(config.admin.url, from_env)
+    path = token_file or config.admin.token_file
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
@@ -208,9 +226,20 @@ def _cell(value: object) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    return _aligned(headers, rows)[0]
+
+
+def _aligned(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], widths: list[int] | None = None
+) -> tuple[list[str], list[int]]:
+    """The header and rows aligned, with the column widths used (at least
+    *widths*, so that the pages of one listing line up)."""
     cells = [list(headers), *([_cell(v) for v in row] for row in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    found = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    if widths is not None:
+        found = [max(a, b) for a, b in zip(found, widths, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, found, strict=True)).rstrip() for row in cells]
+    return lines, found
 
 
 def _fields(pairs: Sequence[tuple[str, object]]) -> list[str]:
@@ -223,11 +252,24 @@ def _print(lines: Sequence[str]) -> None:
         print(line)
 
 
-def _show_devices(answer: Any) -> None:
+_DEVICE_HEADERS = (
+    "DEVICE ID",
+    "NAME",
+    "MANUFACTURER",
+    "MODEL",
+    "OS VERSION",
+    "STATE",
+    "ENROLLED",
+    "LAST SEEN",
+)
+
+
+def _show_devices(answer: Any, widths: list[int] | None = None, *, header: bool = True) -> list[int] | None:
+    """One page of devices as table rows; *widths* keeps later pages'
+    columns under the first page's header."""
     devices = answer.get("devices", [])
     if not devices:
-        print("no devices")
-        return
+        return widths
     rows = [
         (
             d["device_id"] + ("*" if d.get("hw_dev_id_collision") else ""),
@@ -241,16 +283,46 @@ def _show_devices(answer: Any) -> None:
         )
         for d in devices
     ]
-    headers = ("DEVICE ID", "NAME", "MANUFACTURER", "MODEL", "OS VERSION", "STATE", "ENROLLED", "LAST SEEN")
-    _print(_table(headers, rows))
+    lines, widths = _aligned(_DEVICE_HEADERS, rows, widths)
+    _print(lines if header else lines[1:])
     if any(d.get("hw_dev_id_collision") for d in devices):
         print("* shares its HWDevID with another enrolled device (a clone made without sysprep?)")
+    return widths
+
+
+def _status(item: Any) -> object:
+    """The device's status code with its meaning, as the API gives it."""
+    return item.get("status_text") or item.get("status")
 
 
 def _command_rows(commands: Sequence[Any]) -> list[tuple[object, ...]]:
     return [
-        (c["command_uuid"], c.get("verb"), c.get("state"), c.get("status"), c.get("created_at"))
+        (
+            c["command_uuid"],
+            c.get("verb"),
+            c.get("state"),
+            _status(c) if not c.get("detail") else f"{_cell(_status(c))} ({c['detail']})",
+            c.get("created_at"),
+        )
         for c in commands
+    ]
+
+
+_ACTION_HEADERS = ("ACTION ID", "ACTION", "OPTIONS", "STATE", "STATUS", "DETAIL", "CREATED")
+
+
+def _action_rows(actions: Sequence[Any]) -> list[tuple[object, ...]]:
+    return [
+        (
+            a["action_id"],
+            a.get("action"),
+            " ".join(f"{k}={v}" for k, v in (a.get("options") or {}).items()) or "-",
+            a.get("state"),
+            _status(a),
+            a.get("detail"),
+            a.get("created_at"),
+        )
+        for a in actions
     ]
 
 
@@ -279,6 +351,7 @@ def _show_device(d: Any) -> None:
                 ("model", d.get("model")),
                 ("os_version", d.get("os_version")),
                 ("state", d.get("state")),
+                ("pending_actions", ", ".join(d.get("pending_actions") or []) or "none"),
                 ("enrollment_type", d.get("enrollment_type")),
                 ("host_id", d.get("host_id")),
                 ("hw_dev_id", d.get("hw_dev_id")),
@@ -311,7 +384,7 @@ def _show_device(d: Any) -> None:
                 p["name"],
                 p.get("version"),
                 p.get("state"),
-                p.get("status"),
+                _status(p),
                 p.get("updated_at"),
                 p.get("detail"),
             )
@@ -323,6 +396,12 @@ def _show_device(d: Any) -> None:
                 for line in _table(("PROFILE", "VERSION", "STATE", "STATUS", "UPDATED", "DETAIL"), rows)
             ]
         )
+    else:
+        print("  none")
+    actions = d.get("actions") or []
+    print("\nactions:")
+    if actions:
+        _print(["  " + line for line in _table(_ACTION_HEADERS, _action_rows(actions))])
     else:
         print("  none")
     commands = d.get("recent_commands") or []
@@ -352,7 +431,8 @@ def _show_command(c: Any) -> None:
                 ("device_id", c.get("device_id")),
                 ("verb", c.get("verb")),
                 ("state", c.get("state")),
-                ("status", c.get("status")),
+                ("status", _status(c)),
+                ("detail", c.get("detail")),
                 ("created_at", c.get("created_at")),
                 ("sent_at", c.get("sent_at")),
                 ("acknowledged_at", c.get("acknowledged_at")),
@@ -367,7 +447,7 @@ def _show_command(c: Any) -> None:
         print("  none yet")
         return
     rows = [
-        (r.get("kind"), r.get("cmd_id"), r.get("status"), r.get("target"), r.get("format"), r.get("data"))
+        (r.get("kind"), r.get("cmd_id"), _status(r), r.get("target"), r.get("format"), r.get("data"))
         for r in results
     ]
     _print(["  " + line for line in _table(("KIND", "CMD ID", "STATUS", "TARGET", "FORMAT", "DATA"), rows)])
@@ -385,8 +465,83 @@ def _output(args: argparse.Namespace, answer: Any, show: Callable[[Any], None]) 
 # --------------------------------------------------------------------------
 
 
+_AGO = re.compile(r"([0-9]{1,6})([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _when(text: str) -> str:
+    """A time for the API: ISO 8601 as it is, or an age such as 30d, 12h."""
+    match = _AGO.fullmatch(text.strip())
+    if match is None:
+        return text
+    ago = datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    return ago.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _device_filters(args: argparse.Namespace) -> dict[str, str]:
+    filters = {
+        "q": args.search,
+        "state": args.state,
+        "os_version": args.os_version,
+        "group": args.group,
+        "cert_expiring_within": None if args.expiring is None else str(args.expiring),
+        "last_seen_before": None if args.last_seen_before is None else _when(args.last_seen_before),
+        "last_seen_after": None if args.last_seen_after is None else _when(args.last_seen_after),
+        "hw_dev_id_collision": None if args.collision is None else ("true" if args.collision else "false"),
+        "sort": args.sort,
+        "order": "desc" if args.desc else None,
+    }
+    return {k: v for k, v in filters.items() if v is not None}
+
+
+def _pages(client: AdminClient, path: str, first: dict[str, str], limit: int, every: bool) -> Iterator[Any]:
+    """The listing's pages: one, or with *every* all of them (following ``next``)."""
+    query = {**first, "limit": str(limit)}
+    while True:
+        answer = client.call("GET", f"{path}?{urlencode(query)}")
+        yield answer
+        cursor = answer.get("next")
+        if not every or not cursor:
+            return
+        query = {"cursor": cursor, "limit": str(limit)}
+
+
+def _stream_json(pages: Iterator[Any], key: str) -> None:
+    """Every page's items as one JSON object, written as they come: a
+    million devices never sit in memory at once."""
+    print(f'{{"{key}": [', end="")
+    first = True
+    last: Any = None
+    for page in pages:
+        for item in page.get(key, []):
+            print(("\n  " if first else ",\n  ") + json.dumps(item), end="")
+            first = False
+        last = page.get("next")
+    print(f'\n], "next": {json.dumps(last)}}}')
+
+
 def _devices(args: argparse.Namespace) -> int:
-    _output(args, _client(args).call("GET", "/api/v1/devices"), _show_devices)
+    if args.cursor and _device_filters(args):
+        raise CliError("--cursor continues its own listing: give it without filters")
+    first = {"cursor": args.cursor} if args.cursor else _device_filters(args)
+    pages = _pages(_client(args), "/api/v1/devices", first, args.limit, args.all)
+    if args.json:
+        if args.all:
+            _stream_json(pages, "devices")
+        else:
+            print(json.dumps(next(pages), indent=2))
+        return 0
+    shown = 0
+    widths: list[int] | None = None
+    answer: Any = {}
+    for answer in pages:
+        devices = answer.get("devices", [])
+        shown += len(devices)
+        widths = _show_devices(answer, widths, header=widths is None)
+    if not shown:
+        print("no devices")
+    elif answer.get("next"):
+        print(f"more: mdmctl devices --cursor {answer['next']} (or --all)")
     return 0
 
 
@@ -408,15 +563,329 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------
+# Device actions and group operations
+# --------------------------------------------------------------------------
+
+#: Action states after which waiting for a device is over.
+_ACTION_DONE = ("acknowledged", "awaiting_restart", "failed", "cancelled")
+
+
+def _action_body(args: argparse.Namespace) -> dict[str, Any]:
+    match args.command:
+        case "wipe":
+            return {"action": "wipe", "mode": args.mode, "confirm": bool(args.yes)}
+        case "rename":
+            return {"action": "rename", "name": args.name}
+        case "scan":
+            return {"action": "defender_scan", "full": bool(args.full)}
+        case "defender-update":
+            return {"action": "defender_update"}
+        case name:
+            return {"action": name}
+
+
+def _target(args: argparse.Namespace) -> None:
+    if (args.id is None) == (getattr(args, "group", None) is None):
+        raise CliError(f"{args.command}: give a device ID or --group NAME (one of them)")
+
+
+def _show_operation(o: Any) -> None:
+    _print(
+        _fields(
+            [
+                ("operation_id", o["operation_id"]),
+                ("group", o.get("group")),
+                ("what", o.get("action") or o.get("verb")),
+                ("state", o.get("state")),
+                ("total", o.get("total")),
+                ("queued", o.get("queued")),
+                ("skipped", o.get("skipped")),
+                ("acknowledged", o.get("acknowledged")),
+                ("failed", o.get("failed")),
+                ("waiting", o.get("waiting")),
+                ("created_at", o.get("created_at")),
+                ("finished_at", o.get("finished_at")),
+            ]
+        )
+    )
+
+
+def _progress_line(o: Any) -> str:
+    total = "?" if o.get("total") is None else o["total"]
+    return (
+        f"{o.get('state')}: {o.get('queued')}/{total} queued, {o.get('acknowledged')} acknowledged, "
+        f"{o.get('failed')} failed, {o.get('skipped')} skipped"
+    )
+
+
+def _wait_operation(client: AdminClient, operation_id: str, seconds: float, *, quiet: bool) -> Any:
+    """Poll the operation until it is done or *seconds* passed, printing its
+    progress when it changes."""
+    deadline = time.monotonic() + seconds
+    last = ""
+    while True:
+        op = client.call("GET", f"/api/v1/operations/{_q(operation_id)}")
+        line = _progress_line(op)
+        if line != last and not quiet:
+            print(line, flush=True)
+            last = line
+        remaining = deadline - time.monotonic()
+        if op.get("state") == "done" or remaining <= 0:
+            return op
+        time.sleep(min(_POLL_INTERVAL, remaining))
+
+
+def _wait_action(client: AdminClient, device_id: str, action_id: str, seconds: float) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        found = client.call("GET", f"/api/v1/devices/{_q(device_id)}/actions")["actions"]
+        action = next((a for a in found if a["action_id"] == action_id), None)
+        remaining = deadline - time.monotonic()
+        if action is None or action.get("state") in _ACTION_DONE or remaining <= 0:
+            return action
+        time.sleep(min(_POLL_INTERVAL, remaining))
+
+
+def _action(args: argparse.Namespace) -> int:
+    _target(args)
+    client = _client(args)
+    body = _action_body(args)
+    wait = getattr(args, "wait", None)
+    if args.id is None:
+        answer = client.call("POST", f"/api/v1/groups/{_q(args.group)}/actions", body)
+        operation_id = str(answer.get("operation_id", ""))
+        if wait is None:
+            _output(
+                args,
+                answer,
+                lambda a: print(f"operation {a['operation_id']}: {body['action']} for group {args.group}"),
+            )
+            return 0
+        if not args.json:
+            print(f"operation {operation_id}: {body['action']} for group {args.group}", flush=True)
+        op = _wait_operation(client, operation_id, wait, quiet=args.json)
+        if args.json:
+            print(json.dumps(op, indent=2))
+        if op.get("state") != "done":
+            raise CliError(f"operation {operation_id} is still {op.get('state')} after {wait:g} seconds")
+        if op.get("failed"):
+            raise CliError(f"operation {operation_id}: {op['failed']} device(s) failed or were cancelled")
+        return 0
+    answer = client.call("POST", f"/api/v1/devices/{_q(args.id)}/actions", body)
+    if wait is None:
+        _output(
+            args,
+            answer,
+            lambda a: print(
+                f"{body['action']} queued for {args.id}: action {a['action_id']}, command {a['command_uuid']}"
+            ),
+        )
+        return 0
+    if not args.json:
+        print(f"{body['action']} queued for {args.id}: action {answer['action_id']}", flush=True)
+    action = _wait_action(client, args.id, str(answer["action_id"]), wait)
+    if args.json:
+        print(json.dumps(action, indent=2))
+    elif action is not None:
+        print(f"{action['state']}: {action.get('detail') or _cell(_status(action))}")
+    state = None if action is None else action.get("state")
+    if state in ("acknowledged", "awaiting_restart"):
+        return 0
+    if state in ("failed", "cancelled"):
+        raise CliError(f"{body['action']} {state}: {action.get('detail') if action else ''}")
+    raise CliError(f"{body['action']} is still {state} after {wait:g} seconds")
+
+
 def _unenroll(args: argparse.Namespace) -> int:
+    if args.id is None or getattr(args, "group", None) is not None:
+        return _action(args)
     answer = _client(args).call("POST", f"/api/v1/devices/{_q(args.id)}/unenroll")
     _output(
         args,
         answer,
         lambda a: print(
-            f"unenrollment requested for {a['device_id']}: its agent unenrolls it at its next check-in"
+            f"unenrollment requested for {a['device_id']}: the device gets DMClient's Unenroll at its next "
+            f"session, and its agent, if it has one, unenrolls it at its next check-in"
         ),
     )
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "create":
+        answer = client.call("POST", "/api/v1/tokens", {"name": args.name})
+        _output(
+            args,
+            answer,
+            lambda a: print(
+                f"{a['token']}\n(the token of {a['name']}: shown this once, store it now; "
+                f"use it with MDMCTL_TOKEN or --token-file)"
+            ),
+        )
+    elif args.action == "revoke":
+        answer = client.call("DELETE", f"/api/v1/tokens/{_q(args.name)}")
+        _output(args, answer, lambda a: print(f"revoked {a['name']}: it is refused from now on"))
+    else:
+        answer = client.call("GET", "/api/v1/tokens")
+
+        def show(a: Any) -> None:
+            rows = [
+                (t["name"], "active" if t["active"] else "revoked", t.get("created_at"), t.get("created_by"))
+                for t in a.get("tokens", [])
+            ]
+            _print(_table(("NAME", "STATE", "CREATED", "CREATED BY"), rows))
+
+        _output(args, answer, show)
+    return 0
+
+
+_AUDIT_HEADERS = ("ID", "AT", "ACTOR", "ACTION", "TARGET", "CLIENT", "DETAIL")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    filters = {
+        k: v for k, v in (("actor", args.actor), ("action", args.action), ("target", args.target)) if v
+    }
+    pages = _pages(_client(args), "/api/v1/audit", filters, args.limit, args.all)
+    if args.json:
+        if args.all:
+            _stream_json(pages, "entries")
+        else:
+            print(json.dumps(next(pages), indent=2))
+        return 0
+    widths: list[int] | None = None
+    shown = 0
+    answer: Any = {}
+    for answer in pages:
+        entries = answer.get("entries", [])
+        if not entries:
+            continue
+        rows = [
+            (
+                e["id"],
+                e.get("at"),
+                e.get("actor"),
+                e.get("action"),
+                e.get("target"),
+                e.get("client"),
+                json.dumps(e.get("detail") or {}, sort_keys=True),
+            )
+            for e in entries
+        ]
+        lines, widths = _aligned(_AUDIT_HEADERS, rows, widths)
+        _print(lines if shown == 0 else lines[1:])
+        shown += len(entries)
+    if not shown:
+        print("no audit entries")
+    elif answer.get("next"):
+        print("more: mdmctl audit --all")
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    from mdmd import __version__
+
+    answer = _client(args).call("GET", "/api/v1/version")
+    _output(
+        args,
+        answer,
+        lambda a: print(
+            f"server: mdmd {a.get('version')} (schema {a.get('schema_version')}, Python {a.get('python')}, "
+            f"Twisted {a.get('twisted')}, SQLite {a.get('sqlite')})\nmdmctl: mdmd {__version__}"
+        ),
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Without the server: check-config and backup
+# --------------------------------------------------------------------------
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from mdmd.preflight import run_check
+
+    status, line = run_check(_config(args))
+    print(line, file=sys.stdout if status == 0 else sys.stderr)
+    return status
+
+
+def backup_sources(config: MdmdConfig) -> list[tuple[str, str]]:
+    """(path, why) of every file a restore needs besides the database."""
+    why = [
+        (
+            config.wstep.identity_key,
+            "WSTEP identity CA key: IRREPLACEABLE. Every enrolled device's certificate chains to it; "
+            "without it every device must be enrolled again",
+        ),
+        (config.wstep.identity_cert, "WSTEP identity CA certificate"),
+        (config.enrollment.tls_cert, "server TLS certificate chain"),
+        (config.enrollment.tls_key, "server TLS key"),
+        (config.management.tls_cert, "management TLS certificate chain"),
+        (config.management.tls_key, "management TLS key"),
+        (config.enrollment.enroll_secret_file, "agents' enroll secret"),
+        (config.admin.token_file, "bootstrap admin token (the token named admin)"),
+        (config.tls_root_cert, "development TLS root (clients trust it)"),
+        (config.tls_root_key, "development TLS root key"),
+        (config.path, "the configuration"),
+    ]
+    seen: set[str] = set()
+    found = []
+    for path, reason in why:
+        if path not in seen and os.path.exists(path):
+            seen.add(path)
+            found.append((path, reason))
+    return found
+
+
+def _backup(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from mdmd.store.sqlite import backup_database
+
+    config = _config(args)
+    if config.store.backend == "postgresql":
+        # A database server's own tools make a consistent copy (and keep
+        # doing it while mdmd runs); the key material list still applies.
+        raise CliError(
+            "the store is PostgreSQL ([store] backend): back it up with pg_dump (or the database's own "
+            "backups), and keep copies of the key material in state_dir"
+        )
+    source_path = config.database
+    if not os.path.exists(source_path):
+        raise CliError(f"no database at {source_path} ([mdmd] state_dir)")
+    owner = os.stat(source_path).st_uid
+    if os.geteuid() != owner:
+        # SQLite may create the -wal and -shm files beside the database,
+        # owned by whoever runs this: they must stay mdmd's.
+        raise CliError(
+            f"run mdmctl backup as the user that owns {source_path} (uid {owner}): sudo -u mdmd mdmctl ..."
+        )
+    target = os.path.abspath(args.file)
+    if os.path.exists(target):
+        raise CliError(f"{target} exists: give a new file")
+    try:
+        source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
+        try:
+            # SQLite's online backup: a consistent copy while mdmd writes.
+            backup_database(source, target)
+            version = source.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            source.close()
+    except (OSError, sqlite3.Error) as e:
+        raise CliError(_one_line(f"cannot back up {source_path} to {target}: {e}")) from None
+    size = os.path.getsize(target)
+    print(f"backed up {source_path} to {target} (schema version {version}, {size / 2**20:.1f} MiB)")
+    print("A restore needs these files as well; keep copies as safe as the keys themselves:")
+    for path, reason in backup_sources(config):
+        print(f"  {path}  {reason}")
+    return 0
+
+
+def _operation(args: argparse.Namespace) -> int:
+    _output(args, _client(args).call("GET", f"/api/v1/operations/{_q(args.operation_id)}"), _show_operation)
     return 0
 
 
@@ -477,7 +946,7 @@ def _queue(args: argparse.Namespace) -> int:
     if state == "acknowledged":
         return 0
     if state == "failed":
-        raise CliError(f"command {command_uuid} failed with status {command.get('status')}")
+        raise CliError(f"command {command_uuid} failed: {_cell(_status(command))}")
     raise CliError(f"command {command_uuid} is still {state} after {args.wait:g} seconds")
 
 
@@ -723,6 +1192,12 @@ def _store_copy(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------
 
 
+def _page_size(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 1000")
+    return int(text)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -742,11 +1217,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mdmd's INI file, for the admin URL and token (default {DEFAULT_CONFIG})",
     )
     parser.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file with the admin token to use (default: $MDMCTL_TOKEN, else [admin] token_file)",
+    )
     # The same options after the command name (mdmctl devices --json); SUPPRESS
     # keeps a sub-command from resetting what was given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON")
+    common.add_argument(
+        "--token-file", default=argparse.SUPPRESS, metavar="PATH", help="the admin token (else $MDMCTL_TOKEN)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = commands.add_parser(
@@ -815,7 +1298,31 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    api("devices", "list MDM devices", _devices)
+    devices = api("devices", "list MDM devices, a page at a time (--all: every page)", _devices)
+    devices.add_argument("--limit", type=_page_size, default=100, metavar="N", help="devices per page (100)")
+    devices.add_argument("--all", action="store_true", help="every page, not only the first")
+    devices.add_argument("--cursor", metavar="NEXT", help="continue a listing where a page ended")
+    devices.add_argument(
+        "--search",
+        "-q",
+        metavar="TEXT",
+        help="device ID, hostname, serial or hardware UUID starting with TEXT",
+    )
+    devices.add_argument("--state", choices=("enrolled", "unenrolled"))
+    devices.add_argument("--group", metavar="NAME", help="members of this device group (all: every enrolled)")
+    devices.add_argument("--os-version", metavar="VERSION", help="this OS version or a revision of it")
+    devices.add_argument(
+        "--expiring", type=int, metavar="DAYS", help="whose certificate expires within DAYS days"
+    )
+    devices.add_argument("--last-seen-before", metavar="WHEN", help="ISO 8601 time, or an age: 30d, 12h, 15m")
+    devices.add_argument("--last-seen-after", metavar="WHEN", help="ISO 8601 time, or an age: 30d, 12h, 15m")
+    collision = devices.add_mutually_exclusive_group()
+    collision.add_argument(
+        "--collision", dest="collision", action="store_true", default=None, help="sharing a HWDevID (clones)"
+    )
+    collision.add_argument("--no-collision", dest="collision", action="store_false", help="not sharing one")
+    devices.add_argument("--sort", choices=("enrolled_at", "last_seen"), help="order (enrolled_at)")
+    devices.add_argument("--desc", action="store_true", help="newest first")
     api("device", "show one device: certificate, inventory, recent commands", _device).add_argument(
         "id", metavar="ID", help="MDM device ID"
     )
@@ -825,9 +1332,70 @@ def build_parser() -> argparse.ArgumentParser:
     api("command", "show one command with the device's answers", _command).add_argument(
         "uuid", metavar="UUID", help="command UUID"
     )
-    api("unenroll", "ask the device's agent to unenroll it from MDM", _unenroll).add_argument(
-        "id", metavar="ID", help="MDM device ID"
+    action_helps = {
+        "restart": "restart the device (Reboot CSP: at the end of its next session)",
+        "wipe": "wipe the device (RemoteWipe CSP); needs --yes",
+        "unenroll": "unenroll the device from MDM (DMClient Unenroll, and its agent when it has one)",
+        "scan": "start a Microsoft Defender scan (quick, or --full)",
+        "defender-update": "update Microsoft Defender's signatures",
+    }
+    for name, text in action_helps.items():
+        sub = api(name, text, _unenroll if name == "unenroll" else _action)
+        sub.add_argument("id", nargs="?", metavar="ID", help="MDM device ID (or --group)")
+        sub.add_argument("--group", metavar="NAME", help="every member of the group (all: every device)")
+        if name == "wipe":
+            sub.add_argument(
+                "--mode",
+                default="wipe",
+                choices=("wipe", "protected", "keep-provisioning", "keep-user-data"),
+                help="wipe (default), protected (keeps trying until done), keep-provisioning, keep-user-data",
+            )
+            sub.add_argument("--yes", action="store_true", help="confirm: the device is erased")
+        if name == "scan":
+            sub.add_argument("--full", action="store_true", help="a full scan instead of a quick one")
+        sub.add_argument(
+            "--wait",
+            type=_seconds,
+            metavar="SECONDS",
+            help="then wait up to SECONDS for the device (the group's progress) and show it",
+        )
+    rename = api("rename", "give the device a new computer name (in effect after a restart)", _action)
+    rename.add_argument("id", metavar="ID", help="MDM device ID")
+    rename.add_argument("name", metavar="NAME", help="1 to 15 letters, digits or hyphens, not all digits")
+    rename.add_argument("--wait", type=_seconds, metavar="SECONDS", help="then wait for the device's answer")
+    api("operation", "show a group operation's progress", _operation).add_argument(
+        "operation_id", metavar="ID", help="operation ID"
     )
+    token = api("token", "named admin tokens: create NAME (shown once), list, revoke NAME", _token)
+    token.add_argument("action", choices=("create", "list", "revoke"))
+    token.add_argument("name", nargs="?", metavar="NAME", help="the token's name (create, revoke)")
+    audit = api("audit", "administrators' writes, newest first: who, what, on what, when", _audit)
+    audit.add_argument("--limit", type=_page_size, default=100, metavar="N", help="entries per page (100)")
+    audit.add_argument("--all", action="store_true", help="every page, not only the first")
+    audit.add_argument("--actor", metavar="NAME", help="by this token")
+    audit.add_argument("--action", metavar="ACTION", help="e.g. command.queue, device.unenroll, token.create")
+    audit.add_argument("--target", metavar="TARGET", help="on this device ID or token name")
+    api("version", "the server's version", _version)
+
+    check = commands.add_parser(
+        "check-config",
+        help="run the daemon's start-up checks on --config without starting it (exit 0 or 78)",
+        description="The checks of twistd mdmd --config FILE --check: one line, exit 0 or 78.",
+        parents=[common],
+    )
+    check.set_defaults(run=_check_config)
+    backup = commands.add_parser(
+        "backup",
+        help="copy the database to FILE (online: mdmd may run) and name the key material a restore needs",
+        description=(
+            "Copy mdmd's database with SQLite's online backup API (a consistent copy while mdmd runs), "
+            "and list the key material and secrets a restore needs as well. Run it as a user who can "
+            "read state_dir."
+        ),
+        parents=[common],
+    )
+    backup.add_argument("file", metavar="FILE", help="the new file")
+    backup.set_defaults(run=_backup)
 
     profile = api("profile", "configuration profiles: list, show, add, update, delete", _profile)
     actions = profile.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -906,7 +1474,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "token" and (args.action == "list") != (args.name is None):
+        parser.error("token create and revoke take a NAME, token list none")
     try:
         return int(args.run(args))
     except CliError as e:

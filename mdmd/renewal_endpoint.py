@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mdmd import pki
+from mdmd import metrics, pki
 from mdmd.app import Mdmd
 from mdmd.discovery import build_discover_response, negotiate_discover, parse_discover
 from mdmd.enrollment import (
@@ -137,6 +137,7 @@ async def renew(app: Mdmd, request: MdmdRequest, soap: SoapRequest, activity_id:
         )
     except RenewalRefused as e:
         raise not_eligible(f"certificate {serial}: {e.reason}") from None
+    metrics.RENEWALS.inc()
     log.info(
         "renewed certificate {renewed} of device {device_id}: new certificate serial {serial} "
         "thumbprint {thumbprint}, ends {not_after}, CSR signed with {csr_hash}; superseded {superseded}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from mdmd.admin import admin_api_routes
+from mdmd.admin_actions import action_routes
 from mdmd.admin_profiles import profile_routes
 from mdmd.agent import (
     OrbitConfigResource,
@@ -21,18 +22,14 @@ from mdmd.enrollment import (
     EnrollmentResource,
     PolicyResource,
 )
+from mdmd.health import FleetCountsCache, HealthResource, MetricsResource, ReadyResource
 from mdmd.management_endpoint import ManagementResource
 from mdmd.refusals import RefusalLog
 from mdmd.renewal import RENEWAL_DISCOVERY_PATH
 from mdmd.renewal_endpoint import RenewalDiscoveryResource, RenewalPolicyResource, RenewalResource
-from mdmd.web import EndpointResource, HTTPResponse, MdmdRequest, Route, json_response
+from mdmd.web import Route
 
 __all__ = ["admin_routes", "enrollment_routes", "management_routes"]
-
-
-class HealthResource(EndpointResource):
-    async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
-        return json_response(200, {"status": "ok"})
 
 
 def enrollment_routes(app: Mdmd) -> list[Route]:
@@ -64,4 +61,13 @@ def management_routes(app: Mdmd, refusals: RefusalLog | None = None) -> list[Rou
 
 
 def admin_routes(app: Mdmd) -> list[Route]:
-    return [Route("/healthz", HealthResource()), *admin_api_routes(app), *profile_routes(app)]
+    """The admin API behind the token; what monitoring asks, without."""
+    fleet = FleetCountsCache(app.store, app.reactor, app.config.admin.metrics_cache_seconds)  # type: ignore[arg-type]
+    return [
+        Route("/healthz", HealthResource(), public=True),
+        Route("/readyz", ReadyResource(app.readiness), public=True),
+        Route("/metrics", MetricsResource(fleet, app.reactor), public=True),
+        *admin_api_routes(app),
+        *profile_routes(app),
+        *action_routes(app),
+    ]

@@ -3,7 +3,10 @@
 
 Both listen on a plain Twisted endpoint (``tcp:...``, ``systemd:...``) wrapped
 here in TLS, because an ``ssl:`` endpoint string cannot require client
-certificates (its ``caCertsDir`` only configures a client's trust).
+certificates (its ``caCertsDir`` only configures a client's trust).  The
+options sit in a :class:`ReloadableTLS`, so that ``systemctl reload``
+(SIGHUP) swaps in a renewed certificate for new connections while
+established ones carry on with theirs.
 
 A handshake the management listener refuses (no certificate, one from
 another issuer, an expired one) would otherwise leave no trace: the TLS
@@ -21,7 +24,12 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -37,6 +45,7 @@ from zope.interface import implementer
 from mdmd.refusals import CertificateSummary, RefusalLog
 
 __all__ = [
+    "ReloadableTLS",
     "TLSServerEndpoint",
     "handshake_refusal_reason",
     "mutual_tls_options",
@@ -95,12 +104,31 @@ def peer_certificate(request: Request) -> x509.Certificate | None:
     return cert.to_cryptography()  # type: ignore[no-any-return]
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """Server TLS options that can be replaced while the listener serves:
+    each new connection takes the options current when it arrives."""
+
+    def __init__(self, options: CertificateOptions) -> None:
+        self.options = options
+
+    def replace(self, options: CertificateOptions) -> None:
+        options.getContext()  # a certificate OpenSSL refuses fails here, not in a handshake
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return self.options.serverConnectionForTLS(tlsProtocol)
+
+
 @implementer(IStreamServerEndpoint)
 class TLSServerEndpoint:
     """An ``IStreamServerEndpoint`` that speaks TLS over another endpoint."""
 
     def __init__(
-        self, wrapped: IStreamServerEndpoint, options: CertificateOptions, refusals: RefusalLog | None = None
+        self,
+        wrapped: IStreamServerEndpoint,
+        options: CertificateOptions | ReloadableTLS,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self._wrapped = wrapped
         self._options = options
@@ -111,7 +139,7 @@ class TLSServerEndpoint:
 
 
 def tls_server_factory(
-    options: CertificateOptions, factory: IProtocolFactory, refusals: RefusalLog | None = None
+    options: CertificateOptions | ReloadableTLS, factory: IProtocolFactory, refusals: RefusalLog | None = None
 ) -> TLSMemoryBIOFactory:
     """*factory* behind TLS with *options*, server side; handshakes the
     server refuses are reported to *refusals* when given."""
@@ -199,17 +227,19 @@ class _ReportingTLSProtocol(TLSMemoryBIOProtocol):
 class _ReportingTLSFactory(TLSMemoryBIOFactory):
     protocol = _ReportingTLSProtocol
 
-    def __init__(self, options: CertificateOptions, factory: IProtocolFactory, refusals: RefusalLog) -> None:
+    def __init__(
+        self, options: CertificateOptions | ReloadableTLS, factory: IProtocolFactory, refusals: RefusalLog
+    ) -> None:
         super().__init__(options, False, factory)
         self.refusals = refusals
         create = self._creatorCallable
-        mode = options.getContext().get_verify_mode()
 
         def connection_for(protocol: Any) -> SSL.Connection:
             connection: SSL.Connection = create(protocol)
-            # The context's own verification, with a callback that lets
-            # this connection see what was verified.
-            connection.set_verify(mode, protocol._verify)
+            # The context's own verification (whichever options are current:
+            # they can be reloaded), with a callback that lets this
+            # connection see what was verified.
+            connection.set_verify(connection.get_context().get_verify_mode(), protocol._verify)
             return connection
 
         self._creatorCallable = connection_for

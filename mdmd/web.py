@@ -2,7 +2,10 @@
 
 - :class:`MdmdSite` / :class:`MdmdRequest`: a body-size limit enforced while
   the body arrives (an oversize request is answered 413 without buffering
-  it), and one structured log line per request.
+  it), a request ID (the client's ``X-Request-ID`` when it is a sane one,
+  else a fresh one; answered in ``X-Request-ID``), and one structured log
+  line per request with the client's address and the request ID; the
+  request metrics by listener, endpoint and status.
 - :class:`MdmdChannel`: a request head over Twisted's limits (a line over
   16 KiB, more than 16 KiB or 500 header fields in all) is answered 431
   (414 for the request line, 400 for a malformed head), logged once and
@@ -10,7 +13,8 @@
 - :class:`RoutingResource`: the one routing mechanism of the three
   listeners, path templates to :class:`EndpointResource` leaves; the query
   string is ignored (Windows appends ``?mode=...&Platform=WoA`` to the
-  management URL); the admin listener's :class:`BearerTokenGuard`.
+  management URL); the admin listener's :class:`BearerTokenGuard`, which
+  finds the token's name by the token's hash.
 - :class:`EndpointResource`: ``async def`` handlers returning an :class:`HTTPResponse`,
   wrapped once with ``Deferred.fromCoroutine``.  A handler raises
   :class:`HTTPError` for a client mistake; anything else is a server bug,
@@ -20,13 +24,15 @@
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import json
+import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
@@ -36,6 +42,8 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from mdmd import metrics
+from mdmd.jsonsafe import JSONInputError, parse_untrusted_json
 from mdmd.store.records import StoreUnavailable
 
 __all__ = [
@@ -49,8 +57,10 @@ __all__ = [
     "Route",
     "RoutingResource",
     "iso_time",
+    "json_body",
     "json_error",
     "json_response",
+    "refused",
     "request_body",
 ]
 
@@ -81,6 +91,36 @@ def request_body(request: server.Request) -> bytes:
     return bytes(request.content.read())
 
 
+class NamedReason(Protocol):
+    """A field error: which field (``items[0].target``), and why."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+def refused(status: int, message: str, errors: Sequence[NamedReason] = ()) -> HTTPError:
+    """A client mistake answered with the JSON error shape, naming each bad
+    field when there are any."""
+    extra: dict[str, Any] = {}
+    if errors:
+        extra["errors"] = [{"name": e.name, "reason": e.reason} for e in errors]
+    return HTTPError(json_error(status, message, **extra), message)
+
+
+def json_body(request: server.Request) -> object:
+    """The request body read by the hardened JSON reader; a 400 naming the
+    field for anything it refuses."""
+    try:
+        return parse_untrusted_json(request_body(request))
+    except JSONInputError as e:
+        reason = f"the request body is {e}"
+        errors = [{"name": e.field or "base", "reason": reason}]
+        raise HTTPError(json_error(400, reason, errors=errors), reason) from None
+
+
 def iso_time(timestamp: float | None) -> str | None:
     """A time as the JSON APIs show it: ISO 8601 UTC to the second, or None."""
     if timestamp is None:
@@ -99,12 +139,22 @@ def json_error(status: int, message: str, **extra: Any) -> HTTPResponse:
     return json_response(status, body)
 
 
+# A request ID a client (or a reverse proxy) may choose; anything else is
+# replaced, so that log lines stay one line and greppable.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
 class MdmdRequest(server.Request):
-    """A request that knows its listener's body limit and its own timing."""
+    """A request that knows its listener's body limit, its own timing, its
+    ID and what the log line and the metrics say about it."""
 
     site: MdmdSite
     device_id: str | None = None  # set by handlers once they know it, for the log line
     note: str | None = None  # what the handler did, appended to the log line
+    admin: str | None = None  # the admin token's name, set by BearerTokenGuard
+    route: str = "unmatched"  # the route template that answered (a bounded metrics label)
+    session_id: str | None = None  # OMA-DM SessionID and MsgID, for the log line
+    msg_id: int | None = None
     rejected: bool = False
     path_params: dict[str, str]  # set by RoutingResource
 
@@ -113,6 +163,12 @@ class MdmdRequest(server.Request):
         self.started = time.monotonic()
         self._received = 0
         self.path_params = {}
+        self.request_id = secrets.token_hex(8)
+
+    @property
+    def client_address(self) -> str:
+        """The client's address (for logs and the audit log)."""
+        return peer_address(self)
 
     def _site(self) -> MdmdSite:
         # process() sets self.site; the body arrives before that.
@@ -147,6 +203,7 @@ class MdmdRequest(server.Request):
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
             b"Content-Type: application/json\r\n"
             b"Connection: close\r\n"
+            b"X-Request-ID: " + self.request_id.encode() + b"\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
         )
         self.channel.transport.write(head + body)  # type: ignore[union-attr]
@@ -154,9 +211,13 @@ class MdmdRequest(server.Request):
         # the transport's registered producer, and a TLS transport waits for
         # its producer to unregister before it closes.
         self.channel.loseConnection()
+        metrics.HTTP_REQUESTS.labels(site.listener, "oversize", "413").inc()
         log.warn(
-            "{listener} {method} {path} 413: body of {declared} bytes over the {limit}-byte limit",
+            "{listener} {method} {path} 413: body of {declared} bytes over the {limit}-byte limit"
+            " client={client} request_id={request_id}",
             listener=site.listener,
+            client=self.client_address,
+            request_id=self.request_id,
             # The request line is still the channel's: Request.method and
             # .uri are only set once the body has arrived.
             method=bytes(getattr(self.channel, "_command", b"?") or b"?").decode("latin-1"),
@@ -168,6 +229,9 @@ class MdmdRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.rejected:
             return
+        offered = self.requestHeaders.getRawHeaders(b"X-Request-ID")
+        if offered and _REQUEST_ID.fullmatch(offered[-1]):
+            self.request_id = offered[-1].decode("ascii")
         super().requestReceived(command, path, version)
 
 
@@ -265,19 +329,33 @@ class MdmdSite(server.Site):
 
     def log(self, request: http.Request) -> None:
         req = cast(MdmdRequest, request)
+        seconds = time.monotonic() - req.started
+        metrics.HTTP_REQUESTS.labels(self.listener, req.route, str(req.code)).inc()
+        metrics.HTTP_DURATION.labels(self.listener, req.route).observe(seconds)
+        extra = ""
+        if req.device_id:
+            extra += f" device={req.device_id}"
+        if req.admin:
+            extra += f" admin={req.admin}"
+        if req.note:
+            extra += f" ({req.note})"
         log.info(
-            "{listener} {method} {path} {status} {bytes}B {duration_ms}ms{device_text}{note_text}",
+            "{listener} {method} {path} {status} {bytes}B {duration_ms}ms"
+            " client={client} request_id={request_id}{extra}",
             listener=self.listener,
             method=req.method.decode("latin-1"),
             path=req.path.decode("latin-1"),
             status=req.code,
             bytes=req.sentLength,
-            duration_ms=round((time.monotonic() - req.started) * 1000, 1),
+            duration_ms=round(seconds * 1000, 1),
+            client=req.client_address,
+            request_id=req.request_id,
             device_id=req.device_id,
-            device_text=f" device={req.device_id}" if req.device_id else "",
+            admin=req.admin,
+            session=req.session_id,
+            msgid=req.msg_id,
             note=req.note,
-            note_text=f" ({req.note})" if req.note else "",
-            peer=peer_address(req),
+            extra=extra,
         )
 
 
@@ -324,6 +402,8 @@ async def _call(handler: Handler, request: MdmdRequest) -> HTTPResponse:
             status=e.response.status,
             reason=e.reason,
             device_id=request.device_id,
+            client=request.client_address,
+            request_id=request.request_id,
         )
         return e.response
     except StoreUnavailable as e:
@@ -336,6 +416,8 @@ async def _call(handler: Handler, request: MdmdRequest) -> HTTPResponse:
             path=request.path.decode("latin-1"),
             error=str(e),
             device_id=request.device_id,
+            client=request.client_address,
+            request_id=request.request_id,
         )
         unavailable = json_error(503, "the store is unavailable; try again later")
         return HTTPResponse(503, unavailable.body, headers=(("Retry-After", "60"),))
@@ -346,6 +428,8 @@ async def _call(handler: Handler, request: MdmdRequest) -> HTTPResponse:
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
             device_id=request.device_id,
+            client=request.client_address,
+            request_id=request.request_id,
         )
         return json_error(500, "internal server error")
 
@@ -358,6 +442,7 @@ def _write(request: MdmdRequest, response: HTTPResponse, finished: list[bool] | 
     request.setHeader(b"Content-Type", response.content_type.encode())
     # One body with Content-Length, never chunked: MS-MDE2 clients require it.
     request.setHeader(b"Content-Length", str(len(response.body)).encode())
+    request.setHeader(b"X-Request-ID", request.request_id.encode())
     for name, value in response.headers:
         request.setHeader(name.encode(), value.encode())
     if request.method != b"HEAD":
@@ -418,7 +503,9 @@ def _segment(raw: bytes) -> str | None:
     return text
 
 
-Guard = Callable[[MdmdRequest], HTTPResponse | None]
+#: None lets the request through; a response refuses it; a Deferred holds it
+#: until the guard can judge (the admin tokens are still loading).
+Guard = Callable[[MdmdRequest], "HTTPResponse | Deferred[None] | None"]
 
 
 class RoutingResource(Resource):
@@ -446,41 +533,83 @@ class RoutingResource(Resource):
                 continue
             if self.guard is not None and not route.public:
                 refusal = self.guard(req)
+                if isinstance(refusal, Deferred):
+                    return self._later(refusal, request)
                 if refusal is not None:
                     _write(req, refusal)
                     return NOT_DONE_YET
             req.path_params = params
+            req.route = route.template
             return cast(int | bytes, route.resource.render(request))
         if self.guard is not None:
             # Nothing below a guarded listener is revealed without the token,
             # not even which paths exist.
             refusal = self.guard(req)
+            if isinstance(refusal, Deferred):
+                return self._later(refusal, request)
             if refusal is not None:
                 _write(req, refusal)
                 return NOT_DONE_YET
         _write(req, json_error(404, f"no such endpoint: {request.path.decode('latin-1')}"))
         return NOT_DONE_YET
 
+    def _later(self, ready: Deferred[None], request: server.Request) -> int:
+        """Route *request* again once the guard can judge it."""
+
+        def again(_: object) -> None:
+            result = self.render(request)
+            if isinstance(result, bytes):  # a resource that answered at once
+                request.write(result)
+                request.finish()
+
+        ready.addCallback(again)
+        return NOT_DONE_YET
+
 
 class BearerTokenGuard:
-    """``Authorization: Bearer <token>``, compared in constant time."""
+    """``Authorization: Bearer <token>``: the token's SHA-256 is looked up in
+    the names of the valid tokens, kept in memory by *tokens* (a mapping
+    from hash to name, replaced whole when tokens change), so that no
+    request waits for the store and nothing is compared byte by byte with a
+    secret: what a timing difference could reveal is a digest of what the
+    client sent.  The request's ``admin`` becomes the token's name.  While
+    the tokens load (*tokens* gives None) a request waits for *pending*'s
+    Deferred; if they cannot be loaded (*pending* gives None too) it is
+    answered 503.
+    """
 
     realm: ClassVar[str] = "mdmd-admin"
 
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
+    def __init__(
+        self,
+        tokens: Callable[[], dict[bytes, str] | None],
+        pending: Callable[[], Deferred[None] | None] | None = None,
+    ) -> None:
+        self._tokens = tokens
+        self._pending = pending
 
-    def __call__(self, request: MdmdRequest) -> HTTPResponse | None:
+    def __call__(self, request: MdmdRequest) -> HTTPResponse | Deferred[None] | None:
+        tokens = self._tokens()
+        if tokens is None:
+            waiting = self._pending() if self._pending is not None else None
+            if waiting is not None:
+                return waiting
+            return json_error(503, "the admin tokens cannot be loaded: see the log")
         header = request.getHeader(b"Authorization") or b""
         scheme, _, presented = header.partition(b" ")
-        # compare_digest: the token comparison must not leak by timing.
-        if scheme.lower() == b"bearer" and hmac.compare_digest(presented.strip(), self._token):
+        name = None
+        if scheme.lower() == b"bearer" and presented.strip():
+            name = tokens.get(hashlib.sha256(presented.strip()).digest())
+        if name is not None:
+            request.admin = name
             return None
         log.warn(
-            "admin {method} {path} refused: {why}",
+            "admin {method} {path} refused: {why} client={client} request_id={request_id}",
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
-            why="no bearer token" if not header else "wrong bearer token",
+            why="no bearer token" if not header else "unknown or revoked bearer token",
+            client=request.client_address,
+            request_id=request.request_id,
         )
         return HTTPResponse(
             401,

@@ -10,8 +10,10 @@ opens the same SQLite database (WAL: many processes can share it; each has
 its own store thread and group commit) and serves the same sites.
 
 What stays in the main process: bootstrap, the database check and
-migrations, the admin listener, systemd notifications (``READY=1`` once
-every worker serves, the watchdog) and the workers' supervision:
+migrations, the admin listener (and so the metrics: every process writes
+its own to ``state_dir/metrics``, see :mod:`mdmd.metrics`), systemd
+notifications (``READY=1`` once every worker serves, the watchdog), the
+state_dir lock and the workers' supervision:
 
 - a worker writes ``R`` on its status pipe once it serves, then ``.`` every
   :data:`HEARTBEAT` seconds from its reactor; one silent for
@@ -32,7 +34,9 @@ every worker serves, the watchdog) and the workers' supervision:
   keeps the listening sockets from a new main process.  Where that is not
   available, EOF on its stdin (a pipe from the main process) stops it.
   Nothing is lost by the SIGKILL: what a worker acknowledged is committed,
-  and its log observer flushes every line as it writes it.
+  and its log observer flushes every line as it writes it;
+- ``systemctl reload`` (SIGHUP to the main process) is passed on: each
+  worker reads the TLS certificates again.
 
 The environment variable ``MDMD_WORKER_SILENCE`` (seconds) replaces
 :data:`SILENCE` in the main process.  It exists for the tests, which stop
@@ -305,6 +309,26 @@ class WorkerPool(Service):
             # later: a heartbeat in between only moves that moment on.
             self._watch_in(next_check)
 
+    def signal_workers(self, name: str) -> None:
+        """Send signal *name* ("HUP") to every running worker."""
+        for worker in self._workers:
+            self._signal(worker, name)
+
+    async def problem(self) -> str | None:
+        """Readiness: every worker runs, serves and has been heard from."""
+        now = self.clock()
+        down = [
+            str(w.index)
+            for w in self._workers
+            if w.protocol is None
+            or w.protocol.transport is None
+            or not w.serving
+            or now - w.heard_at > self.silence
+        ]
+        if down:
+            return f"worker(s) {', '.join(down)} not serving"
+        return None
+
     @staticmethod
     def _signal(worker: _Worker, name: str) -> None:
         protocol = worker.protocol
@@ -442,6 +466,8 @@ def _die_with_parent() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # Until the reactor runs, a reload must not kill this process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = _parse(argv)
     # First of all, before this worker can hold anything: the main process
     # may already have died between starting us and here, which the kernel
@@ -452,14 +478,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import reactor
 
     from mdmd.app import Mdmd, clock_offset_for_tests
-    from mdmd.listeners import device_listeners
+    from mdmd.listeners import device_listeners, reload_tls
+    from mdmd.logs import json_observer
     from mdmd.material import load_material
+    from mdmd.metrics import observe_commit
     from mdmd.store.service import DatabaseUnavailable, StoreService, open_store
     from mdmd.tls import tls_server_factory
 
-    globalLogBeginner.beginLoggingTo([_tagged_observer(args.index)], redirectStandardIO=False)
     try:
         config = load_config(args.config)
+    except ConfigError as e:
+        config = None
+        error: ConfigError | None = e
+    else:
+        error = None
+    json_logs = config is not None and config.log_format == "json"
+    observer = json_observer(sys.stdout, args.index) if json_logs else _tagged_observer(args.index)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    try:
+        if config is None:
+            assert error is not None
+            raise error
         material = load_material(config)
         store = open_store(config, reactor, check=False)
     except ConfigError as e:
@@ -467,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(78) from None
     except DatabaseUnavailable as e:
         log.critical("cannot start: {error}", error=str(e))
-        raise SystemExit(69) from None
+        raise SystemExit(75) from None  # EX_TEMPFAIL: restarted
+    store.on_commit = observe_commit
     if not dies_with_parent:
         log.warn(
             "PR_SET_PDEATHSIG not available: this worker stops with the main process"
@@ -479,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     top = MultiService()
     StoreService(store).setServiceParent(top)
-    for listener, spec in zip(device_listeners(app), args.listener, strict=True):
+    listeners = device_listeners(app)
+    for listener, spec in zip(listeners, args.listener, strict=True):
         fd, family = (int(x) for x in spec.split(":"))
         factory = listener.outermost(tls_server_factory(listener.tls, listener.site, listener.refusals))
         if listener.refusals is not None:
@@ -506,9 +547,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.warn("the main process is gone; this worker stops")
             stop_once()
 
+    def on_sighup(signum: int, frame: object) -> None:
+        reactor.callFromThread(reload_tls, app, listeners)  # type: ignore[attr-defined]
+
     def start() -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
         signal.signal(signal.SIGINT, on_sigterm)
+        signal.signal(signal.SIGHUP, on_sighup)
         top.startService()
         reactor.addReader(_MainProcessWatch(reactor, main_process_gone))
         _write_status(b"R", stop_once)

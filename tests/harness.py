@@ -490,8 +490,9 @@ def start_nodes(
             folder = directory / f"node{n}"
             folder.mkdir()
             if n > 1:
-                # The same key material: node 1 created it (bootstrap).
-                settings["mdmd"] = {**settings.get("mdmd", {}), "state_dir": str(nodes[0].state)}
+                # The same key material, which node 1 created (bootstrap),
+                # in a state folder of its own (a node locks its folder).
+                shutil.copytree(nodes[0].state, folder / "state", ignore=shutil.ignore_patterns("mdmd.lock"))
             nodes.append(start_daemon(write_config(folder, settings)))
         log_path = directory / "haproxy.log"
         fds = {name: front.sockets[name].fileno() for name in BALANCED}

@@ -4,12 +4,15 @@ delivered in real OMA-DM sessions by the device emulator."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
@@ -21,10 +24,13 @@ from harness import (
     db_rows,
     enroll_device,
     running_daemon,
+    store_dsn,
 )
 from mdmd import pki
+from mdmd.admin import DeviceListRequest, decode_cursor, encode_cursor, parse_device_list
 from mdmd.commands import CommandRequestError, parse_command_request
 from mdmd.sim.device import EnrollmentResult, ManagementClient, WindowsDevice
+from mdmd.store import DeviceQuery
 from mdmd.syncml import Item, Meta, parse_commands_fragment
 
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -37,6 +43,7 @@ LIST_FIELDS = {
     "manufacturer",
     "os_version",
     "state",
+    "pending_actions",
     "enrolled_at",
     "last_seen",
     "hw_dev_id_collision",
@@ -82,8 +89,8 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with running_daemon(tmp_path_factory.mktemp("admin")) as d:
+def daemon(tmp_path_factory: pytest.TempPathFactory, store_backend: str) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("admin"), store=store_backend) as d:
         yield d
 
 
@@ -115,6 +122,12 @@ def _queue(daemon: Daemon, device_id: str, body: object) -> str:
     assert status == 201, answer
     assert isinstance(answer, dict) and set(answer) == {"command_uuid"}
     assert UUID.fullmatch(answer["command_uuid"])
+    return str(answer["command_uuid"])
+
+
+def _queue_as(daemon: Daemon, token: str, device_id: str) -> str:
+    status, answer = daemon.admin("POST", f"/api/v1/devices/{device_id}/commands", GET_SWV, token=token)
+    assert status == 201 and isinstance(answer, dict), answer
     return str(answer["command_uuid"])
 
 
@@ -249,6 +262,8 @@ def test_device_shows_certificate_inventory_and_recent_commands(daemon: Daemon, 
         "verb": "Delete",
         "state": "pending",
         "status": None,
+        "status_text": None,
+        "detail": None,
         "created_at": recent[0]["created_at"],
     }
     assert ISO.fullmatch(recent[0]["created_at"])
@@ -311,6 +326,9 @@ def test_a_get_is_delivered_and_its_results_shown(daemon: Daemon, fleet: Fleet) 
         "verb": "Get",
         "state": "pending",
         "status": None,
+        "status_text": None,
+        "detail": None,
+        "operation_id": None,
         "created_at": command["created_at"],
         "sent_at": None,
         "acknowledged_at": None,
@@ -330,8 +348,9 @@ def test_a_get_is_delivered_and_its_results_shown(daemon: Daemon, fleet: Fleet) 
         ("./DevInfo/Lang", "chr", "en-US"),
     ]
     for result in command["results"]:
-        assert set(result) == {"cmd_id", "kind", "status", "target", "format", "type", "data"}
-    assert any(r["kind"] == "status" and r["status"] == 200 for r in command["results"])
+        assert set(result) == {"cmd_id", "kind", "status", "status_text", "target", "format", "type", "data"}
+    assert any(r["kind"] == "status" and r["status_text"] == "200 OK" for r in command["results"])
+    assert command["status_text"] == "200 OK"
 
 
 def test_a_replace_reaches_the_device_with_format_type_and_data(daemon: Daemon, fleet: Fleet) -> None:
@@ -551,6 +570,9 @@ def test_commands_lists_newest_first_without_results(daemon: Daemon, fleet: Flee
         "verb",
         "state",
         "status",
+        "status_text",
+        "detail",
+        "operation_id",
         "created_at",
         "sent_at",
         "acknowledged_at",
@@ -574,9 +596,18 @@ def test_unenroll_tells_the_agent_and_is_logged(daemon: Daemon, fleet: Fleet) ->
 
     assert not agent_told_to_unenroll()
     status, answer = daemon.admin("POST", f"/api/v1/devices/{fleet.fresh.id}/unenroll")
-    assert (status, answer) == (202, {"device_id": fleet.fresh.id})
+    assert status == 202 and isinstance(answer, dict)
+    assert answer == {"device_id": fleet.fresh.id, "action_id": ANY, "command_uuid": ANY}
     assert agent_told_to_unenroll() is True
-    assert f"admin requested unenrollment of device {fleet.fresh.id}" in daemon.log_text()
+    # The MDM side too: the device shows it, and its next session carries
+    # DMClient's Unenroll.
+    device = _get(daemon, f"/api/v1/devices/{fleet.fresh.id}")
+    assert device["state"] == "unenroll_pending" and device["pending_actions"] == ["unenroll"]
+    command = _get(daemon, f"/api/v1/commands/{answer['command_uuid']}")
+    assert "./Vendor/MSFT/DMClient/Provider/mdmd/Unenroll" in command["syncml"]
+    status, again = daemon.admin("POST", f"/api/v1/devices/{fleet.fresh.id}/unenroll")
+    assert status == 409 and isinstance(again, dict) and "pending" in again["message"]
+    assert f"audit: admin device.unenroll {fleet.fresh.id}" in daemon.log_text()
 
 
 def test_unenroll_of_an_unenrolled_device_is_404(daemon: Daemon, fleet: Fleet) -> None:
@@ -584,7 +615,7 @@ def test_unenroll_of_an_unenrolled_device_is_404(daemon: Daemon, fleet: Fleet) -
     assert status == 404 and isinstance(answer, dict) and "no enrolled device" in answer["message"]
 
 
-def test_health_still_answers(daemon: Daemon) -> None:
+def test_health_answers_without_a_token(daemon: Daemon) -> None:
     assert daemon.admin("GET", "/healthz") == (200, {"status": "ok"})
 
 
@@ -592,3 +623,274 @@ def test_the_request_log_names_the_device(daemon: Daemon, fleet: Fleet) -> None:
     _get(daemon, f"/api/v1/devices/{fleet.synced.id}")
     assert f"admin GET /api/v1/devices/{fleet.synced.id} 200" in daemon.log_text()
     assert f"device={fleet.synced.id}" in daemon.log_text()
+
+
+# --- the device list: pages, filters, search, order ---
+
+
+def _ids(daemon: Daemon, query: str) -> list[str]:
+    """Every device the listing with *query* holds, following ``next``."""
+    seen: list[str] = []
+    path = f"/api/v1/devices?{query}"
+    for _ in range(100):
+        answer = _get(daemon, path)
+        assert set(answer) == {"devices", "next"}
+        seen += [d["device_id"] for d in answer["devices"]]
+        if answer["next"] is None:
+            return seen
+        assert isinstance(answer["next"], str) and answer["devices"]
+        path = f"/api/v1/devices?cursor={answer['next']}&limit=1"
+    raise AssertionError("the listing does not end")
+
+
+def test_the_device_list_is_paged_with_an_opaque_cursor(daemon: Daemon, fleet: Fleet) -> None:
+    everything = _get(daemon, "/api/v1/devices")
+    assert everything["next"] is None and len(everything["devices"]) >= 3
+    in_order = [d["device_id"] for d in everything["devices"]]
+    assert _ids(daemon, "limit=1") == in_order
+    first = _get(daemon, "/api/v1/devices?limit=2")
+    assert len(first["devices"]) == 2 and isinstance(first["next"], str)
+    # 1,000 is the largest page.
+    assert _get(daemon, "/api/v1/devices?limit=1000")["devices"] == everything["devices"]
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        ("limit=1001", "limit"),
+        ("limit=0", "limit"),
+        ("limit=ten", "limit"),
+        ("limt=5", "limt"),
+        ("limit=1&limit=2", "limit"),
+        ("state=gone", "state"),
+        ("last_seen_before=yesterday", "last_seen_before"),
+        ("last_seen_after=2025-01-31T12:00:00", "last_seen_after"),
+        ("cert_expiring_within=-1", "cert_expiring_within"),
+        ("hw_dev_id_collision=maybe", "hw_dev_id_collision"),
+        ("sort=name", "sort"),
+        ("order=up", "order"),
+        ("q=" + "x" * 129, "q"),
+        ("cursor=bm90IGEgY3Vyc29y", "cursor"),
+        ("cursor=%FF", "base"),  # not UTF-8
+    ],
+)
+def test_a_bad_list_request_is_400_naming_the_parameter(daemon: Daemon, query: str, name: str) -> None:
+    status, answer = daemon.admin("GET", f"/api/v1/devices?{query}")
+    assert status == 400 and isinstance(answer, dict), answer
+    assert answer["errors"][0]["name"] == name, answer
+
+
+def test_a_cursor_continues_its_own_listing_only(daemon: Daemon, fleet: Fleet) -> None:
+    first = _get(daemon, "/api/v1/devices?state=enrolled&limit=1")
+    cursor = first["next"]
+    assert cursor is not None
+    status, answer = daemon.admin("GET", f"/api/v1/devices?cursor={cursor}&state=unenrolled")
+    assert status == 400 and isinstance(answer, dict) and answer["errors"][0]["name"] == "state"
+    # The cursor keeps its filter: no unenrolled device on any later page.
+    rest = _ids(daemon, f"cursor={cursor}")
+    assert fleet.gone.id not in rest and rest
+
+
+def test_the_device_list_filters_and_searches(daemon: Daemon, fleet: Fleet) -> None:
+    synced, fresh, gone = fleet.synced, fleet.fresh, fleet.gone
+    enrolled = _ids(daemon, "state=enrolled")
+    assert {synced.id, fresh.id} <= set(enrolled) and gone.id not in enrolled
+    assert gone.id in _ids(daemon, "state=unenrolled")
+    # Search: a case-insensitive prefix of the device ID, the hostname, the
+    # serial or the hardware UUID.
+    assert _ids(daemon, f"q={synced.id[:8].lower()}") == [synced.id]
+    assert _ids(daemon, "q=desktop-syn") == [synced.id]
+    assert _ids(daemon, f"q=sim-{synced.device.hardware_uuid[:6].lower()}") == [synced.id]
+    assert _ids(daemon, f"q={fresh.device.hardware_uuid[:9].lower()}") == [fresh.id]
+    assert _ids(daemon, "q=nothing-like-it") == []
+    # The OS version and its revisions.
+    family = synced.device.os_version.rsplit(".", 1)[0]
+    assert {synced.id, fresh.id, gone.id} <= set(_ids(daemon, f"os_version={family}"))
+    assert _ids(daemon, "os_version=10.0.1") == []
+    # Devices seen since the epoch: the ones that checked in.
+    seen = set(_ids(daemon, "last_seen_after=2000-01-01"))
+    assert synced.id in seen and fresh.id not in seen
+    assert fresh.id in _ids(daemon, "last_seen_before=2000-01-01T00:00:00Z")
+    # Certificates of 365 days: none expires within a day, every valid one
+    # within 400 days (the unenrolled device's is revoked).
+    assert _ids(daemon, "cert_expiring_within=1") == []
+    expiring = _ids(daemon, "cert_expiring_within=400")
+    assert {synced.id, fresh.id} <= set(expiring) and gone.id not in expiring
+    assert _ids(daemon, "hw_dev_id_collision=true") == []
+    assert set(_ids(daemon, "hw_dev_id_collision=false")) == set(_ids(daemon, ""))
+
+
+def test_the_device_list_sorts_by_last_seen_and_enrollment(daemon: Daemon, fleet: Fleet) -> None:
+    everything = {d["device_id"]: d for d in _get(daemon, "/api/v1/devices")["devices"]}
+    by_seen = _ids(daemon, "sort=last_seen&order=desc&limit=1")
+    seen = [everything[i]["last_seen"] or "" for i in by_seen]
+    # Never seen counts as the oldest: last when the newest come first.
+    assert seen == sorted(seen, reverse=True)
+    assert by_seen.index(fleet.synced.id) < by_seen.index(fleet.fresh.id)
+    enrolled_order = [everything[i]["enrolled_at"] for i in _ids(daemon, "sort=enrolled_at&order=desc")]
+    assert enrolled_order == sorted(enrolled_order, reverse=True)
+
+
+def test_device_ids_are_matched_in_any_letter_case(daemon: Daemon, fleet: Fleet) -> None:
+    lower = fleet.fresh.id.lower()
+    assert lower != fleet.fresh.id
+    assert _get(daemon, f"/api/v1/devices/{lower}")["device_id"] == fleet.fresh.id
+    assert "commands" in _get(daemon, f"/api/v1/devices/{lower}/commands")
+    uuid = _queue(daemon, lower, GET_SWV)
+    assert _get(daemon, f"/api/v1/commands/{uuid}")["device_id"] == fleet.fresh.id
+
+
+# --- who did what: named tokens and the audit log ---
+
+
+def _audit(daemon: Daemon, query: str = "") -> list[dict[str, Any]]:
+    return list(_get(daemon, f"/api/v1/audit?{query}")["entries"])
+
+
+def test_a_queued_command_is_audited_with_who_what_and_the_locuris(daemon: Daemon, fleet: Fleet) -> None:
+    camera = "./Device/Vendor/MSFT/Policy/Config/Camera/AllowCamera"
+    body = {"verb": "Replace", "items": [{"target": camera, "format": "int", "data": "0"}]}
+    uuid = _queue(daemon, fleet.synced.id.lower(), body)
+    (entry,) = [e for e in _audit(daemon, "action=command.queue") if e["detail"]["command_uuid"] == uuid]
+    assert entry["actor"] == "admin" and entry["target"] == fleet.synced.id
+    assert entry["detail"] == {"command_uuid": uuid, "verb": "Replace", "targets": [camera]}
+    assert entry["client"] == "127.0.0.1" and ISO.fullmatch(entry["at"]) and entry["request_id"]
+    # Stored with the write: the audit row and the command row both exist.
+    assert db_rows(daemon, "SELECT count(*) FROM commands WHERE uuid = ?", uuid) == [(1,)]
+    assert db_rows(daemon, "SELECT actor, action FROM audit_log WHERE detail LIKE ?", f"%{uuid}%") == [
+        ("admin", "command.queue")
+    ]
+
+
+def test_a_refused_write_and_a_read_leave_no_audit_record(daemon: Daemon, fleet: Fleet) -> None:
+    ((before,),) = db_rows(daemon, "SELECT count(*) FROM audit_log")
+    daemon.admin("POST", f"/api/v1/devices/{fleet.gone.id}/commands", GET_SWV)
+    daemon.admin("POST", f"/api/v1/devices/{fleet.fresh.id}/commands", {"verb": "Nope"})
+    _get(daemon, "/api/v1/devices")
+    assert db_rows(daemon, "SELECT count(*) FROM audit_log") == [(before,)]
+
+
+def test_named_tokens_are_created_once_used_and_revoked(daemon: Daemon, fleet: Fleet) -> None:
+    status, created = daemon.admin("POST", "/api/v1/tokens", {"name": "ops-alice"})
+    assert status == 201 and isinstance(created, dict), created
+    token = created["token"]
+    assert token.startswith("mdmd_") and len(token) > 40 and created["name"] == "ops-alice"
+    # Stored hashed: the token itself is nowhere in the database.
+    stored = db_rows(daemon, "SELECT token_hash FROM admin_tokens WHERE name = 'ops-alice'")
+    assert stored == [(hashlib.sha256(token.encode()).digest(),)]
+    if store_dsn(daemon) is None:  # (PostgreSQL: the query above shows what is stored)
+        assert token.encode() not in (daemon.state / "mdmd.sqlite3").read_bytes()
+    listed = {t["name"]: t for t in _get(daemon, "/api/v1/tokens")["tokens"]}
+    assert listed["ops-alice"]["active"] is True and listed["ops-alice"]["created_by"] == "admin"
+    assert "token" not in listed["ops-alice"] and listed["admin"]["active"] is True
+    # The token works, and the audit log names it.
+    uuid = _queue_as(daemon, token, fleet.fresh.id)
+    (entry,) = [e for e in _audit(daemon, "actor=ops-alice") if e["action"] == "command.queue"]
+    assert entry["detail"]["command_uuid"] == uuid
+    status, refused = daemon.admin("POST", "/api/v1/tokens", {"name": "ops-alice"})
+    assert status == 409 and isinstance(refused, dict) and "revoke it first" in refused["message"]
+    status, _ = daemon.admin("DELETE", "/api/v1/tokens/ops-alice")
+    assert status == 200
+    assert daemon.admin("GET", "/api/v1/devices", token=token)[0] == 401
+    assert [e["action"] for e in _audit(daemon, "target=ops-alice")] == ["token.revoke", "token.create"]
+    assert daemon.admin("DELETE", "/api/v1/tokens/ops-alice")[0] == 404
+
+
+@pytest.mark.parametrize(
+    "body", [{"name": ""}, {"name": "has space"}, {"name": "x" * 65}, {}, {"name": "a", "extra": 1}, ["a"]]
+)
+def test_a_bad_token_request_is_400(daemon: Daemon, body: object) -> None:
+    status, answer = daemon.admin("POST", "/api/v1/tokens", body)
+    assert status == 400 and isinstance(answer, dict) and answer["errors"], answer
+
+
+def test_the_last_active_token_cannot_be_revoked(daemon: Daemon) -> None:
+    active = [t["name"] for t in _get(daemon, "/api/v1/tokens")["tokens"] if t["active"]]
+    for name in active:
+        if name != "admin":
+            assert daemon.admin("DELETE", f"/api/v1/tokens/{name}")[0] == 200
+    status, answer = daemon.admin("DELETE", "/api/v1/tokens/admin")
+    assert status == 409 and isinstance(answer, dict) and "only active token" in answer["message"]
+    assert daemon.admin("GET", "/api/v1/devices")[0] == 200
+
+
+def test_the_audit_log_pages_newest_first(daemon: Daemon, fleet: Fleet) -> None:
+    for _ in range(3):
+        _queue(daemon, fleet.fresh.id, GET_SWV)
+    everything = _audit(daemon, "limit=1000")
+    ids = [e["id"] for e in everything]
+    assert ids == sorted(ids, reverse=True) and len(ids) >= 3
+    paged: list[int] = []
+    path = "/api/v1/audit?limit=2"
+    while True:
+        answer = _get(daemon, path)
+        paged += [e["id"] for e in answer["entries"]]
+        if answer["next"] is None:
+            break
+        path = f"/api/v1/audit?cursor={answer['next']}"
+    assert paged == ids
+    assert daemon.admin("GET", "/api/v1/audit?limit=5000")[0] == 400
+
+
+def test_the_version_is_answered_and_logged(daemon: Daemon) -> None:
+    from mdmd import __version__
+    from mdmd.store.sqlite_schema import SCHEMA_VERSION
+
+    answer = _get(daemon, "/api/v1/version")
+    assert answer["version"] == __version__ and answer["schema_version"] == SCHEMA_VERSION
+    assert f"mdmd {__version__} starting" in daemon.log_text()
+
+
+def test_a_list_request_becomes_a_store_query() -> None:
+    wanted = parse_device_list(
+        {
+            "state": ["enrolled"],
+            "last_seen_before": ["2025-01-31T12:00:00Z"],
+            "last_seen_after": ["2025-01-01"],
+            "os_version": ["10.0.22631"],
+            "cert_expiring_within": ["30"],
+            "hw_dev_id_collision": ["true"],
+            "q": ["Desk"],
+            "sort": ["last_seen"],
+            "order": ["desc"],
+            "limit": ["7"],
+        },
+        now=1000.0,
+    )
+    assert wanted.limit == 7 and wanted.after is None
+    assert wanted.query == DeviceQuery(
+        state="enrolled",
+        last_seen_before=1738324800.0,
+        last_seen_after=1735689600.0,
+        os_version="10.0.22631",
+        cert_expiring_before=1000.0 + 30 * 86400,
+        hw_dev_id_collision=True,
+        search="Desk",
+        sort="last_seen",
+        descending=True,
+    )
+    assert parse_device_list({}, now=0.0) == DeviceListRequest(DeviceQuery(), 100, None)
+
+
+def test_a_cursor_carries_its_query_and_position_and_nothing_else_passes() -> None:
+    query = DeviceQuery(state="enrolled", cert_expiring_before=5.5, search="x", descending=True)
+    cursor = encode_cursor(query, (12.5, "DEV"))
+    assert decode_cursor(cursor) == (query, (12.5, "DEV"))
+    again = parse_device_list({"cursor": [cursor], "limit": ["3"]}, now=0.0)
+    assert again == DeviceListRequest(query, 3, (12.5, "DEV"))
+    raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    for tampered in (
+        {**raw, "v": 2},
+        {**raw, "a": [1.0]},
+        {**raw, "a": ["1", "DEV"]},
+        {**raw, "q": {**raw["q"], "sort": "name"}},
+        {**raw, "q": {**raw["q"], "state": 1}},
+        {**raw, "q": {**raw["q"], "extra": None}},
+        {**raw, "q": {**raw["q"], "last_seen_before": float("nan")}},
+    ):
+        text = base64.urlsafe_b64encode(json.dumps(tampered).encode()).decode()
+        with pytest.raises(ValueError, match="not a cursor"):
+            decode_cursor(text)
+    for junk in ("", "!!!", "x" * 5000):
+        with pytest.raises(ValueError):
+            decode_cursor(junk)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import EXAMPLE_CONFIG, edit_ini, run_twistd, write_config
-from mdmd.config import ConfigError, load_config
+from mdmd.config import ActionsConfig, ConfigError, load_config
 from mdmd.poll import PollSchedule
 
 
@@ -35,6 +35,7 @@ def test_example_config_loads_with_documented_defaults() -> None:
     assert (config.wstep.renew_grace_days, config.wstep.keep_revoked_days) == (0, 90)
     assert config.admin.url == "http://127.0.0.1:8445"
     assert config.database == os.path.join(config.state_dir, "mdmd.sqlite3")
+    assert config.actions == ActionsConfig(fanout_batch=200, fanout_pause=0.1, fanout_lease=30.0)
 
 
 def test_every_example_key_is_documented() -> None:
@@ -121,6 +122,18 @@ def test_every_example_key_is_documented() -> None:
             "[store] pool_size",
             "between 1 and 100",
         ),
+        ({"enrollment": {"url": "https://v m:9443"}}, "", "[enrollment] url", "not a valid URL"),
+        ({"enrollment": {"url": "https://mdm_.example.com"}}, "", "[enrollment] url", "neither a DNS name"),
+        ({"management": {"url": "https://x:99999/m"}}, "", "[management] url", "not a valid URL"),
+        ({"admin": {"url": "http://a b:8445"}}, "", "[admin] url", "not a valid URL"),
+        ({"mdmd": {"log_format": "xml"}}, "", "[mdmd] log_format", "text or json"),
+        ({"admin": {"allow_remote": "sure"}}, "", "[admin] allow_remote", "yes or no"),
+        ({"admin": {"metrics_cache_seconds": "-1"}}, "", "[admin] metrics_cache_seconds", "between"),
+        ({"actions": {"fanout_pause": "soon"}}, "", "[actions] fanout_pause", "250ms, 1.5s or 30s"),
+        ({"actions": {"fanout_pause": "-1s"}}, "", "[actions] fanout_pause", "between 0s and 60s"),
+        ({"actions": {"fanout_pause": "nan"}}, "", "[actions] fanout_pause", "between"),
+        ({"actions": {"fanout_lease": "1500ms"}}, "", "[actions] fanout_lease", "between 2s and 3600s"),
+        ({"actions": {"fanout_batch": "0"}}, "", "[actions] fanout_batch", "between 1 and 10000"),
     ],
 )
 def test_config_errors_name_file_section_and_key(
@@ -140,7 +153,7 @@ def test_the_postgresql_store_settings(tmp_path: Path) -> None:
         tmp_path,
         {
             "store": {
-                "backend": "PostgreSQL",
+                "backend": "postgresql",
                 "dsn": "host=db.example.com dbname=mdmd user=mdmd",
                 "password_file": "db_password",
                 "pool_size": "12",
@@ -308,9 +321,10 @@ def test_twistd_unreachable_database_exits_with_one_line_and_a_status_systemd_re
         tmp_path, {"store": {"backend": "postgresql", "dsn": f"host={tmp_path} dbname=mdmd user=mdmd"}}
     )
     result = run_twistd(config)
-    # EX_UNAVAILABLE: the unit's Restart=on-failure restarts it (only 78 is
-    # excluded, RestartPreventExitStatus), so the daemon comes up once the
+    # EX_TEMPFAIL: the unit's Restart=on-failure restarts it (it is not
+    # among RestartPreventExitStatus), so the daemon comes up once the
     # database does.
-    _assert_one_line_failure(result, "[store] dsn", "cannot use the database", str(tmp_path), status=69)
+    _assert_one_line_failure(result, "[store] dsn", "cannot use the database", str(tmp_path), status=75)
     unit = (Path(__file__).resolve().parents[1] / "systemd" / "mdmd.service").read_text()
-    assert "Restart=on-failure" in unit and "RestartPreventExitStatus=78\n" in unit
+    prevented = next(line for line in unit.splitlines() if line.startswith("RestartPreventExitStatus="))
+    assert "Restart=on-failure" in unit and "75" not in prevented.split("=", 1)[1].split()

@@ -223,12 +223,12 @@ def test_the_refusal_check_does_not_take_a_closed_port_for_a_refusal(daemon: Dae
         _server_alert(port, _client_context(daemon, tmp_path, None, None))
 
 
-def test_admin_requires_the_bearer_token(daemon: Daemon) -> None:
-    assert daemon.admin("GET", "/healthz") == (200, {"status": "ok"})
-    status, body = daemon.admin("GET", "/healthz", token=None)
+def test_admin_requires_the_bearer_token_but_health_does_not(daemon: Daemon) -> None:
+    # What monitoring asks needs no token (and a wrong one changes nothing).
+    for token in (None, "wrong" * 8, "default"):
+        assert daemon.admin("GET", "/healthz", token=token) == (200, {"status": "ok"})
+    status, body = daemon.admin("GET", "/api/v1/devices", token=None)
     assert status == 401 and isinstance(body, dict) and "token" in body["message"]
-    status, _ = daemon.admin("GET", "/healthz", token="wrong" * 8)
-    assert status == 401
     status, _ = daemon.admin("GET", "/api/v1/devices", token="wrong" * 8)
     assert status == 401
 
@@ -384,3 +384,10 @@ def test_refusals_counted_when_the_daemon_stops_are_logged(tmp_path: Path) -> No
     assert f"management: 2 more refused from {source} in the last 60 s (last: no certificate)" in (
         daemon.log_text()
     )
+
+
+def test_the_request_line_names_the_client_and_the_request_id(daemon: Daemon) -> None:
+    response, _ = daemon.request("GET", "/healthz", headers={"X-Request-ID": "abc-1"}, section="admin")
+    assert response.status == 200 and response.getheader("X-Request-ID") == "abc-1"
+    (line,) = [line for line in daemon.log_text().splitlines() if "request_id=abc-1" in line]
+    assert "admin GET /healthz 200 " in line and "client=127.0.0.1 request_id=abc-1" in line

@@ -467,3 +467,53 @@ def test_a_non_final_device_message_is_answered_without_final() -> None:
     server = _server(reply)
     assert not server.final and [c.data for c in server.commands] == ["1222"]
     assert reply.step.sent == () and not reply.session_ended
+
+
+def test_an_answer_that_ends_the_enrollment_ends_the_session_with_statuses_only() -> None:
+    wipe = _queued(
+        "wipe",
+        "<Exec><Item><Target><LocURI>./Device/Vendor/MSFT/RemoteWipe/doWipe</LocURI></Target></Item></Exec>",
+    )
+    device = Device([wipe, _queued("after")])
+    first = process_message(
+        parse_message(_start()),
+        _start(),
+        device_id=DEVICE,
+        session=None,
+        queue=[wipe],
+        server_url=SERVER,
+        default_max_msg_size=512 * 1024,
+    )
+    device.session = first.step.session
+    server = _server(first)
+    answer = _answer(server, "1", 2)
+    reply = process_message(
+        parse_message(answer),
+        answer,
+        device_id=DEVICE,
+        session=device.session,
+        queue=[_queued("after")],
+        server_url=SERVER,
+        default_max_msg_size=512 * 1024,
+        new_commands=[],
+        followups=lambda uuid, code, results: [],
+        ends_session=lambda uuid, code: uuid == "wipe" and code == 200,
+    )
+    assert reply.step.answered == (("wipe", 200),)
+    # Nothing more goes out, and the session is forgotten.
+    assert not _server(reply).commands and _server(reply).final
+    assert reply.session_ended and reply.step.session is None and not reply.step.sent
+
+
+def test_values_read_from_devdetail_are_kept_as_inventory() -> None:
+    name = "./DevDetail/Ext/Microsoft/DNSComputerName"
+    device = Device(
+        [
+            _queued("n", f"<Get><Item><Target><LocURI>{name}</LocURI></Target></Item></Get>"),
+            _queued("p", "<Get><Item><Target><LocURI>./Vendor/MSFT/Policy/X</LocURI></Target></Item></Get>"),
+        ]
+    )
+    server = _server(device.send(_start()))
+    reply = device.send(_answer(server, "1", 2))
+    # _answer reads every Get as "10.0.1"; only the DevDetail value is inventory.
+    assert reply.step.inventory == {name: "10.0.1"}

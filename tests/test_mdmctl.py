@@ -46,7 +46,7 @@ class Managed:
         return self.device.device_id
 
     def sync(self, daemon: Daemon) -> None:
-        """One whole OMA-DM session, as Windows runs it."""
+        """One whole OMA-DM session, as Windows runs it (delivering what is queued)."""
         tls = client_tls_context(daemon, self.tls_dir, self.enrollment.certificate, self.device.key)
         message: bytes | None = self.client.session_start(self.enrollment.management_url)
         while message is not None:
@@ -244,9 +244,116 @@ def test_wait_that_sees_no_answer_exits_1(daemon: Daemon, pc: Managed) -> None:
     assert re.fullmatch(r"mdmctl: command \S+ is still pending after 0 seconds", failed(done))
 
 
-def test_unenroll_confirms(daemon: Daemon, pc: Managed) -> None:
-    out = ok(mdmctl(daemon, "unenroll", pc.id))
-    assert out.startswith(f"unenrollment requested for {pc.id}")
+def another(daemon: Daemon, tmp_path: Path, hostname: str) -> Managed:
+    """A device of a test's own (actions change it for good)."""
+    device = WindowsDevice(key=pki.generate_rsa_key(), hostname=hostname)
+    result = enroll_device(daemon, device)
+    assert isinstance(result, EnrollmentResult)
+    return Managed(device, result, ManagementClient(device), tmp_path)
+
+
+def test_unenroll_confirms(daemon: Daemon, tmp_path: Path) -> None:
+    leaving = another(daemon, tmp_path, "DESKTOP-LEAVE")
+    out = ok(mdmctl(daemon, "unenroll", leaving.id))
+    assert out.startswith(f"unenrollment requested for {leaving.id}")
+    shown = ok(mdmctl(daemon, "device", leaving.id))
+    assert re.search(r"^state +unenroll_pending$", shown, re.M)
+    assert re.search(r"^pending_actions +unenroll$", shown, re.M)
+
+
+def background(daemon: Daemon, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mdmd.mdmctl", "--config", str(daemon.config), *args],
+        env=daemon_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err
+
+
+def test_actions_for_one_device(daemon: Daemon, tmp_path: Path) -> None:
+    target = another(daemon, tmp_path, "DESKTOP-ACT")
+    for args, action in (
+        (["restart", target.id], "restart"),
+        (["scan", target.id, "--full"], "defender_scan"),
+        (["defender-update", target.id], "defender_update"),
+        (["rename", target.id, "DESK-9"], "rename"),
+    ):
+        out = ok(mdmctl(daemon, *args))
+        assert re.fullmatch(
+            rf"{action} queued for {target.id}: action {UUID.pattern}, command {UUID.pattern}\n", out
+        )
+    assert "name: 1 to 15 letters" in failed(mdmctl(daemon, "rename", target.id, "NOT_VALID"))
+    assert "--yes" in failed(mdmctl(daemon, "wipe", target.id))
+    assert "has a restart pending already" in failed(mdmctl(daemon, "restart", target.id))
+    assert "device ID or --group" in failed(mdmctl(daemon, "restart"))
+    shown = ok(mdmctl(daemon, "device", target.id))
+    assert re.search(r"^pending_actions +restart, defender_scan, defender_update, rename$", shown, re.M)
+    assert re.search(r"defender_scan +full=True +pending", shown)
+    target.sync(daemon)
+    shown = ok(mdmctl(daemon, "device", target.id))
+    assert re.search(
+        r"rename +name=DESK-9 +awaiting_restart +200 OK +the device accepted the name DESK-9", shown
+    )
+    assert re.search(r"restart +- +acknowledged +200 OK", shown)
+
+
+def test_a_failed_command_reads_with_its_meaning(daemon: Daemon, tmp_path: Path) -> None:
+    target = another(daemon, tmp_path, "DESKTOP-404")
+    proc = background(daemon, "exec", target.id, "./Vendor/MSFT/NoSuchCSP/Go", "--wait", "60")
+    assert proc.stdout is not None
+    uuid = proc.stdout.readline().strip()
+    assert UUID.fullmatch(uuid)
+    target.sync(daemon)
+    code, out, err = finish(proc)
+    assert code == 1 and re.search(r"^status +404 Not found: the device has no such node", out, re.M)
+    assert err.strip() == f"mdmctl: command {uuid} failed: 404 Not found: the device has no such node; " + (
+        "the CSP may be missing on this Windows edition"
+    )
+
+
+def test_wipe_with_yes_waits_for_the_device(daemon: Daemon, tmp_path: Path) -> None:
+    target = another(daemon, tmp_path, "DESKTOP-WIPE")
+    proc = background(daemon, "wipe", target.id, "--mode", "protected", "--yes", "--wait", "60")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(f"wipe queued for {target.id}: action ")
+    target.sync(daemon)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert out.startswith("acknowledged: the device accepted the wipe (protected, doWipeProtected)")
+    assert re.search(r"^state +wiped$", ok(mdmctl(daemon, "device", target.id)), re.M)
+
+
+def test_a_group_action_prints_the_operation_and_its_progress(daemon: Daemon, tmp_path: Path) -> None:
+    member = another(daemon, tmp_path, "DESKTOP-GRP")
+    assert mdmctl(daemon, "group", "add", "scanners").returncode == 0
+    assert mdmctl(daemon, "group", "members", "scanners", "--add", member.id).returncode == 0
+    proc = background(daemon, "scan", "--group", "scanners", "--wait", "60")
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    match = re.fullmatch(rf"operation ({UUID.pattern}): defender_scan for group scanners\n", first)
+    assert match, first
+    # The fan-out has given the member its scan: the device checks in.
+    for line in proc.stdout:
+        if line.startswith("delivering: 1/1 queued"):
+            break
+    member.sync(daemon)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert out.splitlines()[-1] == "done: 1/1 queued, 1 acknowledged, 0 failed, 0 skipped"
+    shown = ok(mdmctl(daemon, "operation", match.group(1)))
+    assert re.search(r"^state +done$", shown, re.M) and re.search(r"^acknowledged +1$", shown, re.M)
+    assert member.client.scans == ["1"]
 
 
 # --- failures ---
@@ -367,3 +474,106 @@ def test_profiles_and_groups_from_the_command_line(daemon: Daemon, pc: Managed, 
     pc.sync(daemon)
     assert mdmctl(daemon, "profile", "show", "no-camera").returncode == 1
     assert mdmctl(daemon, "group", "delete", "desks").stdout.strip() == "group desks deleted"
+
+
+# --- the device list, a page at a time ---
+
+
+@pytest.fixture(scope="module")
+def more_pcs(daemon: Daemon, pc: Managed) -> list[str]:
+    """Three more enrolled devices (never checked in), so lists have pages."""
+    ids = []
+    for n in range(3):
+        device = WindowsDevice(key=pki.generate_rsa_key(), hostname=f"LAPTOP-{n}")
+        assert isinstance(enroll_device(daemon, device), EnrollmentResult)
+        ids.append(device.device_id)
+    pc.sync(daemon)
+    return ids
+
+
+def _listed(out: str) -> list[str]:
+    """The device IDs of a devices table."""
+    lines = out.splitlines()
+    assert lines[0].startswith("DEVICE ID")
+    return [line.split()[0].rstrip("*") for line in lines[1:] if not line.startswith(("more:", "* "))]
+
+
+def test_devices_pages_with_a_cursor_or_all_at_once(daemon: Daemon, pc: Managed, more_pcs: list[str]) -> None:
+    everything = _listed(ok(mdmctl(daemon, "devices")))
+    assert len(everything) >= 4 and set(more_pcs) | {pc.id} <= set(everything)
+    out = ok(mdmctl(daemon, "devices", "--limit", "2"))
+    assert len(_listed(out)) == 2
+    more = out.splitlines()[-1]
+    assert more.startswith("more: mdmctl devices --cursor ")
+    cursor = more.split()[4]
+    rest = _listed(ok(mdmctl(daemon, "devices", "--cursor", cursor, "--all", "--limit", "1")))
+    assert _listed(out) + rest == everything
+    assert _listed(ok(mdmctl(daemon, "devices", "--all", "--limit", "1"))) == everything
+    streamed = json.loads(ok(mdmctl(daemon, "--json", "devices", "--all", "--limit", "2")))
+    assert [d["device_id"] for d in streamed["devices"]] == everything and streamed["next"] is None
+    assert "--cursor continues its own listing" in failed(
+        mdmctl(daemon, "devices", "--cursor", cursor, "--state", "enrolled")
+    )
+
+
+def test_devices_filters_and_searches(daemon: Daemon, pc: Managed, more_pcs: list[str]) -> None:
+    assert _listed(ok(mdmctl(daemon, "devices", "--search", pc.id[:10].lower()))) == [pc.id]
+    assert set(_listed(ok(mdmctl(daemon, "devices", "-q", "laptop-")))) == set(more_pcs)
+    assert ok(mdmctl(daemon, "devices", "--expiring", "1")).strip() == "no devices"
+    assert set(more_pcs) <= set(_listed(ok(mdmctl(daemon, "devices", "--expiring", "400"))))
+    seen = _listed(ok(mdmctl(daemon, "devices", "--last-seen-after", "1d")))
+    assert pc.id in seen and not set(more_pcs) & set(seen)
+    assert set(more_pcs) <= set(_listed(ok(mdmctl(daemon, "devices", "--last-seen-before", "2000-01-01"))))
+    assert (
+        ok(mdmctl(daemon, "devices", "--state", "unenrolled", "--search", "laptop")).strip() == "no devices"
+    )
+    assert _listed(ok(mdmctl(daemon, "devices", "--no-collision", "--search", pc.id))) == [pc.id]
+    newest = _listed(ok(mdmctl(daemon, "devices", "--sort", "enrolled_at", "--desc", "--limit", "1")))
+    assert newest == [more_pcs[-1]]
+    assert mdmctl(daemon, "devices", "--limit", "1001").returncode == 2
+
+
+# --- tokens, audit, version ---
+
+
+def test_a_named_token_is_shown_once_used_and_revoked(daemon: Daemon, pc: Managed) -> None:
+    out = ok(mdmctl(daemon, "token", "create", "ci-runner"))
+    token = out.splitlines()[0]
+    assert token.startswith("mdmd_") and "shown this once" in out
+    listed = ok(mdmctl(daemon, "token", "list"))
+    assert re.search(r"^ci-runner +active ", listed, re.M) and re.search(r"^admin +active ", listed, re.M)
+    assert token not in listed
+    as_ci = subprocess.run(
+        [sys.executable, "-m", "mdmd.mdmctl", "--config", str(daemon.config), "get", pc.id, SWV],
+        env={**daemon_env(), "MDMCTL_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert as_ci.returncode == 0 and UUID.fullmatch(as_ci.stdout.strip()), as_ci.stderr
+    audit = ok(mdmctl(daemon, "audit", "--actor", "ci-runner"))
+    assert audit.splitlines()[0].split() == ["ID", "AT", "ACTOR", "ACTION", "TARGET", "CLIENT", "DETAIL"]
+    assert f"ci-runner  command.queue  {pc.id}" in re.sub(r" {2,}", "  ", audit)
+    assert as_ci.stdout.strip() in audit and SWV in audit
+    assert "revoked ci-runner" in ok(mdmctl(daemon, "token", "revoke", "ci-runner"))
+    refused = subprocess.run(
+        [sys.executable, "-m", "mdmd.mdmctl", "--config", str(daemon.config), "devices"],
+        env={**daemon_env(), "MDMCTL_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "admin bearer token required" in refused.stderr
+    entries = json.loads(ok(mdmctl(daemon, "--json", "audit", "--all", "--target", "ci-runner")))["entries"]
+    assert [(e["actor"], e["action"]) for e in entries] == [
+        ("admin", "token.revoke"),
+        ("admin", "token.create"),
+    ]
+    assert mdmctl(daemon, "token", "create").returncode == 2
+
+
+def test_version_shows_the_servers(daemon: Daemon) -> None:
+    from mdmd import __version__
+
+    out = ok(mdmctl(daemon, "version"))
+    assert out.startswith(f"server: mdmd {__version__} (schema ")

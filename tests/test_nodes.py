@@ -218,6 +218,16 @@ def test_a_retransmission_that_lands_on_the_other_node_gets_the_same_answer(
 _CUT = (OSError, http.client.HTTPException, ssl.SSLError)
 
 
+class CountingClient(ManagementClient):
+    """A device that also has ./Vendor/MSFT/Test/RunN nodes to Exec, so that
+    its record of what it executed shows every delivery of every command."""
+
+    def _executes(self, locuri: str) -> str | None:
+        if locuri.startswith("./Vendor/MSFT/Test/Run"):
+            return "run"
+        return super()._executes(locuri)
+
+
 def post_resending(front: Daemon, enrolled: Enrolled, message: bytes, resends: list[int]) -> bytes:
     """POST a message through haproxy as Windows does: when the connection
     breaks before the answer (or the server says 503), send the same message
@@ -244,7 +254,10 @@ def test_a_node_killed_under_load_loses_nothing_acknowledged_and_sends_nothing_a
 ) -> None:
     with running_nodes(tmp_path) as nodes:
         first, second = nodes.nodes
-        fleet = [device(nodes, keys, tmp_path) for _ in range(6)]
+        fleet = [
+            (enrolled, CountingClient(enrolled.device))
+            for enrolled, _ in (device(nodes, keys, tmp_path) for _ in range(6))
+        ]
         # Commands queued through both nodes' admin APIs, each a LocURI of
         # its own, so the device's record of what it executed shows every
         # delivery.
@@ -361,3 +374,34 @@ def test_behind_the_proxy_protocol_a_node_sees_and_logs_the_clients_address(tmp_
         with socket.create_connection(("127.0.0.1", node.port("management")), timeout=10) as direct:
             direct.sendall(b"\x16\x03\x01\x00\x05hello")
             assert direct.recv(100) == b""
+
+
+def test_a_group_action_is_fanned_out_once_whichever_nodes_run_fan_outs(
+    nodes: Nodes, keys: list[object], tmp_path: Path
+) -> None:
+    first, second = nodes.nodes
+    fleet = [device(nodes, keys, tmp_path) for _ in range(4)]
+    first.admin("POST", "/api/v1/groups", {"name": "fan"})
+    first.admin("POST", "/api/v1/groups/fan/devices", {"add": [e.id for e, _ in fleet]})
+    status, answer = second.admin("POST", "/api/v1/groups/fan/actions", {"action": "restart"})
+    assert status == 202 and isinstance(answer, dict), answer
+    operation_id = answer["operation_id"]
+    deadline = time.monotonic() + 30
+    while True:
+        status, op = first.admin("GET", f"/api/v1/operations/{operation_id}")
+        assert status == 200 and isinstance(op, dict), op
+        if op["state"] not in ("pending", "queuing"):
+            break
+        assert time.monotonic() < deadline, op
+        time.sleep(0.05)
+    # Each member got its command once, from one node's fan-out.
+    rows = db_rows(
+        nodes.front,
+        "SELECT device_id, COUNT(*) FROM commands WHERE operation_id = ?"
+        " GROUP BY device_id ORDER BY device_id",
+        operation_id,
+    )
+    assert rows == sorted((e.id, 1) for e, _ in fleet)
+    for enrolled, client in fleet:
+        run_session(nodes.front, enrolled, client)
+        assert client.executed == ["./Device/Vendor/MSFT/Reboot/RebootNow"]

@@ -371,3 +371,17 @@ def test_kill_9_between_messages_loses_nothing_and_sends_nothing_twice(
         assert db_rows(daemon, "PRAGMA integrity_check") == [("ok",)]
     finally:
         daemon.stop()
+
+
+def test_the_device_list_filters_by_group(daemon: Daemon, keys: list[object], tmp_path: Path) -> None:
+    # In the order of enrollment, the list's default order.
+    inside = [device(daemon, keys, tmp_path)[0].id for _ in range(2)]
+    outside = device(daemon, keys, tmp_path)[0].id
+    group_with(daemon, "listed", *inside)
+    first = admin(daemon, "GET", "/api/v1/devices?group=listed&limit=1")
+    assert [d["device_id"] for d in first["devices"]] == inside[:1] and first["next"]
+    rest = admin(daemon, "GET", f"/api/v1/devices?limit=1&cursor={first['next']}")
+    assert [d["device_id"] for d in rest["devices"]] == inside[1:] and rest["next"] is None
+    everyone = admin(daemon, "GET", "/api/v1/devices?group=all&limit=1000")
+    assert set(inside) | {outside} <= {d["device_id"] for d in everyone["devices"]}
+    assert admin(daemon, "GET", "/api/v1/devices?group=nobody")["devices"] == []

@@ -298,3 +298,33 @@ def test_the_clock_offset_is_days(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             parse_args([*base, "--clock-offset", bad])
     assert "number of days" in capsys.readouterr().err
+
+
+def _sim_fails(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "mdmd.sim.cli", *args],
+        env=daemon_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+def test_a_brought_in_certificate_makes_the_simulator_ask_for_cacert(tmp_path: Path) -> None:
+    # Production: mdmctl init --no-tls, no development root in state_dir.
+    state = tmp_path / "state"
+    from mdmd.mdmctl import main as mdmctl
+
+    assert mdmctl(["init", "--no-tls", str(state)]) == 0
+    config = write_config(tmp_path, {"mdmd": {"bootstrap": "no"}})
+    line = _sim_fails("--config", str(config), "--devices", "1")
+    assert line.startswith("mdmd-sim: the server's TLS certificate is not from mdmd's development root")
+    assert "give --cacert" in line
+    assert _sim_fails("--config", str(config), "--devices", "1", "--cacert", str(tmp_path / "none.pem")) == (
+        f"mdmd-sim: --cacert {tmp_path / 'none.pem'}: no such file"
+    )

@@ -11,7 +11,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from lxml import etree
 
-from mdmd.sim.device import METINF, SYNCML, Drift, ManagementClient, ServerMessage, WindowsDevice
+from mdmd.sim.device import (
+    METINF,
+    SYNCML,
+    Drift,
+    EnrollmentResult,
+    ManagementClient,
+    ProtocolError,
+    ServerMessage,
+    WindowsDevice,
+)
 
 NS = f"{{{SYNCML}}}"
 CAMERA = "./Device/Vendor/MSFT/Policy/Config/Camera/AllowCamera"
@@ -140,7 +149,7 @@ def test_an_interior_node_answers_with_its_children(client: ManagementClient) ->
         ("./Device/Vendor/MSFT/Policy/Config/Camera", "node", None, "AllowCamera/AllowSomething"),
     )
     assert get(client, "./DevDetail/Ext/Microsoft")[1][3] == (  # type: ignore[index]
-        "DeviceName/OSPlatform/ProcessorArchitecture/TotalRAM"
+        "DNSComputerName/DeviceName/OSPlatform/ProcessorArchitecture/TotalRAM"
     )
     # The policy roots exist before any policy is set.
     fresh = ManagementClient(client.device)
@@ -519,3 +528,119 @@ def test_the_tree_survives_a_save_and_load(client: ManagementClient) -> None:
     again.restore_tree(state)
     assert again.nodes == client.nodes and again.types == client.types
     assert again.server_set == client.server_set == {CAMERA, USER_POLICY, CUSTOM}
+
+
+# -- device actions: what Windows does after them --
+
+REBOOT = "./Device/Vendor/MSFT/Reboot/RebootNow"
+DNS_NAME = "./DevDetail/Ext/Microsoft/DNSComputerName"
+
+
+@pytest.fixture
+def pc(device: WindowsDevice) -> ManagementClient:
+    """A PC of its own (actions change its identity), enrolled with
+    provider ID "mdmd"."""
+    own = WindowsDevice(key=device.key, hostname="DESK-OLD")
+    own.enrollment = EnrollmentResult(
+        certificate=None,  # type: ignore[arg-type]  # sessions need no certificate sans I/O
+        root_certificates=(),
+        management_url="https://mdm.example/api/mdm/microsoft/management",
+        provider_id="mdmd",
+        provisioning_doc=b"",
+    )
+    return ManagementClient(own)
+
+
+def _session_id(package: bytes) -> str:
+    return etree.fromstring(package).findtext(f"{NS}SyncHdr/{NS}SessionID") or ""
+
+
+def _alerts(package: bytes) -> list[str]:
+    return [a.findtext(f"{NS}Data") or "" for a in etree.fromstring(package).iter(f"{NS}Alert")]
+
+
+def test_only_the_nodes_a_pc_executes_answer_exec(pc: ManagementClient) -> None:
+    for node in (
+        "./Device/Vendor/MSFT/Defender/UpdateSignature",
+        "./Vendor/MSFT/Defender/UpdateSignature",  # device scope either way
+        "./Device/Vendor/MSFT/BitLocker/RotateRecoveryPasswords",
+    ):
+        assert status(pc, "Exec", item(node)) == 200
+    for node in (
+        "./Vendor/MSFT/RemoteLock/Lock",  # Windows 10 Mobile only
+        "./Device/Vendor/MSFT/Reboot",
+        "./Device/Vendor/MSFT/NoSuchCSP/Go",
+        "./Vendor/MSFT/DMClient/Provider/SomeoneElse/Unenroll",
+    ):
+        assert status(pc, "Exec", item(node)) == 404
+    assert not pc.gone and not pc.restart_pending
+
+
+def test_a_defender_scan_takes_1_or_2(pc: ManagementClient) -> None:
+    scan = "./Device/Vendor/MSFT/Defender/Scan"
+    assert status(pc, "Exec", item(scan, "1", "chr")) == 200
+    assert status(pc, "Exec", item(scan, "2", "chr")) == 200
+    assert status(pc, "Exec", item(scan, "3", "chr")) == 500
+    assert status(pc, "Exec", item(scan)) == 500
+    assert pc.scans == ["1", "2"]
+
+
+def test_after_rebootnow_the_next_session_starts_over_with_the_new_name(pc: ManagementClient) -> None:
+    url = "https://mdm.example/api/mdm/microsoft/management"
+    pc.session_id = 41
+    pc.session_start(url)
+    assert status(pc, "Replace", item(DNS_NAME, "DESK-NEW", "chr")) == 200
+    # Not before a restart.
+    assert get(pc, DNS_NAME) == (200, (DNS_NAME, "chr", None, "DESK-OLD"))
+    assert status(pc, "Exec", item(REBOOT, fmt="null")) == 200
+    assert pc.restart_pending and pc.restarts == 0
+    package = pc.session_start(url)
+    assert _session_id(package) == "0" and pc.restarts == 1
+    assert get(pc, DNS_NAME)[1] == (DNS_NAME, "chr", None, "DESK-NEW")
+    assert pc.nodes["./DevDetail/Ext/Microsoft/DeviceName"] == ("chr", "DESK-NEW")
+    assert _session_id(pc.session_start(url)) == "1"
+
+
+def test_a_name_windows_refuses_fails_the_replace(pc: ManagementClient) -> None:
+    assert status(pc, "Replace", item(DNS_NAME, "12345", "chr")) == 500
+    assert status(pc, "Replace", item(DNS_NAME, "no spaces", "chr")) == 500
+    assert pc.pending_name is None
+
+
+def test_after_a_wipe_the_pc_answers_and_is_gone(pc: ManagementClient) -> None:
+    assert status(pc, "Exec", item("./Device/Vendor/MSFT/RemoteWipe/doWipeProtected", fmt="chr")) == 200
+    assert pc.wiped and pc.gone
+    with pytest.raises(ProtocolError, match="wiped"):
+        pc.session_start("https://mdm.example/api/mdm/microsoft/management")
+
+
+def test_after_unenroll_the_pc_ends_the_session_and_reports_alert_1226(pc: ManagementClient) -> None:
+    url = "https://mdm.example/api/mdm/microsoft/management"
+    pc.session_start(url)
+    body = etree.fromstring(
+        f'<SyncBody xmlns="{SYNCML}">'
+        f"{cmd('Exec', '5', item('./Vendor/MSFT/DMClient/Provider/mdmd/Unenroll', 'mdmd', 'chr'))}</SyncBody>"
+    )
+    message = ServerMessage(msg_id=2, hdr_status=200, commands=list(body), final=True, statuses=[])
+    assert pc.respond(message) is None  # no answer: the session is aborted
+    assert pc.unenrolling and not pc.gone
+    package = pc.session_start(url)
+    assert "1226" in _alerts(package) and b"com.microsoft:mdm.unenrollment.userrequest" in package
+    assert pc.gone
+    with pytest.raises(ProtocolError, match="unenrolled"):
+        pc.session_start(url)
+
+
+def test_an_action_rolled_back_in_an_atomic_does_nothing(pc: ManagementClient) -> None:
+    statuses, _ = run(
+        pc,
+        cmd(
+            "Atomic",
+            "30",
+            cmd("Exec", "31", item(REBOOT)),
+            cmd("Replace", "32", item(DNS_NAME, "DESK-X", "chr")),
+            cmd("Add", "33", item("./DevInfo/Man", "x")),  # 418: fails the Atomic
+        ),
+    )
+    assert statuses[0] == ("30", "Atomic", 507)
+    assert not pc.restart_pending and pc.pending_name is None and pc.executed == []

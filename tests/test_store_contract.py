@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mdmd.actions import ActionRequest, ActionStep, action_command, settle, shown_state
 from mdmd.management import (
     AlertRecord,
     CommandResult,
@@ -33,8 +34,30 @@ from mdmd.profiles import (
     ProfileStep,
     profile_version,
 )
-from mdmd.store import AssignmentOutcome, CertificateRenewal, RenewalRefused, SessionConflict, Store
-from store_helpers import BACKENDS, enrollment, host, wait
+from mdmd.store import (
+    AdminToken,
+    AssignmentOutcome,
+    AuditEntry,
+    AuditQuery,
+    CertificateRenewal,
+    DeviceQuery,
+    NewAction,
+    NewOperation,
+    OperationRecord,
+    RenewalRefused,
+    SessionConflict,
+    Store,
+)
+from store_helpers import (
+    BACKENDS,
+    ListFleet,
+    build_list_fleet,
+    enrollment,
+    expected_devices,
+    host,
+    read_all_pages,
+    wait,
+)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -756,3 +779,481 @@ def test_of_two_hosts_enrolling_one_device_id_at_once_through_two_nodes_one_is_r
         assert [c.serial for c in wait(store.device_certificates(device_id))] == [
             f"s{n}{'ab'[outcomes.index('enrolled')]}"
         ]
+
+
+# --- the device list ---
+
+LIST_QUERIES = [
+    DeviceQuery(),
+    DeviceQuery(descending=True),
+    DeviceQuery(sort="last_seen"),
+    DeviceQuery(sort="last_seen", descending=True),
+    DeviceQuery(state="enrolled"),
+    DeviceQuery(state="unenrolled", sort="last_seen"),
+    DeviceQuery(last_seen_before=105.0),
+    DeviceQuery(last_seen_after=105.0, sort="last_seen", descending=True),
+    DeviceQuery(last_seen_after=101.0, last_seen_before=110.0),
+    DeviceQuery(os_version="10.0.22631"),
+    DeviceQuery(os_version="10.0.19045.1", descending=True),
+    DeviceQuery(cert_expiring_before=1250.0),
+    DeviceQuery(hw_dev_id_collision=True),
+    DeviceQuery(hw_dev_id_collision=False, sort="last_seen"),
+    DeviceQuery(search="desktop-0"),
+    DeviceQuery(search="0A"),
+    DeviceQuery(search="sn3"),
+    DeviceQuery(search="1AAB-U"),
+    DeviceQuery(search="pc-2", state="enrolled", sort="last_seen"),
+    DeviceQuery(search="nothing-like-this"),
+]
+
+
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
+def listed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Store, ListFleet]]:
+    """A store holding the reference fleet (read only: built once)."""
+    s = BACKENDS[request.param](tmp_path_factory.mktemp("list"))
+    s.start()
+    try:
+        yield s, build_list_fleet(s)
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("query", LIST_QUERIES, ids=repr)
+def test_the_device_list_pages_through_exactly_the_matching_devices_in_order(
+    listed: tuple[Store, ListFleet], query: DeviceQuery
+) -> None:
+    store, fleet = listed
+    expected = expected_devices(store, fleet, query)
+    for limit in (1, 4, 100):
+        assert read_all_pages(store, query, limit) == expected, limit
+
+
+def test_the_reference_fleet_exercises_every_filter(listed: tuple[Store, ListFleet]) -> None:
+    # The listing test proves little if a filter matches everything or nothing.
+    store, fleet = listed
+    total = len(wait(store.devices()))
+    for query in LIST_QUERIES[4:-1]:
+        assert 0 < len(expected_devices(store, fleet, query)) < total, query
+
+
+def test_a_page_knows_whether_more_follow(listed: tuple[Store, ListFleet]) -> None:
+    store, fleet = listed
+    everything = expected_devices(store, fleet, DeviceQuery())
+    page = wait(store.device_page(DeviceQuery(), limit=len(everything)))
+    assert [d.device_id for d in page.devices] == everything and page.after is None
+    page = wait(store.device_page(DeviceQuery(), limit=len(everything) - 1))
+    assert page.after == (page.devices[-1].enrolled_at, page.devices[-1].device_id)
+
+
+def test_devices_are_found_by_id_in_any_letter_case(store: Store) -> None:
+    h = wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("AbCdEf01", h.id, "aa"), now=2.0))
+    for spelling in ("AbCdEf01", "abcdef01", "ABCDEF01"):
+        found = wait(store.device(spelling))
+        assert found is not None and found.device_id == "AbCdEf01"
+        record = wait(store.queue_command(spelling, f"u-{spelling}", "Get", "<Get/>", now=3.0))
+        assert record is not None and record.device_id == "AbCdEf01"
+    assert wait(store.request_unenrollment("abcDEF01")) is True
+    assert wait(store.device("abcdef0")) is None
+
+
+def test_another_host_cannot_enroll_a_device_id_differing_only_in_case(store: Store) -> None:
+    from mdmd.store import DeviceConflict
+
+    a = wait(store.enroll_host(host(1), now=1.0))
+    b = wait(store.enroll_host(host(2), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", a.id, "aa"), now=2.0))
+    with pytest.raises(DeviceConflict):
+        wait(store.record_device_enrollment(enrollment("dev1", b.id, "bb"), now=3.0))
+    assert wait(store.certificate("bb")) is None
+
+
+# --- administrators: tokens and the audit log ---
+
+
+def _token(name: str, secret: bytes, at: float = 1.0) -> AdminToken:
+    return AdminToken(
+        name=name, token_hash=hashlib.sha256(secret).digest(), created_at=at, created_by="admin"
+    )
+
+
+def _entry(action: str, target: str, at: float = 5.0, actor: str = "admin") -> AuditEntry:
+    return AuditEntry(at=at, actor=actor, action=action, target=target, detail={"n": 1}, client="127.0.0.1")
+
+
+def test_tokens_are_created_listed_and_revoked_with_their_audit(store: Store) -> None:
+    assert wait(store.adopt_bootstrap_token("admin", hashlib.sha256(b"boot").digest(), now=1.0)) == "created"
+    created = wait(store.create_admin_token(_token("ci", b"one"), audit=_entry("token.create", "ci")))
+    assert created is True
+    assert wait(store.create_admin_token(_token("ci", b"two"))) is False
+    tokens = {t.name: t for t in wait(store.admin_tokens())}
+    assert set(tokens) == {"admin", "ci"}
+    assert tokens["ci"].token_hash == hashlib.sha256(b"one").digest() and tokens["ci"].revoked_at is None
+    assert wait(store.revoke_admin_token("nope", 2.0)) == "unknown"
+    result = wait(store.revoke_admin_token("ci", 3.0, by="admin", audit=_entry("token.revoke", "ci")))
+    assert result == "revoked"
+    revoked = {t.name: t for t in wait(store.admin_tokens())}["ci"]
+    assert revoked.revoked_at == 3.0 and revoked.revoked_by == "admin"
+    # The last active token stays: nobody can lock every administrator out.
+    assert wait(store.revoke_admin_token("admin", 4.0)) == "last"
+    # A revoked name can be given to a new token.
+    assert wait(store.create_admin_token(_token("ci", b"three", at=6.0))) is True
+    again = {t.name: t for t in wait(store.admin_tokens())}["ci"]
+    assert again.revoked_at is None and again.token_hash == hashlib.sha256(b"three").digest()
+    actions = [r.entry.action for r in wait(store.audit_log(AuditQuery()))]
+    assert actions == ["token.revoke", "token.create"]
+
+
+def test_the_bootstrap_token_follows_its_file_unless_revoked(store: Store) -> None:
+    first, second = hashlib.sha256(b"first").digest(), hashlib.sha256(b"second").digest()
+    assert wait(store.adopt_bootstrap_token("admin", first, now=1.0)) == "created"
+    assert wait(store.adopt_bootstrap_token("admin", first, now=2.0)) == "unchanged"
+    assert wait(store.adopt_bootstrap_token("admin", second, now=3.0)) == "updated"
+    assert {t.name: t.token_hash for t in wait(store.admin_tokens())} == {"admin": second}
+    wait(store.create_admin_token(_token("other", b"x")))
+    assert wait(store.revoke_admin_token("admin", 4.0)) == "revoked"
+    assert wait(store.adopt_bootstrap_token("admin", first, now=5.0)) == "revoked"
+    admin = {t.name: t for t in wait(store.admin_tokens())}["admin"]
+    assert admin.revoked_at == 4.0 and admin.token_hash == second
+
+
+def test_an_audited_write_and_its_record_commit_together(store: Store) -> None:
+    h = wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", h.id, "aa"), now=2.0))
+    entry = _entry("command.queue", "DEV1")
+    assert wait(store.queue_command("DEV1", "u1", "Get", "<Get/>", now=3.0, audit=entry)) is not None
+    # Nothing written, nothing recorded.
+    assert wait(store.queue_command("NOPE", "u2", "Get", "<Get/>", now=3.0, audit=entry)) is None
+    assert wait(store.request_unenrollment("NOPE", audit=_entry("device.unenroll", "NOPE"))) is False
+    assert wait(store.request_unenrollment("dev1", audit=_entry("device.unenroll", "DEV1"))) is True
+    records = wait(store.audit_log(AuditQuery()))
+    assert [(r.entry.action, r.entry.target) for r in records] == [
+        ("device.unenroll", "DEV1"),
+        ("command.queue", "DEV1"),
+    ]
+    assert records[1].entry == entry
+
+
+def test_the_audit_log_pages_newest_first_and_filters(store: Store) -> None:
+    for n in range(7):
+        wait(store.record_audit(_entry("a" if n % 2 else "b", f"t{n % 3}", at=float(n), actor=f"u{n % 2}")))
+    first = wait(store.audit_log(AuditQuery(limit=3)))
+    assert [r.entry.at for r in first] == [6.0, 5.0, 4.0]
+    rest = wait(store.audit_log(AuditQuery(limit=10, before_id=first[-1].id)))
+    assert [r.entry.at for r in rest] == [3.0, 2.0, 1.0, 0.0]
+    assert [r.entry.at for r in wait(store.audit_log(AuditQuery(actor="u1")))] == [5.0, 3.0, 1.0]
+    assert [r.entry.at for r in wait(store.audit_log(AuditQuery(action="b", target="t0")))] == [6.0, 0.0]
+
+
+# --- operations ---
+
+
+def test_fleet_counts_for_the_metrics(store: Store) -> None:
+    now = 1_000_000.0
+    a = wait(store.enroll_host(host(1), now=1.0))
+    b = wait(store.enroll_host(host(2), now=1.0))
+    soon = replace(enrollment("DEV1", a.id, "aa"), cert_not_after=now + 86400)
+    later = replace(enrollment("DEV2", b.id, "bb", hw="other"), cert_not_after=now + 40 * 86400)
+    wait(store.record_device_enrollment(soon, now=2.0))
+    wait(store.record_device_enrollment(later, now=2.0))
+    wait(
+        store.record_device_enrollment(
+            replace(enrollment("DEV3", b.id, "cc"), cert_not_after=now + 10), now=3.0
+        )
+    )
+    wait(store.queue_command("DEV1", "u1", "Get", "<Get/>", now=3.0))
+    wait(store.queue_command("DEV1", "u2", "Get", "<Get/>", now=3.0))
+    wait(store.commit_management_step(ManagementStep("DEV1", session=None, answered=(("u1", 200),)), now=4.0))
+    counts = wait(store.fleet_counts(now))
+    assert counts["devices"] == {"enrolled": 2, "unenrolled": 1}
+    assert counts["commands"] == {"pending": 1, "sent": 0, "acknowledged": 1, "failed": 0}
+    # DEV2's certificate was revoked when DEV3 replaced it on host b.
+    assert counts["certificates_expiring"] == {"": 2}
+
+
+def test_the_store_says_its_schema_version(store: Store) -> None:
+    assert isinstance(store.schema_version, int) and store.schema_version >= 1
+
+
+def test_a_writable_store_commits_the_readiness_probe(store: Store) -> None:
+    wait(store.check_writable(1.0))
+    wait(store.check_writable(2.0))
+
+
+def test_the_device_list_filters_by_group(store: Store) -> None:
+    for n, device_id in enumerate(("DEV1", "DEV2", "DEV3"), start=1):
+        _enrolled_with_command(store, device_id, n)
+    wait(store.create_group("g", 1.0))
+    wait(store.change_group_members("g", ["DEV3", "DEV1"], [], 2.0))
+    assert read_all_pages(store, DeviceQuery(group="g"), 1) == ["DEV1", "DEV3"]
+    assert read_all_pages(store, DeviceQuery(group="g", descending=True), 5) == ["DEV3", "DEV1"]
+    assert read_all_pages(store, DeviceQuery(group="all"), 2) == ["DEV1", "DEV2", "DEV3"]
+    assert read_all_pages(store, DeviceQuery(group="nobody"), 2) == []
+
+
+# --- device actions and group operations ---
+
+
+def _new_action(kind: str, n: int, **options: object) -> NewAction:
+    request = ActionRequest.from_options(kind, options)
+    queued = action_command(request, provider_id="mdmd")
+    return NewAction(f"act-{n}", f"cmd-act-{n}", kind, request.options(), queued.verb, queued.body)
+
+
+def _enrolled_for_actions(store: Store, device_id: str, n: int) -> None:
+    h = wait(store.enroll_host(host(n), now=1.0))
+    wait(store.record_device_enrollment(enrollment(device_id, h.id, f"serial{n}", hw=None), now=2.0))
+
+
+def _settle_and_commit(store: Store, serial: str, step: ManagementStep, now: float) -> ActionStep:
+    ctx = wait(store.management_context(serial))
+    assert ctx is not None
+    actions = settle(ctx.actions, step)
+    wait(store.commit_management_step(step, now, actions=actions))
+    return actions
+
+
+def test_an_action_is_queued_with_its_command_and_shown_on_the_device(store: Store) -> None:
+    assert wait(store.request_action("NOPE", _new_action("restart", 0), now=3.0)).result == "no_device"
+    _enrolled_for_actions(store, "DEV1", 1)
+    outcome = wait(store.request_action("DEV1", _new_action("wipe", 1, mode="protected"), now=3.0))
+    assert outcome.result == "queued" and outcome.action is not None
+    assert (outcome.action.state, outcome.action.options) == ("pending", {"mode": "protected"})
+    command = wait(store.command("cmd-act-1"))
+    assert command is not None and command.verb == "Exec" and "doWipeProtected" in command.body
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.lifecycle == "wipe_pending" and device.pending_actions == ("wipe",)
+    # The same action again is refused while it is queued; another is not.
+    assert (
+        wait(store.request_action("DEV1", _new_action("wipe", 2, mode="wipe"), now=4.0)).result == "pending"
+    )
+    assert wait(store.request_action("DEV1", _new_action("restart", 3), now=4.0)).result == "queued"
+    listed = {d.device_id: d for d in wait(store.devices())}
+    assert listed["DEV1"].pending_actions == ("wipe", "restart")
+    assert [a.action_id for a in wait(store.device_actions("DEV1"))] == ["act-3", "act-1"]
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None and {a.action for a in ctx.actions} == {"wipe", "restart"}
+    assert wait(store.command("act-2")) is None and wait(store.command("cmd-act-2")) is None
+
+
+def test_an_mdm_unenrollment_also_asks_the_agent(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    assert wait(store.request_action("DEV1", _new_action("unenroll", 1), now=3.0)).result == "queued"
+    found = wait(store.host_by_node_key(hashlib.sha256(b"key-1").digest()))
+    assert found is not None and found.unenroll_requested
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.lifecycle == "unenroll_pending"
+
+
+def test_an_accepted_wipe_unenrolls_revokes_and_cancels_what_is_queued(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    wait(store.request_action("DEV1", _new_action("wipe", 1), now=3.0))
+    wait(store.request_action("DEV1", _new_action("defender_update", 2), now=3.0))
+    wait(store.queue_command("DEV1", "plain", "Get", "<Get/>", now=3.0))
+    sent = ManagementStep("DEV1", session=_session(), sent=(("cmd-act-1", "1A", 1),))
+    _settle_and_commit(store, "serial1", sent, now=4.0)
+    device = wait(store.device("DEV1"))
+    assert device is not None and device.lifecycle == "wipe_pending"
+    answered = ManagementStep("DEV1", session=None, answered=(("cmd-act-1", 200),))
+    assert _settle_and_commit(store, "serial1", answered, now=5.0).ended == "wiped"
+    device = wait(store.device("DEV1"))
+    assert device is not None and (device.state, device.lifecycle) == ("unenrolled", "wiped")
+    assert shown_state(device.state, device.lifecycle) == "wiped" and device.pending_actions == ()
+    cert = wait(store.certificate("serial1"))
+    assert cert is not None and cert.revoked_at == 5.0
+    wipe, plain = wait(store.command("cmd-act-1")), wait(store.command("plain"))
+    assert wipe is not None and (wipe.state, wipe.status) == ("acknowledged", 200)
+    assert plain is not None and (plain.state, plain.status) == ("failed", None)
+    assert plain.detail == "cancelled: the device was wiped"
+    states = {a.action: a.state for a in wait(store.device_actions("DEV1"))}
+    assert states == {"wipe": "acknowledged", "defender_update": "cancelled"}
+    ctx = wait(store.management_context("serial1"))
+    assert ctx is not None and ctx.queue == () and ctx.session is None
+    # Nothing more for it.
+    assert wait(store.request_action("DEV1", _new_action("restart", 3), now=6.0)).result == "wiped"
+    assert wait(store.queue_command("DEV1", "late", "Get", "<Get/>", now=6.0)) is None
+    # A fresh enrollment of the same ID is an enrolled device again.
+    wait(store.record_device_enrollment(enrollment("DEV1", 1, "serial9", hw=None), now=7.0))
+    device = wait(store.device("DEV1"))
+    assert device is not None and shown_state(device.state, device.lifecycle) == "enrolled"
+
+
+def test_a_failed_wipe_leaves_the_device_as_it_was(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    wait(store.request_action("DEV1", _new_action("wipe", 1), now=3.0))
+    _settle_and_commit(
+        store, "serial1", ManagementStep("DEV1", _session(), answered=(("cmd-act-1", 404),)), 4.0
+    )
+    device = wait(store.device("DEV1"))
+    assert device is not None and (device.state, device.lifecycle) == ("enrolled", None)
+    (wipe,) = wait(store.device_actions("DEV1"))
+    assert (wipe.state, wipe.status) == ("failed", 404) and "404 Not found" in (wipe.detail or "")
+    # It may be asked again.
+    assert wait(store.request_action("DEV1", _new_action("wipe", 2), now=5.0)).result == "queued"
+
+
+def test_alert_1226_confirms_an_unenrollment_the_device_never_answered(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    wait(store.request_action("DEV1", _new_action("unenroll", 1), now=3.0))
+    _settle_and_commit(
+        store, "serial1", ManagementStep("DEV1", _session(), sent=(("cmd-act-1", "1A", 2),)), 4.0
+    )
+    _settle_and_commit(store, "serial1", ManagementStep("DEV1", session=None, unenroll=True), 5.0)
+    device = wait(store.device("DEV1"))
+    assert device is not None and (device.state, device.lifecycle) == ("unenrolled", None)
+    assert shown_state(device.state, device.lifecycle) == "unenrolled"
+    command = wait(store.command("cmd-act-1"))
+    assert command is not None and (command.state, command.status) == ("acknowledged", None)
+    assert command.detail == "confirmed by the device's Alert 1226"
+    (unenroll,) = wait(store.device_actions("DEV1"))
+    assert unenroll.state == "acknowledged"
+    cert = wait(store.certificate("serial1"))
+    assert cert is not None and cert.revoked_at == 5.0
+    assert wait(store.request_action("DEV1", _new_action("unenroll", 2), now=6.0)).result == "unenrolled"
+
+
+def test_a_new_rename_replaces_one_waiting_for_a_restart(store: Store) -> None:
+    _enrolled_for_actions(store, "DEV1", 1)
+    wait(store.request_action("DEV1", _new_action("rename", 1, name="A-1"), now=3.0))
+    assert (
+        wait(store.request_action("DEV1", _new_action("rename", 2, name="A-2"), now=3.0)).result == "pending"
+    )
+    _settle_and_commit(
+        store, "serial1", ManagementStep("DEV1", _session(), answered=(("cmd-act-1", 200),)), 4.0
+    )
+    (first,) = wait(store.device_actions("DEV1"))
+    assert first.state == "awaiting_restart"
+    assert (
+        wait(store.request_action("DEV1", _new_action("rename", 3, name="A-3"), now=5.0)).result == "queued"
+    )
+    states = {a.options["name"]: a.state for a in wait(store.device_actions("DEV1"))}
+    assert states == {"A-1": "cancelled", "A-3": "pending"}
+
+
+def _operation(group: str, n: int, kind: str = "action") -> NewOperation:
+    queued = action_command(ActionRequest("restart"), provider_id="mdmd")
+    return NewOperation(
+        f"op-{n}", kind, group, queued.verb, queued.body, "restart" if kind == "action" else None, {}
+    )
+
+
+def test_operations_need_an_existing_group(store: Store) -> None:
+    assert wait(store.create_operation(_operation("nope", 1), now=1.0)) is False
+    assert wait(store.operation("op-1")) is None
+    assert wait(store.create_operation(_operation("all", 2), now=1.0)) is True
+    op = wait(store.operation("op-2"))
+    assert op is not None and (op.state, op.total, op.queued) == ("pending", None, 0)
+
+
+def test_a_lease_is_held_by_one_owner_until_it_expires_or_its_owner_is_dead(store: Store) -> None:
+    wait(store.create_operation(_operation("all", 1), now=1.0))
+    first = wait(store.claim_operation("node-a/1", now=10.0, lease_until=40.0))
+    assert first is not None and (first.state, first.lease_owner) == ("queuing", "node-a/1")
+    assert wait(store.claim_operation("node-b/1", now=20.0, lease_until=50.0)) is None
+    # Its own owner may claim it again (a restart on the same node).
+    again = wait(store.claim_operation("node-a/1", now=20.0, lease_until=50.0))
+    assert again is not None and again.lease_until == 50.0
+    # A dead owner's lease is taken over at once; an expired one by anyone.
+    taken = wait(store.claim_operation("node-a/2", now=21.0, lease_until=51.0, takeover=["node-a/1"]))
+    assert taken is not None and taken.lease_owner == "node-a/2"
+    assert wait(store.fan_out("op-1", "node-a/1", 22.0, 52.0, limit=10)) is None  # lost it
+    expired = wait(store.claim_operation("node-b/1", now=60.0, lease_until=90.0))
+    assert expired is not None and expired.lease_owner == "node-b/1"
+    leases = wait(store.operation_leases())
+    assert [(o.operation_id, o.lease_owner) for o in leases] == [("op-1", "node-b/1")]
+    wait(store.release_operation("op-1", "node-b/1"))
+    released = wait(store.claim_operation("node-c/1", now=61.0, lease_until=91.0))
+    assert released is not None and released.lease_owner == "node-c/1"
+
+
+def test_a_fan_out_queues_each_member_once_in_batches_and_counts_progress(store: Store) -> None:
+    ids = [f"DEV{n}" for n in range(5)]
+    for n, device_id in enumerate(ids, start=1):
+        _enrolled_for_actions(store, device_id, n)
+    wait(store.create_group("desks", now=1.0))
+    wait(store.change_group_members("desks", ids, [], now=1.0))
+    # DEV0 has a restart pending already, DEV1 left: both are skipped.
+    wait(store.request_action("DEV0", _new_action("restart", 1), now=2.0))
+    _settle_and_commit(store, "serial2", ManagementStep("DEV1", None, unenroll=True), 2.0)
+    wait(store.create_operation(_operation("desks", 7), now=3.0))
+    claimed = wait(store.claim_operation("me", now=3.0, lease_until=30.0))
+    assert claimed is not None
+    first = wait(store.fan_out("op-7", "me", 4.0, 34.0, limit=2, total=5))
+    assert first is not None and (first.state, first.total, first.queued, first.skipped) == (
+        "queuing",
+        5,
+        0,
+        2,
+    )
+    assert first.lease_until == 34.0
+    second = wait(store.fan_out("op-7", "me", 5.0, 35.0, limit=2))
+    assert second is not None and (second.state, second.queued) == ("queuing", 2)
+    last = wait(store.fan_out("op-7", "me", 6.0, 36.0, limit=2))
+    assert last is not None and (last.state, last.total, last.queued, last.skipped) == ("delivering", 5, 3, 2)
+    assert last.lease_owner is None
+    assert wait(store.fan_out("op-7", "me", 7.0, 37.0, limit=2)) is None  # nothing left to do
+    per_device = {d: [a for a in wait(store.device_actions(d)) if a.operation_id == "op-7"] for d in ids}
+    assert {d: len(a) for d, a in per_device.items()} == {
+        "DEV0": 0,
+        "DEV1": 0,
+        "DEV2": 1,
+        "DEV3": 1,
+        "DEV4": 1,
+    }
+    # Answers count, and the last one finishes it.
+    for n, device_id in enumerate(ids[2:], start=3):
+        (act,) = per_device[device_id]
+        code = 200 if device_id != "DEV4" else 404
+        _settle_and_commit(
+            store, f"serial{n}", ManagementStep(device_id, None, answered=((act.command_uuid, code),)), 8.0
+        )
+    done = wait(store.operation("op-7"))
+    assert done is not None and (done.state, done.acknowledged, done.failed) == ("done", 2, 1)
+    assert done.finished_at == 8.0
+
+
+def test_a_command_operation_reaches_every_enrolled_device_of_all(store: Store) -> None:
+    for n, device_id in enumerate(["A", "B", "C"], start=1):
+        _enrolled_for_actions(store, device_id, n)
+    wait(store.create_operation(_operation("all", 1, kind="command"), now=3.0))
+    assert wait(store.claim_operation("me", now=3.0, lease_until=30.0)) is not None
+    done = wait(store.fan_out("op-1", "me", 4.0, 34.0, limit=10))
+    assert done is not None and (done.state, done.total, done.queued) == ("delivering", 3, 3)
+    for device_id in ("A", "B", "C"):
+        (command,) = wait(store.device_commands(device_id))
+        assert command.operation_id == "op-1" and command.verb == "Exec"
+    # A device that leaves counts its cancelled command as failed.
+    _settle_and_commit(store, "serial1", ManagementStep("A", None, unenroll=True), 5.0)
+    op = wait(store.operation("op-1"))
+    assert op is not None and (op.failed, op.state) == (1, "delivering")
+
+
+def test_a_group_wipe_or_unenrollment_sets_each_members_lifecycle(store: Store) -> None:
+    for n, device_id in enumerate(["A", "B", "C"], start=1):
+        _enrolled_for_actions(store, device_id, n)
+    wait(store.request_action("A", _new_action("wipe", 1), now=2.0))
+    wait(store.request_action("B", _new_action("unenroll", 2), now=2.0))
+
+    def fan(kind: str, n: int, **options: object) -> OperationRecord:
+        queued = action_command(ActionRequest.from_options(kind, options), provider_id="mdmd")
+        wait(
+            store.create_operation(
+                NewOperation(f"op-{n}", "action", "all", queued.verb, queued.body, kind, options), 3.0
+            )
+        )
+        assert wait(store.claim_operation("me", now=3.0, lease_until=30.0)) is not None
+        done = wait(store.fan_out(f"op-{n}", "me", 4.0, 34.0, limit=10))
+        assert done is not None
+        return done
+
+    unenroll = fan("unenroll", 7)
+    assert (unenroll.queued, unenroll.skipped) == (2, 1)  # B has one pending
+    lifecycles = {d.device_id: d.lifecycle for d in wait(store.devices())}
+    assert lifecycles == {"A": "wipe_pending", "B": "unenroll_pending", "C": "unenroll_pending"}
+    found = wait(store.host_by_node_key(hashlib.sha256(b"key-3").digest()))
+    assert found is not None and found.unenroll_requested
+    wipe = fan("wipe", 8, mode="wipe")
+    assert (wipe.queued, wipe.skipped) == (2, 1)  # A has one pending
+    assert {d.lifecycle for d in wait(store.devices())} == {"wipe_pending"}

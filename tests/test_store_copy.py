@@ -95,6 +95,18 @@ def test_a_fleet_copied_from_sqlite_goes_on_checking_in_on_postgresql(
         pending = queue(
             old, paused.id, {"verb": "Exec", "items": [{"target": "./Vendor/MSFT/Reboot/RebootNow"}]}
         )
+        # A device action, a group operation (to a group with no members),
+        # a named admin token and what the audit log says of them, and the
+        # readiness check's row.
+        status, _ = old.admin("POST", f"/api/v1/devices/{managed.id}/actions", {"action": "restart"})
+        assert status == 201, _
+        old.admin("POST", "/api/v1/groups", {"name": "nobody"})
+        status, _ = old.admin("POST", "/api/v1/groups/nobody/actions", {"action": "defender_update"})
+        assert status == 202, _
+        status, _ = old.admin("POST", "/api/v1/tokens", {"name": "ops"})
+        assert status == 201, _
+        response, _ = old.request("GET", "/readyz", section="admin")
+        assert response.status == 200
     # Pieces of a large object in flight (the emulator does not upload in
     # pieces): written through the store, as the daemon would.
     store = SQLiteStore(str(state / "mdmd.sqlite3"), ThreadReactor())  # type: ignore[arg-type]
@@ -140,8 +152,13 @@ def test_a_fleet_copied_from_sqlite_goes_on_checking_in_on_postgresql(
         assert status == 200 and isinstance(command, dict) and command["state"] == "acknowledged"
         status, profiles = new.admin("GET", f"/api/v1/devices/{paused.id}/profiles")
         assert isinstance(profiles, dict) and profiles["profiles"][0]["state"] == "verified"
-        # The other device checks in with the certificate it has.
-        assert [m.commands for m in run_session(new, managed, client)] == [[]]
+        # The other device checks in with the certificate it has, and gets
+        # the action asked for it before the move.
+        run_session(new, managed, client)
+        assert client.executed == ["./Device/Vendor/MSFT/Reboot/RebootNow"]
+        status, actions = new.admin("GET", f"/api/v1/devices/{managed.id}/actions")
+        assert isinstance(actions, dict), actions
+        assert [(a["action"], a["state"]) for a in actions["actions"]] == [("restart", "acknowledged")]
         # New enrollments continue the copied identity columns.
         late = enroll(new, WindowsDevice(key=keys[2], hostname="LATE"), tmp_path)  # type: ignore[arg-type]
         run_session(new, late, ManagementClient(late.device))

@@ -5,9 +5,11 @@ kill -9.  Behaviour every backend shares is in test_store_contract.py."""
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -16,18 +18,29 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from test_store_contract import LIST_QUERIES
 
 from harness import REPO
-from mdmd.management import LargeObject
-from mdmd.store import HostEnrollment, StoreError
-from mdmd.store.engine import SQLConnection
+from mdmd.management import LargeObject, ManagementStep
+from mdmd.store import DeviceQuery, HostEnrollment, StoreError, sqlite_devices
+from mdmd.store import sqlite as sqlite_module
+from mdmd.store.engine import SQLConnection, TransactionEngine
 from mdmd.store.sqlite import _DEVICE_SELECT, _LIVE_SERIALS_OF_DEVICE_OR_HOST, SQLiteStore, migrate
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
-from store_helpers import ThreadReactor, host, wait
+from store_helpers import (
+    ListFleet,
+    ThreadReactor,
+    build_list_fleet,
+    enrollment,
+    expected_devices,
+    host,
+    read_all_pages,
+    wait,
+)
 
 
 @pytest.fixture
@@ -350,3 +363,301 @@ def test_finding_a_devices_live_certificates_does_not_grow_with_its_history() ->
     assert all(
         _steps(conn, sql, args) > 100 * steps for (sql, args), steps in zip(queries, fresh, strict=True)
     )
+
+
+# --- the device list on indexes ---
+
+
+@pytest.fixture(scope="module")
+def listed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SQLiteStore, ListFleet]]:
+    path = tmp_path_factory.mktemp("list") / "mdmd.sqlite3"
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    s.start()
+    try:
+        yield s, build_list_fleet(s)
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("query", LIST_QUERIES, ids=repr)
+def test_walking_the_sort_index_lists_what_reading_candidates_does(
+    listed: tuple[SQLiteStore, ListFleet], query: DeviceQuery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The contract suite's fleet is small, so filters are read by their
+    # candidates; with no candidate limit every page walks the sort index.
+    store, fleet = listed
+    monkeypatch.setattr(sqlite_devices, "CANDIDATE_LIMIT", -1)
+    monkeypatch.setattr(sqlite_devices, "SEARCH_CANDIDATE_LIMIT", -1)
+    expected = expected_devices(store, fleet, query)
+    for limit in (1, 3, 100):
+        assert read_all_pages(store, query, limit) == expected, limit
+
+
+def _plan(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[str]:
+    return [str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+
+
+@pytest.mark.parametrize("candidate_limit", [-1, 5000])
+def test_every_device_list_query_runs_on_indexes(
+    listed: tuple[SQLiteStore, ListFleet], candidate_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = listed
+    monkeypatch.setattr(sqlite_devices, "CANDIDATE_LIMIT", candidate_limit)
+    monkeypatch.setattr(sqlite_devices, "SEARCH_CANDIDATE_LIMIT", candidate_limit)
+    conn = sqlite3.connect(store.path)
+    try:
+        for query in LIST_QUERIES:
+            for after in (None, (10.0, "0Adevice")):
+                sql, params = sqlite_devices.page_sql(conn, query, 100, after)
+                plan = _plan(conn, sql, params)
+                # No table is read whole: every scan walks an index, every
+                # search uses one (or the rowid).
+                tables = [
+                    line for line in plan if line.startswith(("SCAN", "SEARCH")) and "subquery" not in line
+                ]
+                assert tables and all("USING" in line for line in tables), (query, after, plan)
+                if candidate_limit < 0 and after is None:
+                    # Walking the sort order's index: nothing to sort.
+                    assert not any("TEMP B-TREE" in line for line in plan), (query, plan)
+    finally:
+        conn.close()
+
+
+def test_a_bulk_read_does_not_delay_a_devices_read(store: SQLiteStore) -> None:
+    wait(store.enroll_host(host(1), now=1.0))
+    release = threading.Event()
+
+    def long_listing(conn: SQLConnection) -> None:
+        assert release.wait(10), "never released"
+
+    listing = store._run(long_listing, write=False, bulk=True)
+    try:
+        assert wait(store.host_by_node_key(host(1).node_key_hash)) is not None
+        assert not listing.called
+    finally:
+        release.set()
+    wait(listing)
+
+
+def _old_database(path: Path, version: int) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:version]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={version}")
+    h = host(1)
+    conn.execute(
+        "INSERT INTO hosts (id, hardware_uuid, node_key_hash, platform, hostname, hardware_serial, info,"
+        " enrolled_at) VALUES (1, ?, ?, 'windows', 'h', 's', '{}', 1)",
+        (h.hardware_uuid, h.node_key_hash),
+    )
+    conn.close()
+
+
+def test_a_backup_is_written_before_a_migration(tmp_path: Path) -> None:
+    path = tmp_path / "mdmd.sqlite3"
+    _old_database(path, SCHEMA_VERSION - 1)
+    told: list[tuple[int, str]] = []
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    assert s.open(before_migration=lambda version, copy: told.append((version, copy))) == SCHEMA_VERSION - 1
+    s.stop()
+    (copy,) = tmp_path.glob(f"mdmd.sqlite3.v{SCHEMA_VERSION - 1}-backup-*")
+    assert told == [(SCHEMA_VERSION - 1, str(copy))] and s.migration_backup == str(copy)
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    conn = sqlite3.connect(copy)
+    try:
+        # The copy is the database as it was: the old version, the old rows.
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
+        assert conn.execute("SELECT hardware_uuid FROM hosts").fetchall() == [("uuid-1",)]
+    finally:
+        conn.close()
+    # Up to date now: no second copy.
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    s.stop()
+    assert len(list(tmp_path.glob("mdmd.sqlite3.v*"))) == 1
+
+
+def test_a_migration_without_room_for_its_backup_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "mdmd.sqlite3"
+    _old_database(path, SCHEMA_VERSION - 1)
+
+    def disk_full(source: sqlite3.Connection, copy: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(sqlite_module, "backup_database", disk_full)
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match=r"cannot write a backup .*No space left.* nothing was changed"):
+        s.open()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
+    finally:
+        conn.close()
+
+
+def test_a_new_database_needs_no_backup(tmp_path: Path) -> None:
+    s = SQLiteStore(str(tmp_path / "mdmd.sqlite3"), ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    s.stop()
+    assert s.migration_backup is None and not list(tmp_path.glob("*backup*"))
+
+
+def _fill(path: Path, count: int) -> None:
+    """*count* enrolled devices with their hosts and certificates, inserted
+    directly: the fleet the next test's requests must not walk."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO hosts (id, hardware_uuid, node_key_hash, platform, hostname, hardware_serial, info,"
+            " enrolled_at) VALUES (?, ?, ?, 'windows', ?, ?, '{}', 1)",
+            [
+                (1000 + i, f"fill-{i}", hashlib.sha256(b"fill%d" % i).digest(), f"FILL-{i}", f"FS{i}")
+                for i in range(count)
+            ],
+        )
+        conn.execute(
+            "INSERT INTO devices (device_id, host_id, hw_dev_id, enrollment_type, context, state,"
+            " enrolled_at) SELECT 'FILL' || id, id, 'hw' || id, 'Full', '[]', 'enrolled', 1"
+            " FROM hosts WHERE id >= 1000"
+        )
+        conn.execute(
+            "INSERT INTO certificates (serial, device_id, thumbprint, not_before, not_after, issued_at)"
+            " SELECT 'f' || host_id, device_id, 'T' || host_id, 1, 9e9, 1 FROM devices WHERE host_id >= 1000"
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def _work_of_device_requests(path: Path, fleet: int) -> tuple[int, list[str]]:
+    """SQLite VM steps (in hundreds) of what devices, agents and the admin
+    API's single-device calls ask of a store holding *fleet* other devices,
+    and the statements run."""
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    s.open()
+    _fill(path, fleet)
+    engine = s._engine
+    assert isinstance(engine, TransactionEngine)
+    steps: list[int] = []
+    statements: list[str] = []
+
+    def count() -> int:
+        steps.append(1)
+        return 0  # go on
+
+    for conn in (engine._writer, *engine._readers.values()):
+        assert conn is not None
+        conn.set_trace_callback(statements.append)
+        conn.set_progress_handler(count, 100)
+    s.start()
+    try:
+        a = wait(s.enroll_host(host(1), now=1.0))
+        b = wait(s.enroll_host(host(2), now=1.0))
+        wait(s.host_by_node_key(host(1).node_key_hash, seen_at=2.0))
+        wait(s.record_device_enrollment(enrollment("DEV1", a.id, "s1", hw="clone"), now=2.0))
+        wait(s.record_device_enrollment(enrollment("DEV2", b.id, "s2", hw="clone"), now=2.0))
+        wait(s.record_device_enrollment(enrollment("DEV3", b.id, "s3", hw="other"), now=3.0))
+        assert wait(s.queue_command("dev1", "u1", "Get", "<Get/>", now=4.0)) is not None
+        context = wait(s.management_context("s1"))
+        assert context is not None
+        step = ManagementStep(
+            "DEV1",
+            session=None,
+            sent=(("u1", "1", 1),),
+            answered=(("u1", 200),),
+            inventory={"./DevInfo/Mod": "VM"},
+        )
+        wait(s.commit_management_step(step, now=5.0, expected_seq=context.session_seq))
+        for device_id in ("dev1", "DEV1"):
+            wait(s.device(device_id))
+        wait(s.device_commands("DEV1"))
+        wait(s.device_certificates("DEV1"))
+        wait(s.command("u1"))
+        wait(s.last_reply("DEV1"))
+        wait(s.device_alerts("DEV1"))
+        assert wait(s.request_unenrollment("dev3")) is True
+        wait(s.certificate("s1"))
+        wait(s.host_by_node_key(host(2).node_key_hash))
+    finally:
+        s.stop()
+    return len(steps), statements
+
+
+def test_what_devices_and_agents_ask_does_not_grow_with_the_fleet(tmp_path: Path) -> None:
+    # The planner has no statistics: an index on a column with few values
+    # (state, say) looks as selective as a device's own and can lure a
+    # query into walking every enrolled device.  The same requests must cost
+    # the same against 50 and 3,000 other devices.
+    (tmp_path / "small").mkdir()
+    (tmp_path / "large").mkdir()
+    small, statements = _work_of_device_requests(tmp_path / "small" / "mdmd.sqlite3", 50)
+    large, _ = _work_of_device_requests(tmp_path / "large" / "mdmd.sqlite3", 3000)
+    assert large < small * 1.5, (small, large)
+    # And none of their statements reads a fleet table whole.
+    conn = sqlite3.connect(tmp_path / "large" / "mdmd.sqlite3")
+    try:
+        checked = 0
+        for sql in dict.fromkeys(statements):
+            if not sql.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT")):
+                continue
+            checked += 1
+            for line in (str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql)):
+                assert not re.match(r"SCAN (\w+ )?(devices|hosts|certificates|commands|d|h|c)\b", line), sql
+    finally:
+        conn.close()
+    assert checked >= 20
+
+
+def test_schema_version_6_devices_and_commands_carry_over_to_actions(tmp_path: Path) -> None:
+    """Migration 7 adds columns and tables beside the data: enrolled
+    devices keep their state (no lifecycle), queued commands stay queued
+    (no operation), and the new partial indexes are the ones queries use."""
+    path = tmp_path / "mdmd.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:6]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=6")
+    conn.execute(
+        "INSERT INTO devices (device_id, enrollment_type, context, state, enrolled_at)"
+        " VALUES ('DEV1', 'Full', '[]', 'enrolled', 1)"
+    )
+    conn.execute(
+        "INSERT INTO commands (uuid, device_id, verb, body, state, created_at)"
+        " VALUES ('c1', 'DEV1', 'Get', '<Get/>', 'pending', 1)"
+    )
+    conn.close()
+    s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
+    assert s.open() == 6
+    s.start()
+    try:
+        device = wait(s.device("DEV1"))
+        assert device is not None and (device.state, device.lifecycle, device.pending_actions) == (
+            "enrolled",
+            None,
+            (),
+        )
+        command = wait(s.command("c1"))
+        assert command is not None and (command.state, command.operation_id, command.detail) == (
+            "pending",
+            None,
+            None,
+        )
+    finally:
+        s.stop()
+    conn = sqlite3.connect(path)
+    plan = " ".join(
+        str(r[3])
+        for r in conn.execute(
+            # The device list's query: the open actions of the whole fleet.
+            "EXPLAIN QUERY PLAN SELECT device_id, action FROM device_actions"
+            " WHERE state IN ('pending', 'sent', 'awaiting_restart')"
+        )
+    )
+    conn.close()
+    assert "device_actions_open" in plan

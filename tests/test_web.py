@@ -5,8 +5,9 @@ routing) are tested without sockets."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -14,9 +15,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from mdmd import metrics
+from mdmd.logs import json_line
 from mdmd.store import StoreUnavailable
 from mdmd.web import (
     BearerTokenGuard,
@@ -193,7 +196,8 @@ def test_a_client_that_goes_away_mid_request_gets_nothing_written(
 def test_the_guard_answers_for_every_route_and_every_unknown_path(logs: Sequence[dict[str, Any]]) -> None:
     site = MdmdSite(
         RoutingResource(
-            [Route("/open", Echo(), public=True), Route("/secret", Echo())], guard=BearerTokenGuard("t" * 32)
+            [Route("/open", Echo(), public=True), Route("/secret", Echo())],
+            guard=BearerTokenGuard(lambda: {hashlib.sha256(b"t" * 32).digest(): "tester"}),
         ),
         listener="admin",
         max_body_bytes=1024,
@@ -257,3 +261,130 @@ def test_management_refuses_a_body_that_is_not_syncml_with_415(logs: Sequence[di
     assert status == 415 and b"application/vnd.syncml.dm+xml" in body
     (warning,) = warnings_and_errors(logs)
     assert warning["status"] == 415
+
+
+# --- request IDs, the request line, the metrics ---
+
+
+def _request_line(logs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    (line,) = [e for e in logs if "request_id" in e and "status" in e]
+    return line
+
+
+def test_every_answer_and_its_log_line_carry_a_request_id_and_the_client(
+    site: MdmdSite, logs: Sequence[dict[str, Any]]
+) -> None:
+    status, headers, _, _ = exchange(site, b"GET /echo/a/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200
+    line = _request_line(logs)
+    assert headers[b"x-request-id"].decode() == line["request_id"]
+    assert len(line["request_id"]) == 16 and line["client"] == "127.0.0.1"
+    text = formatEvent(line)
+    assert f"client=127.0.0.1 request_id={line['request_id']}" in text
+    assert text.startswith("test GET /echo/a/x 200 ")
+
+
+@pytest.mark.parametrize(
+    ("offered", "kept"),
+    [(b"abc-123.X:y_z", True), (b"two words", False), (b"x" * 65, False), (b"", False)],
+)
+def test_a_sane_request_id_from_the_client_is_kept(
+    site: MdmdSite, logs: Sequence[dict[str, Any]], offered: bytes, kept: bool
+) -> None:
+    raw = b"GET /echo/a/x HTTP/1.1\r\nHost: x\r\nX-Request-ID: " + offered + b"\r\n\r\n"
+    _, headers, _, _ = exchange(site, raw)
+    assert (headers[b"x-request-id"] == offered) is kept
+    assert _request_line(logs)["request_id"] == headers[b"x-request-id"].decode()
+
+
+def _requests(listener: str, endpoint: str, status: str) -> float:
+    labels = {"listener": listener, "endpoint": endpoint, "status": status}
+    return metrics.REGISTRY.get_sample_value("mdmd_http_requests_total", labels) or 0.0
+
+
+def test_requests_are_counted_by_route_template_not_by_path(site: MdmdSite) -> None:
+    before = _requests("test", "/echo/{name}/x", "200"), _requests("test", "unmatched", "404")
+    seconds = metrics.REGISTRY.get_sample_value(
+        "mdmd_http_request_duration_seconds_count", {"listener": "test", "endpoint": "/echo/{name}/x"}
+    )
+    for name in (b"a", b"b", b"c"):
+        exchange(site, b"GET /echo/" + name + b"/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    exchange(site, b"GET /no/such/thing HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _requests("test", "/echo/{name}/x", "200") == before[0] + 3
+    assert _requests("test", "unmatched", "404") == before[1] + 1
+    after = metrics.REGISTRY.get_sample_value(
+        "mdmd_http_request_duration_seconds_count", {"listener": "test", "endpoint": "/echo/{name}/x"}
+    )
+    assert after == (seconds or 0.0) + 3
+
+
+def _guarded(
+    tokens: dict[bytes, str] | None, pending: Callable[[], Deferred[None] | None] | None = None
+) -> MdmdSite:
+    return MdmdSite(
+        RoutingResource([Route("/secret", Echo())], guard=BearerTokenGuard(lambda: tokens, pending)),
+        listener="admin",
+        max_body_bytes=1024,
+        reactor=MemoryReactorClock(),
+    )
+
+
+def test_the_guard_names_the_token_and_waits_for_the_tokens_to_load(logs: Sequence[dict[str, Any]]) -> None:
+    request = b"GET /secret HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-token-of-alice\r\n\r\n"
+    assert exchange(_guarded(None), request)[0] == 503
+    tokens = {hashlib.sha256(b"s3cret-token-of-alice").digest(): "alice"}
+    assert exchange(_guarded(tokens), request)[0] == 200
+    line = _request_line([e for e in logs if e.get("status") == 200])
+    assert line["admin"] == "alice" and "admin=alice" in formatEvent(line)
+    assert exchange(_guarded(tokens), request.replace(b"alice", b"mallory"))[0] == 401
+
+
+def test_a_request_waits_for_the_tokens_to_load() -> None:
+    loaded: dict[bytes, str] = {}
+    tokens: list[dict[bytes, str]] = []
+    waiting: list[Deferred[None]] = []
+
+    def pending() -> Deferred[None] | None:
+        if tokens:
+            return None
+        waiting.append(Deferred())
+        return waiting[-1]
+
+    site = MdmdSite(
+        RoutingResource(
+            [Route("/secret", Echo())], guard=BearerTokenGuard(lambda: tokens[0] if tokens else None, pending)
+        ),
+        listener="admin",
+        max_body_bytes=1024,
+        reactor=MemoryReactorClock(),
+    )
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /secret HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken-of-alice\r\n\r\n")
+    assert transport.value() == b"" and len(waiting) == 1  # held, not refused
+    loaded[hashlib.sha256(b"t0ken-of-alice").digest()] = "alice"
+    tokens.append(loaded)
+    waiting[0].callback(None)
+    assert parse_response(transport.value())[0] == 200
+
+
+def test_a_json_log_line_holds_the_request_lines_fields(
+    site: MdmdSite, logs: Sequence[dict[str, Any]]
+) -> None:
+    exchange(site, b"GET /echo/a/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    line = _request_line(logs)
+    obj = json.loads(json_line(line))
+    assert obj["message"] == formatEvent(line) and obj["level"] == "info" and obj["namespace"] == "mdmd.web"
+    assert obj["client"] == "127.0.0.1" and obj["request_id"] == line["request_id"]
+    assert obj["status"] == 200 and obj["listener"] == "test" and obj["path"] == "/echo/a/x"
+    assert isinstance(obj["duration_ms"], float) and obj["time"].endswith("Z")
+    assert json_line(line, worker=2).endswith("\n") and json.loads(json_line(line, worker=2))["worker"] == 2
+
+
+def test_a_json_log_line_of_a_failure_keeps_the_traceback_on_one_line(
+    site: MdmdSite, logs: Sequence[dict[str, Any]]
+) -> None:
+    exchange(site, b"GET /broken HTTP/1.1\r\nHost: x\r\n\r\n")
+    (failure,) = [e for e in logs if "log_failure" in e]
+    text = json_line(failure)
+    assert text.count("\n") == 1
+    assert "RuntimeError: secret internals" in json.loads(text)["traceback"]

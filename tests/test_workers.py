@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_operations import new_server_certificate, served_certificate
 
 from harness import Daemon, client_tls_context, db_rows, edit_ini, enroll_device, running_daemon, start_daemon
 from mdmd import pki
@@ -243,3 +245,43 @@ def test_restart_delay_doubles_until_a_worker_serves_and_is_reset_when_it_does(t
         poll("a new worker serving", lambda: serving_workers(d)[1] != pid)
         assert restart_delays(d)[4:] == [0.5, 1.0, 2.0, 0.5]
         assert "cannot start" in d.log_text()
+
+
+def _requests_served(daemon: Daemon, endpoint: str) -> float:
+    response, body = daemon.request("GET", "/metrics", section="admin")
+    assert response.status == 200
+    total = 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name == "mdmd_http_requests":
+            total += sum(
+                s.value
+                for s in family.samples
+                if s.name.endswith("_total") and s.labels["endpoint"] == endpoint
+            )
+    return total
+
+
+def test_metrics_sum_every_process(daemon: Daemon, key: object, tmp_path: Path) -> None:
+    enrollments = _requests_served(daemon, "/api/mdm/microsoft/enroll")
+    with main_process_stopped(daemon):
+        enroll_and_check_in(daemon, key, tmp_path, "PC-W3")
+    # Only a worker served that enrollment; the main process's /metrics counts it.
+    assert _requests_served(daemon, "/api/mdm/microsoft/enroll") == enrollments + 1
+    assert daemon.admin("GET", "/readyz", token=None) == (200, {"status": "ready"})
+
+
+def test_a_reload_reaches_the_workers(daemon: Daemon) -> None:
+    worker_reloads = daemon.log_text().count("reload: TLS certificates reloaded")
+    renewed = new_server_certificate(daemon.state)
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    # The main process and each worker read the certificate again.
+    poll(
+        "every process reloaded",
+        lambda: daemon.log_text().count("reload: TLS certificates reloaded") >= worker_reloads + WORKERS,
+    )
+    assert any(
+        "reload: TLS certificates reloaded" in line and " worker 1]" in line
+        for line in daemon.log_text().splitlines()
+    )
+    with main_process_stopped(daemon):
+        assert served_certificate(daemon).serial_number == renewed.serial_number

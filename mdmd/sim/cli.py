@@ -281,7 +281,17 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
         except ConfigError as e:
             p.error(str(e))
         url = url or config.enrollment.url
-        cacert = cacert or config.tls_root_cert
+        if cacert is None:
+            if not os.path.exists(config.tls_root_cert):
+                # A brought-in certificate: mdmd has no development root to
+                # offer, and the simulator cannot guess which CA to trust.
+                root = config.tls_root_cert
+                _say(
+                    f"the server's TLS certificate is not from mdmd's development root ({root} does not"
+                    f" exist): give --cacert with the CA certificate that issued it"
+                )
+                raise SystemExit(2)
+            cacert = config.tls_root_cert
         if secret is None and not a.load_devices:
             try:
                 with open(config.enrollment.enroll_secret_file, encoding="utf-8") as f:
@@ -293,6 +303,9 @@ def parse_args(argv: Sequence[str] | None = None) -> SimOptions:
             p.error("give --config, or --url and --secret")
         if a.devices is None:
             p.error("--devices is required (unless --load-devices)")
+    if cacert is not None and not os.path.isfile(cacert):
+        _say(f"--cacert {cacert}: no such file")
+        raise SystemExit(2)
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
@@ -405,11 +418,12 @@ def new_devices(keys: Sequence[rsa.RSAPrivateKey]) -> list[SimDevice]:
 
 
 def save_devices(path: str, devices: Sequence[SimDevice]) -> int:
-    """Write the enrolled *devices* to *path* (0600: it holds private keys)."""
+    """Write the enrolled *devices* to *path* (0600: it holds private keys).
+    A device that was wiped or unenrolled is no longer one."""
     records = []
     for sd in devices:
         d, e = sd.device, sd.device.enrollment
-        if e is None:
+        if e is None or (sd.client is not None and sd.client.gone):
             continue
         records.append(
             {
@@ -592,6 +606,7 @@ class Stats:
     messages: int = 0
     commands: int = 0
     drifts: int = 0
+    left: int = 0  # devices wiped or unenrolled by the server: they stop checking in
     latencies: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STEPS})
     errors: Counter[str] = field(default_factory=Counter)
     first_errors: list[dict[str, Any]] = field(default_factory=list)
@@ -648,6 +663,7 @@ class Stats:
             "messages": self.messages,
             "commands": self.commands,
             "drifts": self.drifts,
+            "left": self.left,
             "elapsed_s": round(elapsed, 3),
             "enroll_window_s": round(enroll_window, 3),
             "checkin_window_s": round(checkin_window, 3),
@@ -684,7 +700,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  renewed    {s['renewed']:>8}",
         f"  check-ins  {s['checkins']:>8}   check-ins/s   {num(s['checkins_per_s'])}"
         f"   (messages {s['messages']}, commands answered {s['commands']}"
-        f"{', drifts injected ' + str(s['drifts']) if s['drifts'] else ''})",
+        f"{', drifts injected ' + str(s['drifts']) if s['drifts'] else ''}"
+        f"{', wiped or unenrolled ' + str(s['left']) if s.get('left') else ''})",
         "  latency ms        count      p50      p95      p99      max",
     ]
     for step, lat in s["latency_ms"].items():
@@ -783,6 +800,10 @@ class Fleet:
             started = self.now()
             async with self.semaphore:
                 await self.checkin(sd)
+            if sd.client is not None and sd.client.gone:
+                # Wiped or unenrolled by the server: a PC without an MDM account.
+                self.stats.left += 1
+                return
             next_at = started + o.interval
             if next_at > self.deadline:
                 return

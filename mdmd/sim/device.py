@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import secrets
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -606,6 +608,27 @@ DEFAULT_WRITE_ONLY = frozenset(
         "./Vendor/MSFT/Accounts/Users/*/Password",
     }
 )
+# The nodes a Windows 10/11 PC executes (Exec) and what each one does;
+# every other Exec is 404, as for a node the PC does not have.  Device-scope
+# CSPs answer under ./Device/Vendor/MSFT and ./Vendor/MSFT alike.
+_EXEC_NODES: dict[str, str] = {
+    "Reboot/RebootNow": "restart",
+    "RemoteWipe/doWipe": "wipe",
+    "RemoteWipe/doWipeProtected": "wipe",
+    "RemoteWipe/doWipePersistProvisionedData": "wipe",
+    "RemoteWipe/doWipePersistUserData": "wipe",
+    "Defender/Scan": "scan",
+    "Defender/UpdateSignature": "signature_update",
+    "Defender/OfflineScan": "offline_scan",
+    "BitLocker/RotateRecoveryPasswords": "rotate",
+    "DMClient/Unenroll": "unenroll",  # the old form, still accepted (DMClient CSP)
+}
+_UNENROLL_RE = re.compile(r"DMClient/Provider/([^/]+)/Unenroll")
+#: DevDetail's DNS computer name: Replace sets the name the PC takes at its
+#: next restart (Windows 10 2004 and later).
+DNS_COMPUTER_NAME = "./DevDetail/Ext/Microsoft/DNSComputerName"
+_DEVICE_NAME = "./DevDetail/Ext/Microsoft/DeviceName"
+_DNS_NAME_RE = re.compile(r"[A-Za-z0-9-]{1,63}")
 # The formats drift() can change and keep valid.
 DRIFTABLE_FORMATS = frozenset({"int", "bool", "chr", "float", "b64"})
 _INT32_MAX = 2**31 - 1
@@ -735,7 +758,17 @@ class ManagementClient:
     - Delete: the node and its subtree are removed (for a policy this is the
       Policy CSP restoring its default: a later Get is 404); 404 for an
       unknown node, 405 for a built-in one.
-    - Exec: recorded in ``executed``, 200.
+    - Exec: 200 for the nodes a PC executes (Reboot, RemoteWipe, DMClient's
+      Unenroll of its own provider, Defender Scan with 1 or 2,
+      UpdateSignature...), recorded in ``executed``; 404 for any other.
+      What they do happens as on Windows: after ``RebootNow`` the PC
+      restarts when the session ends, and its next session starts over
+      (SessionID from 0, a renamed PC has its new name); after a wipe it
+      answers and is gone (``gone``: no more sessions); after ``Unenroll``
+      it ends the session without answering and reports the unenrollment
+      with Alert 1226 in a new session, then is gone.
+    - Replace of ``./DevDetail/Ext/Microsoft/DNSComputerName``: the name the
+      PC takes at its next restart (a Get reads the current one).
     - Atomic: all or nothing.  A Get or an Atomic inside fails it (500);
       on a failure everything the Atomic did is undone, the failing command
       keeps its code, every other inner command gets 216 and the Atomic 507.
@@ -778,13 +811,15 @@ class ManagementClient:
             "./DevDetail/DevTyp": ("chr", "Virtual Machine"),
             "./DevDetail/FwV": ("chr", "Hyper-V UEFI Release v4.1"),
             "./DevDetail/HwV": ("chr", "Hyper-V UEFI Release v4.1"),
-            "./DevDetail/Ext/Microsoft/DeviceName": ("chr", device.hostname),
+            _DEVICE_NAME: ("chr", device.hostname),
             "./DevDetail/Ext/Microsoft/OSPlatform": ("chr", "Windows 11 Pro"),
             "./DevDetail/Ext/Microsoft/ProcessorArchitecture": ("int", "9"),
             "./DevDetail/Ext/Microsoft/TotalRAM": ("int", "8192"),
         }
-        # DevInfo and DevDetail: "Supported operation is Get" (their CSP pages).
+        # DevInfo and DevDetail: "Supported operation is Get" (their CSP
+        # pages), but for the DNS computer name (Get and Replace).
         self.read_only = frozenset(self.nodes)
+        self.nodes[DNS_COMPUTER_NAME] = ("chr", device.hostname)
         self.types: dict[str, str] = {}
         self.server_set: set[str] = set()
         self.write_only: set[str] = set(write_only)
@@ -794,6 +829,20 @@ class ManagementClient:
         self.drifts: list[Drift] = []
         self.executed: list[str] = []
         self.server_url = ""
+        # What the server's actions did to the PC.
+        self.pending_name: str | None = None  # takes effect at the next restart
+        self.restart_pending = False
+        self.restarts = 0
+        self.scans: list[str] = []  # "1" quick, "2" full
+        self.wiped = False
+        self.unenrolling = False  # its next session reports the unenrollment
+        self.unenrolled = False
+
+    @property
+    def gone(self) -> bool:
+        """Wiped or unenrolled: the PC has no MDM account any more and opens
+        no session."""
+        return self.wiped or self.unenrolled
 
     # -- the tree, for tests and mdmd-sim --
 
@@ -956,17 +1005,49 @@ class ManagementClient:
             fmt = item.findtext(f"{ns}Meta/{{{METINF}}}Format") or meta_format or "chr"
             kind = item.findtext(f"{ns}Meta/{{{METINF}}}Type") or meta_type
             data = item.findtext(f"{ns}Data") or ""
-            if verb == "Add":
+            if verb == "Replace" and locuri == DNS_COMPUTER_NAME:
+                code = self._rename(data)
+            elif verb == "Add":
                 code = self._add(locuri, fmt, kind, data)
             elif verb == "Replace":
                 code = self._replace(locuri, fmt, kind, data)
             elif verb == "Delete":
                 code = self._delete(locuri)
             else:
-                self.executed.append(locuri)
-                code = OK
+                code = self._exec(locuri, data)
+                if code == OK:
+                    self.executed.append(locuri)
             if code != OK:
                 return code
+        return OK
+
+    def _executes(self, locuri: str) -> str | None:
+        """What an Exec of *locuri* does, or None (no such node)."""
+        for root in ("./Device/Vendor/MSFT/", "./Vendor/MSFT/"):
+            if locuri.startswith(root):
+                node = locuri[len(root) :]
+                match = _UNENROLL_RE.fullmatch(node)
+                if match is not None:
+                    enrollment = self.device.enrollment
+                    mine = enrollment.provider_id if enrollment is not None else None
+                    return "unenroll" if unquote(match.group(1)) == mine else None
+                return _EXEC_NODES.get(node)
+        return None
+
+    def _exec(self, locuri: str, data: str) -> int:
+        effect = self._executes(locuri)
+        if effect is None:
+            return NOT_FOUND
+        if effect == "scan":
+            if data not in ("1", "2"):
+                return FAILED  # the CSP refuses any other scan type
+            self.scans.append(data)
+        return OK
+
+    def _rename(self, name: str) -> int:
+        if not _DNS_NAME_RE.fullmatch(name) or name.isdigit():
+            return FAILED
+        self.pending_name = name
         return OK
 
     def _atomic(self, atomic: etree._Element) -> list[tuple[str, str, int]]:
@@ -982,7 +1063,14 @@ class ManagementClient:
                     flatten(cmd)
 
         flatten(atomic)
-        saved = (dict(self.nodes), dict(self.types), set(self.server_set), len(self.executed))
+        saved = (
+            dict(self.nodes),
+            dict(self.types),
+            set(self.server_set),
+            len(self.executed),
+            len(self.scans),
+            self.pending_name,
+        )
         codes: list[int] = []
         failed: int | None = None
         for i, cmd in enumerate(inner):
@@ -1002,7 +1090,8 @@ class ManagementClient:
         if failed is None:
             outcome = [(ref, "Atomic", OK)]
         else:
-            nodes, types, server_set, executed = saved
+            nodes, types, server_set, executed, scans, self.pending_name = saved
+            del self.scans[scans:]
             self.nodes.clear()
             self.nodes.update(nodes)
             self.types.clear()
@@ -1059,7 +1148,20 @@ class ManagementClient:
         )
 
     def session_start(self, server_url: str, *, unenroll: bool = False, source: str | None = None) -> bytes:
-        """Package 1 of a new session, as Windows sends it (fixtures)."""
+        """Package 1 of a new session, as Windows sends it (fixtures).
+        Raises :class:`ProtocolError` for a PC that is ``gone``."""
+        if self.gone:
+            raise ProtocolError(
+                f"device {self.device.device_id} was {'wiped' if self.wiped else 'unenrolled'}: "
+                "it has no MDM account any more"
+            )
+        if self.restart_pending:
+            self._restart()
+        if self.unenrolling:
+            # The server's Unenroll: reported in a new session, then gone.
+            unenroll = True
+            self.unenrolling = False
+            self.unenrolled = True
         self.session_id = (self.session_id + 1) & 0xFFFF
         self.msg_id = 1
         self.server_url = server_url
@@ -1099,6 +1201,18 @@ class ManagementClient:
             f'<SyncML xmlns="{SYNCML}">{hdr}<SyncBody>{"".join(alerts)}'
             f"<Replace><CmdID>{cmd_id}</CmdID>{items}</Replace><Final/></SyncBody></SyncML>"
         ).encode()
+
+    def _restart(self) -> None:
+        """The PC restarted: its sessions are numbered anew (Windows sends
+        SessionID 0 first) and a new name is in effect."""
+        self.restart_pending = False
+        self.restarts += 1
+        self.session_id = -1  # the next session is 0
+        if self.pending_name is not None:
+            self.device.hostname = self.pending_name
+            self.nodes[DNS_COMPUTER_NAME] = ("chr", self.pending_name)
+            self.nodes[_DEVICE_NAME] = ("chr", self.pending_name)
+            self.pending_name = None
 
     def read(self, reply: bytes) -> ServerMessage:
         root = _parse(reply)
@@ -1152,8 +1266,20 @@ class ManagementClient:
             return None  # statuses only: the session ends (MS-MDM 2.2.6.1)
         self.msg_id += 1
         reply = _Reply(message.msg_id)
+        before = len(self.executed)
         for cmd in message.commands:
             self._execute(cmd, reply)
+        effects = {self._executes(uri) for uri in self.executed[before:]}
+        if "unenroll" in effects:
+            # Windows aborts the session at once and does not answer the
+            # Exec; the unenrollment is reported in a new session (Learn,
+            # "Disconnecting from the management infrastructure").
+            self.unenrolling = True
+            return None
+        if "wipe" in effects:
+            self.wiped = True  # it answers, then the reset starts
+        if "restart" in effects:
+            self.restart_pending = True  # at the end of this session
         if not message.final:
             # The server's package continues: ask for its next message, and
             # do not send Final while the server's package is open (OMA-DM

@@ -200,6 +200,10 @@ def _copy_table(
     progress: Callable[[str], None],
 ) -> int:
     columns = _columns(source, table)
+    # PostgreSQL has a column for SQLite's implicit rowid where the shared
+    # SQL sorts by it: it gets the same values.
+    if "rowid" in types and "rowid" not in columns:
+        columns.append("rowid")
     missing = [c for c in columns if c not in types]
     if missing or len(columns) != len(types):
         raise CopyError(f"{table}: the columns differ (SQLite {columns}, PostgreSQL {sorted(types)})")

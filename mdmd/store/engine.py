@@ -8,7 +8,9 @@ one COMMIT (one fsync), and each job's Deferred fires only after that
 COMMIT, so nothing is acknowledged before it is durable.  A job that fails
 rolls back to its savepoint alone.  Reads run on their own thread and
 connection, so a lookup never waits behind another request's commit; a read
-transaction is always rolled back.
+transaction is always rolled back.  Bulk reads (the administrators' lists,
+fleet-wide counts) have a thread and connection of their own too, so that a
+page of a million-device list never makes a device's check-in wait.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -71,9 +74,12 @@ class Engine(Protocol):
 
     def stop(self) -> None: ...
 
+    @property
+    def alive(self) -> bool: ...
+
     def write(self, fn: Callable[[SQLConnection], R]) -> Deferred[R]: ...
 
-    def read(self, fn: Callable[[SQLConnection], R]) -> Deferred[R]: ...
+    def read(self, fn: Callable[[SQLConnection], R], *, bulk: bool = False) -> Deferred[R]: ...
 
 
 C = TypeVar("C", bound=Connection)
@@ -109,22 +115,30 @@ class TransactionEngine(Generic[C]):
         begin_read: str,
         read_guard: Callable[[C], Callable[[], None]] | None = None,
         name: str = "mdmd-store",
+        bulk_reader: C | None = None,
+        on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self._reactor = reactor
         self._writer: C | None = writer
-        self._reader: C | None = reader
+        self._readers: dict[str, C | None] = {"read": reader}
+        if bulk_reader is not None:
+            self._readers["bulk"] = bulk_reader
         self._begin_write = begin_write
         self._begin_read = begin_read
         self._read_guard = read_guard
         self._name = name
+        self._on_commit = on_commit
         self._writes: queue.SimpleQueue[_Job[C] | None] = queue.SimpleQueue()
-        self._reads: queue.SimpleQueue[_Job[C] | None] = queue.SimpleQueue()
+        self._reads: dict[str, queue.SimpleQueue[_Job[C] | None]] = {
+            lane: queue.SimpleQueue() for lane in self._readers
+        }
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self._threads = [
-            threading.Thread(target=self._write_loop, name=self._name, daemon=True),
-            threading.Thread(target=self._read_loop, name=f"{self._name}-read", daemon=True),
+        self._threads = [threading.Thread(target=self._write_loop, name=self._name, daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._read_loop, args=(lane,), name=f"{self._name}-{lane}", daemon=True)
+            for lane in self._readers
         ]
         for thread in self._threads:
             thread.start()
@@ -133,14 +147,21 @@ class TransactionEngine(Generic[C]):
         """Finish what is queued, stop the threads, close the connections."""
         if self._threads:
             self._writes.put(None)
-            self._reads.put(None)
+            for lane in self._reads.values():
+                lane.put(None)
             for thread in self._threads:
                 thread.join()
             self._threads = []
-        for conn in (self._writer, self._reader):
+        for conn in (self._writer, *self._readers.values()):
             if conn is not None:
                 conn.close()
-        self._writer = self._reader = None
+        self._writer = None
+        self._readers = dict.fromkeys(self._readers)
+
+    @property
+    def alive(self) -> bool:
+        """Every thread of the engine is running (readiness)."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def write(self, fn: Callable[[C], R]) -> Deferred[R]:
         """Run *fn* in a write transaction; fires after its COMMIT."""
@@ -148,21 +169,24 @@ class TransactionEngine(Generic[C]):
         self._writes.put(_Job(fn, d))
         return d
 
-    def read(self, fn: Callable[[C], R]) -> Deferred[R]:
-        """Run *fn* in a read transaction beside the writes."""
+    def read(self, fn: Callable[[C], R], *, bulk: bool = False) -> Deferred[R]:
+        """Run *fn* in a read transaction beside the writes; a *bulk* read
+        (one that may take long) also beside the other reads."""
         d: Deferred[R] = Deferred()
-        self._reads.put(_Job(fn, d))
+        lane = "bulk" if bulk and "bulk" in self._reads else "read"
+        self._reads[lane].put(_Job(fn, d))
         return d
 
     def _fire(self, deferred: Deferred[Any], value: object, ok: bool) -> None:
         self._reactor.callFromThread(deferred.callback if ok else deferred.errback, value)
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, lane: str) -> None:
+        jobs = self._reads[lane]
         while True:
-            job = self._reads.get()
+            job = jobs.get()
             if job is None:
                 return
-            conn = self._reader
+            conn = self._readers[lane]
             outcome: object
             try:
                 if conn is None:
@@ -204,6 +228,7 @@ class TransactionEngine(Generic[C]):
         conn = self._writer
         outcomes: list[tuple[Deferred[Any], object, bool]] = []
         began = False
+        started = time.perf_counter()
         try:
             if conn is None:
                 raise StoreError("store is not open")
@@ -221,6 +246,9 @@ class TransactionEngine(Generic[C]):
                     conn.execute("RELEASE SAVEPOINT job")
                     outcomes.append((job.deferred, result, True))
             conn.execute("COMMIT")
+            if self._on_commit is not None:
+                with contextlib.suppress(Exception):  # a metric must never fail a commit
+                    self._on_commit(len(batch), time.perf_counter() - started)
         except Exception:
             # The commit itself failed (disk full, I/O error, connection
             # lost): nothing of the batch is durable, so every job fails.

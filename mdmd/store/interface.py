@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from twisted.internet.defer import Deferred
 
+from mdmd.actions import ActionStep, DeviceAction
 from mdmd.management import ManagementStep
 from mdmd.profiles import Profile, ProfileStep
 from mdmd.store.records import (
+    ActionOutcome,
+    AdminToken,
     AssignmentOutcome,
+    AuditEntry,
+    AuditQuery,
+    AuditRecord,
     CertificateRecord,
     CertificateRenewal,
     CommandRecord,
     DeviceEnrollment,
+    DevicePage,
     DeviceProfileEntry,
+    DeviceQuery,
     DeviceRecord,
     EnrollmentOutcome,
+    FleetCounts,
     GroupChange,
     GroupRecord,
     HostEnrollment,
     HostRecord,
     ManagementContext,
+    NewAction,
+    NewOperation,
+    OperationRecord,
     ProfileContext,
     ProfileRecord,
     RenewalOutcome,
@@ -51,6 +63,11 @@ class Store(Protocol):
 
     def start(self) -> None: ...
 
+    @property
+    def schema_version(self) -> int:
+        """The schema version this store's data has (once open)."""
+        ...
+
     def stop(self) -> None: ...
 
     # -- orbit agents --
@@ -61,7 +78,11 @@ class Store(Protocol):
         self, node_key_hash: bytes, *, seen_at: float | None = None
     ) -> Deferred[HostRecord | None]: ...
 
-    def request_unenrollment(self, device_id: str) -> Deferred[bool]: ...
+    def request_unenrollment(self, device_id: str, *, audit: AuditEntry | None = None) -> Deferred[bool]:
+        """Ask the agent of the enrolled device *device_id* (any case) to
+        unenroll it; False when there is no such device or host.  *audit*
+        is recorded in the same transaction when it succeeds."""
+        ...
 
     # -- MDM devices and certificates --
 
@@ -69,11 +90,26 @@ class Store(Protocol):
         self, enrollment: DeviceEnrollment, now: float
     ) -> Deferred[EnrollmentOutcome]: ...
 
-    def device(self, device_id: str) -> Deferred[DeviceRecord | None]: ...
+    def device(self, device_id: str) -> Deferred[DeviceRecord | None]:
+        """The device with this ID in any letter case (the exact spelling
+        first, then an enrolled one)."""
+        ...
 
     def certificate(self, serial: str) -> Deferred[CertificateRecord | None]: ...
 
-    def devices(self) -> Deferred[list[DeviceRecord]]: ...
+    def devices(self) -> Deferred[list[DeviceRecord]]:
+        """Every device (small fleets and tests; the admin API pages with
+        :meth:`device_page`)."""
+        ...
+
+    def device_page(
+        self, query: DeviceQuery, *, limit: int, after: tuple[float, str] | None = None
+    ) -> Deferred[DevicePage]:
+        """Up to *limit* devices matching *query* in its order, starting
+        after the position *after* (a previous page's ``after``).  Runs on
+        indexes (keyset pagination, no OFFSET) and beside, never before, the
+        reads of devices' own requests."""
+        ...
 
     def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]: ...
 
@@ -128,13 +164,18 @@ class Store(Protocol):
         *,
         expected_seq: int | None = None,
         profiles: ProfileStep | None = None,
+        actions: ActionStep | None = None,
     ) -> Deferred[None]:
         """Commit one message's step (and what it changed of the device's
-        profiles, in the same transaction).  With *expected_seq* (the
-        context's ``session_seq``) it is a compare-and-swap:
-        ``SessionConflict``, and nothing written, if another step committed
-        since.  Commands the step created are queued before its ``sent``
-        marks apply."""
+        profiles and actions, in the same transaction).  With
+        *expected_seq* (the context's ``session_seq``) it is a
+        compare-and-swap: ``SessionConflict``, and nothing written, if
+        another step committed since.  Commands the step created are queued
+        before its ``sent`` marks apply.  Answers count in their group
+        operation's progress.  When the device leaves (its Alert 1226, or
+        ``actions.ended``: wiped or unenrolled) it is unenrolled, its
+        certificates revoked, and every command and action still open for it
+        cancelled (failed, with the reason in ``detail``)."""
         ...
 
     def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
@@ -152,8 +193,19 @@ class Store(Protocol):
     # -- the command queue --
 
     def queue_command(
-        self, device_id: str, uuid: str, verb: str, body: str, now: float
-    ) -> Deferred[CommandRecord | None]: ...
+        self,
+        device_id: str,
+        uuid: str,
+        verb: str,
+        body: str,
+        now: float,
+        *,
+        audit: AuditEntry | None = None,
+    ) -> Deferred[CommandRecord | None]:
+        """Queue a command for the enrolled device *device_id* (any case;
+        the record carries its stored spelling); None when there is none.
+        *audit* is recorded in the same transaction."""
+        ...
 
     def command(self, uuid: str) -> Deferred[CommandRecord | None]: ...
 
@@ -212,4 +264,108 @@ class Store(Protocol):
     def device_profiles(self, device_id: str, *, history: int = 5) -> Deferred[list[DeviceProfileEntry]]:
         """The device's records of its profiles, each with its latest
         *history* events."""
+        ...
+
+    # -- administrators: named tokens and the audit log --
+
+    def admin_tokens(self) -> Deferred[list[AdminToken]]:
+        """Every token, revoked ones too, by name."""
+        ...
+
+    def create_admin_token(self, token: AdminToken, *, audit: AuditEntry | None = None) -> Deferred[bool]:
+        """Store a new token; False (and nothing written) when an active
+        token has that name.  A revoked token's name can be used again."""
+        ...
+
+    def revoke_admin_token(
+        self, name: str, now: float, *, by: str | None = None, audit: AuditEntry | None = None
+    ) -> Deferred[Literal["revoked", "unknown", "last"]]:
+        """Revoke the active token *name*: "unknown" when there is none,
+        "last" (and nothing written) when it is the only active one, so that
+        nobody locks every administrator out."""
+        ...
+
+    def adopt_bootstrap_token(
+        self, name: str, token_hash: bytes, now: float
+    ) -> Deferred[Literal["created", "updated", "unchanged", "revoked"]]:
+        """Make the bootstrap token file's token the token *name*: created
+        when there is none, its hash updated when the file changed, left
+        alone ("revoked") when an administrator revoked it."""
+        ...
+
+    def record_audit(self, entry: AuditEntry) -> Deferred[None]:
+        """Record an administrator's write that is not itself a store call
+        (or is one without an ``audit`` parameter): right after it."""
+        ...
+
+    def audit_log(self, query: AuditQuery) -> Deferred[list[AuditRecord]]: ...
+
+    # -- operations --
+
+    def fleet_counts(self, now: float) -> Deferred[FleetCounts]:
+        """Counts over the whole fleet for the metrics (devices by state,
+        commands by state, certificates expiring within 30 days); read
+        beside devices' requests, never on the reactor."""
+        ...
+
+    def check_writable(self, now: float) -> Deferred[None]:
+        """Commit a small write (readiness): fails when the store cannot."""
+        ...
+
+    # -- device actions and group operations --
+
+    def request_action(self, device_id: str, action: NewAction, now: float) -> Deferred[ActionOutcome]:
+        """Queue *action* for the device, unless it is not enrolled (or was
+        wiped) or the same action is queued or sent already.  A wipe or an
+        unenrollment sets the device's lifecycle; an unenrollment also asks
+        the device's agent, when there is one; a rename replaces a rename
+        still waiting for a restart."""
+        ...
+
+    def device_actions(self, device_id: str, *, limit: int = 20) -> Deferred[list[DeviceAction]]:
+        """The device's actions, newest first."""
+        ...
+
+    def create_operation(self, operation: NewOperation, now: float) -> Deferred[bool]:
+        """Record a group operation (``pending``); False, and nothing
+        stored, when the group does not exist (``all`` always does)."""
+        ...
+
+    def operation(self, operation_id: str) -> Deferred[OperationRecord | None]: ...
+
+    def operation_leases(self) -> Deferred[list[OperationRecord]]:
+        """The operations still to fan out (``pending``, ``queuing``), with
+        their leases."""
+        ...
+
+    def claim_operation(
+        self, owner: str, now: float, lease_until: float, *, takeover: Sequence[str] = ()
+    ) -> Deferred[OperationRecord | None]:
+        """Lease the oldest operation still to fan out whose lease is free,
+        expired, *owner*'s own, or held by one of *takeover* (owners known
+        to be dead); None when there is none.  Compare-and-swap: two
+        claimants never both get one operation."""
+        ...
+
+    def fan_out(
+        self,
+        operation_id: str,
+        owner: str,
+        now: float,
+        lease_until: float,
+        *,
+        limit: int,
+        total: int | None = None,
+    ) -> Deferred[OperationRecord | None]:
+        """One batch, one transaction: the next *limit* members of the
+        operation's group get its command (or action), the cursor moves past
+        them and the lease is renewed; after the last member the operation
+        is ``delivering`` (or ``done``) and the lease released.  None, and
+        nothing done, when *owner* no longer holds the lease.  *total*, if
+        given, is recorded when none is yet."""
+        ...
+
+    def release_operation(self, operation_id: str, owner: str) -> Deferred[None]:
+        """Give up *owner*'s lease (stopping), so that another process can
+        continue at once."""
         ...

@@ -27,9 +27,11 @@ nodes started together migrate once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,8 +49,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mdmd.store.engine import SQLConnection, SQLCursor
+from mdmd.store.postgresql_devices import device_page
 from mdmd.store.postgresql_schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE
-from mdmd.store.records import StoreError, StoreUnavailable
+from mdmd.store.records import DevicePage, DeviceQuery, StoreError, StoreUnavailable
 from mdmd.store.sqlite import SQLStore
 
 __all__ = [
@@ -95,12 +98,29 @@ _RETRY = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 _TRANSLATED: dict[str, str] = {}
 
 
+# SQLite's case-insensitive equality (NOCASE folds ASCII letters), as
+# PostgreSQL runs it on the lower(column) indexes of postgresql_schema.
+_NOCASE_EQUALS = re.compile(r"([\w.]+) = \? COLLATE NOCASE")
+_IS_NOT_VALUE = re.compile(r"\bIS NOT (?=['?])")
+_IS_VALUE = re.compile(r"\bIS (?=['?])")
+
+
 def qmark_to_format(sql: str) -> str:
     """SQLite's ``?`` parameters as psycopg's ``%s`` (a literal ``%`` doubled);
-    quoted text and identifiers are left as they are."""
+    quoted text and identifiers are left as they are.  ``column = ? COLLATE
+    NOCASE`` becomes ``lower(column) = lower(?)``; another use of NOCASE is
+    refused (it would need a translation of its own); ``IS [NOT]`` a value
+    becomes ``IS [NOT] DISTINCT FROM`` it."""
     known = _TRANSLATED.get(sql)
     if known is not None:
         return known
+    original = sql
+    sql = _NOCASE_EQUALS.sub(r"lower(\1) = lower(?)", sql)
+    # SQLite's null-safe comparisons with a value: "x IS NOT 'v'", "x IS ?".
+    sql = _IS_NOT_VALUE.sub("IS DISTINCT FROM ", sql)
+    sql = _IS_VALUE.sub("IS NOT DISTINCT FROM ", sql)
+    if "NOCASE" in sql.upper():
+        raise StoreError(f"SQL with a COLLATE NOCASE PostgreSQL cannot run: {' '.join(sql.split())[:200]}")
     out: list[str] = []
     quote: str | None = None
     for ch in sql:
@@ -118,7 +138,7 @@ def qmark_to_format(sql: str) -> str:
         else:
             out.append(ch)
     translated = "".join(out)
-    _TRANSLATED[sql] = translated
+    _TRANSLATED[original] = translated
     return translated
 
 
@@ -138,6 +158,9 @@ class Row:
 
     def __len__(self) -> int:
         return len(self._values)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
 
     def keys(self) -> list[str]:
         return list(self._index)
@@ -285,9 +308,16 @@ class PoolEngine:
     BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
     def __init__(
-        self, reactor: IReactorFromThreads, pool: ConnectionPool, size: int, *, name: str = "mdmd-store"
+        self,
+        reactor: IReactorFromThreads,
+        pool: ConnectionPool,
+        size: int,
+        *,
+        name: str = "mdmd-store",
+        on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self._reactor = reactor
+        self._on_commit = on_commit
         self._pool = pool
         self._size = size
         self._name = name
@@ -322,10 +352,17 @@ class PoolEngine:
         self._jobs.put(_Job(fn, True, d))
         return d
 
-    def read(self, fn: Callable[[SQLConnection], R]) -> Deferred[R]:
+    def read(self, fn: Callable[[SQLConnection], R], *, bulk: bool = False) -> Deferred[R]:
+        # A bulk read (one that may take long) takes one of the threads and
+        # connections like any other: there are pool_size of them.
         d: Deferred[R] = Deferred()
         self._jobs.put(_Job(fn, False, d))
         return d
+
+    @property
+    def alive(self) -> bool:
+        """Every thread is running (readiness)."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def _loop(self) -> None:
         while True:
@@ -381,7 +418,11 @@ class PoolEngine:
                     stage = "run"
                     result = job.fn(PgConnection(raw))
                     stage = "commit"
+                    started = time.perf_counter()
                     raw.execute("COMMIT" if job.write else "ROLLBACK")
+                    if job.write and self._on_commit is not None:
+                        with contextlib.suppress(Exception):  # a metric never fails a commit
+                            self._on_commit(1, time.perf_counter() - started)
                     return result
             except _RETRY:
                 if attempt == MAX_ATTEMPTS:
@@ -485,9 +526,21 @@ class PostgreSQLStore(SQLStore):
             timeout=POOL_WAIT,
             reconnect_timeout=RECONNECT_TIMEOUT,
         )
-        self._engine = PoolEngine(self._reactor, pool, self._pool_size)
+        self._engine = PoolEngine(self._reactor, pool, self._pool_size, on_commit=self._on_commit)
         self._pool = pool
         return found
+
+    @property
+    def schema_version(self) -> int:
+        return SCHEMA_VERSION
+
+    def device_page(
+        self, query: DeviceQuery, *, limit: int, after: tuple[float, str] | None = None
+    ) -> Deferred[DevicePage]:
+        def txn(conn: SQLConnection) -> DevicePage:
+            return device_page(conn, query, limit, after)
+
+        return self._run(txn, write=False, bulk=True)
 
     def start(self) -> None:
         if self._engine is None or self._pool is None:

@@ -8,28 +8,41 @@ to them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mdmd.actions import DeviceAction
 from mdmd.management import CommandResult, QueuedCommand, SessionState
 from mdmd.profiles import DeviceProfile, DeviceVars, Profile, ProfileCommand, ProfileEvent, ProfileItem
 
 __all__ = [
+    "DEVICE_SORTS",
+    "ActionOutcome",
+    "AdminToken",
     "AssignmentOutcome",
+    "AuditEntry",
+    "AuditQuery",
+    "AuditRecord",
     "CertificateRecord",
     "CertificateRenewal",
     "CommandRecord",
     "DeviceConflict",
     "DeviceEnrollment",
+    "DevicePage",
     "DeviceProfileEntry",
+    "DeviceQuery",
     "DeviceRecord",
     "EnrollmentOutcome",
+    "FleetCounts",
     "GroupChange",
     "GroupRecord",
     "HostEnrollment",
     "HostRecord",
     "ManagementContext",
+    "NewAction",
+    "NewOperation",
+    "OperationRecord",
     "ProfileContext",
     "ProfileRecord",
     "RenewalOutcome",
@@ -167,6 +180,10 @@ class DeviceRecord:
     #: The device's current certificate: the newest one not revoked (None:
     #: it has none, e.g. unenrolled).
     certificate: CertificateRecord | None = None
+    # What a wipe or an unenrollment made of it (mdmd.actions.shown_state),
+    # and the names of its actions not finished yet.
+    lifecycle: str | None = None
+    pending_actions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +229,8 @@ class CommandRecord:
     sent_at: float | None
     acked_at: float | None
     results: tuple[CommandResult, ...] = ()
+    detail: str | None = None  # why it was cancelled, or how it was confirmed
+    operation_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +248,7 @@ class ManagementContext:
     # work for them.
     profiles: tuple[DeviceProfile, ...] = ()
     profile_links: tuple[ProfileCommand, ...] = ()
+    actions: tuple[DeviceAction, ...] = ()  # its actions not finished yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,3 +303,168 @@ class DeviceProfileEntry:
 
     record: DeviceProfile
     history: tuple[ProfileEvent, ...] = ()
+
+
+# --------------------------------------------------------------------------
+# The device list
+# --------------------------------------------------------------------------
+
+#: The orders the device list can be read in (each with the device ID as
+#: tie-breaker, so that a position in the list is one (value, ID) pair).
+DEVICE_SORTS: tuple[str, ...] = ("enrolled_at", "last_seen")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceQuery:
+    """Which devices ``GET /api/v1/devices`` lists, and in what order.
+
+    Every filter given must hold (AND); ``None`` is no filter.  Times are
+    absolute (seconds since the epoch), so that every page of one listing
+    asks the same question.  A device that never checked in counts as last
+    seen at 0 (it is "last seen before" any time).
+    """
+
+    state: str | None = None  # "enrolled" | "unenrolled"
+    last_seen_before: float | None = None  # last_seen < this
+    last_seen_after: float | None = None  # last_seen >= this
+    # This version or any revision of it: "10.0.22631" matches "10.0.22631.4460".
+    os_version: str | None = None
+    # The device's latest-expiring valid (unrevoked) certificate ends before this.
+    cert_expiring_before: float | None = None
+    hw_dev_id_collision: bool | None = None
+    # Case-insensitive prefix of the device ID, the device name, or its
+    # agent host's hostname, hardware serial or hardware UUID.
+    search: str | None = None
+    # Members of this device group ("all": every enrolled device).
+    group: str | None = None
+    sort: str = "enrolled_at"  # one of DEVICE_SORTS
+    descending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePage:
+    """One page of the device list.  *after* is the position of its last
+    device ((sort value, device ID)) when more may follow, else None."""
+
+    devices: tuple[DeviceRecord, ...]
+    after: tuple[float, str] | None
+
+
+# --------------------------------------------------------------------------
+# Administrators: named tokens and the audit log
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    """A named admin API token; only its SHA-256 hash is stored."""
+
+    name: str
+    token_hash: bytes
+    created_at: float
+    created_by: str | None = None
+    revoked_at: float | None = None
+    revoked_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One administrator's write: who (the token's name), what, on what."""
+
+    at: float
+    actor: str
+    action: str  # e.g. "command.queue", "device.unenroll", "token.create"
+    target: str | None
+    detail: dict[str, Any] = field(default_factory=dict)
+    client: str | None = None  # the client's address
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    id: int
+    entry: AuditEntry
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Newest first; *before_id* continues a listing after its last record."""
+
+    limit: int = 100
+    before_id: int | None = None
+    actor: str | None = None
+    action: str | None = None
+    target: str | None = None
+
+
+# --------------------------------------------------------------------------
+# Fleet-wide counts (metrics)
+# --------------------------------------------------------------------------
+
+#: metric key -> label value -> count, e.g. {"devices": {"enrolled": 9}}.
+FleetCounts = dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class NewAction:
+    """An action to queue for one device: its record and its command."""
+
+    action_id: str
+    command_uuid: str
+    action: str
+    options: Mapping[str, Any]
+    verb: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class ActionOutcome:
+    """Queueing an action: ``queued`` (with the record), or why not:
+    ``no_device``, ``unenrolled``, ``wiped``, ``pending`` (the same action
+    is queued or sent already)."""
+
+    result: str
+    action: DeviceAction | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewOperation:
+    """One action or command for every member of a group."""
+
+    operation_id: str
+    kind: str  # "action" | "command"
+    group_name: str
+    verb: str
+    body: str
+    action: str | None = None
+    options: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRecord:
+    """A group operation and its progress.  ``state``: ``pending`` (not
+    started), ``queuing`` (the members are being given their commands, in
+    batches), ``delivering`` (every member has its command), ``done`` (every
+    command answered, failed or cancelled).  ``total`` is the group's size
+    when the fan-out started, then, once it is over, exactly ``queued`` +
+    ``skipped`` (members not enrolled, or with the same action pending)."""
+
+    operation_id: str
+    kind: str
+    group_name: str
+    action: str | None
+    options: Mapping[str, Any] | None
+    verb: str
+    body: str
+    state: str
+    total: int | None
+    queued: int
+    skipped: int
+    acknowledged: int
+    failed: int
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    cursor: str | None = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
@@ -10,6 +13,10 @@ from twisted.logger import Logger
 from mdmd.config import ConfigError, MdmdConfig, read_password_file
 from mdmd.store.interface import Store
 from mdmd.store.records import StoreError
+from mdmd.store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from mdmd.store.postgresql import PostgreSQLStore
 
 __all__ = ["DatabaseUnavailable", "StoreService", "open_store"]
 
@@ -35,24 +42,30 @@ class StoreService(Service):
         return None
 
 
-def open_store(config: MdmdConfig, reactor: IReactorCore, *, check: bool = True) -> Store:
+def open_store(
+    config: MdmdConfig,
+    reactor: IReactorCore,
+    *,
+    check: bool = True,
+    before_migration: Callable[[int, str], None] | None = None,
+) -> SQLiteStore | PostgreSQLStore:
     """The configured store, opened (checked and migrated when *check*).
     ConfigError for a mistake; DatabaseUnavailable for a database that does
-    not answer or refuses the credentials."""
+    not answer or refuses the credentials.  *before_migration*: see
+    :meth:`SQLiteStore.open` (SQLite's copy before a migration; PostgreSQL's
+    backups are the operator's, with the database's own tools)."""
     if config.store.backend == "postgresql":
         return _open_postgresql(config, reactor, check=check)
-    from mdmd.store.sqlite import SQLiteStore
-
     store = SQLiteStore(config.database, reactor)  # type: ignore[arg-type]
     try:
-        found = store.open(check=check)
+        found = store.open(check=check, before_migration=before_migration)
     except Exception as e:
         raise ConfigError(config.path, "mdmd", "state_dir", str(e)) from None
     log.info("store {path} (schema version {found})", path=config.database, found=found)
     return store
 
 
-def _open_postgresql(config: MdmdConfig, reactor: IReactorCore, *, check: bool) -> Store:
+def _open_postgresql(config: MdmdConfig, reactor: IReactorCore, *, check: bool) -> PostgreSQLStore:
     from psycopg.conninfo import conninfo_to_dict
 
     from mdmd.store.postgresql import PostgreSQLStore, StoreUnavailable

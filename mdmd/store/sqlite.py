@@ -11,15 +11,19 @@ import base64
 import json
 import os
 import sqlite3
+import time
+import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import Literal, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 
+from mdmd.actions import BLOCKING_STATES, OPEN_STATES, ActionStep, DeviceAction, lifecycle_of
 from mdmd.management import CommandResult, ManagementStep, QueuedCommand, decode_session, encode_session
 from mdmd.profiles import (
+    STATES,
     DeviceProfile,
     DeviceVars,
     Profile,
@@ -31,20 +35,31 @@ from mdmd.profiles import (
 )
 from mdmd.store.engine import Engine, SQLConnection, SQLRow, TransactionEngine
 from mdmd.store.records import (
+    ActionOutcome,
+    AdminToken,
     AssignmentOutcome,
+    AuditEntry,
+    AuditQuery,
+    AuditRecord,
     CertificateRecord,
     CertificateRenewal,
     CommandRecord,
     DeviceConflict,
     DeviceEnrollment,
+    DevicePage,
     DeviceProfileEntry,
+    DeviceQuery,
     DeviceRecord,
     EnrollmentOutcome,
+    FleetCounts,
     GroupChange,
     GroupRecord,
     HostEnrollment,
     HostRecord,
     ManagementContext,
+    NewAction,
+    NewOperation,
+    OperationRecord,
     ProfileContext,
     ProfileRecord,
     RenewalOutcome,
@@ -53,9 +68,13 @@ from mdmd.store.records import (
     StoredAlert,
     StoreError,
 )
+from mdmd.store.sqlite_devices import device_page
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["SQLStore", "SQLiteStore", "migrate"]
+__all__ = ["SQLStore", "SQLiteStore", "backup_database", "insert_audit", "migrate"]
+
+#: The window of the "certificates expiring soon" count.
+EXPIRING_WINDOW = 30 * 86400
 
 R = TypeVar("R")
 
@@ -95,6 +114,26 @@ def migrate(conn: sqlite3.Connection) -> int:
     return found
 
 
+def backup_database(source: sqlite3.Connection, path: str) -> None:
+    """Copy the database behind *source* to a new file *path* (0600) with
+    SQLite's online backup API: a consistent copy while others read and
+    write.  The copy is checked before it is kept."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    try:
+        target = sqlite3.connect(path)
+        try:
+            source.backup(target)
+            result = target.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                raise StoreError(f"{path}: the copy fails its integrity check: {result}")
+        finally:
+            target.close()
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
 def _no_writes(conn: sqlite3.Connection) -> Callable[[], None]:
     before = conn.total_changes
 
@@ -118,13 +157,28 @@ class SQLStore:
     whatever it returns afresh each time."""
 
     _engine: Engine | None = None
+    #: Called on a store thread after each commit with the number of
+    #: transactions it committed and its seconds (the metrics).
+    on_commit: Callable[[int, float], None] | None = None
 
-    def _run(self, fn: Callable[[SQLConnection], R], *, write: bool = True) -> Deferred[R]:
+    def _on_commit(self, size: int, seconds: float) -> None:
+        if self.on_commit is not None:
+            self.on_commit(size, seconds)
+
+    @property
+    def alive(self) -> bool:
+        """The store's threads are running (readiness)."""
+        return self._engine is not None and self._engine.alive
+
+    def _run(
+        self, fn: Callable[[SQLConnection], R], *, write: bool = True, bulk: bool = False
+    ) -> Deferred[R]:
         """Run *fn* as one transaction off the reactor; the Deferred fires
-        once its effects are committed (a read runs beside the writes)."""
+        once its effects are committed (a read runs beside the writes, a
+        *bulk* read beside the other reads too)."""
         if self._engine is None:
             return fail(StoreError("store is not open"))
-        return self._engine.write(fn) if write else self._engine.read(fn)
+        return self._engine.write(fn) if write else self._engine.read(fn, bulk=bulk)
 
     # -- hosts --
 
@@ -180,17 +234,20 @@ class SQLStore:
 
         return self._run(txn, write=seen_at is not None)
 
-    def request_unenrollment(self, device_id: str) -> Deferred[bool]:
+    def request_unenrollment(self, device_id: str, *, audit: AuditEntry | None = None) -> Deferred[bool]:
         """Ask the agent of this device's host to unenroll it from MDM."""
 
         def txn(conn: SQLConnection) -> bool:
             cursor = conn.execute(
                 """
                 UPDATE hosts SET unenroll_requested = 1
-                WHERE id = (SELECT host_id FROM devices WHERE device_id = ? AND state = 'enrolled')
+                WHERE id = (SELECT host_id FROM devices WHERE device_id = ? COLLATE NOCASE
+                            AND state = 'enrolled' ORDER BY device_id = ? DESC LIMIT 1)
                 """,
-                (device_id,),
+                (device_id, device_id),
             )
+            if cursor.rowcount > 0 and audit is not None:
+                insert_audit(conn, audit)
             return cursor.rowcount > 0
 
         return self._run(txn)
@@ -205,8 +262,12 @@ class SQLStore:
             # DeviceIDs are not secrets (certificate CN, SyncML headers): an
             # enrolled device belongs to its host, and another host presenting
             # the same ID must not take it over.
+            # In any letter case: the admin API finds devices case-insensitively,
+            # so two hosts must not hold IDs that differ only in case.
             owner = conn.execute(
-                "SELECT host_id FROM devices WHERE device_id = ? AND state = 'enrolled'", (e.device_id,)
+                "SELECT host_id FROM devices WHERE device_id = ? COLLATE NOCASE AND state = 'enrolled'"
+                " AND host_id IS NOT NULL AND host_id != ? LIMIT 1",
+                (e.device_id, e.host_id),
             ).fetchone()
             if owner is not None and owner["host_id"] not in (None, e.host_id):
                 raise DeviceConflict(e.device_id, owner["host_id"])
@@ -262,7 +323,8 @@ class SQLStore:
                     state = 'enrolled',
                     hw_dev_id_collision = excluded.hw_dev_id_collision,
                     enrolled_at = excluded.enrolled_at,
-                    unenrolled_at = NULL
+                    unenrolled_at = NULL,
+                    lifecycle = CASE WHEN devices.lifecycle = 'wiped' THEN NULL ELSE devices.lifecycle END
                 """,
                 (
                     e.device_id,
@@ -295,8 +357,20 @@ class SQLStore:
 
     def device(self, device_id: str) -> Deferred[DeviceRecord | None]:
         def txn(conn: SQLConnection) -> DeviceRecord | None:
-            row = conn.execute(_DEVICE_SELECT + " WHERE d.device_id = ?", (device_id,)).fetchone()
-            return None if row is None else _device(row)
+            # Any letter case finds the device; the exact ID first, then an
+            # enrolled one, then the newest.
+            row = conn.execute(
+                _DEVICE_SELECT + " WHERE d.device_id = ? COLLATE NOCASE"
+                " ORDER BY d.device_id = ? DESC, d.state = 'enrolled' DESC, d.enrolled_at DESC LIMIT 1",
+                (device_id, device_id),
+            ).fetchone()
+            if row is None:
+                return None
+            pending = conn.execute(
+                f"SELECT action FROM device_actions WHERE device_id = ? AND {_OPEN} ORDER BY created_at",
+                (row["device_id"],),
+            )
+            return _device(row, tuple(r["action"] for r in pending))
 
         return self._run(txn, write=False)
 
@@ -309,9 +383,17 @@ class SQLStore:
 
     def devices(self) -> Deferred[list[DeviceRecord]]:
         def txn(conn: SQLConnection) -> list[DeviceRecord]:
-            return [_device(r) for r in conn.execute(_DEVICE_SELECT + " ORDER BY d.enrolled_at, d.device_id")]
+            pending: dict[str, list[str]] = {}
+            for r in conn.execute(
+                f"SELECT device_id, action FROM device_actions WHERE {_OPEN} ORDER BY created_at"
+            ):
+                pending.setdefault(r["device_id"], []).append(r["action"])
+            return [
+                _device(r, tuple(pending.get(r["device_id"], ())))
+                for r in conn.execute(_DEVICE_SELECT + " ORDER BY d.enrolled_at, d.device_id")
+            ]
 
-        return self._run(txn, write=False)
+        return self._run(txn, write=False, bulk=True)
 
     def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]:
         def txn(conn: SQLConnection) -> list[CertificateRecord]:
@@ -474,6 +556,10 @@ class SQLStore:
             )
             profiles = conn.execute("SELECT * FROM device_profiles WHERE device_id = ?", (device_id,))
             links = conn.execute("SELECT * FROM profile_commands WHERE device_id = ?", (device_id,))
+            actions = conn.execute(
+                f"SELECT * FROM device_actions WHERE device_id = ? AND {_OPEN} ORDER BY created_at",
+                (device_id,),
+            )
             return ManagementContext(
                 certificate=_certificate(cert_row),
                 device=_device(device_row),
@@ -482,6 +568,7 @@ class SQLStore:
                 session_seq=device_row["session_seq"],
                 profiles=tuple(_device_profile(r) for r in profiles),
                 profile_links=tuple(_profile_command(r) for r in links),
+                actions=tuple(_action(r) for r in actions),
             )
 
         return self._run(txn, write=False)
@@ -522,6 +609,7 @@ class SQLStore:
         *,
         expected_seq: int | None = None,
         profiles: ProfileStep | None = None,
+        actions: ActionStep | None = None,
     ) -> Deferred[None]:
         def txn(conn: SQLConnection) -> None:
             device_id = step.device_id
@@ -575,15 +663,14 @@ class SQLStore:
                 """,
                 [(now, session_id, msg_id, uuid, device_id) for uuid, session_id, msg_id in step.sent],
             )
-            conn.executemany(
-                """
-                UPDATE commands SET state = ?, status = ?, acked_at = ?
-                WHERE uuid = ? AND device_id = ? AND state IN ('pending', 'sent')
-                """,
+            _finish_commands(
+                conn,
+                device_id,
                 [
-                    ("acknowledged" if 200 <= code < 300 else "failed", code, now, uuid, device_id)
+                    (uuid, "acknowledged" if 200 <= code < 300 else "failed", code, None)
                     for uuid, code in step.answered + step.failed
                 ],
+                now,
             )
             results = list(step.results)
             if step.new_session:
@@ -609,19 +696,28 @@ class SQLStore:
                     (device_id, done.key),
                 )
             _insert_results(conn, device_id, results, now)
-            if step.unenroll:
+            if actions:
+                _apply_action_step(conn, device_id, actions, now)
+            ended = actions.ended if actions and actions.ended else ("unenrolled" if step.unenroll else None)
+            if ended is not None:
+                # The device leaves management: its certificate opens nothing
+                # any more and nothing queued for it will ever be delivered.
                 conn.execute(
-                    "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
-                    (now, device_id),
+                    """
+                    UPDATE devices SET state = 'unenrolled', unenrolled_at = ?, lifecycle = ?
+                    WHERE device_id = ?
+                    """,
+                    (now, "wiped" if ended == "wiped" else None, device_id),
                 )
                 conn.execute(
                     """
-                    UPDATE certificates SET revoked_at = ?, revoke_reason = 'unenrolled'
+                    UPDATE certificates SET revoked_at = ?, revoke_reason = ?
                     WHERE device_id = ? AND revoked_at IS NULL
                     """,
-                    (now, device_id),
+                    (now, ended, device_id),
                 )
-            if step.session is None or step.unenroll:
+                _cancel_device(conn, device_id, f"cancelled: the device was {ended}", now)
+            if step.session is None or ended is not None:
                 _end_session(conn, device_id)
             else:
                 conn.execute(
@@ -672,23 +768,210 @@ class SQLStore:
     # -- the command queue --
 
     def queue_command(
-        self, device_id: str, uuid: str, verb: str, body: str, now: float
+        self,
+        device_id: str,
+        uuid: str,
+        verb: str,
+        body: str,
+        now: float,
+        *,
+        audit: AuditEntry | None = None,
     ) -> Deferred[CommandRecord | None]:
         def txn(conn: SQLConnection) -> CommandRecord | None:
             known = conn.execute(
-                "SELECT 1 FROM devices WHERE device_id = ? AND state = 'enrolled'", (device_id,)
+                "SELECT device_id FROM devices WHERE device_id = ? COLLATE NOCASE AND state = 'enrolled'"
+                " ORDER BY device_id = ? DESC LIMIT 1",
+                (device_id, device_id),
             ).fetchone()
             if known is None:
                 return None
-            conn.execute(
-                """
-                INSERT INTO commands (uuid, device_id, verb, body, state, created_at)
-                VALUES (?, ?, ?, ?, 'pending', ?)
-                """,
-                (uuid, device_id, verb, body, now),
-            )
+            _insert_command(conn, known["device_id"], uuid, verb, body, now, None)
+            if audit is not None:
+                insert_audit(conn, audit)
             row = conn.execute("SELECT * FROM commands WHERE uuid = ?", (uuid,)).fetchone()
             return _command(row)
+
+        return self._run(txn)
+
+    # -- device actions and group operations --
+
+    def request_action(self, device_id: str, action: NewAction, now: float) -> Deferred[ActionOutcome]:
+        def txn(conn: SQLConnection) -> ActionOutcome:
+            row = conn.execute(
+                "SELECT device_id, state, lifecycle, host_id FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if row is None:
+                return ActionOutcome("no_device")
+            refusal = _action_refusal(conn, row, action.action)
+            if refusal is not None:
+                return ActionOutcome(refusal)
+            return ActionOutcome("queued", _queue_action(conn, row, action, now, None))
+
+        return self._run(txn)
+
+    def device_actions(self, device_id: str, *, limit: int = 20) -> Deferred[list[DeviceAction]]:
+        def txn(conn: SQLConnection) -> list[DeviceAction]:
+            rows = conn.execute(
+                """
+                SELECT * FROM device_actions WHERE device_id = ?
+                ORDER BY created_at DESC, rowid DESC LIMIT ?
+                """,
+                (device_id, limit),
+            )
+            return [_action(r) for r in rows]
+
+        return self._run(txn, write=False)
+
+    def create_operation(self, operation: NewOperation, now: float) -> Deferred[bool]:
+        def txn(conn: SQLConnection) -> bool:
+            o = operation
+            if (
+                o.group_name != ALL_GROUP
+                and conn.execute("SELECT 1 FROM device_groups WHERE name = ?", (o.group_name,)).fetchone()
+                is None
+            ):
+                return False
+            conn.execute(
+                """
+                INSERT INTO operations (operation_id, kind, group_name, action, options, verb, body, state,
+                                        created_at, updated_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)
+                """,
+                (
+                    o.operation_id, o.kind, o.group_name, o.action,
+                    None if o.options is None else json.dumps(dict(o.options), sort_keys=True),
+                    o.verb, o.body, now, now,
+                ),
+            )  # fmt: skip
+            return True
+
+        return self._run(txn)
+
+    def operation(self, operation_id: str) -> Deferred[OperationRecord | None]:
+        def txn(conn: SQLConnection) -> OperationRecord | None:
+            row = conn.execute("SELECT * FROM operations WHERE operation_id = ?", (operation_id,)).fetchone()
+            return None if row is None else _operation(row)
+
+        return self._run(txn, write=False)
+
+    def operation_leases(self) -> Deferred[list[OperationRecord]]:
+        def txn(conn: SQLConnection) -> list[OperationRecord]:
+            rows = conn.execute(
+                "SELECT * FROM operations WHERE state IN ('pending', 'queuing') ORDER BY created_at"
+            )
+            return [_operation(r) for r in rows]
+
+        return self._run(txn, write=False)
+
+    def claim_operation(
+        self, owner: str, now: float, lease_until: float, *, takeover: Sequence[str] = ()
+    ) -> Deferred[OperationRecord | None]:
+        def txn(conn: SQLConnection) -> OperationRecord | None:
+            holders = [owner, *takeover]
+            marks = ",".join("?" * len(holders))
+            free = f"(lease_owner IS NULL OR lease_until <= ? OR lease_owner IN ({marks}))"
+            row = conn.execute(
+                f"""
+                SELECT operation_id FROM operations
+                WHERE state IN ('pending', 'queuing') AND {free} ORDER BY created_at LIMIT 1
+                """,
+                (now, *holders),
+            ).fetchone()
+            if row is None:
+                return None
+            cursor = conn.execute(
+                f"""
+                UPDATE operations SET lease_owner = ?, lease_until = ?, updated_at = ?,
+                    state = CASE state WHEN 'pending' THEN 'queuing' ELSE state END
+                WHERE operation_id = ? AND state IN ('pending', 'queuing') AND {free}
+                """,
+                (owner, lease_until, now, row["operation_id"], now, *holders),
+            )
+            if cursor.rowcount != 1:
+                return None
+            claimed = conn.execute(
+                "SELECT * FROM operations WHERE operation_id = ?", (row["operation_id"],)
+            ).fetchone()
+            return _operation(claimed)
+
+        return self._run(txn)
+
+    def fan_out(
+        self,
+        operation_id: str,
+        owner: str,
+        now: float,
+        lease_until: float,
+        *,
+        limit: int,
+        total: int | None = None,
+    ) -> Deferred[OperationRecord | None]:
+        def txn(conn: SQLConnection) -> OperationRecord | None:
+            op = conn.execute("SELECT * FROM operations WHERE operation_id = ?", (operation_id,)).fetchone()
+            if op is None or op["state"] != "queuing" or op["lease_owner"] != owner:
+                return None  # the lease was lost: someone else goes on
+            if total is not None and op["total"] is None:
+                conn.execute("UPDATE operations SET total = ? WHERE operation_id = ?", (total, operation_id))
+            after = op["cursor"] or ""
+            if op["group_name"] == ALL_GROUP:
+                members = conn.execute(
+                    """
+                    SELECT device_id, state, lifecycle, host_id FROM devices
+                    WHERE state = 'enrolled' AND device_id > ? ORDER BY device_id LIMIT ?
+                    """,
+                    (after, limit),
+                ).fetchall()
+            else:
+                members = conn.execute(
+                    """
+                    SELECT m.device_id, d.state, d.lifecycle, d.host_id FROM group_members m
+                    JOIN devices d ON d.device_id = m.device_id
+                    WHERE m.group_name = ? AND m.device_id > ? ORDER BY m.device_id LIMIT ?
+                    """,
+                    (op["group_name"], after, limit),
+                ).fetchall()
+            queued, skipped = _queue_batch(conn, op, members, now)
+            finished = len(members) < limit
+            conn.execute(
+                """
+                UPDATE operations SET queued = queued + ?, skipped = skipped + ?, cursor = ?, updated_at = ?,
+                    lease_until = ?
+                WHERE operation_id = ?
+                """,
+                (
+                    queued,
+                    skipped,
+                    members[-1]["device_id"] if members else op["cursor"],
+                    now,
+                    lease_until,
+                    operation_id,
+                ),
+            )
+            if finished:
+                # Exact now: the members that were there when the batches passed.
+                conn.execute(
+                    """
+                    UPDATE operations SET state = 'delivering', total = queued + skipped,
+                        lease_owner = NULL, lease_until = NULL
+                    WHERE operation_id = ?
+                    """,
+                    (operation_id,),
+                )
+                _operations_done(conn, [operation_id], now)
+            row = conn.execute("SELECT * FROM operations WHERE operation_id = ?", (operation_id,)).fetchone()
+            return _operation(row)
+
+        return self._run(txn)
+
+    def release_operation(self, operation_id: str, owner: str) -> Deferred[None]:
+        def txn(conn: SQLConnection) -> None:
+            conn.execute(
+                """
+                UPDATE operations SET lease_owner = NULL, lease_until = NULL
+                WHERE operation_id = ? AND lease_owner = ?
+                """,
+                (operation_id, owner),
+            )
 
         return self._run(txn)
 
@@ -951,6 +1234,138 @@ class SQLStore:
 
         return self._run(txn, write=False)
 
+    # -- administrators --
+
+    def admin_tokens(self) -> Deferred[list[AdminToken]]:
+        def txn(conn: SQLConnection) -> list[AdminToken]:
+            return [_token(r) for r in conn.execute("SELECT * FROM admin_tokens ORDER BY name")]
+
+        return self._run(txn, write=False)
+
+    def create_admin_token(self, token: AdminToken, *, audit: AuditEntry | None = None) -> Deferred[bool]:
+        def txn(conn: SQLConnection) -> bool:
+            active = conn.execute(
+                "SELECT 1 FROM admin_tokens WHERE name = ? AND revoked_at IS NULL", (token.name,)
+            ).fetchone()
+            if active is not None:
+                return False
+            conn.execute(
+                """
+                INSERT INTO admin_tokens (name, token_hash, created_at, created_by) VALUES (?, ?, ?, ?)
+                ON CONFLICT (name) DO UPDATE SET
+                    token_hash = excluded.token_hash, created_at = excluded.created_at,
+                    created_by = excluded.created_by, revoked_at = NULL, revoked_by = NULL
+                """,
+                (token.name, token.token_hash, token.created_at, token.created_by),
+            )
+            if audit is not None:
+                insert_audit(conn, audit)
+            return True
+
+        return self._run(txn)
+
+    def revoke_admin_token(
+        self, name: str, now: float, *, by: str | None = None, audit: AuditEntry | None = None
+    ) -> Deferred[Literal["revoked", "unknown", "last"]]:
+        def txn(conn: SQLConnection) -> Literal["revoked", "unknown", "last"]:
+            active = [
+                r["name"] for r in conn.execute("SELECT name FROM admin_tokens WHERE revoked_at IS NULL")
+            ]
+            if name not in active:
+                return "unknown"
+            if len(active) == 1:
+                return "last"
+            conn.execute(
+                "UPDATE admin_tokens SET revoked_at = ?, revoked_by = ? WHERE name = ?", (now, by, name)
+            )
+            if audit is not None:
+                insert_audit(conn, audit)
+            return "revoked"
+
+        return self._run(txn)
+
+    def adopt_bootstrap_token(
+        self, name: str, token_hash: bytes, now: float
+    ) -> Deferred[Literal["created", "updated", "unchanged", "revoked"]]:
+        def txn(conn: SQLConnection) -> Literal["created", "updated", "unchanged", "revoked"]:
+            row = conn.execute("SELECT * FROM admin_tokens WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO admin_tokens (name, token_hash, created_at, created_by) VALUES (?, ?, ?, ?)",
+                    (name, token_hash, now, "token_file"),
+                )
+                return "created"
+            if row["revoked_at"] is not None:
+                return "revoked"
+            if bytes(row["token_hash"]) == token_hash:
+                return "unchanged"
+            conn.execute("UPDATE admin_tokens SET token_hash = ? WHERE name = ?", (token_hash, name))
+            return "updated"
+
+        return self._run(txn)
+
+    def record_audit(self, entry: AuditEntry) -> Deferred[None]:
+        def txn(conn: SQLConnection) -> None:
+            insert_audit(conn, entry)
+
+        return self._run(txn)
+
+    def audit_log(self, query: AuditQuery) -> Deferred[list[AuditRecord]]:
+        def txn(conn: SQLConnection) -> list[AuditRecord]:
+            where: list[str] = []
+            params: list[object] = []
+            for column, value in (("actor", query.actor), ("action", query.action), ("target", query.target)):
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    params.append(value)
+            if query.before_id is not None:
+                where.append("id < ?")
+                params.append(query.before_id)
+            rows = conn.execute(
+                f"SELECT * FROM audit_log WHERE {' AND '.join(where) or '1 = 1'} ORDER BY id DESC LIMIT ?",
+                (*params, query.limit),
+            )
+            return [_audit(r) for r in rows]
+
+        return self._run(txn, write=False, bulk=True)
+
+    # -- operations --
+
+    def fleet_counts(self, now: float) -> Deferred[FleetCounts]:
+        def txn(conn: SQLConnection) -> FleetCounts:
+            (total,) = conn.execute("SELECT count(*) FROM devices").fetchone()
+            (unenrolled,) = conn.execute("SELECT count(*) FROM devices WHERE state = 'unenrolled'").fetchone()
+            devices = {"enrolled": float(total - unenrolled), "unenrolled": float(unenrolled)}
+            commands = dict.fromkeys(("pending", "sent", "acknowledged", "failed"), 0.0)
+            for row in conn.execute("SELECT state, count(*) AS n FROM commands GROUP BY state"):
+                commands[row["state"]] = float(row["n"])
+            (expiring,) = conn.execute(
+                "SELECT count(*) FROM certificates"
+                " WHERE revoked_at IS NULL AND not_after >= ? AND not_after < ?",
+                (now, now + EXPIRING_WINDOW),
+            ).fetchone()
+            profiles = {state: 0.0 for state in STATES}
+            for row in conn.execute("SELECT state, count(*) AS n FROM device_profiles GROUP BY state"):
+                profiles[row["state"]] = float(row["n"])
+            return {
+                "devices": devices,
+                "commands": commands,
+                "certificates_expiring": {"": float(expiring)},
+                "profiles": profiles,
+            }
+
+        return self._run(txn, write=False, bulk=True)
+
+    def check_writable(self, now: float) -> Deferred[None]:
+        def txn(conn: SQLConnection) -> None:
+            conn.execute(
+                "INSERT INTO store_health (id, checked_at) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                (now,),
+            )
+
+        return self._run(txn)
+
 
 # The live certificates of a device and of the host's other devices, read
 # through certificates_live: the device's live certificates only, however
@@ -974,6 +1389,51 @@ _DEVICE_SELECT = """
         ORDER BY issued_at DESC, serial DESC LIMIT 1)
 """
 
+
+def insert_audit(conn: SQLConnection, entry: AuditEntry) -> None:
+    """Record *entry* in the transaction of the write it describes (for store
+    methods that take an ``audit`` argument)."""
+    conn.execute(
+        "INSERT INTO audit_log (at, actor, action, target, detail, client, request_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            entry.at,
+            entry.actor,
+            entry.action,
+            entry.target,
+            json.dumps(entry.detail, sort_keys=True),
+            entry.client,
+            entry.request_id,
+        ),
+    )
+
+
+def _audit(row: SQLRow) -> AuditRecord:
+    return AuditRecord(
+        row["id"],
+        AuditEntry(
+            at=row["at"],
+            actor=row["actor"],
+            action=row["action"],
+            target=row["target"],
+            detail=json.loads(row["detail"]),
+            client=row["client"],
+            request_id=row["request_id"],
+        ),
+    )
+
+
+def _token(row: SQLRow) -> AdminToken:
+    return AdminToken(
+        name=row["name"],
+        token_hash=bytes(row["token_hash"]),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        revoked_at=row["revoked_at"],
+        revoked_by=row["revoked_by"],
+    )
+
+
 _HOST_SELECT = """
     SELECT h.*, (SELECT d.device_id FROM devices d
                  WHERE d.host_id = h.id AND d.state = 'enrolled'
@@ -996,7 +1456,7 @@ def _host(row: SQLRow) -> HostRecord:
     )
 
 
-def _device(row: SQLRow) -> DeviceRecord:
+def _device(row: SQLRow, pending_actions: tuple[str, ...] = ()) -> DeviceRecord:
     return DeviceRecord(
         device_id=row["device_id"],
         host_id=row["host_id"],
@@ -1023,6 +1483,8 @@ def _device(row: SQLRow) -> DeviceRecord:
             renewed_from=row["c_renewed_from"],
             activated_at=row["c_activated_at"],
         ),
+        lifecycle=row["lifecycle"],
+        pending_actions=pending_actions,
     )
 
 
@@ -1053,6 +1515,8 @@ def _command(row: SQLRow, results: tuple[CommandResult, ...] = ()) -> CommandRec
         sent_at=row["sent_at"],
         acked_at=row["acked_at"],
         results=results,
+        detail=row["detail"],
+        operation_id=row["operation_id"],
     )
 
 
@@ -1218,6 +1682,278 @@ def _forget_deleted_profiles(conn: SQLConnection, names: Sequence[str]) -> None:
         )
 
 
+# -- device actions and group operations --
+
+# The condition the partial index device_actions_open is built on.
+_OPEN = "state IN ({})".format(", ".join(f"'{state}'" for state in OPEN_STATES))
+_BLOCKING = "state IN ({})".format(", ".join(f"'{state}'" for state in BLOCKING_STATES))
+
+
+def _insert_command(
+    conn: SQLConnection,
+    device_id: str,
+    uuid: str,
+    verb: str,
+    body: str,
+    now: float,
+    operation_id: str | None,
+) -> None:
+    conn.execute(
+        """
+        INSERT INTO commands (uuid, device_id, verb, body, state, created_at, operation_id)
+        VALUES (?, ?, ?, ?, 'pending', ?, ?)
+        """,
+        (uuid, device_id, verb, body, now, operation_id),
+    )
+
+
+def _action(row: SQLRow) -> DeviceAction:
+    return DeviceAction(
+        action_id=row["action_id"],
+        device_id=row["device_id"],
+        action=row["action"],
+        options=json.loads(row["options"]),
+        command_uuid=row["command_uuid"],
+        state=row["state"],
+        status=row["status"],
+        detail=row["detail"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        operation_id=row["operation_id"],
+    )
+
+
+def _operation(row: SQLRow) -> OperationRecord:
+    return OperationRecord(
+        operation_id=row["operation_id"],
+        kind=row["kind"],
+        group_name=row["group_name"],
+        action=row["action"],
+        options=json.loads(row["options"]) if row["options"] else None,
+        verb=row["verb"],
+        body=row["body"],
+        state=row["state"],
+        total=row["total"],
+        queued=row["queued"],
+        skipped=row["skipped"],
+        acknowledged=row["acknowledged"],
+        failed=row["failed"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        lease_owner=row["lease_owner"],
+        lease_until=row["lease_until"],
+        cursor=row["cursor"],
+    )
+
+
+def _action_refusal(conn: SQLConnection, device: SQLRow, action: str) -> str | None:
+    """Why *action* cannot be queued for *device* (a row with its state and
+    lifecycle), or None."""
+    if device["state"] != "enrolled":
+        return "wiped" if device["lifecycle"] == "wiped" else "unenrolled"
+    same = conn.execute(
+        f"SELECT 1 FROM device_actions WHERE device_id = ? AND action = ? AND {_BLOCKING}",
+        (device["device_id"], action),
+    ).fetchone()
+    return None if same is None else "pending"
+
+
+def _queue_action(
+    conn: SQLConnection, device: SQLRow, new: NewAction, now: float, operation_id: str | None
+) -> DeviceAction:
+    device_id = device["device_id"]
+    if new.action == "rename":
+        # A newer name replaces one the device has not restarted into yet.
+        conn.execute(
+            """
+            UPDATE device_actions SET state = 'cancelled', detail = 'replaced by a newer rename',
+                updated_at = ?
+            WHERE device_id = ? AND action = 'rename' AND state = 'awaiting_restart'
+            """,
+            (now, device_id),
+        )
+    _insert_command(conn, device_id, new.command_uuid, new.verb, new.body, now, operation_id)
+    record = DeviceAction(
+        new.action_id, device_id, new.action, dict(new.options), new.command_uuid, "pending", None, None,
+        now, now, operation_id,
+    )  # fmt: skip
+    conn.execute(
+        """
+        INSERT INTO device_actions (action_id, device_id, action, options, command_uuid, operation_id, state,
+                                    status, detail, created_at, updated_at)
+        VALUES (?, ?, ?, ?, ?, ?, 'pending', NULL, NULL, ?, ?)
+        """,
+        (record.action_id, device_id, record.action, record.options_json(), record.command_uuid,
+         operation_id, now, now),
+    )  # fmt: skip
+    if new.action in ("wipe", "unenroll"):
+        _set_lifecycle(conn, device_id)
+    if new.action == "unenroll" and device["host_id"] is not None:
+        # The agent path as well: whichever comes first unenrolls it.
+        conn.execute("UPDATE hosts SET unenroll_requested = 1 WHERE id = ?", (device["host_id"],))
+    return record
+
+
+def _queue_batch(conn: SQLConnection, op: SQLRow, members: Sequence[SQLRow], now: float) -> tuple[int, int]:
+    """Give a batch of the operation's members their command (or action),
+    with one statement per kind of row; (queued, skipped)."""
+    eligible = [m for m in members if m["state"] == "enrolled"]
+    action = op["action"] if op["kind"] == "action" else None
+    if action is not None and eligible:
+        marks = ",".join("?" * len(eligible))
+        busy = {
+            r["device_id"]
+            for r in conn.execute(
+                f"""
+                SELECT device_id FROM device_actions
+                WHERE action = ? AND {_BLOCKING} AND device_id IN ({marks})
+                """,
+                (action, *(m["device_id"] for m in eligible)),
+            )
+        }
+        eligible = [m for m in eligible if m["device_id"] not in busy]
+    operation_id = op["operation_id"]
+    uuids = [str(uuidlib.uuid4()) for _ in eligible]
+    conn.executemany(
+        """
+        INSERT INTO commands (uuid, device_id, verb, body, state, created_at, operation_id)
+        VALUES (?, ?, ?, ?, 'pending', ?, ?)
+        """,
+        [
+            (u, m["device_id"], op["verb"], op["body"], now, operation_id)
+            for u, m in zip(uuids, eligible, strict=True)
+        ],
+    )
+    if action is not None:
+        options = op["options"] or "{}"
+        conn.executemany(
+            """
+            INSERT INTO device_actions (action_id, device_id, action, options, command_uuid, operation_id,
+                                        state, created_at, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)
+            """,
+            [
+                (str(uuidlib.uuid4()), m["device_id"], action, options, u, operation_id, now, now)
+                for u, m in zip(uuids, eligible, strict=True)
+            ],
+        )
+        if action in ("wipe", "unenroll"):
+            # What lifecycle_of gives: a wipe outranks an unenrollment.
+            conn.executemany(
+                """
+                UPDATE devices SET lifecycle = CASE WHEN ? = 'wipe' OR lifecycle IS NOT 'wipe_pending'
+                    THEN ? ELSE lifecycle END
+                WHERE device_id = ? AND state = 'enrolled'
+                """,
+                [(action, lifecycle_of([action]), m["device_id"]) for m in eligible],
+            )
+        if action == "unenroll":
+            conn.executemany(
+                "UPDATE hosts SET unenroll_requested = 1 WHERE id = ?",
+                [(m["host_id"],) for m in eligible if m["host_id"] is not None],
+            )
+    return len(eligible), len(members) - len(eligible)
+
+
+def _set_lifecycle(conn: SQLConnection, device_id: str) -> None:
+    """The lifecycle the device's queued or sent actions give it."""
+    names = [
+        r["action"]
+        for r in conn.execute(
+            f"SELECT action FROM device_actions WHERE device_id = ? AND {_BLOCKING}", (device_id,)
+        )
+    ]
+    conn.execute(
+        "UPDATE devices SET lifecycle = ? WHERE device_id = ? AND state = 'enrolled'",
+        (lifecycle_of(names), device_id),
+    )
+
+
+def _finish_commands(
+    conn: SQLConnection,
+    device_id: str,
+    outcomes: Sequence[tuple[str, str, int | None, str | None]],
+    now: float,
+) -> None:
+    """Mark the device's open commands (uuid, state, status, detail) answered,
+    failed or cancelled, once each, and count them in their operations."""
+    counted: dict[str, list[int]] = {}
+    for uuid, state, status, detail in outcomes:
+        row = conn.execute(
+            """
+            SELECT operation_id FROM commands
+            WHERE uuid = ? AND device_id = ? AND state IN ('pending', 'sent')
+            """,
+            (uuid, device_id),
+        ).fetchone()
+        if row is None:
+            continue  # another device's, or answered already
+        conn.execute(
+            "UPDATE commands SET state = ?, status = ?, acked_at = ?, detail = ? WHERE uuid = ?",
+            (state, status, now, detail, uuid),
+        )
+        if row["operation_id"] is not None:
+            counts = counted.setdefault(row["operation_id"], [0, 0])
+            counts[0 if state == "acknowledged" else 1] += 1
+    for operation_id, (acknowledged, failed) in counted.items():
+        conn.execute(
+            """
+            UPDATE operations SET acknowledged = acknowledged + ?, failed = failed + ?, updated_at = ?
+            WHERE operation_id = ?
+            """,
+            (acknowledged, failed, now, operation_id),
+        )
+    _operations_done(conn, list(counted), now)
+
+
+def _operations_done(conn: SQLConnection, operation_ids: Sequence[str], now: float) -> None:
+    conn.executemany(
+        """
+        UPDATE operations SET state = 'done', finished_at = ?
+        WHERE operation_id = ? AND state = 'delivering' AND acknowledged + failed >= queued
+        """,
+        [(now, o) for o in operation_ids],
+    )
+
+
+def _apply_action_step(conn: SQLConnection, device_id: str, step: ActionStep, now: float) -> None:
+    conn.executemany(
+        """
+        UPDATE device_actions SET state = ?, status = ?, detail = ?, updated_at = ?
+        WHERE action_id = ? AND device_id = ?
+        """,
+        [(u.state, u.status, u.detail, now, u.action_id, device_id) for u in step.updates],
+    )
+    _finish_commands(
+        conn,
+        device_id,
+        [(uuid, "acknowledged", None, "confirmed by the device's Alert 1226") for uuid in step.confirmed],
+        now,
+    )
+    if step.lifecycle_changed and step.ended is None:
+        conn.execute(
+            "UPDATE devices SET lifecycle = ? WHERE device_id = ? AND state = 'enrolled'",
+            (step.lifecycle, device_id),
+        )
+
+
+def _cancel_device(conn: SQLConnection, device_id: str, reason: str, now: float) -> None:
+    """Everything still open for a device that left: its commands fail and
+    its actions are cancelled, with *reason*."""
+    open_commands = conn.execute(
+        "SELECT uuid FROM commands WHERE device_id = ? AND state IN ('pending', 'sent')", (device_id,)
+    ).fetchall()
+    _finish_commands(conn, device_id, [(r["uuid"], "failed", None, reason) for r in open_commands], now)
+    conn.execute(
+        f"""
+        UPDATE device_actions SET state = 'cancelled', detail = ?, updated_at = ?
+        WHERE device_id = ? AND {_OPEN}
+        """,
+        (reason, now, device_id),
+    )
+
+
 class SQLiteStore(SQLStore):
     """:class:`~mdmd.store.interface.Store` on one SQLite file."""
 
@@ -1225,14 +1961,23 @@ class SQLiteStore(SQLStore):
         self.path = path
         self._reactor = reactor
         self._engine = None
+        self.migration_backup: str | None = None
+
+    @property
+    def schema_version(self) -> int:
+        return SCHEMA_VERSION
 
     # -- life cycle (synchronous: called before the reactor runs / after it stops) --
 
-    def open(self, *, check: bool = True) -> int:
+    def open(self, *, check: bool = True, before_migration: Callable[[int, str], None] | None = None) -> int:
         """Open (creating if needed), check and migrate; return the schema
         version found.  ``check=False`` is for worker processes: the main
         process has checked and migrated the file, so only the version is
-        verified."""
+        verified.
+
+        Before migrating a database that holds data, a copy of it is written
+        beside it (``mdmd.sqlite3.v3-backup-<time>``); *before_migration* is
+        called with the version found and the copy's path once it exists."""
         directory = os.path.dirname(self.path) or "."
         if not os.path.isdir(directory):
             raise StoreError(f"{directory}: state directory does not exist")
@@ -1242,6 +1987,20 @@ class SQLiteStore(SQLStore):
                 result = conn.execute("PRAGMA quick_check").fetchone()[0]
                 if result != "ok":
                     raise StoreError(f"{self.path}: database integrity check failed: {result}")
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if 0 < version < SCHEMA_VERSION:
+                    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                    copy = f"{self.path}.v{version}-backup-{stamp}"
+                    try:
+                        backup_database(conn, copy)
+                    except (OSError, sqlite3.Error) as e:
+                        raise StoreError(
+                            f"cannot write a backup to {copy} before migrating from schema version "
+                            f"{version}: {e}; nothing was changed"
+                        ) from None
+                    self.migration_backup = copy
+                    if before_migration is not None:
+                        before_migration(version, copy)
                 found = migrate(conn)
             else:
                 found = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -1260,6 +2019,8 @@ class SQLiteStore(SQLStore):
             begin_write="BEGIN IMMEDIATE",
             begin_read="BEGIN DEFERRED",
             read_guard=_no_writes,
+            bulk_reader=_connect(self.path),
+            on_commit=self._on_commit,
         )
         return found
 
@@ -1272,3 +2033,13 @@ class SQLiteStore(SQLStore):
         if self._engine is not None:
             self._engine.stop()
             self._engine = None
+
+    def device_page(
+        self, query: DeviceQuery, *, limit: int, after: tuple[float, str] | None = None
+    ) -> Deferred[DevicePage]:
+        def txn(conn: SQLConnection) -> DevicePage:
+            # SQLite's own SQL (rowids, INDEXED BY): the engine's connection
+            # is a sqlite3 one here.
+            return device_page(cast(sqlite3.Connection, conn), query, limit, after)
+
+        return self._run(txn, write=False, bulk=True)

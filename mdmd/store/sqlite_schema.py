@@ -245,10 +245,132 @@ _V5: Final = (
     "CREATE INDEX certificates_revoked ON certificates(revoked_at) WHERE revoked_at IS NOT NULL",
 )
 
-# 6 (issue 16, several nodes on PostgreSQL): who runs a background job
+
+# 6 (issue 14, operating at scale): indexes for the paged, searchable device
+# list (device IDs and names case-insensitively, the agent hosts' hostname,
+# serial and hardware UUID for search, each sort order with the device ID as
+# tie-breaker, the filters), for the fleet-wide counts of the metrics, and the
+# administrators' named tokens and audit log.
+_V6: Final = (
+    "CREATE INDEX devices_by_id_nocase ON devices(device_id COLLATE NOCASE)",
+    "CREATE INDEX devices_by_name_nocase ON devices(device_name COLLATE NOCASE)",
+    # The two orders of the list, each with the device ID as tie-breaker and
+    # then every small column a filter or the search tests, so that walking
+    # an order checks the filters on the index alone and reads the table
+    # only for the rows it lists.  Never seen sorts (and filters) as seen at
+    # 0, so that a position in the list is never NULL.
+    """
+    CREATE INDEX devices_by_enrolled_at ON devices(
+        enrolled_at, device_id, state, os_version, hw_dev_id_collision, last_seen, host_id, device_name)
+    """,
+    """
+    CREATE INDEX devices_by_last_seen ON devices(
+        coalesce(last_seen, 0), device_id, state, os_version, hw_dev_id_collision, enrolled_at, host_id,
+        device_name)
+    """,
+    # Partial: an index on state alone would look selective to the planner
+    # (no statistics) and lure the device-facing queries that test
+    # state = 'enrolled' away from their own indexes.
+    "CREATE INDEX devices_unenrolled ON devices(device_id) WHERE state = 'unenrolled'",
+    "CREATE INDEX devices_by_os_version ON devices(os_version)",
+    "CREATE INDEX devices_with_hw_dev_id_collision ON devices(device_id) WHERE hw_dev_id_collision = 1",
+    "CREATE INDEX hosts_by_hostname_nocase ON hosts(hostname COLLATE NOCASE)",
+    "CREATE INDEX hosts_by_serial_nocase ON hosts(hardware_serial COLLATE NOCASE)",
+    "CREATE INDEX hosts_by_uuid_nocase ON hosts(hardware_uuid COLLATE NOCASE)",
+    "CREATE INDEX commands_by_state ON commands(state)",
+    """
+    CREATE TABLE admin_tokens (
+        name TEXT PRIMARY KEY,
+        token_hash BLOB NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        created_by TEXT,
+        revoked_at REAL,
+        revoked_by TEXT
+    )
+    """,
+    """
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT,
+        detail TEXT NOT NULL DEFAULT '{}',
+        client TEXT,
+        request_id TEXT
+    )
+    """,
+    "CREATE INDEX audit_by_actor ON audit_log(actor, id)",
+    "CREATE INDEX audit_by_target ON audit_log(target, id)",
+    "CREATE INDEX audit_by_action ON audit_log(action, id)",
+    # One row the readiness check rewrites: proof that a commit still works.
+    "CREATE TABLE store_health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL)",
+)
+
+
+# 7 (issue 12, device actions and group operations): each action asked of
+# a device beside the command that carries it out; what a wipe or an
+# unenrollment makes of the device (``lifecycle``: wipe_pending,
+# unenroll_pending, wiped) as a column of its own, so that the devices
+# table keeps its state CHECK and needs no rebuild; a command's operation
+# and why it was cancelled; group operations with their progress counters
+# and the lease of the process fanning them out.
+_V7: Final = (
+    "ALTER TABLE devices ADD COLUMN lifecycle TEXT",
+    "ALTER TABLE commands ADD COLUMN operation_id TEXT",
+    "ALTER TABLE commands ADD COLUMN detail TEXT",
+    "CREATE INDEX commands_by_operation ON commands(operation_id, state) WHERE operation_id IS NOT NULL",
+    """
+    CREATE TABLE device_actions (
+        action_id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(device_id),
+        action TEXT NOT NULL,
+        options TEXT NOT NULL,
+        command_uuid TEXT NOT NULL UNIQUE REFERENCES commands(uuid),
+        operation_id TEXT,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'awaiting_restart', 'acknowledged',
+                                             'failed', 'cancelled')),
+        status INTEGER,
+        detail TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX device_actions_by_device ON device_actions(device_id, created_at)",
+    """
+    CREATE INDEX device_actions_open ON device_actions(device_id, action)
+    WHERE state IN ('pending', 'sent', 'awaiting_restart')
+    """,
+    """
+    CREATE TABLE operations (
+        operation_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('action', 'command')),
+        group_name TEXT NOT NULL,
+        action TEXT,
+        options TEXT,
+        verb TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'queuing', 'delivering', 'done')),
+        cursor TEXT,
+        total INTEGER,
+        queued INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        acknowledged INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL
+    )
+    """,
+    "CREATE INDEX operations_open ON operations(created_at) WHERE state IN ('pending', 'queuing')",
+)
+
+# 8 (issue 16, several nodes on PostgreSQL): who runs a background job
 # (certificate housekeeping) until when, so that of several nodes sharing a
 # database one runs it at a time.
-_V6: Final = (
+_V8: Final = (
     """
     CREATE TABLE job_leases (
         name TEXT PRIMARY KEY,
@@ -258,5 +380,5 @@ _V6: Final = (
     """,
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
