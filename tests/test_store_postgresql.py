@@ -333,3 +333,30 @@ def test_a_daemon_answers_503_while_the_database_is_down_and_serves_again_once_i
             assert len([line for line in lines if "PostgreSQL connection pool" in line]) <= 4
     finally:
         own.stop()
+
+
+@pytest.mark.parametrize("search", ["desktop-0", "0A", "sn3", "1AAB-U", "pc-2", "nothing-like-this"])
+def test_a_search_with_many_candidates_tests_each_row_and_lists_the_same(
+    dsn: str, search: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reference fleet is small, so a search reads its candidates; with
+    # no candidate limit each row along the sort order is tested instead.
+    from mdmd.store import DeviceQuery, postgresql_devices
+    from store_helpers import build_list_fleet, expected_devices, read_all_pages
+
+    s = _open(dsn, pool_size=2)
+    s.open()
+    s.start()
+    try:
+        fleet = build_list_fleet(s)
+        for query in (
+            DeviceQuery(search=search),
+            DeviceQuery(search=search, sort="last_seen", descending=True),
+        ):
+            expected = expected_devices(s, fleet, query)
+            monkeypatch.setattr(postgresql_devices, "SEARCH_CANDIDATE_LIMIT", -1)
+            walked = read_all_pages(s, query, 3)
+            monkeypatch.setattr(postgresql_devices, "SEARCH_CANDIDATE_LIMIT", 10_000)
+            assert walked == read_all_pages(s, query, 3) == expected
+    finally:
+        s.stop()

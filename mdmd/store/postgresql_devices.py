@@ -19,6 +19,7 @@ from mdmd.store.engine import SQLConnection
 from mdmd.store.records import DevicePage, DeviceQuery
 from mdmd.store.sqlite_devices import (
     DEVICE_COLUMNS,
+    SEARCH_CANDIDATE_LIMIT,
     conditions,
     current_certificates,
     device_record,
@@ -38,25 +39,41 @@ def _ascii_lower(text: str) -> str:
     return "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in text)
 
 
-def _search(search: str) -> tuple[str, list[object]]:
+def _prefix(column: str) -> str:
+    return f'lower({column}) COLLATE "C" >= ? AND lower({column}) COLLATE "C" < ?'
+
+
+_HOST_COLUMNS: Final = ("h.hostname", "h.hardware_serial", "h.hardware_uuid")
+
+
+def _search(conn: SQLConnection, search: str) -> tuple[str, list[object]]:
+    """The search's condition.  Its candidate devices, when they are few
+    (counted with a bounded probe, on the lower() indexes), are selected
+    once; when many match (a short prefix), each row along the sort order
+    is tested instead, which finds a page's worth at once."""
     low = _ascii_lower(search)
     bounds: list[object] = [low, low + _TOP]
-
-    def prefix(column: str) -> str:
-        return f'lower({column}) COLLATE "C" >= ? AND lower({column}) COLLATE "C" < ?'
-
-    host_columns = ("h.hostname", "h.hardware_serial", "h.hardware_uuid")
     candidates = " UNION ".join(
         [
-            f"SELECT device_id FROM devices WHERE {prefix('device_id')}",
-            f"SELECT device_id FROM devices WHERE {prefix('device_name')}",
+            f"SELECT device_id FROM devices WHERE {_prefix('device_id')}",
+            f"SELECT device_id FROM devices WHERE {_prefix('device_name')}",
             *(
-                f"SELECT d2.device_id FROM hosts h JOIN devices d2 ON d2.host_id = h.id WHERE {prefix(c)}"
-                for c in host_columns
+                f"SELECT d2.device_id FROM hosts h JOIN devices d2 ON d2.host_id = h.id WHERE {_prefix(c)}"
+                for c in _HOST_COLUMNS
             ),
         ]
     )
-    return f"d.device_id IN ({candidates})", bounds * 5
+    (count,) = conn.execute(
+        f"SELECT count(*) FROM ({candidates} LIMIT ?) c", [*bounds * 5, SEARCH_CANDIDATE_LIMIT + 1]
+    ).fetchone()
+    if count <= SEARCH_CANDIDATE_LIMIT:
+        return f"d.device_id IN ({candidates})", bounds * 5
+    hosts = " OR ".join(f"({_prefix(c)})" for c in _HOST_COLUMNS)
+    row = (
+        f"({_prefix('d.device_id')}) OR ({_prefix('d.device_name')})"
+        f" OR EXISTS (SELECT 1 FROM hosts h WHERE h.id = d.host_id AND ({hosts}))"
+    )
+    return f"({row})", bounds * 5
 
 
 def device_page(
@@ -73,7 +90,7 @@ def device_page(
         where.append(f"({condition.where})")
         params += condition.params
     if query.search:
-        clause, bound = _search(query.search)
+        clause, bound = _search(conn, query.search)
         where.append(clause)
         params += bound
     if after is not None:
