@@ -53,7 +53,7 @@ def _search(conn: SQLConnection, search: str) -> tuple[str, list[object]]:
     is tested instead, which finds a page's worth at once."""
     low = _ascii_lower(search)
     bounds: list[object] = [low, low + _TOP]
-    candidates = " UNION ".join(
+    candidates = " UNION ALL ".join(
         [
             f"SELECT device_id FROM devices WHERE {_prefix('device_id')}",
             f"SELECT device_id FROM devices WHERE {_prefix('device_name')}",
