@@ -28,6 +28,7 @@ __all__ = [
     "ManagementConfig",
     "MdmdConfig",
     "ProfilesConfig",
+    "StoreConfig",
     "WstepConfig",
     "load_config",
 ]
@@ -60,6 +61,9 @@ class EnrollmentConfig:
     enroll_secret_file: str
     windows_mdm: bool
     max_body_bytes: int
+    # Connections come from a load balancer that sends the PROXY protocol
+    # header (haproxy's send-proxy-v2) with the client's address.
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,7 @@ class ManagementConfig:
     poll: PollSchedule
     #: The latest messages in and out kept per device (0: none).
     message_log: int = 50
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,21 @@ class WstepConfig:
 class ProfilesConfig:
     verify_interval: float  # seconds
     max_retries: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    backend: str  # "sqlite" | "postgresql"
+    # PostgreSQL: a libpq connection string without the password, the file
+    # holding the password (None: libpq's own ways, PGPASSFILE and so on),
+    # and connections per process.
+    dsn: str | None = None
+    password_file: str | None = None
+    pool_size: int = 4  # DEFAULT_POOL_SIZE
+
+
+#: [store] pool_size when unset.
+DEFAULT_POOL_SIZE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +155,13 @@ class MdmdConfig:
     wstep: WstepConfig
     admin: AdminConfig
     profiles: ProfilesConfig = ProfilesConfig(24 * 3600.0, 3)
+    store: StoreConfig = StoreConfig("sqlite")
     log_format: str = "text"
     actions: ActionsConfig = ActionsConfig()
 
     @property
     def database(self) -> str:
+        """The SQLite store's file."""
         return os.path.join(self.state_dir, "mdmd.sqlite3")
 
     @property
@@ -303,6 +325,22 @@ def _provider_id(value: str) -> str:
     return value
 
 
+def _dsn(value: str) -> str:
+    """A libpq connection string (key=value or URI), without the password."""
+    from psycopg import conninfo
+
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    try:
+        params = conninfo.conninfo_to_dict(value)
+    except Exception as e:  # psycopg.ProgrammingError, with libpq's message
+        raise ValueError(f"not a libpq connection string: {' '.join(str(e).split())}") from None
+    if "password" in params:
+        raise ValueError("must not hold the password: put it in password_file")
+    return value
+
+
 def _poll_schedule(value: str) -> PollSchedule:
     parts = value.replace(",", " ").split()
     numbers: list[int] = []
@@ -350,6 +388,7 @@ _SCHEMA: _Schema = {
         "enroll_secret_file": (_text, "enroll_secret"),
         "windows_mdm": (_boolean, True),
         "max_body_bytes": (_bounded_int(4096, 64 * 1024 * 1024), 1024 * 1024),
+        "proxy_protocol": (_boolean, False),
     },
     "management": {
         "listen": (_endpoint, _REQUIRED),
@@ -363,6 +402,7 @@ _SCHEMA: _Schema = {
         "poll_schedule": (_poll_schedule, PollSchedule()),
         "poll_on_login": (_boolean, True),
         "message_log": (_bounded_int(0, 1000), 50),
+        "proxy_protocol": (_boolean, False),
     },
     "wstep": {
         "identity_cert": (_text, "wstep-identity.pem"),
@@ -377,6 +417,12 @@ _SCHEMA: _Schema = {
     "profiles": {
         "verify_interval": (_duration(60, 365 * 86400), 24 * 3600.0),
         "max_retries": (_bounded_int(0, 100), 3),
+    },
+    "store": {
+        "backend": (_choice("sqlite", "postgresql"), "sqlite"),
+        "dsn": (_dsn, None),
+        "password_file": (_text, None),
+        "pool_size": (_bounded_int(1, 100), None),
     },
     "actions": {
         "fanout_batch": (_bounded_int(1, 10_000), 200),
@@ -489,6 +535,7 @@ def load_config(path: str) -> MdmdConfig:
             "renew_retry_days",
             f"must not exceed renew_period_days ({renew_days}), got {retry_days}",
         )
+    store = _store_config(path, values["store"], in_state)
     if (a["tls_cert"] is None) != (a["tls_key"] is None):
         missing = "tls_key" if a["tls_key"] is None else "tls_cert"
         raise ConfigError(path, "admin", missing, "tls_cert and tls_key go together")
@@ -512,6 +559,7 @@ def load_config(path: str) -> MdmdConfig:
             enroll_secret_file=in_state("enrollment", "enroll_secret_file"),
             windows_mdm=typed(bool, en["windows_mdm"]),
             max_body_bytes=typed(int, en["max_body_bytes"]),
+            proxy_protocol=typed(bool, en["proxy_protocol"]),
         ),
         management=ManagementConfig(
             listen=typed(str, m["listen"]),
@@ -526,6 +574,7 @@ def load_config(path: str) -> MdmdConfig:
             provider_name=typed(str, m["provider_name"]),
             poll=dataclasses.replace(poll, poll_on_login=typed(bool, m["poll_on_login"])),
             message_log=typed(int, m["message_log"]),
+            proxy_protocol=typed(bool, m["proxy_protocol"]),
         ),
         wstep=WstepConfig(
             identity_cert=in_state("wstep", "identity_cert"),
@@ -549,6 +598,7 @@ def load_config(path: str) -> MdmdConfig:
             verify_interval=typed(float, values["profiles"]["verify_interval"]),
             max_retries=typed(int, values["profiles"]["max_retries"]),
         ),
+        store=store,
         log_format=typed(str, values["mdmd"]["log_format"]),
         actions=ActionsConfig(
             fanout_batch=typed(int, values["actions"]["fanout_batch"]),
@@ -556,3 +606,64 @@ def load_config(path: str) -> MdmdConfig:
             fanout_lease=typed(float, values["actions"]["fanout_lease"]),
         ),
     )
+
+
+def _store_config(
+    path: str, values: Mapping[str, object], in_state: Callable[[str, str], str]
+) -> StoreConfig:
+    backend = str(values["backend"])
+    if backend == "sqlite":
+        for key in ("dsn", "password_file", "pool_size"):
+            if values[key] is not None:
+                raise ConfigError(path, "store", key, "only for backend = postgresql")
+        return StoreConfig("sqlite")
+    if values["dsn"] is None:
+        raise ConfigError(path, "store", "dsn", "required when backend = postgresql")
+    pool_size = values["pool_size"]
+    return StoreConfig(
+        backend,
+        dsn=str(values["dsn"]),
+        password_file=in_state("store", "password_file") if values["password_file"] is not None else None,
+        pool_size=pool_size if isinstance(pool_size, int) else DEFAULT_POOL_SIZE,
+    )
+
+
+def read_password_file(config: MdmdConfig) -> str | None:
+    """The database password from ``[store] password_file`` (None when
+    unset); ConfigError naming the key when the file is not right
+    (:func:`password_from_file`)."""
+    path = config.store.password_file
+    if path is None:
+        return None
+    try:
+        return password_from_file(path)
+    except ValueError as e:
+        raise ConfigError(config.path, "store", "password_file", f"{path}: {e}") from None
+
+
+def password_from_file(path: str) -> str:
+    """A password file's password: the file must be its owner's only
+    (0600) and hold the password alone; one trailing newline is not part of
+    it.  ValueError saying what is wrong otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & 0o077:
+            raise ValueError(f"must be readable by its owner only (mode 0600), is {mode & 0o777:04o}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(65537)
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise ValueError("is empty")
+    if len(raw) > 65536 or "\n" in password or "\r" in password or "\0" in password:
+        raise ValueError("must hold the password alone, on one line")
+    return password

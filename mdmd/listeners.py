@@ -118,6 +118,22 @@ class DeviceListener:
     description: str
     #: Where refused handshakes are logged (the management listener's).
     refusals: RefusalLog | None = None
+    #: Each connection starts with a PROXY protocol header (v1 or v2) from
+    #: the load balancer, naming the client ([section] proxy_protocol).
+    proxy_protocol: bool = False
+
+    def outermost(self, factory: IProtocolFactory) -> IProtocolFactory:
+        """*factory* (TLS and the site) as it faces the socket: behind the
+        PROXY protocol header's reader when the listener has one, so that
+        the address of the client, not the balancer's, is its peer."""
+        if not self.proxy_protocol:
+            return factory
+        # Twisted's own reader of the header (twisted.protocols.haproxy,
+        # which exports it as an endpoint wrapper only; adopted sockets of
+        # worker processes need the factory).
+        from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+        return HAProxyWrappingFactory(factory)
 
 
 def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
@@ -134,7 +150,8 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
                 max_body_bytes=config.enrollment.max_body_bytes,
             ),
             config.enrollment.url,
-            "TLS",
+            "TLS, PROXY protocol" if config.enrollment.proxy_protocol else "TLS",
+            proxy_protocol=config.enrollment.proxy_protocol,
         ),
         DeviceListener(
             "management",
@@ -149,8 +166,9 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
                 max_body_bytes=config.management.max_body_bytes,
             ),
             config.management.url,
-            "mutual TLS",
+            "mutual TLS, PROXY protocol" if config.management.proxy_protocol else "mutual TLS",
             refusals,
+            proxy_protocol=config.management.proxy_protocol,
         ),
     )
 

@@ -7,10 +7,19 @@ device's history does not grow for ever.
 The work is done by the store, off the reactor, in transactions of at most
 :data:`BATCH` rows: other writes go in between, and no pass holds the
 writer for long.
+
+With several nodes on one database, each node's main process runs this
+service, but a pass runs only under the store's lease on the job (see
+:meth:`~mdmd.store.Store.claim_lease`), claimed for one interval: one node
+keeps doing the work, renewing its lease at each pass, and when it is gone
+another takes over once the lease has run out.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -30,6 +39,14 @@ log = Logger(namespace=__name__)
 BATCH: Final = 500
 #: Transactions per pass and kind; what is left waits for the next pass.
 MAX_BATCHES: Final = 200
+#: The lease the passes run under.
+LEASE: Final = "certificate-maintenance"
+
+
+def node_name() -> str:
+    """This process among the nodes sharing a database: host, process, and
+    a random part (a process ID is reused)."""
+    return f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
 
 
 class CertificateMaintenance(Service):
@@ -37,10 +54,13 @@ class CertificateMaintenance(Service):
 
     name = "certificate-maintenance"
 
-    def __init__(self, app: Mdmd, *, interval: float = 3600.0, batch: int = BATCH) -> None:
+    def __init__(
+        self, app: Mdmd, *, interval: float = 3600.0, batch: int = BATCH, holder: str | None = None
+    ) -> None:
         self.app = app
         self.interval = interval
         self.batch = batch
+        self.holder = holder or node_name()
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -65,6 +85,8 @@ class CertificateMaintenance(Service):
     async def _pass(self) -> None:
         store = self.app.store
         now = self.app.now()
+        if not await store.claim_lease(LEASE, self.holder, now, now + self.interval):
+            return  # another node does it
         keep = self.app.config.wstep.keep_revoked_days
         retired = await self._batches(lambda: store.retire_renewed_certificates(now, limit=self.batch))
         pruned = await self._batches(lambda: store.prune_certificates(now - keep * DAY, limit=self.batch))

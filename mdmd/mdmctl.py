@@ -24,6 +24,9 @@ token in ``$MDMCTL_TOKEN``, ``--token-file`` or ``[admin] token_file``)::
     mdmctl group list|show|add|delete|members ...
     mdmctl assign PROFILE GROUP...
 
+``mdmctl store copy --from sqlite:PATH --to postgresql:DSN`` moves a stopped
+mdmd's store from SQLite to PostgreSQL (no server needed either).
+
 Output is aligned text, or the API's JSON with ``--json``.  A failure is one
 line on stderr (``mdmctl: ...``) and exit status 1; usage errors exit 2.
 
@@ -843,6 +846,13 @@ def _backup(args: argparse.Namespace) -> int:
     from mdmd.store.sqlite import backup_database
 
     config = _config(args)
+    if config.store.backend == "postgresql":
+        # A database server's own tools make a consistent copy (and keep
+        # doing it while mdmd runs); the key material list still applies.
+        raise CliError(
+            "the store is PostgreSQL ([store] backend): back it up with pg_dump (or the database's own "
+            "backups), and keep copies of the key material in state_dir"
+        )
     source_path = config.database
     if not os.path.exists(source_path):
         raise CliError(f"no database at {source_path} ([mdmd] state_dir)")
@@ -1115,6 +1125,69 @@ def _assign(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# store copy (no server needed)
+# --------------------------------------------------------------------------
+
+
+def _store_location(text: str, scheme: str) -> str:
+    """``sqlite:PATH`` -> PATH; ``postgresql:DSN`` (or a postgresql:// URI) -> DSN."""
+    if scheme == "postgresql" and text.startswith(("postgresql://", "postgres://")):
+        return text
+    prefix = f"{scheme}:"
+    if not text.startswith(prefix) or not text[len(prefix) :].strip():
+        raise argparse.ArgumentTypeError(
+            f"expected {prefix}{'PATH' if scheme == 'sqlite' else 'DSN'}, got {text!r}"
+        )
+    return text[len(prefix) :].strip()
+
+
+def _store_copy(args: argparse.Namespace) -> int:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from mdmd.config import password_from_file
+    from mdmd.store.copy import CopyError, copy_sqlite_to_postgresql
+
+    source = os.path.abspath(args.source)
+    if not os.path.isfile(source):
+        raise CliError(f"store copy: {source}: no such file")
+    try:
+        params = conninfo_to_dict(args.target)
+    except Exception as e:
+        raise CliError(f"store copy: --to: not a libpq connection string: {_one_line(str(e))}") from None
+    if "password" in params:
+        raise CliError(
+            "store copy: --to: the DSN must not hold the password (use --password-file or PGPASSFILE)"
+        )
+    password = None
+    if args.password_file is not None:
+        try:
+            password = password_from_file(args.password_file)
+        except ValueError as e:
+            raise CliError(f"store copy: --password-file {args.password_file}: {e}") from None
+
+    def progress(line: str) -> None:
+        print(f"mdmctl: {line}", file=sys.stderr, flush=True)
+
+    where = " ".join(f"{k}={params[k]}" for k in ("host", "port", "dbname", "user") if params.get(k))
+    progress(f"copying {source} to PostgreSQL {where or args.target}")
+    try:
+        report = copy_sqlite_to_postgresql(source, args.target, password=password, progress=progress)
+    except CopyError as e:
+        raise CliError(f"store copy: {e}") from None
+    if args.json:
+        print(json.dumps({"tables": report.tables, "rows": report.rows, "seconds": round(report.seconds, 3)}))
+        return 0
+    width = max(len(t) for t in report.tables)
+    for table, count in report.tables.items():
+        print(f"{table:<{width}}  {count:>12,}")
+    print(
+        f"{report.rows:,} rows in {len(report.tables)} tables copied in {report.seconds:.1f} s; "
+        "the counts match. Set [store] backend = postgresql and dsn, then start mdmd."
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
@@ -1181,6 +1254,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not create a server TLS certificate (you bring a public one)",
     )
     init.set_defaults(run=_init)
+
+    store = commands.add_parser("store", help="the store itself: copy (no server needed)")
+    store_actions = store.add_subparsers(dest="action", required=True, metavar="ACTION")
+    copy = store_actions.add_parser(
+        "copy",
+        help="copy a SQLite store into an empty PostgreSQL database",
+        description=(
+            "Copy every table of mdmd's SQLite store into an empty PostgreSQL database "
+            "(created with mdmd's schema), with progress, and compare the row counts. "
+            "Stop mdmd first. Enrolled devices keep their certificates and go on checking in "
+            "once mdmd runs with [store] backend = postgresql."
+        ),
+    )
+    copy.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="sqlite:PATH",
+        type=lambda t: _store_location(t, "sqlite"),
+        help="the SQLite store (state_dir/mdmd.sqlite3)",
+    )
+    copy.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        metavar="postgresql:DSN",
+        type=lambda t: _store_location(t, "postgresql"),
+        help="a libpq connection string without the password ('postgresql:host=db dbname=mdmd user=mdmd')",
+    )
+    copy.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="the database password alone in a 0600 file (else libpq's PGPASSFILE, ~/.pgpass)",
+    )
+    copy.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the counts as JSON"
+    )
+    copy.set_defaults(run=_store_copy)
 
     def api(name: str, text: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text, parents=[common])

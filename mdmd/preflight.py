@@ -45,6 +45,7 @@ from mdmd.material import TLSMaterial
 __all__ = [
     "EX_CANTLISTEN",
     "EX_CONFIG",
+    "EX_TEMPFAIL",
     "StateLock",
     "admin_listener_warning",
     "check_certificates_cover_urls",
@@ -59,6 +60,10 @@ EX_CONFIG: Final = 78
 #: sysexits(3) EX_UNAVAILABLE, for a listener that cannot listen (the port
 #: is taken): restarting every few seconds would not free it.
 EX_CANTLISTEN: Final = 69
+#: sysexits(3) EX_TEMPFAIL, for a PostgreSQL database that does not answer
+#: at start-up: systemd restarts the daemon (Restart=on-failure) until it
+#: does.
+EX_TEMPFAIL: Final = 75
 
 
 # --------------------------------------------------------------------------
@@ -294,6 +299,8 @@ class StateLock:
 def check_database(config: MdmdConfig) -> str | None:
     """The database is one this mdmd can open (read only: nothing is
     migrated); a note when start-up would migrate it."""
+    if config.store.backend == "postgresql":
+        return _check_postgresql(config)
     from mdmd.store.sqlite_schema import SCHEMA_VERSION
 
     path = config.database
@@ -321,6 +328,35 @@ def check_database(config: MdmdConfig) -> str | None:
         return (
             f"the database will be migrated from schema version {version} to {SCHEMA_VERSION}, after a backup"
         )
+    return None
+
+
+def _check_postgresql(config: MdmdConfig) -> str | None:
+    """The PostgreSQL database answers, with our credentials, and has a
+    schema version this mdmd understands (read only)."""
+    from mdmd.config import read_password_file
+    from mdmd.store.postgresql import connect, schema_version
+    from mdmd.store.postgresql_schema import SCHEMA_VERSION
+    from mdmd.store.records import StoreUnavailable
+
+    assert config.store.dsn is not None
+    try:
+        conn = connect(config.store.dsn, read_password_file(config))
+    except StoreUnavailable as e:
+        raise ConfigError(config.path, "store", "dsn", f"cannot use the database: {e}") from None
+    try:
+        version = schema_version(conn)
+    finally:
+        conn.close()
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            config.path,
+            "store",
+            "dsn",
+            f"the database has schema version {version}, newer than this mdmd understands ({SCHEMA_VERSION})",
+        )
+    if version < SCHEMA_VERSION:
+        return f"the database will be migrated from schema version {version} to {SCHEMA_VERSION}"
     return None
 
 

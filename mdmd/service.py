@@ -31,8 +31,9 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
+from twisted.protocols.haproxy import proxyEndpoint
 
 import twisted
 from mdmd import __version__
@@ -79,6 +80,13 @@ def _notify_systemd(message: bytes) -> None:
             sock.sendall(message)
     except OSError as e:
         log.warn("cannot notify systemd: {error}", error=e)
+
+
+def _socket(reactor: IReactorCore, listen: str, device: DeviceListener) -> IStreamServerEndpoint:
+    """The listening socket's endpoint; behind a load balancer that sends
+    the PROXY protocol header, the reader of that header on top."""
+    endpoint = serverFromString(reactor, listen)
+    return proxyEndpoint(endpoint) if device.proxy_protocol else endpoint
 
 
 class MdmdService(MultiService):
@@ -203,9 +211,7 @@ def build_service(
         *(
             ListenerService(
                 device.name,
-                TLSServerEndpoint(
-                    serverFromString(reactor, listen[device.name]), device.tls, device.refusals
-                ),
+                TLSServerEndpoint(_socket(reactor, listen[device.name], device), device.tls, device.refusals),
                 device.site,
                 device.public_url,
                 device.description,

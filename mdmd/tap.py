@@ -23,16 +23,18 @@ __all__ = ["Options", "makeService"]
 
 DEFAULT_CONFIG = "/etc/mdmd/mdmd.ini"
 EX_CONFIG = 78  # sysexits(3); mdmd.preflight.EX_CONFIG (not imported here: see makeService)
+EX_TEMPFAIL = 75  # mdmd.preflight.EX_TEMPFAIL: the database did not answer; systemd retries
 # The state_dir lock of this process, held until it exits.
 _HELD: list[object] = []
 
 
-def _fail(error: ConfigError) -> NoReturn:
+def _fail(error: Exception, status: int = EX_CONFIG) -> NoReturn:
     # One line and a non-zero exit before the reactor starts: twistd would
     # otherwise print its whole usage text (UsageError) or a traceback.
     sys.stderr.write(f"mdmd: {error}\n")
     sys.stderr.flush()
-    raise SystemExit(EX_CONFIG)  # systemd will not spin on a bad config
+    # EX_CONFIG: systemd will not spin on a bad config; EX_TEMPFAIL: it retries.
+    raise SystemExit(status)
 
 
 class Options(usage.Options):
@@ -84,6 +86,7 @@ def makeService(options: Options) -> IService:
 
     from mdmd.material import TLSMaterial, prepare
     from mdmd.preflight import StateLock, start_up_checks
+    from mdmd.store.service import DatabaseUnavailable
 
     config = options.config
     try:
@@ -105,3 +108,5 @@ def makeService(options: Options) -> IService:
         return build_service(config, material, reactor, warnings)
     except ConfigError as e:
         _fail(e)
+    except DatabaseUnavailable as e:
+        _fail(e, EX_TEMPFAIL)

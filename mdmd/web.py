@@ -44,6 +44,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from mdmd import metrics
 from mdmd.jsonsafe import JSONInputError, parse_untrusted_json
+from mdmd.store.records import StoreUnavailable
 
 __all__ = [
     "BearerTokenGuard",
@@ -405,6 +406,21 @@ async def _call(handler: Handler, request: MdmdRequest) -> HTTPResponse:
             request_id=request.request_id,
         )
         return e.response
+    except StoreUnavailable as e:
+        # The database is down or unreachable (PostgreSQL): nothing was
+        # done; the client tries again later.  One line, no traceback.
+        log.warn(
+            "{listener} {method} {path}: store unavailable, answered 503: {error}",
+            listener=request.site.listener if hasattr(request, "site") else "?",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            error=str(e),
+            device_id=request.device_id,
+            client=request.client_address,
+            request_id=request.request_id,
+        )
+        unavailable = json_error(503, "the store is unavailable; try again later")
+        return HTTPResponse(503, unavailable.body, headers=(("Retry-After", "60"),))
     except Exception:
         log.failure(
             "unhandled error in {method} {path}",

@@ -482,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mdmd.logs import json_observer
     from mdmd.material import load_material
     from mdmd.metrics import observe_commit
-    from mdmd.store.service import StoreService, open_store
+    from mdmd.store.service import DatabaseUnavailable, StoreService, open_store
     from mdmd.tls import tls_server_factory
 
     try:
@@ -504,6 +504,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as e:
         log.critical("cannot start: {error}", error=str(e))
         raise SystemExit(78) from None
+    except DatabaseUnavailable as e:
+        log.critical("cannot start: {error}", error=str(e))
+        raise SystemExit(75) from None  # EX_TEMPFAIL: restarted
     store.on_commit = observe_commit
     if not dies_with_parent:
         log.warn(
@@ -519,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     listeners = device_listeners(app)
     for listener, spec in zip(listeners, args.listener, strict=True):
         fd, family = (int(x) for x in spec.split(":"))
-        factory = tls_server_factory(listener.tls, listener.site, listener.refusals)
+        factory = listener.outermost(tls_server_factory(listener.tls, listener.site, listener.refusals))
         if listener.refusals is not None:
             reactor.addSystemEventTrigger("before", "shutdown", listener.refusals.stop)
         _AdoptedListener(reactor, fd, family, factory, listener.name).setServiceParent(top)

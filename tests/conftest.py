@@ -30,3 +30,17 @@ def windows_fixtures() -> Path:
 def schemas() -> Path:
     """Folder of the XML schemas from Microsoft's protocol documents."""
     return _data_folder("schemas")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The store a module's daemon runs on: its tests run once per backend
+    (the PostgreSQL run is skipped when PostgreSQL is not installed and not
+    required, see pg_cluster.py)."""
+    backend = str(request.param)
+    if backend == "postgresql":
+        from pg_cluster import shared_cluster
+
+        if shared_cluster() is None:
+            pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
+    return backend

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import sqlite3
 import ssl
 import time
 import uuid
@@ -20,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from http.client import HTTPResponse
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lxml import etree
 
+import harness
 from harness import Daemon
 
 # --- namespaces and URIs (MS-MDE2 2.2.1, MS-XCEP, MS-WSTEP) ---
@@ -477,13 +478,8 @@ def parm_datatypes(node: etree._Element) -> dict[str, str | None]:
 # --- the store (read-only, as an auditor would) ---
 
 
-def db_rows(daemon: Daemon, sql: str, *args: object) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(f"file:{daemon.state / 'mdmd.sqlite3'}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return list(conn.execute(sql, args))
-    finally:
-        conn.close()
+def db_rows(daemon: Daemon, sql: str, *args: object) -> list[Any]:
+    return harness.db_rows(daemon, sql, *args)
 
 
 def row_counts(daemon: Daemon) -> dict[str, int]:

@@ -98,10 +98,34 @@ def daemon_env() -> dict[str, str]:
     return env
 
 
-def write_config(directory: Path, overrides: Mapping[str, Mapping[str, str | None]] | None = None) -> Path:
+def postgresql_store() -> dict[str, str]:
+    """The ``[store]`` settings of a new, empty database in the session's
+    throwaway PostgreSQL cluster (see pg_cluster.py); the test is skipped
+    when PostgreSQL is not installed and not required."""
+    import pytest
+    from pg_cluster import shared_cluster
+
+    cluster = shared_cluster()
+    if cluster is None:
+        pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
+    return {"backend": "postgresql", "dsn": cluster.dsn(cluster.create_database()), "pool_size": "3"}
+
+
+def write_config(
+    directory: Path,
+    overrides: Mapping[str, Mapping[str, str | None]] | None = None,
+    *,
+    store: str = "sqlite",
+) -> Path:
     """The example config with listening sockets of its own (see the module's
     docstring), state in *directory*/state, and *overrides* applied (a value of
-    None deletes the key)."""
+    None deletes the key).  *store* ``postgresql``: a new database of the
+    test cluster (:func:`postgresql_store`)."""
+    if store == "postgresql":
+        overrides = {
+            **(overrides or {}),
+            "store": {**postgresql_store(), **(overrides or {}).get("store", {})},
+        }
     listeners = Listeners.bind()
     enrollment, management, admin = (listeners.port(name) for name in LISTENERS)
     base: dict[str, dict[str, str | None]] = {
@@ -214,15 +238,20 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     log_path: Path
     ini: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Where requests go, when not to this daemon's own listeners (the
+    #: load balancer in front of several nodes).
+    ports: dict[str, int] | None = None
 
     @property
     def state(self) -> Path:
-        return self.config.parent / "state"
+        return (self.config.parent / self.ini.get("mdmd", {}).get("state_dir", "state")).resolve()
 
     def url(self, section: str) -> str:
         return self.ini[section]["url"]
 
     def port(self, section: str) -> int:
+        if self.ports is not None and section in self.ports:
+            return self.ports[section]
         return listeners_of(self.config).port(section)
 
     @property
@@ -339,12 +368,189 @@ def running_daemon(
     overrides: Mapping[str, Mapping[str, str | None]] | None = None,
     *,
     clock_offset: float = 0.0,
+    store: str = "sqlite",
 ) -> Iterator[Daemon]:
-    daemon = start_daemon(write_config(directory, overrides), clock_offset=clock_offset)
+    daemon = start_daemon(write_config(directory, overrides, store=store), clock_offset=clock_offset)
     try:
         yield daemon
     finally:
         daemon.stop()
+
+
+# --------------------------------------------------------------------------
+# Several nodes on one PostgreSQL database, behind haproxy
+# --------------------------------------------------------------------------
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+#: The listeners haproxy balances (the admin API stays per node).
+BALANCED = ("enrollment", "management")
+
+
+def haproxy_config(
+    frontends: Mapping[str, str], backends: Mapping[str, Sequence[int]], *, proxy_protocol: bool = False
+) -> str:
+    """A TCP-mode haproxy configuration: each listener's *frontends* bind
+    (``fd@N`` for an inherited socket, or ``ADDR:PORT``) balanced over the
+    nodes' ports of that listener.  TLS passes through untouched, so mutual
+    TLS stays between the device and the node (etc/haproxy.cfg is the
+    documented sample)."""
+    lines = [
+        "global",
+        "    log stderr format raw local0 info",
+        "    maxconn 4096",
+        "defaults",
+        "    mode tcp",
+        "    log global",
+        "    option tcplog",
+        "    timeout connect 2s",
+        "    timeout client 120s",
+        "    timeout server 120s",
+        # A connection to a dead node is refused: try again, on another.
+        "    retries 3",
+        "    option redispatch 1",
+    ]
+    for name in BALANCED:
+        lines += [
+            f"frontend {name}",
+            f"    bind {frontends[name]}",
+            f"    default_backend {name}_nodes",
+            f"backend {name}_nodes",
+            "    balance roundrobin",
+        ]
+        lines += [
+            f"    server node{n} 127.0.0.1:{port}{' send-proxy-v2' if proxy_protocol else ''}"
+            " check inter 500ms fall 1 rise 2"
+            for n, port in enumerate(backends[name], 1)
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Nodes:
+    """Several mdmd nodes on one database and key material, and haproxy in
+    front of their enrollment and management listeners.  ``front`` is a
+    Daemon whose requests go through haproxy (its admin API is node 1's)."""
+
+    nodes: list[Daemon]
+    front: Daemon
+    haproxy: subprocess.Popen[bytes]
+    haproxy_log: Path
+
+    def kill(self, node: Daemon) -> None:
+        """kill -9 of *node*, and its listening sockets gone with it, as
+        with a real process (the harness keeps its own copies so that a
+        restarted daemon finds its ports; these would go on accepting
+        connections nobody serves)."""
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait()
+        for sock in listeners_of(node.config).sockets.values():
+            sock.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self.haproxy.poll() is None:
+            self.haproxy.terminate()
+            try:
+                self.haproxy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.haproxy.kill()
+                self.haproxy.wait()
+
+
+def start_nodes(
+    directory: Path,
+    count: int = 2,
+    overrides: Mapping[str, Mapping[str, str | None]] | None = None,
+    *,
+    proxy_protocol: bool = False,
+) -> Nodes:
+    """*count* nodes (``node1``, ``node2``, ... under *directory*) sharing a
+    new database of the test cluster and node 1's state folder (the key
+    material), each with its own listeners, and haproxy on two more
+    loopback sockets of the harness, which are the public URLs.  With
+    *proxy_protocol*, haproxy sends the PROXY protocol header and the
+    nodes' device listeners expect it."""
+    front = Listeners.bind()
+    public = {
+        "enrollment": {"url": f"https://localhost:{front.port('enrollment')}"},
+        "management": {"url": f"https://localhost:{front.port('management')}/api/mdm/microsoft/management"},
+        "store": postgresql_store(),
+    }
+    if proxy_protocol:
+        for section in BALANCED:
+            public[section]["proxy_protocol"] = "yes"
+    settings: dict[str, dict[str, str | None]] = {s: dict(v) for s, v in (overrides or {}).items()}
+    for section, values in public.items():
+        settings.setdefault(section, {}).update(values)
+    nodes: list[Daemon] = []
+    haproxy: subprocess.Popen[bytes] | None = None
+    try:
+        for n in range(1, count + 1):
+            folder = directory / f"node{n}"
+            folder.mkdir()
+            if n > 1:
+                # The same key material, which node 1 created (bootstrap),
+                # in a state folder of its own (a node locks its folder).
+                shutil.copytree(nodes[0].state, folder / "state", ignore=shutil.ignore_patterns("mdmd.lock"))
+            nodes.append(start_daemon(write_config(folder, settings)))
+        log_path = directory / "haproxy.log"
+        fds = {name: front.sockets[name].fileno() for name in BALANCED}
+        config = directory / "haproxy.cfg"
+        config.write_text(
+            haproxy_config(
+                {name: f"fd@{fd}" for name, fd in fds.items()},
+                {name: [node.port(name) for node in nodes] for name in BALANCED},
+                proxy_protocol=proxy_protocol,
+            )
+        )
+        with open(log_path, "wb") as log:
+            haproxy = subprocess.Popen(
+                [HAPROXY, "-f", str(config), "-db"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=list(fds.values()),
+            )
+        ports = {name: front.port(name) for name in BALANCED}
+        entry = Daemon(nodes[0].config, nodes[0].proc, nodes[0].log_path, nodes[0].ini, ports=ports)
+        # The harness's sockets queue connections until haproxy accepts
+        # them; a first connection through proves it serves.
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if haproxy.poll() is not None:
+                raise AssertionError(f"haproxy exited with {haproxy.returncode}:\n{log_path.read_text()}")
+            try:
+                entry.request("GET", "/api/mdm/microsoft/discovery")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        # Keep the front sockets open as long as the test process lives.
+        _LISTENERS[(directory / "haproxy.cfg").resolve()] = front
+        return Nodes(nodes, entry, haproxy, log_path)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        if haproxy is not None and haproxy.poll() is None:
+            haproxy.kill()
+            haproxy.wait()
+        raise
+
+
+@contextmanager
+def running_nodes(
+    directory: Path,
+    count: int = 2,
+    overrides: Mapping[str, Mapping[str, str | None]] | None = None,
+    *,
+    proxy_protocol: bool = False,
+) -> Iterator[Nodes]:
+    nodes = start_nodes(directory, count, overrides, proxy_protocol=proxy_protocol)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
 
 
 def copy_state(src: Path, dst: Path) -> None:
@@ -440,12 +646,53 @@ def client_tls_context(daemon: Daemon, directory: Path, cert: object, key: objec
     return ctx
 
 
-def db_rows(daemon: Daemon, sql: str, *args: object) -> list[tuple[object, ...]]:
-    """Read the daemon's store (read-only) the way an auditor would."""
+def store_dsn(daemon: Daemon) -> str | None:
+    """The daemon's PostgreSQL connection string (None: it runs on SQLite)."""
+    store = daemon.ini.get("store", {})
+    return store.get("dsn") if store.get("backend", "sqlite").lower() == "postgresql" else None
+
+
+def db_rows(daemon: Daemon, sql: str, *args: object) -> list[Any]:
+    """Read the daemon's store (read-only) the way an auditor would: *sql*
+    with ``?`` parameters, rows by position and by column name."""
+    dsn = store_dsn(daemon)
+    if dsn is not None:
+        return postgresql_rows(dsn, sql, *args)
     import sqlite3
 
     conn = sqlite3.connect(f"file:{daemon.state / 'mdmd.sqlite3'}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
     try:
-        return list(conn.execute(sql, args))
+        return [_SQLiteRow(row) for row in conn.execute(sql, args)]
     finally:
         conn.close()
+
+
+def postgresql_rows(dsn: str, sql: str, *args: object) -> list[Any]:
+    import psycopg
+
+    from mdmd.store.postgresql import PgConnection
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.read_only = True
+        return [_SQLiteRow(row) for row in PgConnection(conn).execute(sql, args)]
+
+
+class _SQLiteRow(tuple):  # type: ignore[type-arg]
+    """A row that is a tuple (compares equal to one) and also answers to
+    column names, from either backend."""
+
+    _names: dict[str, int]
+
+    def __new__(cls, row: Any) -> _SQLiteRow:
+        made = super().__new__(cls, tuple(row[i] for i in range(len(row))))
+        made._names = {name: i for i, name in enumerate(row.keys())}
+        return made
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return super().__getitem__(self._names[key])
+        return super().__getitem__(key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)

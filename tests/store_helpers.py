@@ -78,9 +78,44 @@ def open_sqlite(directory: Path) -> Store:
     return store
 
 
+# The schema of each folder's PostgreSQL store: a store opened again on the
+# same folder is another node on the same database.
+_SCHEMAS: dict[Path, str] = {}
+
+
+def postgresql_dsn(directory: Path | None = None) -> str:
+    """A fresh, empty schema of the session's throwaway cluster (see
+    pg_cluster.py), as a DSN whose search_path selects it (the same one
+    again for the same *directory*); the test is skipped when PostgreSQL is
+    not installed (and not required)."""
+    import pytest
+    from pg_cluster import shared_cluster
+
+    cluster = shared_cluster()
+    if cluster is None:
+        pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
+    schema = _SCHEMAS.get(directory) if directory is not None else None
+    if schema is None:
+        schema = cluster.new_name("s")
+        cluster.sql(f"CREATE SCHEMA {schema}", "mdmd_tests")
+        if directory is not None:
+            _SCHEMAS[directory] = schema
+    return cluster.dsn("mdmd_tests") + f" options=-csearch_path={schema}"
+
+
+def open_postgresql(directory: Path) -> Store:
+    from mdmd.store.postgresql import PostgreSQLStore
+
+    store = PostgreSQLStore(postgresql_dsn(directory), ThreadReactor(), pool_size=2)  # type: ignore[arg-type]
+    store.open()
+    return store
+
+
 #: Every backend the contract suite holds to the Store interface: name ->
-#: a function that opens (not starts) a fresh, empty store in a folder.
-BACKENDS: dict[str, Callable[[Path], Store]] = {"sqlite": open_sqlite}
+#: a function that opens (not starts) a store in a folder: a fresh, empty
+#: one, or, opened again on the same folder, another process's (another
+#: node's) store on the same database.
+BACKENDS: dict[str, Callable[[Path], Store]] = {"sqlite": open_sqlite, "postgresql": open_postgresql}
 
 
 # --------------------------------------------------------------------------

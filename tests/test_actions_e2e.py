@@ -27,8 +27,8 @@ NOT_FOUND = "404 Not found: the device has no such node; the CSP may be missing 
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with running_daemon(tmp_path_factory.mktemp("actions")) as d:
+def daemon(tmp_path_factory: pytest.TempPathFactory, store_backend: str) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("actions"), store=store_backend) as d:
         yield d
 
 
@@ -416,7 +416,7 @@ def test_kill_9_in_the_middle_of_a_fan_out_resumes_without_duplicates(
 
         def half_way() -> bool:
             rows = db_rows(first, "SELECT queued, state FROM operations WHERE operation_id = ?", operation_id)
-            return bool(rows) and rows[0][1] == "queuing" and 2 <= int(rows[0][0]) < 7  # type: ignore[call-overload]
+            return bool(rows) and rows[0][1] == "queuing" and 2 <= int(rows[0][0]) < 7
 
         until(half_way)
         _kill(first)

@@ -131,6 +131,13 @@ def test_a_backup_never_overwrites_and_names_a_missing_database(tmp_path: Path) 
     assert os.path.exists(tmp_path / "state" / "mdmd.sqlite3")
 
 
+def test_a_backup_of_a_postgresql_store_points_at_the_databases_own_tools(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"store": {"backend": "postgresql", "dsn": "dbname=mdmd"}})
+    done = _mdmctl(config, "backup", str(tmp_path / "copy"))
+    assert done.returncode == 1 and "pg_dump" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "copy").exists()
+
+
 def test_an_upgrade_copies_the_database_before_migrating_it(tmp_path: Path) -> None:
     from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 

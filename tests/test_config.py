@@ -93,6 +93,35 @@ def test_every_example_key_is_documented() -> None:
         ({"management": {"provider_id": "My MDM"}}, "", "[management] provider_id", "letters"),
         ({"management": {"url": "https://mdm.example.com"}}, "", "[management] url", "path"),
         ({"management": {"tls_cert": "a.pem"}}, "", "[management] tls_key", "go together"),
+        ({"store": {"backend": "mysql"}}, "", "[store] backend", "expected sqlite or postgresql"),
+        ({"store": {"dsn": "dbname=mdmd"}}, "", "[store] dsn", "only for backend = postgresql"),
+        ({"store": {"pool_size": "8"}}, "", "[store] pool_size", "only for backend = postgresql"),
+        ({"store": {"password_file": "pw"}}, "", "[store] password_file", "only for backend = postgresql"),
+        ({"store": {"backend": "postgresql"}}, "", "[store] dsn", "required when backend = postgresql"),
+        (
+            {"store": {"backend": "postgresql", "dsn": "dbname=mdmd password=hunter2"}},
+            "",
+            "[store] dsn",
+            "must not hold the password: put it in password_file",
+        ),
+        (
+            {"store": {"backend": "postgresql", "dsn": "postgresql://mdmd:hunter2@db.example.com/mdmd"}},
+            "",
+            "[store] dsn",
+            "must not hold the password",
+        ),
+        (
+            {"store": {"backend": "postgresql", "dsn": "dbname='mdmd"}},
+            "",
+            "[store] dsn",
+            "not a libpq connection string",
+        ),
+        (
+            {"store": {"backend": "postgresql", "dsn": "dbname=mdmd", "pool_size": "0"}},
+            "",
+            "[store] pool_size",
+            "between 1 and 100",
+        ),
         ({"enrollment": {"url": "https://v m:9443"}}, "", "[enrollment] url", "not a valid URL"),
         ({"enrollment": {"url": "https://mdm_.example.com"}}, "", "[enrollment] url", "neither a DNS name"),
         ({"management": {"url": "https://x:99999/m"}}, "", "[management] url", "not a valid URL"),
@@ -121,6 +150,71 @@ def test_config_errors_name_file_section_and_key(
     assert "\n" not in message
 
 
+def test_the_postgresql_store_settings(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        {
+            "store": {
+                "backend": "postgresql",
+                "dsn": "host=db.example.com dbname=mdmd user=mdmd",
+                "password_file": "db_password",
+                "pool_size": "12",
+            }
+        },
+    )
+    config = load_config(str(path))
+    assert config.store.backend == "postgresql"
+    assert config.store.dsn == "host=db.example.com dbname=mdmd user=mdmd"
+    assert config.store.password_file == os.path.join(config.state_dir, "db_password")
+    assert config.store.pool_size == 12
+    uri = _write(tmp_path, {"store": {"backend": "postgresql", "dsn": "postgresql://mdmd@db/mdmd"}})
+    assert load_config(str(uri)).store.pool_size == 4
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "expected"),
+    [
+        (b"s3cret\n", 0o600, "s3cret"),
+        (b"s3cret\r\n", 0o600, "s3cret"),
+        (b"s3cret", 0o400, "s3cret"),
+        (b"with spaces and = signs\n", 0o600, "with spaces and = signs"),
+        (b"s3cret\n", 0o640, "must be readable by its owner only (mode 0600), is 0640"),
+        (b"s3cret\n", 0o604, "is 0604"),
+        (b"", 0o600, "is empty"),
+        (b"\n", 0o600, "is empty"),
+        (b"s3cret\nmore\n", 0o600, "must hold the password alone, on one line"),
+        (b"s3cret\n\n", 0o600, "must hold the password alone"),
+        (b"\xff\xfe\n", 0o600, "not UTF-8"),
+        (None, 0o600, "cannot read it: No such file or directory"),
+    ],
+)
+def test_the_password_file(tmp_path: Path, content: bytes | None, mode: int, expected: str) -> None:
+    from mdmd.config import read_password_file
+
+    path = _write(
+        tmp_path,
+        {
+            "mdmd": {"state_dir": "state"},
+            "store": {"backend": "postgresql", "dsn": "dbname=mdmd", "password_file": "db_password"},
+        },
+    )
+    config = load_config(str(path))
+    assert config.store.password_file is not None
+    if content is not None:
+        secret = Path(config.store.password_file)
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(content)
+        secret.chmod(mode)
+    if expected.startswith(("must", "is ", "cannot", "not ")):
+        with pytest.raises(ConfigError) as info:
+            read_password_file(config)
+        message = str(info.value)
+        assert message.startswith(f"{path}: [store] password_file: {config.store.password_file}: ")
+        assert expected in message and "\n" not in message
+    else:
+        assert read_password_file(config) == expected
+
+
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the configuration"):
         load_config(str(tmp_path / "absent.ini"))
@@ -139,11 +233,11 @@ def test_percent_in_values_is_literal(tmp_path: Path) -> None:
 # --- through twistd: one line on stderr, non-zero exit, no traceback ---
 
 
-def _assert_one_line_failure(result: object, *needles: str) -> None:
+def _assert_one_line_failure(result: object, *needles: str, status: int = 78) -> None:
     import subprocess
 
     assert isinstance(result, subprocess.CompletedProcess)
-    assert result.returncode == 78, (result.returncode, result.stdout, result.stderr)
+    assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("mdmd: ")]
     assert len(errors) == 1, result.stderr
@@ -210,3 +304,29 @@ def test_twistd_key_not_matching_certificate(tmp_path: Path) -> None:
     # The identity key replaced by another key: start-up must refuse.
     shutil.copy(state / "tls-root.key", state / "wstep-identity.key")
     _assert_one_line_failure(run_twistd(config), "[wstep] identity_key", "does not match")
+
+
+def test_twistd_password_file_open_to_others_exits_with_one_line(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {"store": {"backend": "postgresql", "dsn": "dbname=mdmd", "password_file": "db_password"}},
+    )
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "db_password").write_text("s3cret\n")
+    (tmp_path / "state" / "db_password").chmod(0o644)
+    _assert_one_line_failure(run_twistd(config), "[store] password_file", "mode 0600")
+
+
+def test_twistd_unreachable_database_exits_with_one_line_and_a_status_systemd_retries(tmp_path: Path) -> None:
+    # A socket folder with no server in it: connection refused at once.
+    config = write_config(
+        tmp_path, {"store": {"backend": "postgresql", "dsn": f"host={tmp_path} dbname=mdmd user=mdmd"}}
+    )
+    result = run_twistd(config)
+    # EX_TEMPFAIL: the unit's Restart=on-failure restarts it (it is not
+    # among RestartPreventExitStatus), so the daemon comes up once the
+    # database does.
+    _assert_one_line_failure(result, "[store] dsn", "cannot use the database", str(tmp_path), status=75)
+    unit = (Path(__file__).resolve().parents[1] / "systemd" / "mdmd.service").read_text()
+    prevented = next(line for line in unit.splitlines() if line.startswith("RestartPreventExitStatus="))
+    assert "Restart=on-failure" in unit and "75" not in prevented.split("=", 1)[1].split()

@@ -85,7 +85,7 @@ REAL_W10_DEVICE_ID = "B5B954E81FBCB94EB79BD08BE625F4EE"
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, store_backend: str) -> Iterator[Daemon]:
     overrides = {
         "management": {
             "poll_schedule": "10x3 120x4 2880x0",
@@ -95,7 +95,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         },
         "wstep": {"device_cert_days": str(CERT_DAYS), "renew_period_days": "10", "renew_retry_days": "3"},
     }
-    with running_daemon(tmp_path_factory.mktemp("e2e"), overrides) as d:
+    with running_daemon(tmp_path_factory.mktemp("e2e"), overrides, store=store_backend) as d:
         yield d
 
 

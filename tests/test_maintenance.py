@@ -17,9 +17,17 @@ from mdmd.renewal import DAY
 class CountingStore:
     """Answers as a store with *retirable* and *prunable* rows would."""
 
-    def __init__(self, retirable: int, prunable: int) -> None:
+    def __init__(self, retirable: int, prunable: int, lease: tuple[str, float] | None = None) -> None:
         self.left = {"retire": retirable, "prune": prunable}
         self.calls: list[tuple[str, float, int]] = []
+        self.lease = lease  # (holder, until)
+
+    def claim_lease(self, name: str, holder: str, now: float, until: float) -> Deferred[bool]:
+        assert name == "certificate-maintenance"
+        if self.lease is not None and self.lease[0] != holder and self.lease[1] > now:
+            return succeed(False)
+        self.lease = (holder, until)
+        return succeed(True)
 
     def _take(self, kind: str, when: float, limit: int) -> Deferred[int]:
         self.calls.append((kind, when, limit))
@@ -34,10 +42,12 @@ class CountingStore:
         return self._take("prune", revoked_before, limit)
 
 
-def _maintenance(store: CountingStore, clock: Clock, offset: float = 0.0) -> Iterator[CertificateMaintenance]:
+def _maintenance(
+    store: CountingStore, clock: Clock, offset: float = 0.0, holder: str = "this node"
+) -> Iterator[CertificateMaintenance]:
     config = SimpleNamespace(wstep=SimpleNamespace(keep_revoked_days=90))
     app = Mdmd(config=config, material=None, store=store, reactor=clock, clock_offset=offset)  # type: ignore[arg-type]
-    service = CertificateMaintenance(app, interval=3600.0, batch=10)
+    service = CertificateMaintenance(app, interval=3600.0, batch=10, holder=holder)
     service.startService()
     try:
         yield service
@@ -79,3 +89,19 @@ def test_a_pass_never_runs_unbounded() -> None:
     store = CountingStore(retirable=10**9, prunable=0)
     for _ in _maintenance(store, clock):
         assert len([c for c in store.calls if c[0] == "retire"]) == 200
+
+
+def test_a_pass_runs_only_under_the_lease_and_another_node_takes_over_when_it_runs_out() -> None:
+    clock = Clock()
+    clock.advance(1000 * DAY)
+    store = CountingStore(retirable=0, prunable=0, lease=("other node", 1000 * DAY + 1800))
+    for service in _maintenance(store, clock):
+        assert store.calls == []  # the other node's lease runs for another 30 minutes
+        clock.advance(3600)
+        # It ran out (the other node is gone): this node claims it and works.
+        assert [c[0] for c in store.calls] == ["retire", "prune"]
+        assert store.lease == (service.holder, 1000 * DAY + 7200)
+        store.calls.clear()
+        clock.advance(3600)
+        assert [c[0] for c in store.calls] == ["retire", "prune"]  # its own lease, renewed
+        assert store.lease == ("this node", 1000 * DAY + 10800)

@@ -33,8 +33,8 @@ from omadm_helpers import Enrolled, command_state, enroll, get, post, queue, run
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with running_daemon(tmp_path_factory.mktemp("mgmt")) as d:
+def daemon(tmp_path_factory: pytest.TempPathFactory, store_backend: str) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("mgmt"), store=store_backend) as d:
         yield d
 
 

@@ -44,9 +44,9 @@ class Synced:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, store_backend: str) -> Iterator[Daemon]:
     overrides = {"mdmd": {"log_format": "json"}, "admin": {"metrics_cache_seconds": "0"}}
-    with running_daemon(tmp_path_factory.mktemp("operations"), overrides) as d:
+    with running_daemon(tmp_path_factory.mktemp("operations"), overrides, store=store_backend) as d:
         yield d
 
 

@@ -23,8 +23,8 @@ NAME_NODE = "./Device/Vendor/MSFT/Policy/Config/Settings/AllowYourAccount"
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with running_daemon(tmp_path_factory.mktemp("profiles")) as d:
+def daemon(tmp_path_factory: pytest.TempPathFactory, store_backend: str) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("profiles"), store=store_backend) as d:
         yield d
 
 

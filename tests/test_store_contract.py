@@ -671,6 +671,118 @@ def test_profile_status_counts_devices_that_have_not_had_it_yet_as_pending(store
     assert wait(store.profile_status("p1")) == {"pending": 1, "failed": 1}
 
 
+# --- several processes (several nodes) on one database ---
+
+
+@pytest.fixture
+def other(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> Iterator[Store]:
+    """Another process's store on the same database (a worker process on
+    SQLite, another node on PostgreSQL)."""
+    s = BACKENDS[request.node.callspec.params["store"]](tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def test_a_lease_is_its_holders_until_it_runs_out(store: Store) -> None:
+    assert wait(store.claim_lease("job", "node-a", now=100.0, until=200.0)) is True
+    assert wait(store.claim_lease("job", "node-b", now=150.0, until=250.0)) is False
+    assert wait(store.claim_lease("job", "node-a", now=190.0, until=290.0)) is True  # renewed
+    assert wait(store.claim_lease("job", "node-b", now=250.0, until=350.0)) is False
+    assert wait(store.claim_lease("other-job", "node-b", now=250.0, until=350.0)) is True
+    assert wait(store.claim_lease("job", "node-b", now=290.0, until=390.0)) is True  # ran out
+    assert wait(store.claim_lease("job", "node-a", now=300.0, until=400.0)) is False
+
+
+def test_of_two_nodes_claiming_a_lease_at_once_one_gets_it(store: Store, other: Store) -> None:
+    for round_ in range(10):
+        now = 100.0 * round_
+        claims = [
+            s.claim_lease("job", name, now=now + 100.0, until=now + 199.0)
+            for s, name in ((store, f"a{round_}"), (other, f"b{round_}"))
+        ]
+        assert sorted(wait(d) for d in claims) == [False, True]
+
+
+def test_of_two_nodes_stepping_one_session_at_once_one_commits(store: Store, other: Store) -> None:
+    uuid = _enrolled_with_command(store, "DEV1", 1)
+    for n in range(10):
+        ctx = wait(store.management_context("serial1"))
+        assert ctx is not None and ctx.session_seq == n + 1
+        steps = [
+            node.commit_management_step(
+                ManagementStep("DEV1", _session(last_msg_id=n), reply=name.encode(), sent=((uuid, "1A", n),)),
+                now=10.0 + n,
+                expected_seq=ctx.session_seq,
+            )
+            for node, name in ((store, "a"), (other, "b"))
+        ]
+        outcomes = []
+        for d in steps:
+            try:
+                wait(d)
+                outcomes.append("committed")
+            except SessionConflict:
+                outcomes.append("conflict")
+        assert sorted(outcomes) == ["committed", "conflict"]
+        winner = "ab"[outcomes.index("committed")]
+        # Either node reads what the winner committed, and only that.
+        for node in (store, other):
+            assert wait(node.last_reply("DEV1")) == winner.encode()
+            after = wait(node.management_context("serial1"))
+            assert after is not None and after.session_seq == ctx.session_seq + 1
+            assert after.session is not None and after.session.last_msg_id == n
+
+
+def test_a_command_queued_through_one_node_is_delivered_and_answered_through_another(
+    store: Store, other: Store
+) -> None:
+    h = wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", h.id, "serial1", hw=None), now=2.0))
+    queued = wait(store.queue_command("DEV1", "cmd-1", "Get", "<Get/>", now=3.0))
+    assert queued is not None
+    ctx = wait(other.management_context("serial1"))
+    assert ctx is not None and ctx.queue == (QueuedCommand("cmd-1", "<Get/>"),)
+    wait(
+        other.commit_management_step(
+            ManagementStep("DEV1", _session(), reply=b"r", answered=(("cmd-1", 200),)),
+            now=4.0,
+            expected_seq=ctx.session_seq,
+        )
+    )
+    command = wait(store.command("cmd-1"))
+    assert command is not None and command.state == "acknowledged" and command.status == 200
+
+
+def test_of_two_hosts_enrolling_one_device_id_at_once_through_two_nodes_one_is_refused(
+    store: Store, other: Store
+) -> None:
+    from mdmd.store import DeviceConflict
+
+    for n in range(5):
+        first = wait(store.enroll_host(host(2 * n + 1), now=1.0))
+        second = wait(other.enroll_host(host(2 * n + 2), now=1.0))
+        device_id = f"SHARED{n}"
+        attempts = [
+            store.record_device_enrollment(enrollment(device_id, first.id, f"s{n}a", hw=None), now=2.0),
+            other.record_device_enrollment(enrollment(device_id, second.id, f"s{n}b", hw=None), now=2.0),
+        ]
+        outcomes = []
+        for d in attempts:
+            try:
+                wait(d)
+                outcomes.append("enrolled")
+            except DeviceConflict:
+                outcomes.append("refused")
+        assert sorted(outcomes) == ["enrolled", "refused"]
+        owner = (first, second)[outcomes.index("enrolled")]
+        device = wait(other.device(device_id))
+        assert device is not None and device.host_id == owner.id
+        assert [c.serial for c in wait(store.device_certificates(device_id))] == [
+            f"s{n}{'ab'[outcomes.index('enrolled')]}"
+        ]
+
+
 # --- the device list ---
 
 LIST_QUERIES = [

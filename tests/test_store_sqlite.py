@@ -28,6 +28,7 @@ from harness import REPO
 from mdmd.management import LargeObject, ManagementStep
 from mdmd.store import DeviceQuery, HostEnrollment, LoggedMessage, MessageLogWrite, StoreError, sqlite_devices
 from mdmd.store import sqlite as sqlite_module
+from mdmd.store.engine import SQLConnection, TransactionEngine
 from mdmd.store.sqlite import _DEVICE_SELECT, _LIVE_SERIALS_OF_DEVICE_OR_HOST, SQLiteStore, migrate
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from store_helpers import (
@@ -189,7 +190,7 @@ def test_sigkill_during_a_stream_of_writes_loses_nothing_acknowledged(tmp_path: 
 
 
 def test_a_read_only_transaction_that_writes_is_rolled_back(store: SQLiteStore) -> None:
-    def sneaky(conn: sqlite3.Connection) -> None:
+    def sneaky(conn: SQLConnection) -> None:
         conn.execute(
             "INSERT INTO hosts (hardware_uuid, node_key_hash, platform, hostname, hardware_serial,"
             " info, enrolled_at) VALUES ('x', x'00', 'windows', 'h', 's', '{}', 0)"
@@ -228,7 +229,7 @@ def test_a_read_does_not_wait_for_a_write_in_progress(store: SQLiteStore) -> Non
     wait(store.enroll_host(host(1), now=1.0))
     release = threading.Event()
 
-    def slow_write(conn: sqlite3.Connection) -> None:
+    def slow_write(conn: SQLConnection) -> None:
         conn.execute("UPDATE hosts SET last_seen = 2.0")
         assert release.wait(10), "never released"
 
@@ -427,7 +428,7 @@ def test_a_bulk_read_does_not_delay_a_devices_read(store: SQLiteStore) -> None:
     wait(store.enroll_host(host(1), now=1.0))
     release = threading.Event()
 
-    def long_listing(conn: sqlite3.Connection) -> None:
+    def long_listing(conn: SQLConnection) -> None:
         assert release.wait(10), "never released"
 
     listing = store._run(long_listing, write=False, bulk=True)
@@ -443,7 +444,7 @@ def test_a_count_of_the_fleet_does_not_delay_a_page_of_the_device_list(store: SQ
     wait(store.enroll_host(host(1), now=1.0))
     release = threading.Event()
 
-    def long_count(conn: sqlite3.Connection) -> None:
+    def long_count(conn: SQLConnection) -> None:
         assert release.wait(10), "never released"
 
     counting = store._run(long_count, write=False, lane="counts")
@@ -571,7 +572,8 @@ def _work_of_device_requests(path: Path, fleet: int) -> tuple[int, list[str]]:
     s = SQLiteStore(str(path), ThreadReactor())  # type: ignore[arg-type]
     s.open()
     _fill(path, fleet)
-    assert s._engine is not None
+    engine = s._engine
+    assert isinstance(engine, TransactionEngine)
     steps: list[int] = []
     statements: list[str] = []
 
@@ -579,7 +581,7 @@ def _work_of_device_requests(path: Path, fleet: int) -> tuple[int, list[str]]:
         steps.append(1)
         return 0  # go on
 
-    for conn in (s._engine._writer, *s._engine._readers.values()):
+    for conn in (engine._writer, *engine._readers.values()):
         assert conn is not None
         conn.set_trace_callback(statements.append)
         conn.set_progress_handler(count, 100)

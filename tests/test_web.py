@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from mdmd import metrics
 from mdmd.logs import json_line
+from mdmd.store import StoreUnavailable
 from mdmd.web import (
     BearerTokenGuard,
     EndpointResource,
@@ -43,6 +44,11 @@ class Echo(EndpointResource):
 class Broken(EndpointResource):
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
         raise RuntimeError("secret internals")
+
+
+class StoreDown(EndpointResource):
+    async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
+        raise StoreUnavailable("connection to server on socket ... failed: No such file or directory")
 
 
 class Slow(EndpointResource):
@@ -69,6 +75,7 @@ def site(slow: Slow) -> MdmdSite:
     routes = [
         Route("/echo/{name}/x", Echo()),
         Route("/broken", Broken()),
+        Route("/store-down", StoreDown()),
         Route("/slow", slow),
         Route("/tree/*", Echo()),
     ]
@@ -132,6 +139,17 @@ def test_a_handlers_bug_is_a_bare_500_and_one_log_entry(
     (failure,) = [e for e in logs if "log_failure" in e]
     assert isinstance(failure["log_failure"], Failure) and failure["log_failure"].check(RuntimeError)
     assert len(warnings_and_errors(logs)) == 1
+
+
+def test_a_store_that_cannot_be_reached_is_a_503_with_retry_after_and_one_line(
+    site: MdmdSite, logs: Sequence[dict[str, Any]]
+) -> None:
+    status, headers, body, _ = exchange(site, b"GET /store-down HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 503 and headers[b"retry-after"] == b"60"
+    assert json.loads(body)["message"] == "the store is unavailable; try again later"
+    (line,) = warnings_and_errors(logs)
+    assert "log_failure" not in line
+    assert "store unavailable, answered 503" in line["log_format"] and "No such file" in line["error"]
 
 
 def test_a_method_the_resource_does_not_serve_is_405_with_allow(site: MdmdSite) -> None:

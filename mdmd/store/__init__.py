@@ -46,6 +46,7 @@ from mdmd.store.records import (
     SessionConflict,
     StoredAlert,
     StoreError,
+    StoreUnavailable,
 )
 
 __all__ = [
@@ -85,5 +86,6 @@ __all__ = [
     "SessionConflict",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "StoredAlert",
 ]

@@ -21,7 +21,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from mdmd.store.records import StoreError
 
-__all__ = ["Connection", "TransactionEngine"]
+__all__ = ["Connection", "Engine", "SQLConnection", "SQLCursor", "SQLRow", "TransactionEngine"]
 
 R = TypeVar("R")
 
@@ -40,6 +40,53 @@ class Connection(Protocol):
     def execute(self, sql: str, /) -> Any: ...
 
     def close(self) -> None: ...
+
+
+class SQLRow(Protocol):
+    """A result row: by position and by column name (``sqlite3.Row``)."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+
+class SQLCursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class SQLConnection(Protocol):
+    """What a store transaction gets: ``sqlite3.Connection``'s calls, with
+    ``?`` parameters and rows that are :class:`SQLRow`."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> SQLCursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> SQLCursor: ...
+
+
+class Engine(Protocol):
+    """Runs a store's transactions off the reactor; each Deferred fires on
+    the reactor thread, a write's only once it is committed."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def write(self, fn: Callable[[SQLConnection], R]) -> Deferred[R]: ...
+
+    def read(
+        self, fn: Callable[[SQLConnection], R], *, bulk: bool = False, lane: str | None = None
+    ) -> Deferred[R]:
+        """A read; *bulk* (it may take long) or of a named *lane* (its own
+        thread, when the engine has one): beside the devices' reads."""
+        ...
 
 
 C = TypeVar("C", bound=Connection)

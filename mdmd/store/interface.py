@@ -144,6 +144,16 @@ class Store(Protocol):
         ``renewed`` before *revoked_before*; how many."""
         ...
 
+    # -- background jobs shared by several nodes --
+
+    def claim_lease(self, name: str, holder: str, now: float, until: float) -> Deferred[bool]:
+        """Claim the background job *name* for *holder* until *until*: True
+        when it was free (never claimed, or its lease ended by *now*) or
+        already *holder*'s, and it is now *holder*'s until *until*; False
+        while another holder's lease runs.  With several nodes on one
+        database, a job run only under its lease runs on one at a time."""
+        ...
+
     # -- OMA-DM sessions --
 
     def management_context(

@@ -52,12 +52,20 @@ __all__ = [
     "RenewalRefused",
     "SessionConflict",
     "StoreError",
+    "StoreUnavailable",
     "StoredAlert",
 ]
 
 
 class StoreError(Exception):
     """The database cannot be used (corrupt, newer schema, unreadable)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (down, refused, timed out, or the
+    credentials are refused): worth trying again later, unlike a
+    configuration mistake.  Nothing of the failed call was committed,
+    except possibly a COMMIT whose answer was lost."""
 
 
 class DeviceConflict(Exception):

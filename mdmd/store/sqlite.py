@@ -16,7 +16,7 @@ import uuid as uuidlib
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Final, Literal, TypeVar
+from typing import Final, Literal, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
@@ -34,7 +34,7 @@ from mdmd.profiles import (
     items_from_json,
     items_json,
 )
-from mdmd.store.engine import TransactionEngine
+from mdmd.store.engine import Engine, SQLConnection, SQLRow, TransactionEngine
 from mdmd.store.records import (
     ActionOutcome,
     AdminToken,
@@ -75,7 +75,7 @@ from mdmd.store.records import (
 from mdmd.store.sqlite_devices import device_page
 from mdmd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["SQLiteStore", "backup_database", "insert_audit", "migrate"]
+__all__ = ["SQLStore", "SQLiteStore", "backup_database", "insert_audit", "migrate"]
 
 #: The window of the "certificates expiring soon" count.
 EXPIRING_WINDOW = 30 * 86400
@@ -148,104 +148,35 @@ def _no_writes(conn: sqlite3.Connection) -> Callable[[], None]:
     return check
 
 
-class SQLiteStore:
-    """:class:`~mdmd.store.interface.Store` on one SQLite file."""
+class SQLStore:
+    """:class:`~mdmd.store.interface.Store` in SQL that SQLite and PostgreSQL
+    both run: every method is one transaction, a function of a connection
+    handed to the backend's engine.  The statements are written in SQLite's
+    dialect (``?`` parameters); the PostgreSQL backend translates the
+    parameters and runs its write transactions serializable, so each
+    method behaves there as it does behind SQLite's single writer.
 
-    def __init__(self, path: str, reactor: IReactorFromThreads) -> None:
-        self.path = path
-        self._reactor = reactor
-        self._engine: TransactionEngine[sqlite3.Connection] | None = None
-        self.migration_backup: str | None = None
-        #: Called on the writer thread after each group commit with the
-        #: batch's size and seconds (the metrics).
-        self.on_commit: Callable[[int, float], None] | None = None
+    A transaction function may run more than once (PostgreSQL runs one that
+    lost a race again): it must change nothing but the database, and build
+    whatever it returns afresh each time."""
+
+    _engine: Engine | None = None
+    #: Called on a store thread after each commit with the number of
+    #: transactions it committed and its seconds (the metrics).
+    on_commit: Callable[[int, float], None] | None = None
 
     def _on_commit(self, size: int, seconds: float) -> None:
         if self.on_commit is not None:
             self.on_commit(size, seconds)
 
     @property
-    def schema_version(self) -> int:
-        return SCHEMA_VERSION
-
-    @property
     def alive(self) -> bool:
         """The store's threads are running (readiness)."""
         return self._engine is not None and self._engine.alive
 
-    # -- life cycle (synchronous: called before the reactor runs / after it stops) --
-
-    def open(self, *, check: bool = True, before_migration: Callable[[int, str], None] | None = None) -> int:
-        """Open (creating if needed), check and migrate; return the schema
-        version found.  ``check=False`` is for worker processes: the main
-        process has checked and migrated the file, so only the version is
-        verified.
-
-        Before migrating a database that holds data, a copy of it is written
-        beside it (``mdmd.sqlite3.v3-backup-<time>``); *before_migration* is
-        called with the version found and the copy's path once it exists."""
-        directory = os.path.dirname(self.path) or "."
-        if not os.path.isdir(directory):
-            raise StoreError(f"{directory}: state directory does not exist")
-        try:
-            conn = _connect(self.path)
-            if check:
-                result = conn.execute("PRAGMA quick_check").fetchone()[0]
-                if result != "ok":
-                    raise StoreError(f"{self.path}: database integrity check failed: {result}")
-                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-                if 0 < version < SCHEMA_VERSION:
-                    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-                    copy = f"{self.path}.v{version}-backup-{stamp}"
-                    try:
-                        backup_database(conn, copy)
-                    except (OSError, sqlite3.Error) as e:
-                        raise StoreError(
-                            f"cannot write a backup to {copy} before migrating from schema version "
-                            f"{version}: {e}; nothing was changed"
-                        ) from None
-                    self.migration_backup = copy
-                    if before_migration is not None:
-                        before_migration(version, copy)
-                found = migrate(conn)
-            else:
-                found = int(conn.execute("PRAGMA user_version").fetchone()[0])
-                if found != SCHEMA_VERSION:
-                    raise StoreError(f"{self.path}: schema version {found}, expected {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: {e}") from None
-        # The database holds node-key hashes and device inventory: owner only.
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(self.path + suffix):
-                os.chmod(self.path + suffix, 0o600)
-        self._engine = TransactionEngine(
-            self._reactor,
-            conn,
-            _connect(self.path),
-            begin_write="BEGIN IMMEDIATE",
-            begin_read="BEGIN DEFERRED",
-            read_guard=_no_writes,
-            bulk_reader=_connect(self.path),
-            on_commit=self._on_commit,
-            # The fleet-wide counts (seconds at a million devices) beside
-            # the device list's pages, not before them.
-            lanes={"counts": _connect(self.path)},
-        )
-        return found
-
-    def start(self) -> None:
-        if self._engine is None:
-            raise StoreError("store is not open")
-        self._engine.start()
-
-    def stop(self) -> None:
-        if self._engine is not None:
-            self._engine.stop()
-            self._engine = None
-
     def _run(
         self,
-        fn: Callable[[sqlite3.Connection], R],
+        fn: Callable[[SQLConnection], R],
         *,
         write: bool = True,
         bulk: bool = False,
@@ -261,7 +192,7 @@ class SQLiteStore:
     # -- hosts --
 
     def enroll_host(self, enrollment: HostEnrollment, now: float) -> Deferred[HostRecord]:
-        def txn(conn: sqlite3.Connection) -> HostRecord:
+        def txn(conn: SQLConnection) -> HostRecord:
             # The same hardware UUID is the same host: keep its row (and its
             # MDM device) and replace the node key, so the old key stops
             # working at once.
@@ -302,7 +233,7 @@ class SQLiteStore:
         """The host holding this node key; with *seen_at*, also record it as
         last seen (one transaction: agents poll often)."""
 
-        def txn(conn: sqlite3.Connection) -> HostRecord | None:
+        def txn(conn: SQLConnection) -> HostRecord | None:
             if seen_at is not None:
                 conn.execute(
                     "UPDATE hosts SET last_seen = ? WHERE node_key_hash = ?", (seen_at, node_key_hash)
@@ -315,7 +246,7 @@ class SQLiteStore:
     def request_unenrollment(self, device_id: str, *, audit: AuditEntry | None = None) -> Deferred[bool]:
         """Ask the agent of this device's host to unenroll it from MDM."""
 
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             cursor = conn.execute(
                 """
                 UPDATE hosts SET unenroll_requested = 1
@@ -335,7 +266,7 @@ class SQLiteStore:
     def record_device_enrollment(
         self, enrollment: DeviceEnrollment, now: float
     ) -> Deferred[EnrollmentOutcome]:
-        def txn(conn: sqlite3.Connection) -> EnrollmentOutcome:
+        def txn(conn: SQLConnection) -> EnrollmentOutcome:
             e = enrollment
             # DeviceIDs are not secrets (certificate CN, SyncML headers): an
             # enrolled device belongs to its host, and another host presenting
@@ -434,7 +365,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def device(self, device_id: str) -> Deferred[DeviceRecord | None]:
-        def txn(conn: sqlite3.Connection) -> DeviceRecord | None:
+        def txn(conn: SQLConnection) -> DeviceRecord | None:
             # Any letter case finds the device; the exact ID first, then an
             # enrolled one, then the newest.
             row = conn.execute(
@@ -453,14 +384,14 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def certificate(self, serial: str) -> Deferred[CertificateRecord | None]:
-        def txn(conn: sqlite3.Connection) -> CertificateRecord | None:
+        def txn(conn: SQLConnection) -> CertificateRecord | None:
             row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (serial,)).fetchone()
             return None if row is None else _certificate(row)
 
         return self._run(txn, write=False)
 
     def devices(self) -> Deferred[list[DeviceRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[DeviceRecord]:
+        def txn(conn: SQLConnection) -> list[DeviceRecord]:
             pending: dict[str, list[str]] = {}
             for r in conn.execute(
                 f"SELECT device_id, action FROM device_actions WHERE {_OPEN} ORDER BY created_at"
@@ -473,16 +404,8 @@ class SQLiteStore:
 
         return self._run(txn, write=False, bulk=True)
 
-    def device_page(
-        self, query: DeviceQuery, *, limit: int, after: tuple[float, str] | None = None
-    ) -> Deferred[DevicePage]:
-        def txn(conn: sqlite3.Connection) -> DevicePage:
-            return device_page(conn, query, limit, after)
-
-        return self._run(txn, write=False, bulk=True)
-
     def device_certificates(self, device_id: str) -> Deferred[list[CertificateRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[CertificateRecord]:
+        def txn(conn: SQLConnection) -> list[CertificateRecord]:
             rows = conn.execute(
                 "SELECT * FROM certificates WHERE device_id = ? ORDER BY issued_at DESC", (device_id,)
             )
@@ -493,7 +416,7 @@ class SQLiteStore:
     # -- certificate renewal --
 
     def record_renewal(self, renewal: CertificateRenewal, now: float) -> Deferred[RenewalOutcome]:
-        def txn(conn: sqlite3.Connection) -> RenewalOutcome:
+        def txn(conn: SQLConnection) -> RenewalOutcome:
             r = renewal
             # Checked again where it is written: the request was checked on
             # a read that another process's write may have overtaken.
@@ -542,7 +465,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def confirm_renewal(self, serial: str, now: float) -> Deferred[tuple[str, ...]]:
-        def txn(conn: sqlite3.Connection) -> tuple[str, ...]:
+        def txn(conn: SQLConnection) -> tuple[str, ...]:
             row = conn.execute(
                 "SELECT device_id, renewed_from FROM certificates"
                 " WHERE serial = ? AND renewed_from IS NOT NULL AND activated_at IS NULL"
@@ -569,7 +492,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def retire_renewed_certificates(self, now: float, *, limit: int) -> Deferred[int]:
-        def txn(conn: sqlite3.Connection) -> int:
+        def txn(conn: SQLConnection) -> int:
             # It stopped working when it ended: that is its revocation time
             # (the one pruning counts from).
             cursor = conn.execute(
@@ -588,7 +511,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def prune_certificates(self, revoked_before: float, *, limit: int) -> Deferred[int]:
-        def txn(conn: sqlite3.Connection) -> int:
+        def txn(conn: SQLConnection) -> int:
             cursor = conn.execute(
                 """
                 DELETE FROM certificates WHERE serial IN (
@@ -603,12 +526,28 @@ class SQLiteStore:
 
         return self._run(txn)
 
+    # -- background jobs --
+
+    def claim_lease(self, name: str, holder: str, now: float, until: float) -> Deferred[bool]:
+        def txn(conn: SQLConnection) -> bool:
+            cursor = conn.execute(
+                """
+                INSERT INTO job_leases (name, holder, until) VALUES (?, ?, ?)
+                ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until
+                WHERE job_leases.until <= ? OR job_leases.holder = excluded.holder
+                """,
+                (name, holder, until, now),
+            )
+            return cursor.rowcount > 0
+
+        return self._run(txn)
+
     # -- OMA-DM management --
 
     def management_context(
         self, cert_serial: str, *, queue_limit: int = 100
     ) -> Deferred[ManagementContext | None]:
-        def txn(conn: sqlite3.Connection) -> ManagementContext | None:
+        def txn(conn: SQLConnection) -> ManagementContext | None:
             cert_row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (cert_serial,)).fetchone()
             if cert_row is None:
                 return None
@@ -644,7 +583,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def device_alerts(self, device_id: str) -> Deferred[list[StoredAlert]]:
-        def txn(conn: sqlite3.Connection) -> list[StoredAlert]:
+        def txn(conn: SQLConnection) -> list[StoredAlert]:
             rows = conn.execute(
                 "SELECT * FROM device_alerts WHERE device_id = ? ORDER BY received_at DESC, code, type",
                 (device_id,),
@@ -659,7 +598,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def last_reply(self, device_id: str) -> Deferred[bytes | None]:
-        def txn(conn: sqlite3.Connection) -> bytes | None:
+        def txn(conn: SQLConnection) -> bytes | None:
             row = conn.execute(
                 "SELECT reply, base64 FROM syncml_replies WHERE device_id = ?", (device_id,)
             ).fetchone()
@@ -682,7 +621,7 @@ class SQLiteStore:
         actions: ActionStep | None = None,
         messages: MessageLogWrite | None = None,
     ) -> Deferred[None]:
-        def txn(conn: sqlite3.Connection) -> None:
+        def txn(conn: SQLConnection) -> None:
             device_id = step.device_id
             row = conn.execute(
                 "SELECT inventory, session_seq FROM devices WHERE device_id = ?", (device_id,)
@@ -709,7 +648,7 @@ class SQLiteStore:
                 VALUES (?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (device_id, code, type, source) DO UPDATE SET
                     format = excluded.format, data = excluded.data,
-                    received_at = excluded.received_at, count = count + 1
+                    received_at = excluded.received_at, count = device_alerts.count + 1
                 """,
                 [
                     (device_id, a.code, a.type or "", a.source or "", a.format, a.data, now)
@@ -812,7 +751,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def device_messages(self, device_id: str, *, limit: int = 50) -> Deferred[list[LoggedMessage]]:
-        def txn(conn: sqlite3.Connection) -> list[LoggedMessage]:
+        def txn(conn: SQLConnection) -> list[LoggedMessage]:
             rows = conn.execute(
                 "SELECT * FROM device_messages WHERE device_id = ? ORDER BY id DESC LIMIT ?",
                 (device_id, limit),
@@ -834,7 +773,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
-        def txn(conn: sqlite3.Connection) -> ProfileContext:
+        def txn(conn: SQLConnection) -> ProfileContext:
             host = conn.execute(
                 """
                 SELECT d.device_name, h.hostname, h.hardware_serial FROM devices d
@@ -872,7 +811,7 @@ class SQLiteStore:
         *,
         audit: AuditEntry | None = None,
     ) -> Deferred[CommandRecord | None]:
-        def txn(conn: sqlite3.Connection) -> CommandRecord | None:
+        def txn(conn: SQLConnection) -> CommandRecord | None:
             known = conn.execute(
                 "SELECT device_id FROM devices WHERE device_id = ? COLLATE NOCASE AND state = 'enrolled'"
                 " ORDER BY device_id = ? DESC LIMIT 1",
@@ -891,7 +830,7 @@ class SQLiteStore:
     # -- device actions and group operations --
 
     def request_action(self, device_id: str, action: NewAction, now: float) -> Deferred[ActionOutcome]:
-        def txn(conn: sqlite3.Connection) -> ActionOutcome:
+        def txn(conn: SQLConnection) -> ActionOutcome:
             row = conn.execute(
                 "SELECT device_id, state, lifecycle, host_id FROM devices WHERE device_id = ?", (device_id,)
             ).fetchone()
@@ -905,7 +844,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def device_actions(self, device_id: str, *, limit: int = 20) -> Deferred[list[DeviceAction]]:
-        def txn(conn: sqlite3.Connection) -> list[DeviceAction]:
+        def txn(conn: SQLConnection) -> list[DeviceAction]:
             rows = conn.execute(
                 """
                 SELECT * FROM device_actions WHERE device_id = ?
@@ -918,7 +857,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def create_operation(self, operation: NewOperation, now: float) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             o = operation
             if (
                 o.group_name != ALL_GROUP
@@ -943,7 +882,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def operations(self, *, limit: int = 100) -> Deferred[list[OperationRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[OperationRecord]:
+        def txn(conn: SQLConnection) -> list[OperationRecord]:
             rows = conn.execute(
                 "SELECT * FROM operations ORDER BY created_at DESC, operation_id LIMIT ?", (limit,)
             )
@@ -952,14 +891,14 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def operation(self, operation_id: str) -> Deferred[OperationRecord | None]:
-        def txn(conn: sqlite3.Connection) -> OperationRecord | None:
+        def txn(conn: SQLConnection) -> OperationRecord | None:
             row = conn.execute("SELECT * FROM operations WHERE operation_id = ?", (operation_id,)).fetchone()
             return None if row is None else _operation(row)
 
         return self._run(txn, write=False)
 
     def operation_leases(self) -> Deferred[list[OperationRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[OperationRecord]:
+        def txn(conn: SQLConnection) -> list[OperationRecord]:
             rows = conn.execute(
                 "SELECT * FROM operations WHERE state IN ('pending', 'queuing') ORDER BY created_at"
             )
@@ -970,7 +909,7 @@ class SQLiteStore:
     def claim_operation(
         self, owner: str, now: float, lease_until: float, *, takeover: Sequence[str] = ()
     ) -> Deferred[OperationRecord | None]:
-        def txn(conn: sqlite3.Connection) -> OperationRecord | None:
+        def txn(conn: SQLConnection) -> OperationRecord | None:
             holders = [owner, *takeover]
             marks = ",".join("?" * len(holders))
             free = f"(lease_owner IS NULL OR lease_until <= ? OR lease_owner IN ({marks}))"
@@ -1010,7 +949,7 @@ class SQLiteStore:
         limit: int,
         total: int | None = None,
     ) -> Deferred[OperationRecord | None]:
-        def txn(conn: sqlite3.Connection) -> OperationRecord | None:
+        def txn(conn: SQLConnection) -> OperationRecord | None:
             op = conn.execute("SELECT * FROM operations WHERE operation_id = ?", (operation_id,)).fetchone()
             if op is None or op["state"] != "queuing" or op["lease_owner"] != owner:
                 return None  # the lease was lost: someone else goes on
@@ -1068,7 +1007,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def release_operation(self, operation_id: str, owner: str) -> Deferred[None]:
-        def txn(conn: sqlite3.Connection) -> None:
+        def txn(conn: SQLConnection) -> None:
             conn.execute(
                 """
                 UPDATE operations SET lease_owner = NULL, lease_until = NULL
@@ -1080,7 +1019,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def command(self, uuid: str) -> Deferred[CommandRecord | None]:
-        def txn(conn: sqlite3.Connection) -> CommandRecord | None:
+        def txn(conn: SQLConnection) -> CommandRecord | None:
             row = conn.execute("SELECT * FROM commands WHERE uuid = ?", (uuid,)).fetchone()
             if row is None:
                 return None
@@ -1092,7 +1031,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def device_commands(self, device_id: str, *, limit: int = 100) -> Deferred[list[CommandRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[CommandRecord]:
+        def txn(conn: SQLConnection) -> list[CommandRecord]:
             rows = conn.execute(
                 "SELECT * FROM commands WHERE device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, limit)
             )
@@ -1103,7 +1042,7 @@ class SQLiteStore:
     # -- configuration profiles and groups --
 
     def create_profile(self, profile: Profile, now: float) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             cursor = conn.execute(
                 """
                 INSERT INTO profiles (name, version, items, created_at, updated_at) VALUES (?, ?, ?, ?, ?)
@@ -1116,7 +1055,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def update_profile(self, profile: Profile, now: float) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             cursor = conn.execute(
                 """
                 UPDATE profiles SET version = ?, items = ?, updated_at = ?
@@ -1129,20 +1068,20 @@ class SQLiteStore:
         return self._run(txn)
 
     def profiles(self) -> Deferred[list[ProfileRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[ProfileRecord]:
+        def txn(conn: SQLConnection) -> list[ProfileRecord]:
             return [_profile(conn, r) for r in conn.execute("SELECT * FROM profiles ORDER BY name")]
 
         return self._run(txn, write=False)
 
     def profile(self, name: str) -> Deferred[ProfileRecord | None]:
-        def txn(conn: sqlite3.Connection) -> ProfileRecord | None:
+        def txn(conn: SQLConnection) -> ProfileRecord | None:
             row = conn.execute("SELECT * FROM profiles WHERE name = ?", (name,)).fetchone()
             return None if row is None else _profile(conn, row)
 
         return self._run(txn, write=False)
 
     def profile_status(self, name: str) -> Deferred[dict[str, int]]:
-        def txn(conn: sqlite3.Connection) -> dict[str, int]:
+        def txn(conn: SQLConnection) -> dict[str, int]:
             counts = {
                 r["state"]: r["n"]
                 for r in conn.execute(
@@ -1185,7 +1124,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def delete_profile(self, name: str, now: float) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             cursor = conn.execute(
                 "UPDATE profiles SET deleted_at = ? WHERE name = ? AND deleted_at IS NULL", (now, name)
             )
@@ -1198,7 +1137,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def assign_profile(self, name: str, groups: Sequence[str], now: float) -> Deferred[AssignmentOutcome]:
-        def txn(conn: sqlite3.Connection) -> AssignmentOutcome:
+        def txn(conn: SQLConnection) -> AssignmentOutcome:
             found = conn.execute(
                 "SELECT 1 FROM profiles WHERE name = ? AND deleted_at IS NULL", (name,)
             ).fetchone()
@@ -1223,7 +1162,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def create_group(self, name: str, now: float) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             if name == ALL_GROUP:
                 return False
             cursor = conn.execute(
@@ -1235,7 +1174,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def groups(self) -> Deferred[list[GroupRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[GroupRecord]:
+        def txn(conn: SQLConnection) -> list[GroupRecord]:
             out = [_group(conn, ALL_GROUP, None)]
             out += [
                 _group(conn, r["name"], r["created_at"])
@@ -1246,7 +1185,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def group_names(self) -> Deferred[list[str]]:
-        def txn(conn: sqlite3.Connection) -> list[str]:
+        def txn(conn: SQLConnection) -> list[str]:
             return [ALL_GROUP] + [
                 r["name"] for r in conn.execute("SELECT name FROM device_groups ORDER BY name")
             ]
@@ -1254,7 +1193,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def group(self, name: str) -> Deferred[GroupRecord | None]:
-        def txn(conn: sqlite3.Connection) -> GroupRecord | None:
+        def txn(conn: SQLConnection) -> GroupRecord | None:
             if name == ALL_GROUP:
                 return _group(conn, ALL_GROUP, None)
             row = conn.execute("SELECT * FROM device_groups WHERE name = ?", (name,)).fetchone()
@@ -1263,7 +1202,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def group_members(self, name: str, *, after: str | None = None, limit: int = 100) -> Deferred[list[str]]:
-        def txn(conn: sqlite3.Connection) -> list[str]:
+        def txn(conn: SQLConnection) -> list[str]:
             if name == ALL_GROUP:
                 rows = conn.execute(
                     "SELECT device_id FROM devices WHERE state = 'enrolled' AND device_id > ? "
@@ -1281,7 +1220,7 @@ class SQLiteStore:
         return self._run(txn, write=False)
 
     def delete_group(self, name: str) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             if name == ALL_GROUP:
                 return False
             conn.execute("DELETE FROM group_members WHERE group_name = ?", (name,))
@@ -1293,7 +1232,7 @@ class SQLiteStore:
     def change_group_members(
         self, name: str, add: Sequence[str], remove: Sequence[str], now: float
     ) -> Deferred[GroupChange | None]:
-        def txn(conn: sqlite3.Connection) -> GroupChange | None:
+        def txn(conn: SQLConnection) -> GroupChange | None:
             if conn.execute("SELECT 1 FROM device_groups WHERE name = ?", (name,)).fetchone() is None:
                 return None
             wanted = list(dict.fromkeys([*add, *remove]))
@@ -1329,7 +1268,7 @@ class SQLiteStore:
         return self._run(txn)
 
     def device_groups(self, device_id: str) -> Deferred[list[str]]:
-        def txn(conn: sqlite3.Connection) -> list[str]:
+        def txn(conn: SQLConnection) -> list[str]:
             rows = conn.execute(
                 "SELECT group_name FROM group_members WHERE device_id = ? ORDER BY group_name", (device_id,)
             )
@@ -1340,7 +1279,7 @@ class SQLiteStore:
     def profile_devices(
         self, name: str, *, state: str | None = None, after: tuple[str, int] | None = None, limit: int = 100
     ) -> Deferred[list[ProfileDeviceState]]:
-        def txn(conn: sqlite3.Connection) -> list[ProfileDeviceState]:
+        def txn(conn: SQLConnection) -> list[ProfileDeviceState]:
             # Along device_profiles_by_profile (profile_name, state, rowid):
             # a page costs its own rows, however many devices have the profile.
             where: list[str] = ["profile_name = ?"]
@@ -1372,7 +1311,7 @@ class SQLiteStore:
         return self._run(txn, write=False, bulk=True)
 
     def device_profiles(self, device_id: str, *, history: int = 5) -> Deferred[list[DeviceProfileEntry]]:
-        def txn(conn: sqlite3.Connection) -> list[DeviceProfileEntry]:
+        def txn(conn: SQLConnection) -> list[DeviceProfileEntry]:
             out = []
             for row in conn.execute(
                 "SELECT * FROM device_profiles WHERE device_id = ? ORDER BY profile_name", (device_id,)
@@ -1392,13 +1331,13 @@ class SQLiteStore:
     # -- administrators --
 
     def admin_tokens(self) -> Deferred[list[AdminToken]]:
-        def txn(conn: sqlite3.Connection) -> list[AdminToken]:
+        def txn(conn: SQLConnection) -> list[AdminToken]:
             return [_token(r) for r in conn.execute("SELECT * FROM admin_tokens ORDER BY name")]
 
         return self._run(txn, write=False)
 
     def create_admin_token(self, token: AdminToken, *, audit: AuditEntry | None = None) -> Deferred[bool]:
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: SQLConnection) -> bool:
             active = conn.execute(
                 "SELECT 1 FROM admin_tokens WHERE name = ? AND revoked_at IS NULL", (token.name,)
             ).fetchone()
@@ -1422,7 +1361,7 @@ class SQLiteStore:
     def revoke_admin_token(
         self, name: str, now: float, *, by: str | None = None, audit: AuditEntry | None = None
     ) -> Deferred[Literal["revoked", "unknown", "last"]]:
-        def txn(conn: sqlite3.Connection) -> Literal["revoked", "unknown", "last"]:
+        def txn(conn: SQLConnection) -> Literal["revoked", "unknown", "last"]:
             active = [
                 r["name"] for r in conn.execute("SELECT name FROM admin_tokens WHERE revoked_at IS NULL")
             ]
@@ -1442,7 +1381,7 @@ class SQLiteStore:
     def adopt_bootstrap_token(
         self, name: str, token_hash: bytes, now: float
     ) -> Deferred[Literal["created", "updated", "unchanged", "revoked"]]:
-        def txn(conn: sqlite3.Connection) -> Literal["created", "updated", "unchanged", "revoked"]:
+        def txn(conn: SQLConnection) -> Literal["created", "updated", "unchanged", "revoked"]:
             row = conn.execute("SELECT * FROM admin_tokens WHERE name = ?", (name,)).fetchone()
             if row is None:
                 conn.execute(
@@ -1460,13 +1399,13 @@ class SQLiteStore:
         return self._run(txn)
 
     def record_audit(self, entry: AuditEntry) -> Deferred[None]:
-        def txn(conn: sqlite3.Connection) -> None:
+        def txn(conn: SQLConnection) -> None:
             insert_audit(conn, entry)
 
         return self._run(txn)
 
     def audit_log(self, query: AuditQuery) -> Deferred[list[AuditRecord]]:
-        def txn(conn: sqlite3.Connection) -> list[AuditRecord]:
+        def txn(conn: SQLConnection) -> list[AuditRecord]:
             where: list[str] = []
             params: list[object] = []
             for column, value in (("actor", query.actor), ("action", query.action), ("target", query.target)):
@@ -1477,7 +1416,7 @@ class SQLiteStore:
                 where.append("id < ?")
                 params.append(query.before_id)
             rows = conn.execute(
-                f"SELECT * FROM audit_log WHERE {' AND '.join(where) or '1'} ORDER BY id DESC LIMIT ?",
+                f"SELECT * FROM audit_log WHERE {' AND '.join(where) or '1 = 1'} ORDER BY id DESC LIMIT ?",
                 (*params, query.limit),
             )
             return [_audit(r) for r in rows]
@@ -1487,7 +1426,7 @@ class SQLiteStore:
     # -- operations --
 
     def fleet_counts(self, now: float) -> Deferred[FleetCounts]:
-        def txn(conn: sqlite3.Connection) -> FleetCounts:
+        def txn(conn: SQLConnection) -> FleetCounts:
             (total,) = conn.execute("SELECT count(*) FROM devices").fetchone()
             (unenrolled,) = conn.execute("SELECT count(*) FROM devices WHERE state = 'unenrolled'").fetchone()
             devices = {"enrolled": float(total - unenrolled), "unenrolled": float(unenrolled)}
@@ -1529,7 +1468,7 @@ class SQLiteStore:
         return self._run(txn, write=False, lane="counts")
 
     def check_writable(self, now: float) -> Deferred[None]:
-        def txn(conn: sqlite3.Connection) -> None:
+        def txn(conn: SQLConnection) -> None:
             conn.execute(
                 "INSERT INTO store_health (id, checked_at) VALUES (1, ?)"
                 " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
@@ -1539,7 +1478,7 @@ class SQLiteStore:
         return self._run(txn)
 
 
-def _log_messages(conn: sqlite3.Connection, device_id: str, log: MessageLogWrite) -> None:
+def _log_messages(conn: SQLConnection, device_id: str, log: MessageLogWrite) -> None:
     """Append a step's messages to the device's log and drop what is past
     ``log.keep`` (along device_messages_by_device: the device's own rows)."""
     conn.executemany(
@@ -1572,7 +1511,7 @@ def _log_messages(conn: sqlite3.Connection, device_id: str, log: MessageLogWrite
 _RECENCY: Final = (("1h", 3600), ("24h", 86400), ("7d", 7 * 86400))
 
 
-def _checkin_recency(conn: sqlite3.Connection, now: float, enrolled: int) -> dict[str, float]:
+def _checkin_recency(conn: SQLConnection, now: float, enrolled: int) -> dict[str, float]:
     """Enrolled devices by how long ago they last checked in, each bucket
     counted on devices_by_last_seen (its state column included)."""
     out: dict[str, float] = {}
@@ -1587,20 +1526,22 @@ def _checkin_recency(conn: sqlite3.Connection, now: float, enrolled: int) -> dic
         within_before = within
     (never,) = conn.execute(
         "SELECT count(*) FROM devices INDEXED BY devices_by_last_seen"
-        " WHERE coalesce(last_seen, 0) = 0 AND state = 'enrolled'"
+        " WHERE coalesce(last_seen, 0) = ? AND state = 'enrolled'",
+        (0,),
     ).fetchone()
     out["older"] = float(max(0, enrolled - within_before - never))
     out["never"] = float(never)
     return out
 
 
-def _enrollments_by_day(conn: sqlite3.Connection, now: float) -> dict[str, float]:
+def _enrollments_by_day(conn: SQLConnection, now: float) -> dict[str, float]:
     """Devices enrolled on each of the last 30 UTC days (on devices_by_enrolled_at)."""
     today = int(now // 86400)
     first = today - 29
     days = {time.strftime("%Y-%m-%d", time.gmtime((first + i) * 86400)): 0.0 for i in range(30)}
     for row in conn.execute(
-        "SELECT CAST(enrolled_at / 86400 AS INTEGER) AS day, count(*) AS n FROM devices"
+        # Whole seconds divided as integers: the day, in SQLite and PostgreSQL alike.
+        "SELECT CAST(enrolled_at AS INTEGER) / 86400 AS day, count(*) AS n FROM devices"
         " INDEXED BY devices_by_enrolled_at WHERE enrolled_at >= ? GROUP BY day",
         (first * 86400.0,),
     ):
@@ -1610,7 +1551,7 @@ def _enrollments_by_day(conn: sqlite3.Connection, now: float) -> dict[str, float
     return days
 
 
-def _profile_unseen(conn: sqlite3.Connection, name: str, enrolled: int, states: dict[str, float]) -> float:
+def _profile_unseen(conn: SQLConnection, name: str, enrolled: int, states: dict[str, float]) -> float:
     """The enrolled devices of the profile's groups that have no record of
     it yet.  For the group all: the enrolled devices less the records of
     enrolled devices, these found as all records less those of unenrolled
@@ -1623,14 +1564,14 @@ def _profile_unseen(conn: sqlite3.Connection, name: str, enrolled: int, states: 
     if not groups:
         return 0.0
     if ALL_GROUP in groups:
-        # CROSS JOIN keeps this order (unenrolled devices, then their
-        # record): left to the planner, it walked every record of the
-        # profile, 3-5 s at a million devices instead of 30 ms.
+        # The unenrolled devices, each probing for its record (a correlated
+        # EXISTS keeps that order): as a join, SQLite's planner walked every
+        # record of the profile, 3-5 s at a million devices instead of 30 ms.
         (gone,) = conn.execute(
             """
-            SELECT count(*) FROM devices d INDEXED BY devices_unenrolled CROSS JOIN device_profiles p
-                ON p.device_id = d.device_id AND p.profile_name = ?
-            WHERE d.state = 'unenrolled'
+            SELECT count(*) FROM devices d INDEXED BY devices_unenrolled
+            WHERE d.state = 'unenrolled' AND EXISTS (
+                SELECT 1 FROM device_profiles p WHERE p.device_id = d.device_id AND p.profile_name = ?)
             """,
             (name,),
         ).fetchone()
@@ -1671,7 +1612,7 @@ _DEVICE_SELECT = """
 """
 
 
-def insert_audit(conn: sqlite3.Connection, entry: AuditEntry) -> None:
+def insert_audit(conn: SQLConnection, entry: AuditEntry) -> None:
     """Record *entry* in the transaction of the write it describes (for store
     methods that take an ``audit`` argument)."""
     conn.execute(
@@ -1689,7 +1630,7 @@ def insert_audit(conn: sqlite3.Connection, entry: AuditEntry) -> None:
     )
 
 
-def _audit(row: sqlite3.Row) -> AuditRecord:
+def _audit(row: SQLRow) -> AuditRecord:
     return AuditRecord(
         row["id"],
         AuditEntry(
@@ -1704,7 +1645,7 @@ def _audit(row: sqlite3.Row) -> AuditRecord:
     )
 
 
-def _token(row: sqlite3.Row) -> AdminToken:
+def _token(row: SQLRow) -> AdminToken:
     return AdminToken(
         name=row["name"],
         token_hash=bytes(row["token_hash"]),
@@ -1723,7 +1664,7 @@ _HOST_SELECT = """
 """
 
 
-def _host(row: sqlite3.Row) -> HostRecord:
+def _host(row: SQLRow) -> HostRecord:
     return HostRecord(
         id=row["id"],
         hardware_uuid=row["hardware_uuid"],
@@ -1737,7 +1678,7 @@ def _host(row: sqlite3.Row) -> HostRecord:
     )
 
 
-def _device(row: sqlite3.Row, pending_actions: tuple[str, ...] = ()) -> DeviceRecord:
+def _device(row: SQLRow, pending_actions: tuple[str, ...] = ()) -> DeviceRecord:
     return DeviceRecord(
         device_id=row["device_id"],
         host_id=row["host_id"],
@@ -1769,7 +1710,7 @@ def _device(row: sqlite3.Row, pending_actions: tuple[str, ...] = ()) -> DeviceRe
     )
 
 
-def _certificate(row: sqlite3.Row) -> CertificateRecord:
+def _certificate(row: SQLRow) -> CertificateRecord:
     return CertificateRecord(
         serial=row["serial"],
         device_id=row["device_id"],
@@ -1784,7 +1725,7 @@ def _certificate(row: sqlite3.Row) -> CertificateRecord:
     )
 
 
-def _command(row: sqlite3.Row, results: tuple[CommandResult, ...] = ()) -> CommandRecord:
+def _command(row: SQLRow, results: tuple[CommandResult, ...] = ()) -> CommandRecord:
     return CommandRecord(
         uuid=row["uuid"],
         device_id=row["device_id"],
@@ -1801,7 +1742,7 @@ def _command(row: sqlite3.Row, results: tuple[CommandResult, ...] = ()) -> Comma
     )
 
 
-def _result(row: sqlite3.Row) -> CommandResult:
+def _result(row: SQLRow) -> CommandResult:
     return CommandResult(
         kind=row["kind"],
         cmd_id=row["cmd_id"],
@@ -1816,7 +1757,7 @@ def _result(row: sqlite3.Row) -> CommandResult:
 
 
 def _insert_results(
-    conn: sqlite3.Connection, device_id: str, results: list[tuple[str, CommandResult]], now: float
+    conn: SQLConnection, device_id: str, results: list[tuple[str, CommandResult]], now: float
 ) -> None:
     conn.executemany(
         """
@@ -1831,7 +1772,7 @@ def _insert_results(
     )
 
 
-def _end_session(conn: sqlite3.Connection, device_id: str) -> None:
+def _end_session(conn: SQLConnection, device_id: str) -> None:
     for table in ("syncml_sessions", "syncml_replies", "large_object_chunks"):
         conn.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
 
@@ -1842,7 +1783,7 @@ ALL_GROUP = "all"
 _HISTORY = 20
 
 
-def _profile(conn: sqlite3.Connection, row: sqlite3.Row) -> ProfileRecord:
+def _profile(conn: SQLConnection, row: SQLRow) -> ProfileRecord:
     groups = conn.execute(
         "SELECT group_name FROM profile_assignments WHERE profile_name = ? ORDER BY group_name",
         (row["name"],),
@@ -1858,7 +1799,7 @@ def _profile(conn: sqlite3.Connection, row: sqlite3.Row) -> ProfileRecord:
     )
 
 
-def _group(conn: sqlite3.Connection, name: str, created_at: float | None) -> GroupRecord:
+def _group(conn: SQLConnection, name: str, created_at: float | None) -> GroupRecord:
     if name == ALL_GROUP:
         # Every device less the unenrolled (a small partial index): no walk
         # of the devices table, which state = 'enrolled' alone would be.
@@ -1875,7 +1816,7 @@ def _group(conn: sqlite3.Connection, name: str, created_at: float | None) -> Gro
     return GroupRecord(name, members, created_at, tuple(p["profile_name"] for p in profiles))
 
 
-def _device_profile(row: sqlite3.Row) -> DeviceProfile:
+def _device_profile(row: SQLRow) -> DeviceProfile:
     return DeviceProfile.stored(
         profile=row["profile_name"],
         version=row["version"],
@@ -1889,19 +1830,19 @@ def _device_profile(row: sqlite3.Row) -> DeviceProfile:
     )
 
 
-def _profile_command(row: sqlite3.Row) -> ProfileCommand:
+def _profile_command(row: SQLRow) -> ProfileCommand:
     return ProfileCommand(
         row["command_uuid"], row["profile_name"], row["version"], row["purpose"], row["loc_uri"]
     )
 
 
-def _profile_event(row: sqlite3.Row) -> ProfileEvent:
+def _profile_event(row: SQLRow) -> ProfileEvent:
     return ProfileEvent(
         row["profile_name"], row["version"], row["state"], row["status"], row["detail"], row["at"]
     )
 
 
-def _apply_profile_step(conn: sqlite3.Connection, device_id: str, step: ProfileStep) -> None:
+def _apply_profile_step(conn: SQLConnection, device_id: str, step: ProfileStep) -> None:
     conn.executemany(
         """
         INSERT INTO device_profiles (device_id, profile_name, version, state, status, detail, attempts,
@@ -1954,7 +1895,7 @@ def _apply_profile_step(conn: sqlite3.Connection, device_id: str, step: ProfileS
     _forget_deleted_profiles(conn, [r.profile for r in step.records if r.state in ("removed", "failed")])
 
 
-def _forget_deleted_profiles(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+def _forget_deleted_profiles(conn: SQLConnection, names: Sequence[str]) -> None:
     """A deleted profile is gone once no device still has it (every record
     removed, or failed: the removal gave up)."""
     for name in dict.fromkeys(names):
@@ -1975,7 +1916,7 @@ _BLOCKING = "state IN ({})".format(", ".join(f"'{state}'" for state in BLOCKING_
 
 
 def _insert_command(
-    conn: sqlite3.Connection,
+    conn: SQLConnection,
     device_id: str,
     uuid: str,
     verb: str,
@@ -1992,7 +1933,7 @@ def _insert_command(
     )
 
 
-def _action(row: sqlite3.Row) -> DeviceAction:
+def _action(row: SQLRow) -> DeviceAction:
     return DeviceAction(
         action_id=row["action_id"],
         device_id=row["device_id"],
@@ -2008,7 +1949,7 @@ def _action(row: sqlite3.Row) -> DeviceAction:
     )
 
 
-def _operation(row: sqlite3.Row) -> OperationRecord:
+def _operation(row: SQLRow) -> OperationRecord:
     return OperationRecord(
         operation_id=row["operation_id"],
         kind=row["kind"],
@@ -2032,7 +1973,7 @@ def _operation(row: sqlite3.Row) -> OperationRecord:
     )
 
 
-def _action_refusal(conn: sqlite3.Connection, device: sqlite3.Row, action: str) -> str | None:
+def _action_refusal(conn: SQLConnection, device: SQLRow, action: str) -> str | None:
     """Why *action* cannot be queued for *device* (a row with its state and
     lifecycle), or None."""
     if device["state"] != "enrolled":
@@ -2045,7 +1986,7 @@ def _action_refusal(conn: sqlite3.Connection, device: sqlite3.Row, action: str) 
 
 
 def _queue_action(
-    conn: sqlite3.Connection, device: sqlite3.Row, new: NewAction, now: float, operation_id: str | None
+    conn: SQLConnection, device: SQLRow, new: NewAction, now: float, operation_id: str | None
 ) -> DeviceAction:
     device_id = device["device_id"]
     if new.action == "rename":
@@ -2080,9 +2021,7 @@ def _queue_action(
     return record
 
 
-def _queue_batch(
-    conn: sqlite3.Connection, op: sqlite3.Row, members: Sequence[sqlite3.Row], now: float
-) -> tuple[int, int]:
+def _queue_batch(conn: SQLConnection, op: SQLRow, members: Sequence[SQLRow], now: float) -> tuple[int, int]:
     """Give a batch of the operation's members their command (or action),
     with one statement per kind of row; (queued, skipped)."""
     eligible = [m for m in members if m["state"] == "enrolled"]
@@ -2143,7 +2082,7 @@ def _queue_batch(
     return len(eligible), len(members) - len(eligible)
 
 
-def _set_lifecycle(conn: sqlite3.Connection, device_id: str) -> None:
+def _set_lifecycle(conn: SQLConnection, device_id: str) -> None:
     """The lifecycle the device's queued or sent actions give it."""
     names = [
         r["action"]
@@ -2158,7 +2097,7 @@ def _set_lifecycle(conn: sqlite3.Connection, device_id: str) -> None:
 
 
 def _finish_commands(
-    conn: sqlite3.Connection,
+    conn: SQLConnection,
     device_id: str,
     outcomes: Sequence[tuple[str, str, int | None, str | None]],
     now: float,
@@ -2194,7 +2133,7 @@ def _finish_commands(
     _operations_done(conn, list(counted), now)
 
 
-def _operations_done(conn: sqlite3.Connection, operation_ids: Sequence[str], now: float) -> None:
+def _operations_done(conn: SQLConnection, operation_ids: Sequence[str], now: float) -> None:
     conn.executemany(
         """
         UPDATE operations SET state = 'done', finished_at = ?
@@ -2204,7 +2143,7 @@ def _operations_done(conn: sqlite3.Connection, operation_ids: Sequence[str], now
     )
 
 
-def _apply_action_step(conn: sqlite3.Connection, device_id: str, step: ActionStep, now: float) -> None:
+def _apply_action_step(conn: SQLConnection, device_id: str, step: ActionStep, now: float) -> None:
     conn.executemany(
         """
         UPDATE device_actions SET state = ?, status = ?, detail = ?, updated_at = ?
@@ -2225,7 +2164,7 @@ def _apply_action_step(conn: sqlite3.Connection, device_id: str, step: ActionSte
         )
 
 
-def _cancel_device(conn: sqlite3.Connection, device_id: str, reason: str, now: float) -> None:
+def _cancel_device(conn: SQLConnection, device_id: str, reason: str, now: float) -> None:
     """Everything still open for a device that left: its commands fail and
     its actions are cancelled, with *reason*."""
     open_commands = conn.execute(
@@ -2239,3 +2178,97 @@ def _cancel_device(conn: sqlite3.Connection, device_id: str, reason: str, now: f
         """,
         (reason, now, device_id),
     )
+
+
+class SQLiteStore(SQLStore):
+    """:class:`~mdmd.store.interface.Store` on one SQLite file."""
+
+    def __init__(self, path: str, reactor: IReactorFromThreads) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._engine = None
+        self.migration_backup: str | None = None
+
+    @property
+    def schema_version(self) -> int:
+        return SCHEMA_VERSION
+
+    # -- life cycle (synchronous: called before the reactor runs / after it stops) --
+
+    def open(self, *, check: bool = True, before_migration: Callable[[int, str], None] | None = None) -> int:
+        """Open (creating if needed), check and migrate; return the schema
+        version found.  ``check=False`` is for worker processes: the main
+        process has checked and migrated the file, so only the version is
+        verified.
+
+        Before migrating a database that holds data, a copy of it is written
+        beside it (``mdmd.sqlite3.v3-backup-<time>``); *before_migration* is
+        called with the version found and the copy's path once it exists."""
+        directory = os.path.dirname(self.path) or "."
+        if not os.path.isdir(directory):
+            raise StoreError(f"{directory}: state directory does not exist")
+        try:
+            conn = _connect(self.path)
+            if check:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise StoreError(f"{self.path}: database integrity check failed: {result}")
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if 0 < version < SCHEMA_VERSION:
+                    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                    copy = f"{self.path}.v{version}-backup-{stamp}"
+                    try:
+                        backup_database(conn, copy)
+                    except (OSError, sqlite3.Error) as e:
+                        raise StoreError(
+                            f"cannot write a backup to {copy} before migrating from schema version "
+                            f"{version}: {e}; nothing was changed"
+                        ) from None
+                    self.migration_backup = copy
+                    if before_migration is not None:
+                        before_migration(version, copy)
+                found = migrate(conn)
+            else:
+                found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if found != SCHEMA_VERSION:
+                    raise StoreError(f"{self.path}: schema version {found}, expected {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: {e}") from None
+        # The database holds node-key hashes and device inventory: owner only.
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.chmod(self.path + suffix, 0o600)
+        self._engine = TransactionEngine(
+            self._reactor,
+            conn,
+            _connect(self.path),
+            begin_write="BEGIN IMMEDIATE",
+            begin_read="BEGIN DEFERRED",
+            read_guard=_no_writes,
+            bulk_reader=_connect(self.path),
+            on_commit=self._on_commit,
+            # The fleet-wide counts (seconds at a million devices) beside
+            # the device list's pages, not before them.
+            lanes={"counts": _connect(self.path)},
+        )
+        return found
+
+    def start(self) -> None:
+        if self._engine is None:
+            raise StoreError("store is not open")
+        self._engine.start()
+
+    def stop(self) -> None:
+        if self._engine is not None:
+            self._engine.stop()
+            self._engine = None
+
+    def device_page(
+        self, query: DeviceQuery, *, limit: int, after: tuple[float, str] | None = None
+    ) -> Deferred[DevicePage]:
+        def txn(conn: SQLConnection) -> DevicePage:
+            # SQLite's own SQL (rowids, INDEXED BY): the engine's connection
+            # is a sqlite3 one here.
+            return device_page(cast(sqlite3.Connection, conn), query, limit, after)
+
+        return self._run(txn, write=False, bulk=True)

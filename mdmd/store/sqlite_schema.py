@@ -367,8 +367,20 @@ _V7: Final = (
     "CREATE INDEX operations_open ON operations(created_at) WHERE state IN ('pending', 'queuing')",
 )
 
+# 8 (issue 16, several nodes on PostgreSQL): who runs a background job
+# (certificate housekeeping) until when, so that of several nodes sharing a
+# database one runs it at a time.
+_V8: Final = (
+    """
+    CREATE TABLE job_leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until REAL NOT NULL
+    )
+    """,
+)
 
-# Issue 17 (web console): each device's SyncML message log, the latest
+# 9 (issue 17, web console): each device's SyncML message log, the latest
 # [management] message_log messages in and out, written with the step of the
 # message they belong to; bodies zlib-compressed, at most the first 64 KiB of
 # a message kept.
@@ -389,5 +401,5 @@ _MESSAGE_LOG: Final = (
     "CREATE INDEX device_messages_by_device ON device_messages(device_id, id)",
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _MESSAGE_LOG)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _MESSAGE_LOG)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
