@@ -15,27 +15,38 @@ whose answer was lost strands nothing.
 
 from __future__ import annotations
 
+import random
 import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from cryptography import x509
 from twisted.internet.defer import DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mdmd import metrics, pki
+from mdmd import metrics
 from mdmd.actions import ActionUpdate, ends_enrollment, settle
 from mdmd.actions import plan_session as plan_action_session
 from mdmd.app import Mdmd
-from mdmd.management import NewCommand, Reply, SessionError, is_retransmission, process_message, refusal
+from mdmd.management import (
+    NewCommand,
+    Reply,
+    SessionError,
+    digest,
+    is_retransmission,
+    process_message,
+    refusal,
+)
 from mdmd.profiles import DeviceVars, ProfilePlanner, ProfileSettings
 from mdmd.refusals import CertificateSummary, RefusalLog
-from mdmd.store import LoggedMessage, ManagementContext, MessageLogWrite, SessionConflict
+from mdmd.store import LoggedMessage, ManagementContext, MessageKey, MessageLogWrite, SessionConflict
 from mdmd.syncml import ALERT_GENERIC, SyncMLError, SyncMLMessage, describe_status, parse_message
-from mdmd.tls import peer_certificate
+from mdmd.tls import peer_identity
 from mdmd.web import EndpointResource, HTTPError, HTTPResponse, MdmdRequest, peer_address, request_body
 from mdmd.xmlsafe import XMLInputError
 
@@ -46,10 +57,14 @@ log = Logger(namespace=__name__)
 SYNCML_CONTENT_TYPE = "application/vnd.syncml.dm+xml"
 # Messages above this size are parsed and processed on a worker thread.
 _LARGE_MESSAGE = 64 * 1024
-# A message whose session step lost a race with another worker process is
-# processed again from a fresh read; more conflicts than this in a row mean
-# something is wrong, and the device is told to retry later.
-_CONFLICT_ATTEMPTS = 3
+# A message whose session step lost a race with another worker process (or
+# node) is processed again from a fresh read, after a short pause that grows
+# (to _CONFLICT_PAUSE_MAX) with some jitter, so that two processes serving
+# one device's concurrent sessions stop colliding.  Only a device still
+# losing after _CONFLICT_PATIENCE seconds is told to retry later (503).
+_CONFLICT_PATIENCE = 30.0
+_CONFLICT_PAUSE_FIRST = 0.002
+_CONFLICT_PAUSE_MAX = 0.25
 #: The message log keeps at most this much of each message (the size it
 #: records is the whole message's).
 MESSAGE_LOG_MAX_BYTES = 64 * 1024
@@ -92,10 +107,10 @@ class ManagementResource(EndpointResource):
                 self._locks.pop(key, None)
 
     async def handle_POST(self, request: MdmdRequest) -> HTTPResponse:
-        cert = peer_certificate(request)
-        if cert is None:  # the mTLS context makes this unreachable; belt and braces
+        peer = peer_identity(request)
+        if peer is None:  # the mTLS context makes this unreachable; belt and braces
             raise HTTPError(_plain(403, "client certificate required"), "no client certificate")
-        serial = pki.serial_hex(cert)
+        cert, serial, thumbprint = peer.certificate, peer.serial, peer.thumbprint
         content_type = (request.getHeader(b"Content-Type") or b"").decode("latin-1")
         if content_type.split(";")[0].strip().lower() != SYNCML_CONTENT_TYPE:
             raise HTTPError(
@@ -103,35 +118,61 @@ class ManagementResource(EndpointResource):
                 f"Content-Type {content_type!r} from certificate {serial}",
             )
         body = request_body(request)
-        thumbprint = pki.thumbprint(cert)
         # The lock orders one device's messages within this process; the
         # store's compare-and-swap on the session step orders them across
         # worker processes.
         with self._lock_entry(serial) as lock:
             await lock.acquire()
             try:
-                for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
-                    try:
-                        return await self._handle(request, cert, serial, thumbprint, body)
-                    except SessionConflict:
-                        if attempt == _CONFLICT_ATTEMPTS:
-                            raise HTTPError(
-                                _plain(503, "busy, retry later"),
-                                f"device {request.device_id}: session step conflicted {attempt} times",
-                            ) from None
-                        log.info(
-                            "device {device_id}: session advanced by another process; reading it again",
-                            device_id=request.device_id,
-                        )
-                raise AssertionError("unreachable")
+                return await self._handle_patiently(request, cert, serial, thumbprint, body)
             finally:
                 lock.release()
+
+    async def _handle_patiently(
+        self, request: MdmdRequest, cert: x509.Certificate, serial: str, thumbprint: str, body: bytes
+    ) -> HTTPResponse:
+        clock = cast(IReactorTime, self.app.reactor)
+        deadline = clock.seconds() + _CONFLICT_PATIENCE
+        pause = _CONFLICT_PAUSE_FIRST
+        attempt = 1
+        while True:
+            try:
+                return await self._handle(request, cert, serial, thumbprint, body)
+            except SessionConflict:
+                if clock.seconds() >= deadline:
+                    raise HTTPError(
+                        _plain(503, "busy, retry later"),
+                        f"device {request.device_id}: session step lost to another process "
+                        f"{attempt} times in {_CONFLICT_PATIENCE:.0f} s",
+                    ) from None
+                if attempt == 1:  # one line per message, however many attempts it takes
+                    log.info(
+                        "device {device_id}: session advanced by another process; reading it again",
+                        device_id=request.device_id,
+                    )
+            await deferLater(clock, pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 2, _CONFLICT_PAUSE_MAX)
+            attempt += 1
 
     async def _handle(
         self, request: MdmdRequest, cert: x509.Certificate, serial: str, thumbprint: str, body: bytes
     ) -> HTTPResponse:
         app = self.app
-        ctx = await app.store.management_context(serial)
+        # Parsed before the store is read, so that the one read fetches only
+        # what this message needs (the stored reply of a retransmission, the
+        # profiles at a session start); an unparsable message is judged once
+        # the certificate is.
+        parsed: SyncMLMessage | XMLInputError | SyncMLError
+        try:
+            parsed = await self._off_reactor_if_large(body, parse_message, body)
+        except (XMLInputError, SyncMLError) as e:
+            parsed = e
+        key = None
+        if isinstance(parsed, SyncMLMessage):
+            key = MessageKey(
+                parsed.hdr.session_id, parsed.hdr.msg_id, digest(body), starts_session=_starts_session(parsed)
+            )
+        ctx = await app.store.management_context(serial, message=key)
         problem = self._identity_problem(ctx, thumbprint, app.now())
         if ctx is not None:
             request.device_id = ctx.device.device_id
@@ -140,25 +181,24 @@ class ManagementResource(EndpointResource):
             # summarised the same way); the refusal itself follows below.
             self.refusals.refused(peer_address(request), "request", problem[1], CertificateSummary.of(cert))
         server_url = app.config.management.url
-        try:
-            message = await self._off_reactor_if_large(body, parse_message, body)
-        except (XMLInputError, SyncMLError) as e:
+        if not isinstance(parsed, SyncMLMessage):
+            error = parsed
             if problem is not None:
                 request.note = f"certificate {serial}: {problem[1]}"
                 return _plain(403, "forbidden")
-            hdr = getattr(e, "hdr", None)
-            if isinstance(e, SyncMLError) and hdr is not None:
+            hdr = getattr(error, "hdr", None)
+            if isinstance(error, SyncMLError) and hdr is not None:
                 log.warn(
                     "device {device_id}: message refused with SyncHdr status {status}: {reason}",
                     device_id=request.device_id,
-                    status=e.status,
-                    reason=e.reason,
+                    status=error.status,
+                    reason=error.reason,
                 )
-                return _syncml(refusal(hdr, e.status, server_url=server_url))
+                return _syncml(refusal(hdr, error.status, server_url=server_url))
             raise HTTPError(
-                _plain(400, f"not a SyncML 1.2 message: {e}"), f"unparsable SyncML: {e}"
+                _plain(400, f"not a SyncML 1.2 message: {error}"), f"unparsable SyncML: {error}"
             ) from None
-
+        message = parsed
         if problem is not None:
             request.note = f"refused {problem[0]}: {problem[1]}"
             return _syncml(refusal(message.hdr, problem[0], server_url=server_url))
@@ -226,13 +266,11 @@ class ManagementResource(EndpointResource):
         hdr = message.hdr
         device_id = ctx.device.device_id
         request.session_id, request.msg_id = hdr.session_id, hdr.msg_id
-        if is_retransmission(message, body, ctx.session):
+        if ctx.last_reply is not None and is_retransmission(message, body, ctx.session):
             # The device did not get our reply and sent the same message
             # again: the same answer, and nothing changes.
-            previous = await app.store.last_reply(device_id)
-            if previous is not None:
-                request.note = f"session {hdr.session_id} msg {hdr.msg_id}: retransmission answered again"
-                return _syncml(previous)
+            request.note = f"session {hdr.session_id} msg {hdr.msg_id}: retransmission answered again"
+            return _syncml(ctx.last_reply)
         planner = ProfilePlanner.for_device(
             DeviceVars(device_id, "", ""),
             ctx.profiles,
@@ -246,7 +284,7 @@ class ManagementResource(EndpointResource):
         if _starts_session(message):
             # Desired state first: what the device's profiles need goes out
             # before the administrators' one-shot commands.
-            wanted = await app.store.profile_context(device_id)
+            wanted = ctx.wanted if ctx.wanted is not None else await app.store.profile_context(device_id)
             planner.device = wanted.device
             planned = planner.plan_session(wanted.desired)
             # A rename waiting for its restart asks for the device's name.

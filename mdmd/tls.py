@@ -17,6 +17,7 @@ callback) and reports the refusal to a :class:`~mdmd.refusals.RefusalLog`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -42,14 +43,17 @@ from twisted.python.failure import Failure
 from twisted.web.http import Request
 from zope.interface import implementer
 
+from mdmd import pki
 from mdmd.refusals import CertificateSummary, RefusalLog
 
 __all__ = [
+    "PeerIdentity",
     "ReloadableTLS",
     "TLSServerEndpoint",
     "handshake_refusal_reason",
     "mutual_tls_options",
     "peer_certificate",
+    "peer_identity",
     "server_tls_options",
     "tls_server_factory",
 ]
@@ -94,14 +98,49 @@ def mutual_tls_options(
 
 def peer_certificate(request: Request) -> x509.Certificate | None:
     """The client certificate OpenSSL verified for this connection, if any."""
+    peer = peer_identity(request)
+    return None if peer is None else peer.certificate
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """A connection's verified client certificate with the serial and
+    thumbprint mdmd looks it up by."""
+
+    certificate: x509.Certificate
+    serial: str
+    thumbprint: str
+
+
+def peer_identity(request: Request) -> PeerIdentity | None:
+    """The client certificate OpenSSL verified for this connection, if any,
+    worked out once per connection: a kept-alive connection's later
+    messages reuse it.  The connection cannot change its certificate
+    afterwards (renegotiation is refused: :class:`ReloadableTLS`)."""
     transport = request.channel.transport if request.channel is not None else None
+    known: PeerIdentity | None = getattr(transport, "_mdmd_peer_identity", None)
+    if known is not None:
+        return known
     get = getattr(transport, "getPeerCertificate", None)
     if get is None:
         return None
     cert = get()
     if cert is None:
         return None
-    return cert.to_cryptography()  # type: ignore[no-any-return]
+    certificate = cert.to_cryptography()
+    peer = PeerIdentity(certificate, pki.serial_hex(certificate), pki.thumbprint(certificate))
+    transport._mdmd_peer_identity = peer  # type: ignore[union-attr]
+    return peer
+
+
+def _no_renegotiation(options: CertificateOptions) -> CertificateOptions:
+    # A TLS 1.2 renegotiation could change a connection's client
+    # certificate after a request was judged by the first one; no Windows
+    # client renegotiates (TLS 1.3 has no renegotiation at all).  OpenSSL 3
+    # refuses a client's renegotiation by default; this says so whatever
+    # OpenSSL the wheel was built with.
+    options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+    return options
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -110,11 +149,11 @@ class ReloadableTLS:
     each new connection takes the options current when it arrives."""
 
     def __init__(self, options: CertificateOptions) -> None:
-        self.options = options
+        self.options = _no_renegotiation(options)
 
     def replace(self, options: CertificateOptions) -> None:
-        options.getContext()  # a certificate OpenSSL refuses fails here, not in a handshake
-        self.options = options
+        # A certificate OpenSSL refuses fails here, not in a handshake.
+        self.options = _no_renegotiation(options)
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         return self.options.serverConnectionForTLS(tlsProtocol)

@@ -162,6 +162,34 @@ def test_management_accepts_a_certificate_from_the_identity_ca(daemon: Daemon, t
     assert response.status == 404
 
 
+def test_management_refuses_a_tls_1_2_renegotiation(daemon: Daemon) -> None:
+    # mdmd judges a connection by its client certificate once (and keeps
+    # what it found for the connection's later requests): a renegotiation
+    # that could present another certificate is refused.
+    import struct
+
+    from OpenSSL import SSL
+
+    cert, key = _device_cert(*_identity(daemon), "C5B954E81FBCB94EB79BD08BE625F4EE")
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    ctx.use_certificate(cert)
+    ctx.use_privatekey(key)
+    with socket.create_connection(("127.0.0.1", daemon.port("management"))) as raw:
+        # Blocking (pyOpenSSL wants that), but bounded: a server that never
+        # answers fails the test instead of hanging it.
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 30, 0))
+        conn = SSL.Connection(ctx, raw)
+        conn.set_connect_state()
+        conn.do_handshake()
+        assert conn.get_protocol_version_name() == "TLSv1.2"
+        assert conn.renegotiate()
+        with pytest.raises(SSL.Error, match=r"(?i)renegotiation"):
+            conn.do_handshake()
+            conn.send(b"GET /api/mdm/microsoft/nope HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            conn.recv(4096)
+
+
 TLS_VERSIONS = [
     pytest.param(ssl.TLSVersion.TLSv1_2, id="TLS1.2"),
     pytest.param(ssl.TLSVersion.TLSv1_3, id="TLS1.3"),

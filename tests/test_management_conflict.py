@@ -6,8 +6,9 @@ in the real SQLite store between the endpoint's read and its commit."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mdmd import management_endpoint, pki
@@ -26,7 +29,7 @@ from mdmd.config import ProfilesConfig
 from mdmd.management import ManagementStep, SessionState
 from mdmd.management_endpoint import ManagementResource
 from mdmd.sim.device import ManagementClient, WindowsDevice
-from mdmd.store import ManagementContext, Store
+from mdmd.store import ManagementContext, MessageKey, Store
 from mdmd.store.sqlite import SQLiteStore
 from mdmd.web import MdmdSite, Route, RoutingResource
 from store_helpers import ThreadReactor, enrollment, host, wait
@@ -34,9 +37,24 @@ from store_helpers import ThreadReactor, enrollment, host, wait
 SERVER_URL = "https://mdm.example.com/api/mdm/microsoft/management"
 
 
-class Clock(ThreadReactor):
-    def seconds(self) -> float:
-        return 1000.0
+class Clock(ThreadReactor, task.Clock):
+    """The store's ThreadReactor with a clock the test moves on; the
+    endpoint schedules its pauses from the store's threads."""
+
+    def __init__(self) -> None:
+        task.Clock.__init__(self)
+        self.rightNow = 1000.0
+        self._lock = threading.RLock()
+
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
+    ) -> IDelayedCall:
+        with self._lock:
+            return task.Clock.callLater(self, delay, callable, *args, **kw)
+
+    def advance(self, amount: float) -> None:
+        with self._lock:
+            task.Clock.advance(self, amount)
 
 
 class RacingStore:
@@ -53,10 +71,10 @@ class RacingStore:
         return getattr(self._store, name)
 
     def management_context(
-        self, cert_serial: str, *, queue_limit: int = 100
+        self, cert_serial: str, *, queue_limit: int = 100, message: MessageKey | None = None
     ) -> Deferred[ManagementContext | None]:
         async def read() -> ManagementContext | None:
-            ctx = await self._store.management_context(cert_serial, queue_limit=queue_limit)
+            ctx = await self._store.management_context(cert_serial, queue_limit=queue_limit, message=message)
             self.reads += 1
             if ctx is not None and self.reads <= self.losses:
                 theirs = ctx.session or SessionState("FFFF", 1, 2, 65536)
@@ -117,7 +135,8 @@ def post(store: Store, cert: x509.Certificate, body: bytes, *, message_log: int 
         management=SimpleNamespace(url=SERVER_URL, max_msg_size=65536, message_log=message_log),
         profiles=ProfilesConfig(86400.0, 3),
     )
-    app = Mdmd(config=config, material=None, store=store, reactor=Clock())  # type: ignore[arg-type]
+    clock = Clock()
+    app = Mdmd(config=config, material=None, store=store, reactor=clock)  # type: ignore[arg-type]
     site = MdmdSite(
         RoutingResource([Route("/api/mdm/microsoft/management", ManagementResource(app))]),
         listener="management",
@@ -133,11 +152,13 @@ def post(store: Store, cert: x509.Certificate, body: bytes, *, message_log: int 
         b"Content-Type: application/vnd.syncml.dm+xml\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
-    # The store answers on its own threads: wait, bounded, for the reply.
+    # The store answers on its own threads: wait, bounded, for the reply,
+    # moving the endpoint's clock on (its pauses between attempts) meanwhile.
     deadline = time.monotonic() + 10
     while b"\r\n\r\n" not in transport.value() or not transport.value().endswith((b"</SyncML>", b"\n")):
         assert time.monotonic() < deadline, "no reply"
         time.sleep(0.005)
+        clock.advance(0.05)
     head, _, payload = transport.value().partition(b"\r\n\r\n")
     return int(head.split()[1]), payload
 
@@ -157,12 +178,24 @@ def test_a_message_that_lost_a_race_is_processed_again_from_a_fresh_read(setup: 
     assert ctx.session_seq == 4  # enrollment, two other steps, ours
 
 
+def test_a_message_that_loses_many_races_waits_its_turn(setup: Setup) -> None:
+    # Two worker processes serving one device's concurrent sessions can
+    # collide many times in a row: the loser pauses and tries again, and the
+    # device never sees a 503 for it.
+    racing = RacingStore(setup.store, losses=40)
+    client = ManagementClient(setup.device)
+    status, body = post(racing, setup.cert, client.session_start(SERVER_URL))
+    assert status == 200 and client.read(body).hdr_status == 200
+    assert racing.reads == 41
+
+
 def test_a_message_that_keeps_losing_gets_503_and_stores_nothing_of_its_own(setup: Setup) -> None:
-    racing = RacingStore(setup.store, losses=99)
+    racing = RacingStore(setup.store, losses=10**6)
     client = ManagementClient(setup.device)
     status, body = post(racing, setup.cert, client.session_start(SERVER_URL))
     assert status == 503 and b"retry later" in body
-    assert racing.reads == 3
+    # 30 s of pauses that grow to a quarter of a second.
+    assert 100 < racing.reads < 250
     assert wait(setup.store.last_reply(setup.device.device_id)) == b"the other process"
     device = wait(setup.store.device(setup.device.device_id))
     assert device is not None and device.inventory == {}  # our package 1 inventory was never stored
@@ -195,7 +228,7 @@ def test_each_message_and_its_reply_are_logged_with_the_step(setup: Setup) -> No
 
 
 def test_a_message_that_lost_every_race_is_not_logged(setup: Setup) -> None:
-    racing = RacingStore(setup.store, losses=99)
+    racing = RacingStore(setup.store, losses=10**6)
     status, _ = post(racing, setup.cert, ManagementClient(setup.device).session_start(SERVER_URL))
     assert status == 503
     assert wait(setup.store.device_messages(setup.device.device_id)) == []

@@ -26,7 +26,15 @@ from test_store_contract import LIST_QUERIES
 
 from harness import REPO
 from mdmd.management import LargeObject, ManagementStep
-from mdmd.store import DeviceQuery, HostEnrollment, LoggedMessage, MessageLogWrite, StoreError, sqlite_devices
+from mdmd.store import (
+    DeviceQuery,
+    HostEnrollment,
+    LoggedMessage,
+    MessageKey,
+    MessageLogWrite,
+    StoreError,
+    sqlite_devices,
+)
 from mdmd.store import sqlite as sqlite_module
 from mdmd.store.engine import SQLConnection, TransactionEngine
 from mdmd.store.sqlite import _DEVICE_SELECT, _LIVE_SERIALS_OF_DEVICE_OR_HOST, SQLiteStore, migrate
@@ -581,7 +589,7 @@ def _work_of_device_requests(path: Path, fleet: int) -> tuple[int, list[str]]:
         steps.append(1)
         return 0  # go on
 
-    for conn in (engine._writer, *engine._readers.values()):
+    for conn in (engine._writer, engine._point_reader, *engine._readers.values()):
         assert conn is not None
         conn.set_trace_callback(statements.append)
         conn.set_progress_handler(count, 100)
@@ -596,6 +604,8 @@ def _work_of_device_requests(path: Path, fleet: int) -> tuple[int, list[str]]:
         assert wait(s.queue_command("dev1", "u1", "Get", "<Get/>", now=4.0)) is not None
         context = wait(s.management_context("s1"))
         assert context is not None
+        starts = wait(s.management_context("s1", message=MessageKey("1", 1, "ab" * 32, starts_session=True)))
+        assert starts is not None and starts.wanted is not None
         step = ManagementStep(
             "DEV1",
             session=None,
@@ -692,3 +702,37 @@ def test_schema_version_6_devices_and_commands_carry_over_to_actions(tmp_path: P
     )
     conn.close()
     assert "device_actions_open" in plan
+
+
+def test_a_point_read_runs_on_the_calling_thread_and_a_failed_one_on_the_reader(store: SQLiteStore) -> None:
+    engine = store._engine
+    assert isinstance(engine, TransactionEngine)
+    threads: list[str] = []
+
+    def where(conn: SQLConnection) -> int:
+        threads.append(threading.current_thread().name)
+        return int(conn.execute("SELECT 41 + 1").fetchone()[0])
+
+    assert wait(engine.read_point(where)) == 42
+    assert threads == [threading.current_thread().name]
+
+    # A database the point reader cannot read now (busy, say): the reader
+    # thread does it, and what it finds is the answer.
+    attempts: list[str] = []
+
+    def busy_here(conn: SQLConnection) -> int:
+        attempts.append(threading.current_thread().name)
+        if len(attempts) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return 7
+
+    assert wait(engine.read_point(busy_here)) == 7
+    assert attempts == [threading.current_thread().name, "mdmd-store-read"]
+
+    # A point read that writes is refused like any read, and changes nothing.
+    def sneaky(conn: SQLConnection) -> None:
+        conn.execute("INSERT INTO job_leases (name, holder, until) VALUES ('x', 'y', 1)")
+
+    with pytest.raises(StoreError, match="wrote"):
+        wait(engine.read_point(sneaky))
+    assert wait(engine.read(lambda conn: conn.execute("SELECT count(*) FROM job_leases").fetchone()[0])) == 0

@@ -388,3 +388,25 @@ def test_a_json_log_line_of_a_failure_keeps_the_traceback_on_one_line(
     text = json_line(failure)
     assert text.count("\n") == 1
     assert "RuntimeError: secret internals" in json.loads(text)["traceback"]
+
+
+def test_an_http_1_0_client_that_asks_for_keep_alive_keeps_its_connection(site: MdmdSite) -> None:
+    # ab -k speaks HTTP/1.0 with "Connection: Keep-Alive"; Twisted alone
+    # closes every HTTP/1.0 connection after one answer.
+    channel, transport = connect(site)
+    ask = b"GET /echo/a/x HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"
+    channel.dataReceived(ask)
+    status, headers, body = parse_response(transport.value())
+    assert (status, headers[b"connection"].lower()) == (200, b"keep-alive")
+    assert int(headers[b"content-length"]) == len(body)
+    assert not transport.disconnecting
+    transport.clear()
+    channel.dataReceived(ask.replace(b"/echo/a/x", b"/echo/b/x"))
+    status, _, body = parse_response(transport.value())
+    assert status == 200 and b'"b"' in body
+
+
+def test_an_http_1_0_client_that_does_not_ask_is_answered_and_closed(site: MdmdSite) -> None:
+    status, headers, _, transport = exchange(site, b"GET /echo/a/x HTTP/1.0\r\n\r\n")
+    assert status == 200 and b"connection" not in headers
+    assert transport.disconnecting

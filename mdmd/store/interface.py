@@ -33,6 +33,7 @@ from mdmd.store.records import (
     HostRecord,
     LoggedMessage,
     ManagementContext,
+    MessageKey,
     MessageLogWrite,
     NewAction,
     NewOperation,
@@ -157,8 +158,13 @@ class Store(Protocol):
     # -- OMA-DM sessions --
 
     def management_context(
-        self, cert_serial: str, *, queue_limit: int = 100
-    ) -> Deferred[ManagementContext | None]: ...
+        self, cert_serial: str, *, queue_limit: int = 100, message: MessageKey | None = None
+    ) -> Deferred[ManagementContext | None]:
+        """Everything a SyncML message from the holder of certificate
+        *cert_serial* needs, in one read; with *message*, only what that
+        message needs (a retransmission's stored reply instead of the
+        queue; a session start's profile context too)."""
+        ...
 
     def commit_management_step(
         self,

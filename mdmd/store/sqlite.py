@@ -59,6 +59,7 @@ from mdmd.store.records import (
     HostRecord,
     LoggedMessage,
     ManagementContext,
+    MessageKey,
     MessageLogWrite,
     NewAction,
     NewOperation,
@@ -83,7 +84,7 @@ EXPIRING_WINDOW = 30 * 86400
 R = TypeVar("R")
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _connect(path: str, *, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
     # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
     # a method is exactly one transaction and nothing commits implicitly.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -93,7 +94,9 @@ def _connect(path: str) -> sqlite3.Connection:
     # survives a crash or power loss, not only a process kill.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=5000")
+    # The reactor thread's point reader waits for nothing (0): a busy
+    # database sends its read to the reader thread instead.
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     return conn
 
 
@@ -148,6 +151,43 @@ def _no_writes(conn: sqlite3.Connection) -> Callable[[], None]:
     return check
 
 
+def _last_reply(conn: SQLConnection, device_id: str) -> bytes | None:
+    row = conn.execute(
+        "SELECT reply, base64 FROM syncml_replies WHERE device_id = ?", (device_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    reply = row["reply"]
+    if row["base64"]:  # carried over from a version-1 session row
+        return base64.b64decode(reply)
+    return bytes(reply)
+
+
+def _profile_context(conn: SQLConnection, device_id: str) -> ProfileContext:
+    host = conn.execute(
+        """
+        SELECT d.device_name, h.hostname, h.hardware_serial FROM devices d
+        LEFT JOIN hosts h ON h.id = d.host_id WHERE d.device_id = ?
+        """,
+        (device_id,),
+    ).fetchone()
+    rows = conn.execute(
+        """
+        SELECT name, version, items FROM profiles WHERE deleted_at IS NULL AND name IN (
+            SELECT profile_name FROM profile_assignments WHERE group_name = 'all'
+            UNION
+            SELECT a.profile_name FROM profile_assignments a
+            JOIN group_members m ON m.group_name = a.group_name WHERE m.device_id = ?
+        ) ORDER BY name
+        """,
+        (device_id,),
+    )
+    desired = tuple(Profile(r["name"], r["version"], items_from_json(r["items"])) for r in rows)
+    hostname = (host["hostname"] or host["device_name"] or "") if host else ""
+    serial = (host["hardware_serial"] or "") if host else ""
+    return ProfileContext(DeviceVars(device_id, hostname, serial), desired)
+
+
 class SQLStore:
     """:class:`~mdmd.store.interface.Store` in SQL that SQLite and PostgreSQL
     both run: every method is one transaction, a function of a connection
@@ -181,13 +221,20 @@ class SQLStore:
         write: bool = True,
         bulk: bool = False,
         lane: str | None = None,
+        point: bool = False,
     ) -> Deferred[R]:
         """Run *fn* as one transaction off the reactor; the Deferred fires
         once its effects are committed (a read runs beside the writes, a
-        *bulk* read beside the other reads too, a *lane*'s on its own)."""
+        *bulk* read beside the other reads too, a *lane*'s on its own; a
+        *point* read of a few rows by key may run at once, on the calling
+        thread: :meth:`~mdmd.store.engine.Engine.read_point`)."""
         if self._engine is None:
             return fail(StoreError("store is not open"))
-        return self._engine.write(fn) if write else self._engine.read(fn, bulk=bulk, lane=lane)
+        if write:
+            return self._engine.write(fn)
+        if point:
+            return self._engine.read_point(fn)
+        return self._engine.read(fn, bulk=bulk, lane=lane)
 
     # -- hosts --
 
@@ -545,7 +592,7 @@ class SQLStore:
     # -- OMA-DM management --
 
     def management_context(
-        self, cert_serial: str, *, queue_limit: int = 100
+        self, cert_serial: str, *, queue_limit: int = 100, message: MessageKey | None = None
     ) -> Deferred[ManagementContext | None]:
         def txn(conn: SQLConnection) -> ManagementContext | None:
             cert_row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (cert_serial,)).fetchone()
@@ -556,6 +603,25 @@ class SQLStore:
             session_row = conn.execute(
                 "SELECT state FROM syncml_sessions WHERE device_id = ?", (device_id,)
             ).fetchone()
+            session = None if session_row is None else decode_session(session_row["state"])
+            context = ManagementContext(
+                certificate=_certificate(cert_row),
+                device=_device(device_row),
+                session=session,
+                queue=(),
+                session_seq=device_row["session_seq"],
+            )
+            if (
+                message is not None
+                and session is not None
+                and (session.session_id, session.last_msg_id, session.request_digest)
+                == (message.session_id, message.msg_id, message.request_digest)
+            ):
+                # The same message again (its reply was lost): the same
+                # reply answers it and nothing else is needed.
+                reply = _last_reply(conn, device_id)
+                if reply is not None:
+                    return replace(context, last_reply=reply)
             queue = conn.execute(
                 """
                 SELECT uuid, body FROM commands WHERE device_id = ? AND state IN ('pending', 'sent')
@@ -569,18 +635,18 @@ class SQLStore:
                 f"SELECT * FROM device_actions WHERE device_id = ? AND {_OPEN} ORDER BY created_at",
                 (device_id,),
             )
-            return ManagementContext(
-                certificate=_certificate(cert_row),
-                device=_device(device_row),
-                session=None if session_row is None else decode_session(session_row["state"]),
+            starts = message is not None and message.starts_session
+            return replace(
+                context,
                 queue=tuple(QueuedCommand(r["uuid"], r["body"]) for r in queue),
-                session_seq=device_row["session_seq"],
                 profiles=tuple(_device_profile(r) for r in profiles),
                 profile_links=tuple(_profile_command(r) for r in links),
                 actions=tuple(_action(r) for r in actions),
+                wanted=_profile_context(conn, device_id) if starts else None,
             )
 
-        return self._run(txn, write=False)
+        # A handful of rows by key, on every message: a point read.
+        return self._run(txn, write=False, point=True)
 
     def device_alerts(self, device_id: str) -> Deferred[list[StoredAlert]]:
         def txn(conn: SQLConnection) -> list[StoredAlert]:
@@ -598,18 +664,7 @@ class SQLStore:
         return self._run(txn, write=False)
 
     def last_reply(self, device_id: str) -> Deferred[bytes | None]:
-        def txn(conn: SQLConnection) -> bytes | None:
-            row = conn.execute(
-                "SELECT reply, base64 FROM syncml_replies WHERE device_id = ?", (device_id,)
-            ).fetchone()
-            if row is None:
-                return None
-            reply = row["reply"]
-            if row["base64"]:  # carried over from a version-1 session row
-                return base64.b64decode(reply)
-            return bytes(reply)
-
-        return self._run(txn, write=False)
+        return self._run(lambda conn: _last_reply(conn, device_id), write=False)
 
     def commit_management_step(
         self,
@@ -773,31 +828,7 @@ class SQLStore:
         return self._run(txn, write=False)
 
     def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
-        def txn(conn: SQLConnection) -> ProfileContext:
-            host = conn.execute(
-                """
-                SELECT d.device_name, h.hostname, h.hardware_serial FROM devices d
-                LEFT JOIN hosts h ON h.id = d.host_id WHERE d.device_id = ?
-                """,
-                (device_id,),
-            ).fetchone()
-            rows = conn.execute(
-                """
-                SELECT name, version, items FROM profiles WHERE deleted_at IS NULL AND name IN (
-                    SELECT profile_name FROM profile_assignments WHERE group_name = 'all'
-                    UNION
-                    SELECT a.profile_name FROM profile_assignments a
-                    JOIN group_members m ON m.group_name = a.group_name WHERE m.device_id = ?
-                ) ORDER BY name
-                """,
-                (device_id,),
-            )
-            desired = tuple(Profile(r["name"], r["version"], items_from_json(r["items"])) for r in rows)
-            hostname = (host["hostname"] or host["device_name"] or "") if host else ""
-            serial = (host["hardware_serial"] or "") if host else ""
-            return ProfileContext(DeviceVars(device_id, hostname, serial), desired)
-
-        return self._run(txn, write=False)
+        return self._run(lambda conn: _profile_context(conn, device_id), write=False)
 
     # -- the command queue --
 
@@ -2250,6 +2281,7 @@ class SQLiteStore(SQLStore):
             # The fleet-wide counts (seconds at a million devices) beside
             # the device list's pages, not before them.
             lanes={"counts": _connect(self.path)},
+            point_reader=_connect(self.path, busy_timeout_ms=0),
         )
         return found
 
