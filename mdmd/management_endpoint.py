@@ -44,7 +44,7 @@ from mdmd.management import (
 )
 from mdmd.profiles import DeviceVars, ProfilePlanner, ProfileSettings
 from mdmd.refusals import CertificateSummary, RefusalLog
-from mdmd.store import LoggedMessage, ManagementContext, MessageKey, MessageLogWrite, SessionConflict
+from mdmd.store import LoggedMessage, ManagementContext, MessageLogWrite, SessionConflict
 from mdmd.syncml import ALERT_GENERIC, SyncMLError, SyncMLMessage, describe_status, parse_message
 from mdmd.tls import peer_identity
 from mdmd.web import EndpointResource, HTTPError, HTTPResponse, MdmdRequest, peer_address, request_body
@@ -158,21 +158,7 @@ class ManagementResource(EndpointResource):
         self, request: MdmdRequest, cert: x509.Certificate, serial: str, thumbprint: str, body: bytes
     ) -> HTTPResponse:
         app = self.app
-        # Parsed before the store is read, so that the one read fetches only
-        # what this message needs (the stored reply of a retransmission, the
-        # profiles at a session start); an unparsable message is judged once
-        # the certificate is.
-        parsed: SyncMLMessage | XMLInputError | SyncMLError
-        try:
-            parsed = await self._off_reactor_if_large(body, parse_message, body)
-        except (XMLInputError, SyncMLError) as e:
-            parsed = e
-        key = None
-        if isinstance(parsed, SyncMLMessage):
-            key = MessageKey(
-                parsed.hdr.session_id, parsed.hdr.msg_id, digest(body), starts_session=_starts_session(parsed)
-            )
-        ctx = await app.store.management_context(serial, message=key)
+        ctx = await app.store.management_context(serial, request_digest=digest(body))
         problem = self._identity_problem(ctx, thumbprint, app.now())
         if ctx is not None:
             request.device_id = ctx.device.device_id
@@ -180,25 +166,39 @@ class ManagementResource(EndpointResource):
             # One line with the same fields as a refused handshake (and
             # summarised the same way); the refusal itself follows below.
             self.refusals.refused(peer_address(request), "request", problem[1], CertificateSummary.of(cert))
+        elif (
+            ctx is not None
+            and ctx.last_reply is not None
+            and ctx.session is not None
+            and not (ctx.certificate.renewed_from is not None and ctx.certificate.activated_at is None)
+        ):
+            # The device's last message again, byte for byte (MS-MDM: a
+            # device that got no reply sends it again): the same reply, and
+            # nothing changes.  Those bytes were parsed and checked (SyncHdr
+            # Source included) when they first came, so they are not again.
+            request.session_id, request.msg_id = ctx.session.session_id, ctx.session.last_msg_id
+            request.note = f"session {request.session_id} msg {request.msg_id}: retransmission answered again"
+            return _syncml(ctx.last_reply)
         server_url = app.config.management.url
-        if not isinstance(parsed, SyncMLMessage):
-            error = parsed
+        try:
+            message = await self._off_reactor_if_large(body, parse_message, body)
+        except (XMLInputError, SyncMLError) as e:
             if problem is not None:
                 request.note = f"certificate {serial}: {problem[1]}"
                 return _plain(403, "forbidden")
-            hdr = getattr(error, "hdr", None)
-            if isinstance(error, SyncMLError) and hdr is not None:
+            hdr = getattr(e, "hdr", None)
+            if isinstance(e, SyncMLError) and hdr is not None:
                 log.warn(
                     "device {device_id}: message refused with SyncHdr status {status}: {reason}",
                     device_id=request.device_id,
-                    status=error.status,
-                    reason=error.reason,
+                    status=e.status,
+                    reason=e.reason,
                 )
-                return _syncml(refusal(hdr, error.status, server_url=server_url))
+                return _syncml(refusal(hdr, e.status, server_url=server_url))
             raise HTTPError(
-                _plain(400, f"not a SyncML 1.2 message: {error}"), f"unparsable SyncML: {error}"
+                _plain(400, f"not a SyncML 1.2 message: {e}"), f"unparsable SyncML: {e}"
             ) from None
-        message = parsed
+
         if problem is not None:
             request.note = f"refused {problem[0]}: {problem[1]}"
             return _syncml(refusal(message.hdr, problem[0], server_url=server_url))
@@ -267,8 +267,8 @@ class ManagementResource(EndpointResource):
         device_id = ctx.device.device_id
         request.session_id, request.msg_id = hdr.session_id, hdr.msg_id
         if ctx.last_reply is not None and is_retransmission(message, body, ctx.session):
-            # The device did not get our reply and sent the same message
-            # again: the same answer, and nothing changes.
+            # A retransmission with a renewed certificate's first use (see
+            # _handle): the same answer, and nothing else changes.
             request.note = f"session {hdr.session_id} msg {hdr.msg_id}: retransmission answered again"
             return _syncml(ctx.last_reply)
         planner = ProfilePlanner.for_device(
@@ -284,7 +284,7 @@ class ManagementResource(EndpointResource):
         if _starts_session(message):
             # Desired state first: what the device's profiles need goes out
             # before the administrators' one-shot commands.
-            wanted = ctx.wanted if ctx.wanted is not None else await app.store.profile_context(device_id)
+            wanted = await app.store.profile_context(device_id)
             planner.device = wanted.device
             planned = planner.plan_session(wanted.desired)
             # A rename waiting for its restart asks for the device's name.

@@ -1,7 +1,7 @@
 """Two processes serving one device at once: the management endpoint's
 session step is a compare-and-swap in the store, and a message whose step
-lost the race is processed again from a fresh read, a bounded number of
-times.  The race here is real: another writer advances the device's session
+lost the race is processed again from a fresh read, after a pause, for a
+bounded time.  The race here is real: another writer advances the device's session
 in the real SQLite store between the endpoint's read and its commit."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from mdmd.config import ProfilesConfig
 from mdmd.management import ManagementStep, SessionState
 from mdmd.management_endpoint import ManagementResource
 from mdmd.sim.device import ManagementClient, WindowsDevice
-from mdmd.store import ManagementContext, MessageKey, Store
+from mdmd.store import ManagementContext, Store
 from mdmd.store.sqlite import SQLiteStore
 from mdmd.web import MdmdSite, Route, RoutingResource
 from store_helpers import ThreadReactor, enrollment, host, wait
@@ -71,10 +71,12 @@ class RacingStore:
         return getattr(self._store, name)
 
     def management_context(
-        self, cert_serial: str, *, queue_limit: int = 100, message: MessageKey | None = None
+        self, cert_serial: str, *, queue_limit: int = 100, request_digest: str | None = None
     ) -> Deferred[ManagementContext | None]:
         async def read() -> ManagementContext | None:
-            ctx = await self._store.management_context(cert_serial, queue_limit=queue_limit, message=message)
+            ctx = await self._store.management_context(
+                cert_serial, queue_limit=queue_limit, request_digest=request_digest
+            )
             self.reads += 1
             if ctx is not None and self.reads <= self.losses:
                 theirs = ctx.session or SessionState("FFFF", 1, 2, 65536)

@@ -30,7 +30,6 @@ from mdmd.store import (
     DeviceQuery,
     HostEnrollment,
     LoggedMessage,
-    MessageKey,
     MessageLogWrite,
     StoreError,
     sqlite_devices,
@@ -604,8 +603,8 @@ def _work_of_device_requests(path: Path, fleet: int) -> tuple[int, list[str]]:
         assert wait(s.queue_command("dev1", "u1", "Get", "<Get/>", now=4.0)) is not None
         context = wait(s.management_context("s1"))
         assert context is not None
-        starts = wait(s.management_context("s1", message=MessageKey("1", 1, "ab" * 32, starts_session=True)))
-        assert starts is not None and starts.wanted is not None
+        wait(s.management_context("s1", request_digest="ab" * 32))
+        wait(s.profile_context("DEV1"))
         step = ManagementStep(
             "DEV1",
             session=None,

@@ -33,7 +33,6 @@ from mdmd.store.records import (
     HostRecord,
     LoggedMessage,
     ManagementContext,
-    MessageKey,
     MessageLogWrite,
     NewAction,
     NewOperation,
@@ -158,12 +157,12 @@ class Store(Protocol):
     # -- OMA-DM sessions --
 
     def management_context(
-        self, cert_serial: str, *, queue_limit: int = 100, message: MessageKey | None = None
+        self, cert_serial: str, *, queue_limit: int = 100, request_digest: str | None = None
     ) -> Deferred[ManagementContext | None]:
         """Everything a SyncML message from the holder of certificate
-        *cert_serial* needs, in one read; with *message*, only what that
-        message needs (a retransmission's stored reply instead of the
-        queue; a session start's profile context too)."""
+        *cert_serial* needs, in one read.  A message whose *request_digest*
+        is that of the session's last message is a retransmission: its
+        stored reply is read instead of the queue, profiles and actions."""
         ...
 
     def commit_management_step(

@@ -41,7 +41,6 @@ __all__ = [
     "HostRecord",
     "LoggedMessage",
     "ManagementContext",
-    "MessageKey",
     "MessageLogWrite",
     "NewAction",
     "NewOperation",
@@ -254,24 +253,9 @@ class ManagementContext:
     profile_links: tuple[ProfileCommand, ...] = ()
     actions: tuple[DeviceAction, ...] = ()  # its actions not finished yet
     # The reply to the device's last message, read when the message is that
-    # one again (a retransmission); then the queue, profiles and actions
-    # are not read.
+    # one again, byte for byte (a retransmission); then the queue, profiles
+    # and actions are not read.
     last_reply: bytes | None = None
-    # What planning the device's profiles needs, read for a session start.
-    wanted: ProfileContext | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MessageKey:
-    """Who asks for a management context, as the store needs it to read
-    only what the message needs: its SessionID and MsgID, its body's digest
-    (MS-MDM's retransmissions are byte for byte the same), and whether it
-    starts a session (package 1)."""
-
-    session_id: str
-    msg_id: int
-    request_digest: str
-    starts_session: bool = False
 
 
 @dataclass(frozen=True, slots=True)

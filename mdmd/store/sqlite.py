@@ -59,7 +59,6 @@ from mdmd.store.records import (
     HostRecord,
     LoggedMessage,
     ManagementContext,
-    MessageKey,
     MessageLogWrite,
     NewAction,
     NewOperation,
@@ -592,7 +591,7 @@ class SQLStore:
     # -- OMA-DM management --
 
     def management_context(
-        self, cert_serial: str, *, queue_limit: int = 100, message: MessageKey | None = None
+        self, cert_serial: str, *, queue_limit: int = 100, request_digest: str | None = None
     ) -> Deferred[ManagementContext | None]:
         def txn(conn: SQLConnection) -> ManagementContext | None:
             cert_row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (cert_serial,)).fetchone()
@@ -612,10 +611,9 @@ class SQLStore:
                 session_seq=device_row["session_seq"],
             )
             if (
-                message is not None
+                request_digest is not None
                 and session is not None
-                and (session.session_id, session.last_msg_id, session.request_digest)
-                == (message.session_id, message.msg_id, message.request_digest)
+                and session.request_digest == request_digest
             ):
                 # The same message again (its reply was lost): the same
                 # reply answers it and nothing else is needed.
@@ -635,14 +633,12 @@ class SQLStore:
                 f"SELECT * FROM device_actions WHERE device_id = ? AND {_OPEN} ORDER BY created_at",
                 (device_id,),
             )
-            starts = message is not None and message.starts_session
             return replace(
                 context,
                 queue=tuple(QueuedCommand(r["uuid"], r["body"]) for r in queue),
                 profiles=tuple(_device_profile(r) for r in profiles),
                 profile_links=tuple(_profile_command(r) for r in links),
                 actions=tuple(_action(r) for r in actions),
-                wanted=_profile_context(conn, device_id) if starts else None,
             )
 
         # A handful of rows by key, on every message: a point read.
@@ -828,7 +824,8 @@ class SQLStore:
         return self._run(txn, write=False)
 
     def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
-        return self._run(lambda conn: _profile_context(conn, device_id), write=False)
+        # Read once per session, by key: a point read.
+        return self._run(lambda conn: _profile_context(conn, device_id), write=False, point=True)
 
     # -- the command queue --
 
