@@ -229,18 +229,16 @@ class _ReportingTLSProtocol(TLSMemoryBIOProtocol):
     OpenSSL saw of the client's certificate."""
 
     factory: _ReportingTLSFactory
-    _leaf: x509.Certificate | None = None
+    _leaf: X509 | None = None
     _verify_errno: int | None = None
     _reported = False
 
     def _verify(self, connection: SSL.Connection, cert: X509, errno: int, depth: int, ok: int) -> bool:
         # Called by OpenSSL for each certificate of the client's chain;
-        # depth 0 is the client's own.  Its verdict is kept, not changed.
+        # depth 0 is the client's own.  Its verdict is kept, not changed;
+        # the certificate is read only if the handshake is refused.
         if depth == 0:
-            try:
-                self._leaf = cert.to_cryptography()
-            except ValueError:
-                self._leaf = None
+            self._leaf = cert
         if not ok and self._verify_errno is None:
             self._verify_errno = errno
         return bool(ok)
@@ -254,11 +252,17 @@ class _ReportingTLSProtocol(TLSMemoryBIOProtocol):
         ):
             self._reported = True
             peer = self.transport.getPeer() if self.transport is not None else None
+            leaf: x509.Certificate | None = None
+            if self._leaf is not None:
+                try:
+                    leaf = self._leaf.to_cryptography()
+                except ValueError:
+                    leaf = None
             self.factory.refusals.refused(
                 str(getattr(peer, "host", peer)),
                 "TLS handshake",
                 handshake_refusal_reason(reason.value, self._verify_errno, self._leaf is not None),
-                None if self._leaf is None else CertificateSummary.of(self._leaf),
+                None if leaf is None else CertificateSummary.of(leaf),
             )
         super()._tlsShutdownFinished(reason)
 

@@ -16,7 +16,7 @@ import uuid as uuidlib
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
@@ -148,6 +148,12 @@ def _no_writes(conn: sqlite3.Connection) -> Callable[[], None]:
             raise StoreError("a read-only store method wrote")
 
     return check
+
+
+def _many(conn: SQLConnection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    # Most of a step's lists are empty: skip compiling their statements.
+    if rows:
+        conn.executemany(sql, rows)
 
 
 def _last_reply(conn: SQLConnection, device_id: str) -> bytes | None:
@@ -693,7 +699,8 @@ class SQLStore:
             # The latest alert of each kind, with a count: Windows sends a
             # LoginStatus alert in every session, and a row per session would
             # be the largest table for no information.
-            conn.executemany(
+            _many(
+                conn,
                 """
                 INSERT INTO device_alerts (device_id, code, type, source, format, data, received_at)
                 VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -706,7 +713,8 @@ class SQLStore:
                     for a in step.alerts
                 ],
             )
-            conn.executemany(
+            _many(
+                conn,
                 """
                 INSERT INTO commands (uuid, device_id, verb, body, state, created_at)
                 VALUES (?, ?, ?, ?, 'pending', ?)
@@ -717,7 +725,8 @@ class SQLStore:
                 _apply_profile_step(conn, device_id, profiles)
             # Every update is scoped to this device: a device can never touch
             # another device's commands, whatever it sends.
-            conn.executemany(
+            _many(
+                conn,
                 """
                 UPDATE commands SET state = 'sent', sent_at = ?, session_id = ?, msg_id = ?
                 WHERE uuid = ? AND device_id = ? AND state IN ('pending', 'sent')
@@ -737,11 +746,13 @@ class SQLStore:
             if step.new_session:
                 # Pieces of an object whose session broke off never complete.
                 conn.execute("DELETE FROM large_object_chunks WHERE device_id = ?", (device_id,))
-            conn.executemany(
+            _many(
+                conn,
                 "DELETE FROM large_object_chunks WHERE device_id = ? AND object_key = ?",
                 [(device_id, key) for key in step.dropped],
             )
-            conn.executemany(
+            _many(
+                conn,
                 "INSERT INTO large_object_chunks (device_id, object_key, data) VALUES (?, ?, ?)",
                 [(device_id, key, piece) for key, piece in step.chunks],
             )
@@ -1787,7 +1798,8 @@ def _result(row: SQLRow) -> CommandResult:
 def _insert_results(
     conn: SQLConnection, device_id: str, results: list[tuple[str, CommandResult]], now: float
 ) -> None:
-    conn.executemany(
+    _many(
+        conn,
         """
         INSERT INTO command_results (command_uuid, kind, cmd_id, cmd, status, loc_uri, format,
                                      type, data, received_at)
