@@ -714,14 +714,14 @@ def tls_details(suite: Suite) -> str:
     )
 
 
-def header(suite: Suite, a: argparse.Namespace, title: str) -> None:
+def header(suite: Suite, a: argparse.Namespace, title: str, workers: str = "") -> None:
     print(f"\n{title}")
     print(f"- machine: {machine()}")
     print(f"- software: {versions()}")
     print(f"- TLS: {tls_details(suite)}")
     print(
         f"- {a.rounds} alternating round pairs per scenario (mdmd then nginx), {CONCURRENCY} concurrent "
-        f"clients; medians; ratios per pair, then their median; workers {suite.workers} "
+        f"clients; medians; ratios per pair, then their median; workers {workers or suite.workers} "
         "(mdmd [mdmd] workers, nginx worker_processes)"
     )
 
@@ -778,12 +778,12 @@ def print_tables(suite: Suite, a: argparse.Namespace) -> None:
 
 def print_scaling(suites: Sequence[Suite], a: argparse.Namespace) -> None:
     one, two = suites
-    header(two, a, "mdmd beside nginx: scaling from 1 worker to 2")
+    header(two, a, "mdmd beside nginx: scaling from 1 worker to 2 (req/s at 2 / req/s at 1)", "1, then 2")
     print(
-        "\n| scenario | mdmd req/s w1 | mdmd req/s w2 | mdmd scaling | mdmd CPU ms/req w1 | w2 "
-        "| nginx req/s w1 | nginx req/s w2 | nginx scaling | not 2xx |"
+        "\n| scenario | mdmd req/s w1 | mdmd req/s w2 | mdmd scaling | mdmd CPU ms/req w1 "
+        "| mdmd CPU ms/req w2 | nginx req/s w1 | nginx req/s w2 | nginx scaling | other % w1 / w2 (mdmd rounds) | not 2xx |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def med(suite: Suite, scenario: str, server: str, what: Callable[[Round], float]) -> float | None:
         values = [what(r) for r in suite.rounds if r.scenario == scenario and r.server == server]
@@ -804,6 +804,8 @@ def print_scaling(suites: Sequence[Suite], a: argparse.Namespace) -> None:
                     fmt(med(one, scenario, server, lambda r: r.cpu_ms), ".3f"),
                     fmt(med(two, scenario, server, lambda r: r.cpu_ms), ".3f"),
                 ]
+        others = [med(s, scenario, "mdmd", lambda r: r.other_pct) for s in suites]
+        cells.append(" / ".join(fmt(o, ".0f") for o in others))
         bad = "; ".join(
             f"{r.server} w{r.workers} #{r.pair + 1}: {r.bad}"
             for s in suites
