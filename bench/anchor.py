@@ -781,7 +781,8 @@ def print_scaling(suites: Sequence[Suite], a: argparse.Namespace) -> None:
     header(two, a, "mdmd beside nginx: scaling from 1 worker to 2 (req/s at 2 / req/s at 1)", "1, then 2")
     print(
         "\n| scenario | mdmd req/s w1 | mdmd req/s w2 | mdmd scaling | mdmd CPU ms/req w1 "
-        "| mdmd CPU ms/req w2 | nginx req/s w1 | nginx req/s w2 | nginx scaling | other % w1 / w2 (mdmd rounds) | not 2xx |"
+        "| mdmd CPU ms/req w2 | nginx req/s w1 | nginx req/s w2 | nginx scaling "
+        "| other % w1 / w2 (mdmd rounds) | not 2xx |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
