@@ -51,6 +51,12 @@ and then 2 (mdmd's ``[mdmd] workers``, nginx's ``worker_processes``) and
 prints req/s at 2 / req/s at 1; on a 2-CPU machine the clients share the
 CPUs, so read it beside the "other %" column.
 
+``--floor`` adds two more servers to the new-connection and kept-alive
+rounds, both bench/floor.py with mdmd's own TLS options and certificates:
+``floor-tls`` (Twisted's TLS and pyOpenSSL in front of a bare protocol
+answering the same bytes) and ``floor-web`` (the same in front of mdmd's
+twisted.web Site); what mdmd costs above ``floor-web`` is its own work.
+
 The clients' own CPU per request is printed for every round.  On a new
 connection with a client certificate (RSA 2048) ab spends about 2.5 ms and
 curl about 7 ms (curl 7.88 builds a new OpenSSL context per connection,
@@ -453,13 +459,23 @@ class Suite:
     urls: dict[str, str]
     rounds: list[Round] = field(default_factory=list)
     tls: dict[str, set[str]] = field(default_factory=dict)
+    floors: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def ca(self) -> Path:
         return self.daemon.ca_file
 
     def pid(self, server: str) -> int:
+        if server in self.floors:
+            return self.floors[server].pid
         return self.daemon.proc.pid if server == "mdmd" else self.nginx.proc.pid
+
+    def stop(self) -> None:
+        for proc in self.floors.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+        self.nginx.stop()
+        self.daemon.stop()
 
     def measure(
         self,
@@ -488,7 +504,25 @@ class Suite:
         return r
 
 
-def start_suite(root: Path, workers: int, session_devices: bool) -> Suite:
+def start_floor(workdir: Path, state: Path, layer: str, reply: bytes) -> tuple[subprocess.Popen[bytes], str]:
+    """bench/floor.py serving *layer* with the daemon's certificates."""
+    port = free_loopback_port()
+    body = workdir / "floor-reply.xml"
+    body.write_bytes(reply)
+    args = ["serve", "--state", str(state), "--port", str(port), "--layer", layer, "--reply", str(body)]
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "floor.py"), *args])
+    url = f"https://localhost:{port}{MANAGEMENT_PATH}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, url
+        time.sleep(0.05)
+    proc.kill()
+    sys.exit(f"anchor: bench/floor.py ({layer}) did not start")
+
+
+def start_suite(root: Path, workers: int, session_devices: bool, floor: bool = False) -> Suite:
     workdir = root / f"workers-{workers}"
     workdir.mkdir()
     config = write_config(workdir, {"mdmd": {"workers": str(workers)}})
@@ -518,7 +552,13 @@ def start_suite(root: Path, workers: int, session_devices: bool) -> Suite:
         "mdmd": f"https://localhost:{daemon.port('management')}{MANAGEMENT_PATH}",
         "nginx": f"https://localhost:{nginx_port}{MANAGEMENT_PATH}",
     }
-    return Suite(workers, workdir, daemon, nginx, pem, body, devices, urls)
+    suite = Suite(workers, workdir, daemon, nginx, pem, body, devices, urls)
+    if floor:
+        for layer in ("tls", "web"):
+            proc, url = start_floor(workdir, daemon.state, layer, reply)
+            suite.floors[f"floor-{layer}"] = proc
+            suite.urls[f"floor-{layer}"] = url
+    return suite
 
 
 def _enroll(daemon: Daemon, workdir: Path, name: str) -> tuple[WindowsDevice, EnrollmentResult, object, Path]:
@@ -546,7 +586,10 @@ def run_suite(suite: Suite, scenarios: Sequence[str], a: argparse.Namespace) -> 
                 if stored != r.done:
                     say(f"enroll-chain: {r.done} chains answered 2xx but {stored} devices enrolled")
                 continue
-            for server in ("mdmd", "nginx"):
+            servers = ["mdmd", "nginx"]
+            if scenario != "session-new":
+                servers += list(suite.floors)
+            for server in servers:
                 url = suite.urls[server]
                 if scenario.startswith("mtls-new-") or scenario == "mtls-keepalive-http1.0":
                     keepalive = scenario.startswith("mtls-keepalive")
@@ -736,6 +779,8 @@ def print_tables(suite: Suite, a: argparse.Namespace) -> None:
     for scenario in dict.fromkeys(r.scenario for r in suite.rounds):
         mine = [r for r in suite.rounds if r.scenario == scenario and r.server == "mdmd"]
         theirs = {r.pair: r for r in suite.rounds if r.scenario == scenario and r.server == "nginx"}
+        if not mine:
+            continue
         m_rate = statistics.median(r.rate for r in mine)
         m_cpu = statistics.median(r.cpu_ms for r in mine)
         bad = "; ".join(
@@ -762,6 +807,29 @@ def print_tables(suite: Suite, a: argparse.Namespace) -> None:
             print(
                 f"| {scenario}{unit} | {m_rate:.0f} | {m_cpu:.3f} | - | - | - | - | {bad or '-'} "
                 f"| {checks or '-'} |"
+            )
+    if suite.floors:
+        print(
+            "\nThe floor under mdmd (bench/floor.py with mdmd's TLS options): server CPU ms per request, "
+            "median of the rounds"
+        )
+        names = ["nginx", *suite.floors, "mdmd"]
+        print("\n| scenario | " + " | ".join(names) + " | mdmd above floor-web |")
+        print("|---|" + "---|" * (len(names) + 1))
+        for scenario in dict.fromkeys(r.scenario for r in suite.rounds):
+            cpu = {
+                name: statistics.median(
+                    [r.cpu_ms for r in suite.rounds if r.scenario == scenario and r.server == name]
+                    or [math.nan]
+                )
+                for name in names
+            }
+            if math.isnan(cpu["floor-web"]):
+                continue
+            print(
+                f"| {scenario} | "
+                + " | ".join(f"{cpu[n]:.3f}" for n in names)
+                + f" | {cpu['mdmd'] - cpu['floor-web']:.3f} |"
             )
     print(
         "\nEvery round (client: CPU of ab/curl per request; conns/req: new connections per request as the "
@@ -838,6 +906,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "bench/anchor") -> int:
     )
     p.add_argument("--only", action="append", choices=SCENARIOS, help="run only these scenarios (repeatable)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, stores)")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure bench/floor.py (mdmd's TLS options before a bare protocol and before twisted.web)",
+    )
     a = p.parse_args(argv)
     need("nginx", "ab", "curl")
     if a.scaling:
@@ -851,7 +924,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "bench/anchor") -> int:
     suites: list[Suite] = []
     try:
         for workers in worker_counts:
-            suite = start_suite(root, workers, "session-new" in scenarios)
+            suite = start_suite(root, workers, "session-new" in scenarios, a.floor)
             suites.append(suite)
             try:
                 for server in ("mdmd", "nginx"):
@@ -861,8 +934,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "bench/anchor") -> int:
                         )
                 run_suite(suite, scenarios, a)
             finally:
-                suite.nginx.stop()
-                suite.daemon.stop()
+                suite.stop()
             print_tables(suite, a)
             sys.stdout.flush()
         if a.scaling:
