@@ -568,17 +568,20 @@ _PLACEHOLDER = re.compile(("\ue000([a-z_]+)\ue000").encode())
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 # The escapes libxml2 writes (xmlEscapeContent, xmlAttrSerializeTxtContent),
 # so that a filled template is the very bytes lxml would have written.
-_TEXT_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"})
-_ATTRIBUTE_ESCAPES = str.maketrans(
-    {
-        "&": "&amp;",
-        "<": "&lt;",
-        ">": "&gt;",
-        '"': "&quot;",
-        "\r": "&#13;",
-        "\n": "&#10;",
-        "\t": "&#9;",
-    }
+_TEXT_ESCAPES = ("&<>\r", str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"}))
+_ATTRIBUTE_ESCAPES = (
+    '&<>"\r\n\t',
+    str.maketrans(
+        {
+            "&": "&amp;",
+            "<": "&lt;",
+            ">": "&gt;",
+            '"': "&quot;",
+            "\r": "&#13;",
+            "\n": "&#10;",
+            "\t": "&#9;",
+        }
+    ),
 )
 
 
@@ -612,10 +615,14 @@ class _Filled:
         out = [pieces[0]]
         for n, (name, in_attribute) in enumerate(self._fields, 1):
             value = values[name]
-            if _NOT_XML.search(value):
+            # Printable ASCII (a base64 document, a time, a UUID) is legal
+            # XML: the regular expression is for the rest.
+            if not (value.isascii() and value.isprintable()) and _NOT_XML.search(value):
                 raise ValueError(f"{name}: not a legal XML character")
-            escaped = value.translate(_ATTRIBUTE_ESCAPES if in_attribute else _TEXT_ESCAPES)
-            out.append(escaped.encode("utf-8"))
+            specials, table = _ATTRIBUTE_ESCAPES if in_attribute else _TEXT_ESCAPES
+            if any(special in value for special in specials):
+                value = value.translate(table)
+            out.append(value.encode("utf-8"))
             out.append(pieces[n])
         return b"".join(out)
 
