@@ -51,6 +51,7 @@ from mdmd.store.records import (
     DeviceProfileEntry,
     DeviceQuery,
     DeviceRecord,
+    EnrollingHost,
     EnrollmentOutcome,
     FleetCounts,
     GroupChange,
@@ -242,6 +243,25 @@ class SQLStore:
             return None if row is None else _host(row)
 
         return self._run(txn, write=seen_at is not None)
+
+    def enrolling_host(self, node_key_hash: bytes, device_id: str) -> Deferred[EnrollingHost]:
+        def txn(conn: SQLConnection) -> EnrollingHost:
+            row = conn.execute(_HOST_SELECT + " WHERE h.node_key_hash = ?", (node_key_hash,)).fetchone()
+            # The device :meth:`device` would find (same order), its state
+            # and host alone: not its certificate and actions.
+            device = conn.execute(
+                "SELECT host_id, state FROM devices WHERE device_id = ? COLLATE NOCASE"
+                " ORDER BY device_id = ? DESC, state = 'enrolled' DESC, enrolled_at DESC LIMIT 1",
+                (device_id, device_id),
+            ).fetchone()
+            enrolled = device is not None and device["state"] == "enrolled"
+            return EnrollingHost(
+                host=None if row is None else _host(row),
+                device_enrolled=enrolled,
+                device_host_id=device["host_id"] if enrolled and device is not None else None,
+            )
+
+        return self._run(txn, write=False)
 
     def request_unenrollment(self, device_id: str, *, audit: AuditEntry | None = None) -> Deferred[bool]:
         """Ask the agent of this device's host to unenroll it from MDM."""
