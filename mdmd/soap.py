@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -72,6 +72,7 @@ __all__ = [
     "SoapRequest",
     "SoapTemplate",
     "UsernameToken",
+    "XMLTemplate",
     "build_soap_fault",
     "build_soap_response",
     "child_elements",
@@ -593,8 +594,11 @@ def placeholder(name: str) -> str:
     return f"{_MARK}{name}{_MARK}"
 
 
-class _Filled:
-    """Serialized bytes cut at their placeholders."""
+class XMLTemplate:
+    """Serialized XML cut at its :func:`placeholder` marks; :meth:`fill`
+    joins values in, escaped as libxml2 escapes text and attribute values,
+    so that the result is the bytes lxml would have written for a tree with
+    those values."""
 
     __slots__ = ("_fields", "_pieces")
 
@@ -611,7 +615,7 @@ class _Filled:
         if _MARK.encode() in b"".join(self._pieces):
             raise ValueError("a placeholder mark is left in the template")
 
-    def fill(self, values: dict[str, str]) -> bytes:
+    def fill(self, values: Mapping[str, str]) -> bytes:
         pieces = self._pieces
         out = [pieces[0]]
         for n, (name, in_attribute) in enumerate(self._fields, 1):
@@ -626,8 +630,10 @@ class _Filled:
             if illegal:
                 raise ValueError(f"{name}: not a legal XML character")
             specials, table = _ATTRIBUTE_ESCAPES if in_attribute else _TEXT_ESCAPES
-            if any(special in value for special in specials):
-                value = value.translate(table)
+            for special in specials:
+                if special in value:
+                    value = value.translate(table)
+                    break
             out.append(value.encode("utf-8"))
             out.append(pieces[n])
         return b"".join(out)
@@ -648,12 +654,12 @@ class SoapTemplate:
         self, action: str, body: etree._Element, *, extra_header: Sequence[etree._Element] = ()
     ) -> None:
         activity = placeholder("activity_id")
-        self._with_relates_to = _Filled(
+        self._with_relates_to = XMLTemplate(
             build_soap_response(
                 action, placeholder("relates_to"), body, activity_id=activity, extra_header=extra_header
             )
         )
-        self._without_relates_to = _Filled(
+        self._without_relates_to = XMLTemplate(
             build_soap_response(action, None, body, activity_id=activity, extra_header=extra_header)
         )
 
