@@ -305,10 +305,12 @@ class SQLStore:
             # opening sessions.
             old = conn.execute(_LIVE_SERIALS_OF_DEVICE_OR_HOST, (e.device_id, e.host_id)).fetchall()
             revoked = tuple(r["serial"] for r in old)
-            conn.executemany(
-                "UPDATE certificates SET revoked_at = ?, revoke_reason = 'superseded' WHERE serial = ?",
-                [(now, s) for s in revoked],
-            )
+            # Most enrollments are a device's first: no statement for no rows.
+            if revoked:
+                conn.executemany(
+                    "UPDATE certificates SET revoked_at = ?, revoke_reason = 'superseded' WHERE serial = ?",
+                    [(now, s) for s in revoked],
+                )
             replaced = tuple(
                 r["device_id"]
                 for r in conn.execute(
@@ -317,10 +319,11 @@ class SQLStore:
                     (e.host_id, e.device_id),
                 )
             )
-            conn.executemany(
-                "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
-                [(now, d) for d in replaced],
-            )
+            if replaced:
+                conn.executemany(
+                    "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
+                    [(now, d) for d in replaced],
+                )
             # Clones made without sysprep share HWDevID: never merge
             # them, flag both so an administrator can see it.
             collisions: tuple[str, ...] = ()
@@ -333,15 +336,20 @@ class SQLStore:
                         (e.hw_dev_id, e.device_id),
                     )
                 )
-                conn.executemany(
-                    "UPDATE devices SET hw_dev_id_collision = 1 WHERE device_id = ?",
-                    [(d,) for d in collisions],
-                )
+                if collisions:
+                    conn.executemany(
+                        "UPDATE devices SET hw_dev_id_collision = 1 WHERE device_id = ?",
+                        [(d,) for d in collisions],
+                    )
+            # A fresh enrollment starts a fresh OMA-DM account on the device
+            # (and a session step read before it must not commit after it):
+            # session_seq moves on here, the session's rows go below.
             conn.execute(
                 """
                 INSERT INTO devices (device_id, host_id, hw_dev_id, enrollment_type, device_name,
-                                     os_version, context, state, hw_dev_id_collision, enrolled_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, 'enrolled', ?, ?)
+                                     os_version, context, state, hw_dev_id_collision, enrolled_at,
+                                     session_seq)
+                VALUES (?, ?, ?, ?, ?, ?, ?, 'enrolled', ?, ?, 1)
                 ON CONFLICT (device_id) DO UPDATE SET
                     host_id = excluded.host_id,
                     hw_dev_id = excluded.hw_dev_id,
@@ -353,7 +361,8 @@ class SQLStore:
                     hw_dev_id_collision = excluded.hw_dev_id_collision,
                     enrolled_at = excluded.enrolled_at,
                     unenrolled_at = NULL,
-                    lifecycle = CASE WHEN devices.lifecycle = 'wiped' THEN NULL ELSE devices.lifecycle END
+                    lifecycle = CASE WHEN devices.lifecycle = 'wiped' THEN NULL ELSE devices.lifecycle END,
+                    session_seq = devices.session_seq + 1
                 """,
                 (
                     e.device_id,
@@ -374,12 +383,7 @@ class SQLStore:
                 """,
                 (e.cert_serial, e.device_id, e.cert_thumbprint, e.cert_not_before, e.cert_not_after, now),
             )
-            # A fresh enrollment starts a fresh OMA-DM account on the device
-            # (and a session step read before it must not commit after it).
             _end_session(conn, e.device_id)
-            conn.execute(
-                "UPDATE devices SET session_seq = session_seq + 1 WHERE device_id = ?", (e.device_id,)
-            )
             return EnrollmentOutcome(revoked, replaced, collisions)
 
         return self._run(txn)
