@@ -25,6 +25,7 @@ STS ever be added.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -40,7 +41,7 @@ from mdmd.soap import (
     FaultCode,
     SoapFault,
     SoapRequest,
-    build_soap_response,
+    SoapTemplate,
     child_elements,
     clip,
     default_nsmap,
@@ -241,6 +242,13 @@ def build_discover_response(resp: DiscoverResponse, relates_to: str | None, *, a
 
     Children in the order of Microsoft's samples (the XSD uses ``xsd:all``).
     """
+    return _discover_template(resp).render(relates_to, activity_id=activity_id)
+
+
+# A server answers few distinct responses (its URLs, an AuthPolicy, the
+# versions clients ask for); the bound keeps odd versions from growing it.
+@functools.lru_cache(maxsize=32)
+def _discover_template(resp: DiscoverResponse) -> SoapTemplate:
     response = etree.Element(f"{{{DISCOVERY}}}DiscoverResponse", nsmap=default_nsmap(DISCOVERY))
     result = etree.SubElement(response, f"{{{DISCOVERY}}}DiscoverResult")
 
@@ -253,4 +261,4 @@ def build_discover_response(resp: DiscoverResponse, relates_to: str | None, *, a
     add("EnrollmentServiceUrl", resp.enrollment_service_url)
     if resp.authentication_service_url is not None:
         add("AuthenticationServiceUrl", resp.authentication_service_url)
-    return build_soap_response(ACTION_DISCOVER_RESPONSE, relates_to, response, activity_id=activity_id)
+    return SoapTemplate(ACTION_DISCOVER_RESPONSE, response)

@@ -146,6 +146,13 @@ class SoapResource(EndpointResource):
 
     async def authenticate(self, soap: SoapRequest) -> HostRecord:
         """The orbit host whose node key is in the DeviceEnrollmentUserToken."""
+        # A read: the agent's config poll records last-seen, and a durable
+        # write here would cost an fsync per MS-MDE2 request.
+        return self._check_host(await self.app.store.host_by_node_key(self._node_key_hash(soap)))
+
+    @staticmethod
+    def _node_key_hash(soap: SoapRequest) -> bytes:
+        """The hash of the orbit node key the DeviceEnrollmentUserToken carries."""
         tokens = [
             t
             for t in soap.security
@@ -170,9 +177,10 @@ class SoapResource(EndpointResource):
             node_key = parse_enrollment_token(tokens[0].value)
         except EnrollmentTokenError as e:
             raise SoapFault(FaultCode.AUTHENTICATION, f"DeviceEnrollmentUserToken rejected: {e}") from None
-        # A read: the agent's config poll records last-seen, and a durable
-        # write here would cost an fsync per MS-MDE2 request.
-        host = await self.app.store.host_by_node_key(hash_node_key(node_key))
+        return hash_node_key(node_key)
+
+    @staticmethod
+    def _check_host(host: HostRecord | None) -> HostRecord:
         if host is None:
             raise SoapFault(
                 FaultCode.AUTHENTICATION,
@@ -222,11 +230,11 @@ class DiscoveryResource(SoapResource):
         response = negotiate_discover(
             discover, policy_url=base + POLICY_PATH, enrollment_url=base + ENROLLMENT_PATH
         )
-        log.info(
-            "discovery: RequestVersion {requested}, answered {answered} with {auth}",
-            requested=str(discover.request_version),
-            answered=response.enrollment_version,
-            auth=response.auth_policy,
+        # On the request's own log line: a line of its own would cost as much
+        # as building the answer.
+        request.note = (
+            f"RequestVersion {discover.request_version}, answered {response.enrollment_version} "
+            f"with {response.auth_policy}"
         )
         return build_discover_response(response, soap.message_id, activity_id=activity_id)
 
@@ -240,7 +248,7 @@ class PolicyResource(SoapResource):
         parse_get_policies(soap)
         self._check_enrollment_open()
         host = await self.authenticate(soap)
-        log.info("policy: certificate policy sent to host {host_id}", host_id=host.id)
+        request.note = f"certificate policy sent to host {host.id}"
         return build_get_policies_response(
             certificate_policy(self.app), soap.message_id, activity_id=activity_id
         )
@@ -262,11 +270,19 @@ class EnrollmentResource(SoapResource):
                 "certificate being renewed (the provisioned CertificateStore/My/WSTEP/Renew/ServerURL)"
             )
         self._check_enrollment_open()
-        host = await self.authenticate(soap)
-        device_id, enrollment_type = self._device(rst)
+        node_key_hash = self._node_key_hash(soap)
+        try:
+            device_id, enrollment_type = self._device(rst)
+        except SoapFault:
+            # An unauthenticated caller hears about its token first.
+            self._check_host(await self.app.store.host_by_node_key(node_key_hash))
+            raise
+        # The host and the device's owner in one read.
+        looked_up = await self.app.store.enrolling_host(node_key_hash, device_id)
+        host = self._check_host(looked_up.host)
         request.device_id = device_id
-        existing = await self.app.store.device(device_id)
-        if existing is not None and existing.state == "enrolled" and existing.host_id != host.id:
+        # Refused before a certificate is signed; the write checks again.
+        if looked_up.device_enrolled and looked_up.device_host_id != host.id:
             raise _conflict(device_id, host.id)
         try:
             csr = pki.load_certification_request(rst.csr_der)

@@ -14,6 +14,7 @@ CSR.  Listing it would advertise something that has no effect.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from lxml import etree
@@ -26,7 +27,7 @@ from mdmd.soap import (
     FaultCode,
     SoapFault,
     SoapRequest,
-    build_soap_response,
+    SoapTemplate,
     child_elements,
     clip,
     default_nsmap,
@@ -203,8 +204,15 @@ def build_get_policies_response(
 
     Sequence ``response``, ``cAs`` (nil: MDE2 has no CA list), ``oIDs`` (the
     SHA-256 OID, referenced by both ``policyOIDReference`` and
-    ``hashAlgorithmOIDReference`` as in Microsoft's samples).
+    ``hashAlgorithmOIDReference`` as in Microsoft's samples).  The same for
+    every device: built once per policy, then only the ActivityId and
+    RelatesTo change.
     """
+    return _get_policies_template(policy).render(relates_to, activity_id=activity_id)
+
+
+@functools.lru_cache(maxsize=8)
+def _get_policies_template(policy: CertificatePolicy) -> SoapTemplate:
     add, nil = _add, _nil
     root = etree.Element(f"{{{XCEP}}}GetPoliciesResponse", nsmap=default_nsmap(XCEP))
 
@@ -228,4 +236,4 @@ def build_get_policies_response(
     add(oid, "oIDReferenceID", str(_OID_REFERENCE_ID))
     add(oid, "defaultName", _HASH_OID_NAME)
 
-    return build_soap_response(ACTION_GET_POLICIES_RESPONSE, relates_to, root, activity_id=activity_id)
+    return SoapTemplate(ACTION_GET_POLICIES_RESPONSE, root)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from urllib.parse import quote
 from lxml import etree
 
 from mdmd.poll import PollSchedule
+from mdmd.soap import XMLTemplate, placeholder
 
 __all__ = [
     "DEFAULT_ENCODING",
@@ -260,20 +262,78 @@ def build_renewal_provisioning_doc(device_cert_der: bytes, enrollment_type: Enro
     return etree.tostring(doc, encoding="utf-8", xml_declaration=False)
 
 
+@dataclass(frozen=True)
+class _Static:
+    """What a provisioning document takes from the server's configuration:
+    the same for every device, so the document is built once for it."""
+
+    ca_certs_der: tuple[bytes, ...]
+    enrollment_type: str
+    management_url: str
+    provider_id: str
+    provider_name: str
+    renewal: RenewalSettings | None
+    poll: PollSchedule
+    role: int | None
+    conn_retry_freq: int
+    initial_backoff_ms: int
+    max_backoff_ms: int
+    with_device_name: bool
+
+    @classmethod
+    def of(cls, params: ProvisioningDocParams) -> _Static:
+        return cls(
+            ca_certs_der=tuple(params.ca_certs_der),
+            enrollment_type=params.enrollment_type,
+            management_url=params.management_url,
+            provider_id=params.provider_id,
+            provider_name=params.provider_name,
+            renewal=params.renewal,
+            poll=params.poll,
+            role=params.role,
+            conn_retry_freq=params.conn_retry_freq,
+            initial_backoff_ms=params.initial_backoff_ms,
+            max_backoff_ms=params.max_backoff_ms,
+            with_device_name=bool(params.ent_device_name),
+        )
+
+
 def build_provisioning_doc(params: ProvisioningDocParams) -> bytes:
     """Build the UTF-8 ``wap-provisioningdoc`` (MS-MDE2 2.2.9.1 to 2.2.9.5).
 
     No XML declaration (optional; UTF-8 is the default), no pretty printing.
-    Attribute values are escaped by lxml (``&`` becomes ``&amp;``).
+    Attribute values are escaped as lxml escapes them (``&`` becomes
+    ``&amp;``): the document is built by lxml once per configuration, with
+    placeholders where each device's values go.
     """
     params.poll.validate()
+    device_der = params.device_cert_der
+    values = {
+        "device_thumbprint": cert_thumbprint(device_der),
+        # MS-MDE2 2.2.9.4: base64 "cannot include extra formatting
+        # characters such as embedded linefeeds".
+        "device_certificate": base64.b64encode(device_der).decode("ascii"),
+        "search_criteria": _search_criteria(params.device_id, _my_store_name(params.enrollment_type)),
+        "ent_dmid": params.ent_dmid,
+        "client_secret": params.client_secret,
+        "server_name": params.server_name,
+        "server_secret": params.server_secret,
+        "nonce": params.nonce,
+    }
+    if params.ent_device_name:
+        values["ent_device_name"] = params.ent_device_name
+    return _template(_Static.of(params)).fill(values)
+
+
+@functools.lru_cache(maxsize=8)
+def _template(static: _Static) -> XMLTemplate:
     doc = etree.Element("wap-provisioningdoc", {"version": "1.1"})
 
     # Root CA into the machine root store; an intermediate (if any) into the
     # machine intermediate store.  Learn puts enrollment intermediates in
     # My/User, which is the wrong store for a CA and unused by mdmd's
     # root-signed device certificates.
-    root_der, *intermediates = params.ca_certs_der
+    root_der, *intermediates = static.ca_certs_der
     _certificate(_store_path(doc, "Root", "System"), root_der)
     if intermediates:
         ca_store = _store_path(doc, "CA", "System")
@@ -284,41 +344,43 @@ def build_provisioning_doc(params: ProvisioningDocParams) -> bytes:
     # a Device enrollment.  PrivateKeyContainer is required; Microsoft's
     # enrollment sample makes it a sibling of the thumbprint node (its renewal
     # sample nests it inside; docs/windows-clients.md).
-    my_store_name = _my_store_name(params.enrollment_type)
     my = _store_path(doc, "My")
-    my_store = _characteristic(my, my_store_name)
-    _certificate(my_store, params.device_cert_der)
+    my_store = _characteristic(my, _my_store_name(static.enrollment_type))
+    device = _characteristic(my_store, placeholder("device_thumbprint"))
+    _parm(device, "EncodedCertificate", placeholder("device_certificate"))
     _characteristic(my_store, "PrivateKeyContainer")
-    if params.renewal is not None:
-        _renewal(my, params.renewal)
+    if static.renewal is not None:
+        _renewal(my, static.renewal)
 
     application = _characteristic(doc, "APPLICATION")
     _parm(application, "APPID", "w7")
-    _parm(application, "PROVIDER-ID", params.provider_id)
-    _parm(application, "NAME", params.provider_name)
-    _parm(application, "ADDR", params.management_url)
-    _parm(application, "CONNRETRYFREQ", str(params.conn_retry_freq))
-    _parm(application, "INITIALBACKOFFTIME", str(params.initial_backoff_ms))
-    _parm(application, "MAXBACKOFFTIME", str(params.max_backoff_ms))
+    _parm(application, "PROVIDER-ID", static.provider_id)
+    _parm(application, "NAME", static.provider_name)
+    _parm(application, "ADDR", static.management_url)
+    _parm(application, "CONNRETRYFREQ", str(static.conn_retry_freq))
+    _parm(application, "INITIALBACKOFFTIME", str(static.initial_backoff_ms))
+    _parm(application, "MAXBACKOFFTIME", str(static.max_backoff_ms))
     # Presence alone disables retrying with an older protocol version.
     _parm(application, "BACKCOMPATRETRYDISABLED")
     _parm(application, "DEFAULTENCODING", DEFAULT_ENCODING)
-    _parm(
-        application,
-        "SSLCLIENTCERTSEARCHCRITERIA",
-        _search_criteria(params.device_id, my_store_name),
-    )
-    if params.role is not None:
-        _parm(application, "ROLE", str(params.role))
+    _parm(application, "SSLCLIENTCERTSEARCHCRITERIA", placeholder("search_criteria"))
+    if static.role is not None:
+        _parm(application, "ROLE", str(static.role))
     # "Both APPSRV and CLIENT credentials MUST be provided" (MS-MDE2 2.2.9.5).
-    _appauth(application, "CLIENT", params.client_secret, params.nonce)
-    _appauth(application, "APPSRV", params.server_secret, params.nonce, name=params.server_name)
+    _appauth(application, "CLIENT", placeholder("client_secret"), placeholder("nonce"))
+    _appauth(
+        application,
+        "APPSRV",
+        placeholder("server_secret"),
+        placeholder("nonce"),
+        name=placeholder("server_name"),
+    )
 
     dmclient = _characteristic(doc, "DMClient")
-    provider = _characteristic(_characteristic(dmclient, "Provider"), params.provider_id)
-    _parm(provider, "EntDMID", params.ent_dmid, "string")
-    if params.ent_device_name:
-        _parm(provider, "EntDeviceName", params.ent_device_name, "string")
-    _poll(provider, params.poll)
+    provider = _characteristic(_characteristic(dmclient, "Provider"), static.provider_id)
+    _parm(provider, "EntDMID", placeholder("ent_dmid"), "string")
+    if static.with_device_name:
+        _parm(provider, "EntDeviceName", placeholder("ent_device_name"), "string")
+    _poll(provider, static.poll)
 
-    return etree.tostring(doc, encoding="utf-8", xml_declaration=False)
+    return XMLTemplate(etree.tostring(doc, encoding="utf-8", xml_declaration=False))

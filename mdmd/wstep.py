@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,7 +45,7 @@ from mdmd.soap import (
     FaultCode,
     SoapFault,
     SoapRequest,
-    build_soap_response,
+    SoapTemplate,
     child_elements,
     clip,
     default_nsmap,
@@ -52,6 +53,7 @@ from mdmd.soap import (
     local_name,
     namespace_of,
     parse_binary_security_token,
+    placeholder,
     require_action,
     text_of,
 )
@@ -244,16 +246,30 @@ def _timestamp(moment: datetime) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
 
 
-def _security_header(now: datetime) -> etree._Element:
-    created = now.astimezone(UTC)
-    expires = created + TIMESTAMP_LIFETIME
+def _security_header() -> etree._Element:
     security = etree.Element(f"{{{WSSE}}}Security", nsmap={"o": WSSE, "u": WSU})
     security.set(f"{{{SOAP12}}}mustUnderstand", "1")
     stamp = etree.SubElement(security, f"{{{WSU}}}Timestamp")
     stamp.set(f"{{{WSU}}}Id", "_0")
-    etree.SubElement(stamp, f"{{{WSU}}}Created").text = _timestamp(created)
-    etree.SubElement(stamp, f"{{{WSU}}}Expires").text = _timestamp(expires)
+    etree.SubElement(stamp, f"{{{WSU}}}Created").text = placeholder("created")
+    etree.SubElement(stamp, f"{{{WSU}}}Expires").text = placeholder("expires")
     return security
+
+
+@functools.cache
+def _rstrc_template() -> SoapTemplate:
+    collection = etree.Element(f"{{{WST}}}RequestSecurityTokenResponseCollection", nsmap=default_nsmap(WST))
+    response = etree.SubElement(collection, f"{{{WST}}}RequestSecurityTokenResponse")
+    etree.SubElement(response, f"{{{WST}}}TokenType").text = TOKEN_TYPE_DEVICE_ENROLLMENT
+    etree.SubElement(response, f"{{{WSTEP}}}DispositionMessage", nsmap=default_nsmap(WSTEP))
+    requested = etree.SubElement(response, f"{{{WST}}}RequestedSecurityToken")
+    token = etree.SubElement(requested, f"{{{WSSE}}}BinarySecurityToken", nsmap=default_nsmap(WSSE))
+    token.set("ValueType", VALUE_TYPE_PROVISION_DOC)
+    token.set("EncodingType", ENCODING_TYPE_BASE64)
+    token.text = placeholder("provisioning_doc")
+    request_id = etree.SubElement(response, f"{{{WSTEP}}}RequestID", nsmap=default_nsmap(WSTEP))
+    request_id.text = "0"
+    return SoapTemplate(ACTION_RSTRC_WSTEP, collection, extra_header=(_security_header(),))
 
 
 def build_request_security_token_response(
@@ -272,23 +288,11 @@ def build_request_security_token_response(
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
-
-    collection = etree.Element(f"{{{WST}}}RequestSecurityTokenResponseCollection", nsmap=default_nsmap(WST))
-    response = etree.SubElement(collection, f"{{{WST}}}RequestSecurityTokenResponse")
-    etree.SubElement(response, f"{{{WST}}}TokenType").text = TOKEN_TYPE_DEVICE_ENROLLMENT
-    etree.SubElement(response, f"{{{WSTEP}}}DispositionMessage", nsmap=default_nsmap(WSTEP))
-    requested = etree.SubElement(response, f"{{{WST}}}RequestedSecurityToken")
-    token = etree.SubElement(requested, f"{{{WSSE}}}BinarySecurityToken", nsmap=default_nsmap(WSSE))
-    token.set("ValueType", VALUE_TYPE_PROVISION_DOC)
-    token.set("EncodingType", ENCODING_TYPE_BASE64)
-    token.text = base64.b64encode(provisioning_doc).decode("ascii")
-    request_id = etree.SubElement(response, f"{{{WSTEP}}}RequestID", nsmap=default_nsmap(WSTEP))
-    request_id.text = "0"
-
-    return build_soap_response(
-        ACTION_RSTRC_WSTEP,
+    created = now.astimezone(UTC)
+    return _rstrc_template().render(
         relates_to,
-        collection,
         activity_id=activity_id,
-        extra_header=(_security_header(now),),
+        created=_timestamp(created),
+        expires=_timestamp(created + TIMESTAMP_LIFETIME),
+        provisioning_doc=base64.b64encode(provisioning_doc).decode("ascii"),
     )

@@ -325,6 +325,29 @@ def test_search_criteria_escapes_subject(params: ProvisioningDocParams) -> None:
     assert criteria == "Subject=CN%3Ddev%20id%2F1%2Cx&Stores=My%5CUser"
 
 
+@pytest.mark.parametrize(
+    "name", ['Kim\'s "PC" & <lab>', "tab\there\r\nnewline", "caf\u00e9 \U0001f600", "\ue000x\ue000"]
+)
+def test_each_devices_values_are_escaped_like_any_attribute(params: ProvisioningDocParams, name: str) -> None:
+    # The document is built once per configuration and each device's values
+    # joined in: they must read back exactly, whatever they hold.
+    changed = dataclasses.replace(params, ent_device_name=name, client_secret=name, server_name=name)
+    _, doc = build(changed)
+    assert parm_value(char(doc, "DMClient", "Provider", "mdmd"), "EntDeviceName") == name
+    auth = [c for c in char(doc, "APPLICATION") if c.get("type") == "APPAUTH"]
+    assert [parm_value(a, "AAUTHSECRET") for a in auth] == [name, params.server_secret]
+    assert parm_value(auth[1], "AAUTHNAME") == name
+    # The configuration's parts are the same as for any other device.
+    _, plain = build(params)
+    assert parm_value(char(plain, "DMClient", "Provider", "mdmd"), "EntDeviceName") == params.ent_device_name
+    assert [etree.tostring(s) for s in stores(doc)] == [etree.tostring(s) for s in stores(plain)]
+
+
+def test_a_device_name_xml_cannot_hold_is_refused(params: ProvisioningDocParams) -> None:
+    with pytest.raises(ValueError):
+        build_provisioning_doc(dataclasses.replace(params, ent_device_name="bad\x01name"))
+
+
 # ---------------------------------------------------------------- validation
 
 

@@ -12,6 +12,7 @@ from mdmd.soap import (
     ACTION_DISCOVER,
     ACTION_FAULT,
     ACTION_GET_POLICIES,
+    ACTION_GET_POLICIES_RESPONSE,
     ACTION_RST_WSTEP,
     DIAGNOSTICS,
     DISCOVERY,
@@ -32,10 +33,12 @@ from mdmd.soap import (
     ErrorType,
     FaultCode,
     SoapFault,
+    SoapTemplate,
     UsernameToken,
     build_soap_fault,
     build_soap_response,
     parse_soap_request,
+    placeholder,
 )
 from mdmd.xmlsafe import XMLInputError, parse_untrusted_xml
 
@@ -367,3 +370,70 @@ def test_soap_fault_str_and_attributes() -> None:
 
 def test_password_text_constant() -> None:
     assert PASSWORD_TEXT.endswith("username-token-profile-1.0#PasswordText")
+
+
+# --------------------------------------------------------------------------
+# SoapTemplate: the bytes build_soap_response would write
+# --------------------------------------------------------------------------
+
+ODD_VALUES = [
+    "urn:uuid:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+    "",
+    "a&b<c>d\"e'f",
+    "line\r\nbreak\ttab",
+    "]]> &amp; &#13;",
+    "caf\u00e9 \U0001f600 \ue000marker\ue000",
+]
+
+
+def _template_body(value: str | None = None) -> etree._Element:
+    body = etree.Element(f"{{{XCEP}}}Thing", nsmap={None: XCEP})  # type: ignore[dict-item]
+    etree.SubElement(body, f"{{{XCEP}}}text").text = value if value is not None else placeholder("text")
+    etree.SubElement(body, f"{{{XCEP}}}attr").set(
+        "value", value if value is not None else placeholder("attr")
+    )
+    etree.SubElement(body, f"{{{XCEP}}}nil").set(f"{{{XSI}}}nil", "true")
+    return body
+
+
+@pytest.mark.parametrize("value", ODD_VALUES)
+@pytest.mark.parametrize("relates_to", [None, "urn:uuid:1", 'x"<&>\r\n\t'])
+def test_template_renders_the_bytes_lxml_builds(value: str, relates_to: str | None) -> None:
+    template = SoapTemplate(ACTION_GET_POLICIES_RESPONSE, _template_body())
+    built = build_soap_response(
+        ACTION_GET_POLICIES_RESPONSE, relates_to, _template_body(value), activity_id=value
+    )
+    assert template.render(relates_to, activity_id=value, text=value, attr=value) == built
+
+
+def test_template_with_extra_header() -> None:
+    header = etree.Element(f"{{{WSSE}}}Security", nsmap={"o": WSSE})
+    etree.SubElement(header, f"{{{WSSE}}}Stamp").text = placeholder("stamp")
+    template = SoapTemplate(ACTION_GET_POLICIES_RESPONSE, _template_body(), extra_header=(header,))
+    filled = etree.Element(f"{{{WSSE}}}Security", nsmap={"o": WSSE})
+    etree.SubElement(filled, f"{{{WSSE}}}Stamp").text = "2024-05-06T07:08:09.123Z"
+    assert template.render(
+        "m", activity_id="a", text="t", attr="t", stamp="2024-05-06T07:08:09.123Z"
+    ) == build_soap_response(
+        ACTION_GET_POLICIES_RESPONSE, "m", _template_body("t"), activity_id="a", extra_header=(filled,)
+    )
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\x1f", "\ud800", "\ufffe"])
+def test_template_refuses_what_xml_cannot_hold(bad: str) -> None:
+    template = SoapTemplate(ACTION_GET_POLICIES_RESPONSE, _template_body())
+    with pytest.raises(ValueError, match="relates_to"):
+        template.render(f"m{bad}", activity_id="a", text="t", attr="v")
+    with pytest.raises(ValueError, match="text"):
+        template.render("m", activity_id="a", text=bad, attr="v")
+
+
+def test_template_needs_every_field() -> None:
+    template = SoapTemplate(ACTION_GET_POLICIES_RESPONSE, _template_body())
+    with pytest.raises(KeyError):
+        template.render("m", activity_id="a", text="t")
+
+
+def test_placeholder_names_are_plain() -> None:
+    with pytest.raises(ValueError):
+        placeholder("Not-Plain")

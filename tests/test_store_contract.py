@@ -114,6 +114,25 @@ def test_unenrollment_is_requested_of_the_enrolled_devices_host_only(store: Stor
     assert found is not None and found.unenroll_requested and found.mdm_device_id == "DEV1"
 
 
+def test_the_enrolling_host_and_the_devices_owner_are_read_together(store: Store) -> None:
+    a = wait(store.enroll_host(host(1), now=1.0))
+    b = wait(store.enroll_host(host(2), now=1.0))
+    key_a = hashlib.sha256(b"key-1").digest()
+    looked = wait(store.enrolling_host(key_a, "DEV1"))
+    assert looked.host is not None and looked.host.id == a.id
+    assert not looked.device_enrolled and looked.device_host_id is None
+    assert wait(store.enrolling_host(hashlib.sha256(b"nope").digest(), "DEV1")).host is None
+    wait(store.record_device_enrollment(enrollment("DEV1", b.id, "aa"), now=2.0))
+    for spelling in ("DEV1", "dev1"):
+        looked = wait(store.enrolling_host(key_a, spelling))
+        assert looked.host is not None and looked.host.id == a.id
+        assert looked.device_enrolled and looked.device_host_id == b.id
+    # The host's next device replaces DEV1, which is enrolled no more.
+    wait(store.record_device_enrollment(enrollment("DEV2", b.id, "bb"), now=3.0))
+    looked = wait(store.enrolling_host(key_a, "DEV1"))
+    assert not looked.device_enrolled and looked.device_host_id is None
+
+
 # --- devices and certificates ---
 
 

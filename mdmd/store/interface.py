@@ -25,6 +25,7 @@ from mdmd.store.records import (
     DeviceProfileEntry,
     DeviceQuery,
     DeviceRecord,
+    EnrollingHost,
     EnrollmentOutcome,
     FleetCounts,
     GroupChange,
@@ -80,6 +81,12 @@ class Store(Protocol):
     def host_by_node_key(
         self, node_key_hash: bytes, *, seen_at: float | None = None
     ) -> Deferred[HostRecord | None]: ...
+
+    def enrolling_host(self, node_key_hash: bytes, device_id: str) -> Deferred[EnrollingHost]:
+        """The host holding this node key and whom the device *device_id*
+        (any case, the exact spelling first, as :meth:`device`) is enrolled
+        for: an MS-WSTEP enrollment's checks before signing, in one read."""
+        ...
 
     def request_unenrollment(self, device_id: str, *, audit: AuditEntry | None = None) -> Deferred[bool]:
         """Ask the agent of the enrolled device *device_id* (any case) to

@@ -33,6 +33,7 @@ __all__ = [
     "DeviceProfileEntry",
     "DeviceQuery",
     "DeviceRecord",
+    "EnrollingHost",
     "EnrollmentOutcome",
     "FleetCounts",
     "GroupChange",
@@ -120,6 +121,19 @@ class HostRecord:
     last_seen: float | None
     unenroll_requested: bool
     mdm_device_id: str | None  # the enrolled MDM device of this host, if any
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollingHost:
+    """What an MS-WSTEP enrollment checks before its certificate is signed,
+    read in one transaction (:meth:`Store.enrolling_host`)."""
+
+    #: The host holding the node key; None for an unknown or replaced key.
+    host: HostRecord | None
+    #: The DeviceID (any case; the exact spelling first) is enrolled...
+    device_enrolled: bool
+    #: ...for this host (None: for no host).
+    device_host_id: int | None
 
 
 @dataclass(frozen=True, slots=True)

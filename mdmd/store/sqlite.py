@@ -51,6 +51,7 @@ from mdmd.store.records import (
     DeviceProfileEntry,
     DeviceQuery,
     DeviceRecord,
+    EnrollingHost,
     EnrollmentOutcome,
     FleetCounts,
     GroupChange,
@@ -295,6 +296,25 @@ class SQLStore:
 
         return self._run(txn, write=seen_at is not None)
 
+    def enrolling_host(self, node_key_hash: bytes, device_id: str) -> Deferred[EnrollingHost]:
+        def txn(conn: SQLConnection) -> EnrollingHost:
+            row = conn.execute(_HOST_SELECT + " WHERE h.node_key_hash = ?", (node_key_hash,)).fetchone()
+            # The device :meth:`device` would find (same order), its state
+            # and host alone: not its certificate and actions.
+            device = conn.execute(
+                "SELECT host_id, state FROM devices WHERE device_id = ? COLLATE NOCASE"
+                " ORDER BY device_id = ? DESC, state = 'enrolled' DESC, enrolled_at DESC LIMIT 1",
+                (device_id, device_id),
+            ).fetchone()
+            enrolled = device is not None and device["state"] == "enrolled"
+            return EnrollingHost(
+                host=None if row is None else _host(row),
+                device_enrolled=enrolled,
+                device_host_id=device["host_id"] if enrolled and device is not None else None,
+            )
+
+        return self._run(txn, write=False)
+
     def request_unenrollment(self, device_id: str, *, audit: AuditEntry | None = None) -> Deferred[bool]:
         """Ask the agent of this device's host to unenroll it from MDM."""
 
@@ -337,10 +357,12 @@ class SQLStore:
             # opening sessions.
             old = conn.execute(_LIVE_SERIALS_OF_DEVICE_OR_HOST, (e.device_id, e.host_id)).fetchall()
             revoked = tuple(r["serial"] for r in old)
-            conn.executemany(
-                "UPDATE certificates SET revoked_at = ?, revoke_reason = 'superseded' WHERE serial = ?",
-                [(now, s) for s in revoked],
-            )
+            # Most enrollments are a device's first: no statement for no rows.
+            if revoked:
+                conn.executemany(
+                    "UPDATE certificates SET revoked_at = ?, revoke_reason = 'superseded' WHERE serial = ?",
+                    [(now, s) for s in revoked],
+                )
             replaced = tuple(
                 r["device_id"]
                 for r in conn.execute(
@@ -349,10 +371,11 @@ class SQLStore:
                     (e.host_id, e.device_id),
                 )
             )
-            conn.executemany(
-                "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
-                [(now, d) for d in replaced],
-            )
+            if replaced:
+                conn.executemany(
+                    "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
+                    [(now, d) for d in replaced],
+                )
             # Clones made without sysprep share HWDevID: never merge
             # them, flag both so an administrator can see it.
             collisions: tuple[str, ...] = ()
@@ -365,15 +388,20 @@ class SQLStore:
                         (e.hw_dev_id, e.device_id),
                     )
                 )
-                conn.executemany(
-                    "UPDATE devices SET hw_dev_id_collision = 1 WHERE device_id = ?",
-                    [(d,) for d in collisions],
-                )
+                if collisions:
+                    conn.executemany(
+                        "UPDATE devices SET hw_dev_id_collision = 1 WHERE device_id = ?",
+                        [(d,) for d in collisions],
+                    )
+            # A fresh enrollment starts a fresh OMA-DM account on the device
+            # (and a session step read before it must not commit after it):
+            # session_seq moves on here, the session's rows go below.
             conn.execute(
                 """
                 INSERT INTO devices (device_id, host_id, hw_dev_id, enrollment_type, device_name,
-                                     os_version, context, state, hw_dev_id_collision, enrolled_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, 'enrolled', ?, ?)
+                                     os_version, context, state, hw_dev_id_collision, enrolled_at,
+                                     session_seq)
+                VALUES (?, ?, ?, ?, ?, ?, ?, 'enrolled', ?, ?, 1)
                 ON CONFLICT (device_id) DO UPDATE SET
                     host_id = excluded.host_id,
                     hw_dev_id = excluded.hw_dev_id,
@@ -385,7 +413,8 @@ class SQLStore:
                     hw_dev_id_collision = excluded.hw_dev_id_collision,
                     enrolled_at = excluded.enrolled_at,
                     unenrolled_at = NULL,
-                    lifecycle = CASE WHEN devices.lifecycle = 'wiped' THEN NULL ELSE devices.lifecycle END
+                    lifecycle = CASE WHEN devices.lifecycle = 'wiped' THEN NULL ELSE devices.lifecycle END,
+                    session_seq = devices.session_seq + 1
                 """,
                 (
                     e.device_id,
@@ -406,12 +435,7 @@ class SQLStore:
                 """,
                 (e.cert_serial, e.device_id, e.cert_thumbprint, e.cert_not_before, e.cert_not_after, now),
             )
-            # A fresh enrollment starts a fresh OMA-DM account on the device
-            # (and a session step read before it must not commit after it).
             _end_session(conn, e.device_id)
-            conn.execute(
-                "UPDATE devices SET session_seq = session_seq + 1 WHERE device_id = ?", (e.device_id,)
-            )
             return EnrollmentOutcome(revoked, replaced, collisions)
 
         return self._run(txn)
