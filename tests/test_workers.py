@@ -285,3 +285,36 @@ def test_a_reload_reaches_the_workers(daemon: Daemon) -> None:
     )
     with main_process_stopped(daemon):
         assert served_certificate(daemon).serial_number == renewed.serial_number
+
+
+def test_concurrent_sessions_of_one_device_in_both_processes_are_all_answered(
+    daemon: Daemon, key: object, tmp_path: Path
+) -> None:
+    # Sixteen connections of one device at once, each a new session, spread
+    # by the kernel over both processes: the process whose step loses the
+    # race in the store reads again and retries (management_endpoint), so
+    # every one is answered, none with a 503, and each one is committed.
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = WindowsDevice(key=key, hostname="PC-RACE")  # type: ignore[arg-type]
+    result = enroll_device(daemon, device)
+    assert isinstance(result, EnrollmentResult)
+    tls = client_tls_context(daemon, tmp_path, result.certificate, device.key)
+    enrolled = Enrolled(device, result, tls)
+    (before,) = db_rows(daemon, "SELECT session_seq FROM devices WHERE device_id = ?", device.device_id)[0]
+    streams, sessions = 16, 6
+
+    def stream(n: int) -> list[tuple[int, int]]:
+        client = ManagementClient(device)
+        client.session_id = n * 0x100  # SessionIDs of their own: no stream's message is another's
+        answers = []
+        for _ in range(sessions):
+            status, body = post(daemon, enrolled, client.session_start(result.management_url))
+            answers.append((status, client.read(body).hdr_status if status == 200 else 0))
+        return answers
+
+    with ThreadPoolExecutor(streams) as pool:
+        answers = [a for part in pool.map(stream, range(streams)) for a in part]
+    assert answers == [(200, 200)] * (streams * sessions)
+    (after,) = db_rows(daemon, "SELECT session_seq FROM devices WHERE device_id = ?", device.device_id)[0]
+    assert after - before == streams * sessions
