@@ -304,7 +304,7 @@ def test_concurrent_sessions_of_one_device_in_both_processes_are_all_answered(
     (before,) = db_rows(daemon, "SELECT session_seq FROM devices WHERE device_id = ?", device.device_id)[0]
     streams, sessions = 16, 6
 
-    def stream(n: int) -> list[tuple[int, int]]:
+    def stream(n: int) -> list[tuple[int, int | None]]:
         client = ManagementClient(device)
         client.session_id = n * 0x100  # SessionIDs of their own: no stream's message is another's
         answers = []
