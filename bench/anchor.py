@@ -24,6 +24,10 @@ worker process, the client's CPU, each answer's status):
 - ``mtls-new-tls1.2``, ``mtls-new-tls1.3``: a new TLS connection per
   check-in, one SyncML POST each (``ab -c 16``); mdmd serves it as the
   retransmission of the device's last message (one store read, no write).
+- ``mtls-new-curl``: the same retransmission on a new TLS 1.3 connection
+  per request, sent the way ``session-new`` sends its sessions (16 ``curl``
+  processes, ``Connection: close``): the difference between the two is
+  what a new session costs beyond the connection.
 - ``session-new``: a new TLS 1.3 connection per request, each a new OMA-DM
   session: package 1 with a new SessionID, which mdmd commits durably before
   it answers.  16 devices, one long-lived ``curl`` each sending that
@@ -113,6 +117,7 @@ CONCURRENCY = 16
 SCENARIOS = (
     "mtls-new-tls1.2",
     "mtls-new-tls1.3",
+    "mtls-new-curl",
     "session-new",
     "mtls-keepalive-http1.0",
     "mtls-keepalive-http1.1",
@@ -601,6 +606,11 @@ def run_suite(suite: Suite, scenarios: Sequence[str], a: argparse.Namespace) -> 
                         pair,
                         partial(run_ab, url, suite.body, suite.pem, count, tls, keepalive),
                     )
+                elif scenario == "mtls-new-curl":
+                    per_stream = math.ceil(a.sessions / CONCURRENCY)
+                    closing = [Req(url, SYNCML["Content-Type"], suite.body, close=True)] * per_stream
+                    fresh: list[tuple[Sequence[Req], Path | None]] = [(closing, suite.pem)] * CONCURRENCY
+                    suite.measure(server, scenario, pair, partial(run_curls, fresh, suite.ca, suite.workdir))
                 elif scenario == "mtls-keepalive-http1.1":
                     per_stream = math.ceil(a.requests * 5 / CONCURRENCY)
                     reqs = [Req(url, SYNCML["Content-Type"], suite.body)] * per_stream

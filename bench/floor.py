@@ -29,10 +29,11 @@ sys.path[:0] = [str(REPO)]
 
 from twisted.internet import reactor  # noqa: E402
 from twisted.internet.endpoints import TCP4ServerEndpoint  # noqa: E402
-from twisted.internet.interfaces import IProtocolFactory  # noqa: E402
+from twisted.internet.interfaces import IProtocolFactory, IProtocolNegotiationFactory  # noqa: E402
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 from twisted.web import server  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
+from zope.interface import implementer  # noqa: E402
 
 from mdmd import pki  # noqa: E402
 from mdmd.refusals import RefusalLog  # noqa: E402
@@ -78,6 +79,17 @@ class FixedReply(Protocol):
                 return
 
 
+@implementer(IProtocolNegotiationFactory)
+class FixedReplyFactory(Factory):
+    """Offers HTTP/1.1 by ALPN as twisted.web's Site does (without it curl,
+    which offers ALPN, is refused the handshake)."""
+
+    protocol = FixedReply
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
+
+
 class FixedResource(Resource):
     isLeaf = True
 
@@ -99,7 +111,7 @@ def serve(state: Path, port: int, layer: str, reply: bytes) -> None:
     inner: IProtocolFactory
     if layer == "tls":
         FixedReply.reply = reply
-        inner = Factory.forProtocol(FixedReply)
+        inner = FixedReplyFactory()
     else:
         inner = MdmdSite(FixedResource(reply), listener="floor", max_body_bytes=1 << 20)
     factory = tls_server_factory(options, inner, RefusalLog(reactor))
