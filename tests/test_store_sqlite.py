@@ -588,7 +588,7 @@ def _work_of_device_requests(path: Path, fleet: int) -> tuple[int, list[str]]:
         steps.append(1)
         return 0  # go on
 
-    for conn in (engine._writer, engine._point_reader, *engine._readers.values()):
+    for conn in (engine._writer, *engine._readers.values()):
         assert conn is not None
         conn.set_trace_callback(statements.append)
         conn.set_progress_handler(count, 100)
@@ -701,37 +701,3 @@ def test_schema_version_6_devices_and_commands_carry_over_to_actions(tmp_path: P
     )
     conn.close()
     assert "device_actions_open" in plan
-
-
-def test_a_point_read_runs_on_the_calling_thread_and_a_failed_one_on_the_reader(store: SQLiteStore) -> None:
-    engine = store._engine
-    assert isinstance(engine, TransactionEngine)
-    threads: list[str] = []
-
-    def where(conn: SQLConnection) -> int:
-        threads.append(threading.current_thread().name)
-        return int(conn.execute("SELECT 41 + 1").fetchone()[0])
-
-    assert wait(engine.read_point(where)) == 42
-    assert threads == [threading.current_thread().name]
-
-    # A database the point reader cannot read now (busy, say): the reader
-    # thread does it, and what it finds is the answer.
-    attempts: list[str] = []
-
-    def busy_here(conn: SQLConnection) -> int:
-        attempts.append(threading.current_thread().name)
-        if len(attempts) == 1:
-            raise sqlite3.OperationalError("database is locked")
-        return 7
-
-    assert wait(engine.read_point(busy_here)) == 7
-    assert attempts == [threading.current_thread().name, "mdmd-store-read"]
-
-    # A point read that writes is refused like any read, and changes nothing.
-    def sneaky(conn: SQLConnection) -> None:
-        conn.execute("INSERT INTO job_leases (name, holder, until) VALUES ('x', 'y', 1)")
-
-    with pytest.raises(StoreError, match="wrote"):
-        wait(engine.read_point(sneaky))
-    assert wait(engine.read(lambda conn: conn.execute("SELECT count(*) FROM job_leases").fetchone()[0])) == 0

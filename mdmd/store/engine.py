@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
@@ -88,12 +88,6 @@ class Engine(Protocol):
         thread, when the engine has one): beside the devices' reads."""
         ...
 
-    def read_point(self, fn: Callable[[SQLConnection], R]) -> Deferred[R]:
-        """A read of a few rows by key (a device's check-in context): on the
-        calling thread when the engine can do that without waiting on
-        anything, else as :meth:`read`."""
-        ...
-
 
 C = TypeVar("C", bound=Connection)
 
@@ -131,13 +125,8 @@ class TransactionEngine(Generic[C]):
         bulk_reader: C | None = None,
         on_commit: Callable[[int, float], None] | None = None,
         lanes: dict[str, C] | None = None,
-        point_reader: C | None = None,
     ) -> None:
         self._reactor = reactor
-        self._point_reader = point_reader
-        # Taken without waiting: a second caller (re-entrant, or another
-        # thread's) reads on the reader thread instead.
-        self._point_lock = threading.Lock()
         self._writer: C | None = writer
         self._readers: dict[str, C | None] = {"read": reader}
         if bulk_reader is not None:
@@ -173,10 +162,9 @@ class TransactionEngine(Generic[C]):
             for thread in self._threads:
                 thread.join()
             self._threads = []
-        for conn in (self._writer, self._point_reader, *self._readers.values()):
+        for conn in (self._writer, *self._readers.values()):
             if conn is not None:
                 conn.close()
-        self._point_reader = None
         self._writer = None
         self._readers = dict.fromkeys(self._readers)
 
@@ -203,37 +191,6 @@ class TransactionEngine(Generic[C]):
         lane = "bulk" if (bulk or lane is not None) and "bulk" in self._reads else "read"
         self._reads[lane].put(_Job(fn, d))
         return d
-
-    def read_point(self, fn: Callable[[C], R]) -> Deferred[R]:
-        """Run *fn* right here, on the reactor thread, in a read transaction
-        of the *point_reader* connection, when there is one.
-
-        A device's check-in reads a handful of rows by key: a few tens of
-        microseconds here, where the trip to the reader thread and back (a
-        queue, a thread switch, the reactor's waker) costs several times
-        that and lets other requests' Python run in between.  The
-        connection waits for no lock (the backend opens it so: in SQLite's
-        WAL mode a reader never waits for the writer), and a read that
-        fails for any reason, a busy database among them, is done again
-        on the reader thread, which reports what it finds; a read changes
-        nothing, so doing it twice is harmless."""
-        conn = self._point_reader
-        if conn is None or not self._threads or not self._point_lock.acquire(blocking=False):
-            return self.read(fn)
-        try:
-            conn.execute(self._begin_read)
-            try:
-                check = self._read_guard(conn) if self._read_guard is not None else None
-                outcome = fn(conn)
-                if check is not None:
-                    check()
-            finally:
-                conn.execute("ROLLBACK")
-        except Exception:
-            return self.read(fn)
-        finally:
-            self._point_lock.release()
-        return succeed(outcome)
 
     def _fire(self, deferred: Deferred[Any], value: object, ok: bool) -> None:
         self._reactor.callFromThread(deferred.callback if ok else deferred.errback, value)

@@ -366,11 +366,6 @@ class PoolEngine:
         self._jobs.put(_Job(fn, False, d))
         return d
 
-    def read_point(self, fn: Callable[[SQLConnection], R]) -> Deferred[R]:
-        # A network round trip to the server must not stall the reactor:
-        # every read goes to the pool's threads.
-        return self.read(fn)
-
     @property
     def alive(self) -> bool:
         """Every thread is running (readiness)."""

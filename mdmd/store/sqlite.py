@@ -84,7 +84,7 @@ EXPIRING_WINDOW = 30 * 86400
 R = TypeVar("R")
 
 
-def _connect(path: str, *, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+def _connect(path: str) -> sqlite3.Connection:
     # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
     # a method is exactly one transaction and nothing commits implicitly.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -94,9 +94,7 @@ def _connect(path: str, *, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
     # survives a crash or power loss, not only a process kill.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    # The reactor thread's point reader waits for nothing (0): a busy
-    # database sends its read to the reader thread instead.
-    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    conn.execute("PRAGMA busy_timeout=5000")
     return conn
 
 
@@ -227,20 +225,13 @@ class SQLStore:
         write: bool = True,
         bulk: bool = False,
         lane: str | None = None,
-        point: bool = False,
     ) -> Deferred[R]:
         """Run *fn* as one transaction off the reactor; the Deferred fires
         once its effects are committed (a read runs beside the writes, a
-        *bulk* read beside the other reads too, a *lane*'s on its own; a
-        *point* read of a few rows by key may run at once, on the calling
-        thread: :meth:`~mdmd.store.engine.Engine.read_point`)."""
+        *bulk* read beside the other reads too, a *lane*'s on its own)."""
         if self._engine is None:
             return fail(StoreError("store is not open"))
-        if write:
-            return self._engine.write(fn)
-        if point:
-            return self._engine.read_point(fn)
-        return self._engine.read(fn, bulk=bulk, lane=lane)
+        return self._engine.write(fn) if write else self._engine.read(fn, bulk=bulk, lane=lane)
 
     # -- hosts --
 
@@ -671,8 +662,7 @@ class SQLStore:
                 actions=tuple(_action(r) for r in actions),
             )
 
-        # A handful of rows by key, on every message: a point read.
-        return self._run(txn, write=False, point=True)
+        return self._run(txn, write=False)
 
     def device_alerts(self, device_id: str) -> Deferred[list[StoredAlert]]:
         def txn(conn: SQLConnection) -> list[StoredAlert]:
@@ -859,8 +849,7 @@ class SQLStore:
         return self._run(txn, write=False)
 
     def profile_context(self, device_id: str) -> Deferred[ProfileContext]:
-        # Read once per session, by key: a point read.
-        return self._run(lambda conn: _profile_context(conn, device_id), write=False, point=True)
+        return self._run(lambda conn: _profile_context(conn, device_id), write=False)
 
     # -- the command queue --
 
@@ -2314,7 +2303,6 @@ class SQLiteStore(SQLStore):
             # The fleet-wide counts (seconds at a million devices) beside
             # the device list's pages, not before them.
             lanes={"counts": _connect(self.path)},
-            point_reader=_connect(self.path, busy_timeout_ms=0),
         )
         return found
 
