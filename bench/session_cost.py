@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.process_time()
             ctx = wait(store.management_context(serial, request_digest=digest(body)))
             assert ctx is not None
-            step("context read (point read)", t)
+            step("context read (reader thread)", t)
             t = time.process_time()
             message = parse_message(body)
             step("SyncML parse", t)
