@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from harness import Daemon, running_daemon
@@ -158,7 +158,24 @@ def go(driver: WebDriver, element: WebElement, *, submit: bool = False) -> None:
         element.submit()
     else:
         element.click()
-    WebDriverWait(driver, PATIENCE).until(staleness_of(page))
+    WebDriverWait(driver, PATIENCE).until(lambda _: _left(page))
+
+
+def _left(page: WebElement) -> bool:
+    """*page* (the old page's root element) is no longer in the document.
+    Selenium's staleness_of knows only StaleElementReferenceException;
+    Chromium sometimes answers for an element of a page it is replacing
+    with an inspector error that says the same ("Node with given id does
+    not belong to the document")."""
+    try:
+        page.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as e:
+        if "does not belong to the document" in str(e):
+            return True
+        raise
+    return False
 
 
 def until(check: Callable[[], bool], what: str) -> None:
