@@ -50,7 +50,7 @@ from mdmd.provisioning import build_renewal_provisioning_doc
 from mdmd.renewal import not_eligible, renewal_policy, renewal_problem
 from mdmd.soap import ACTION_RST_WSTEP, FaultCode, SoapFault, SoapRequest
 from mdmd.store import CertificateRenewal, RenewalRefused
-from mdmd.tls import peer_certificate
+from mdmd.tls import peer_identity
 from mdmd.web import HTTPResponse, MdmdRequest
 from mdmd.wstep import build_request_security_token_response, parse_request_security_token
 
@@ -72,12 +72,12 @@ async def renew(app: Mdmd, request: MdmdRequest, soap: SoapRequest, activity_id:
             FaultCode.MESSAGE_FORMAT,
             f"this URL renews certificates (RequestType .../Renew); enroll at {app.config.enrollment.url}",
         )
-    cert = peer_certificate(request)
-    if cert is None:  # the mutual-TLS context makes this unreachable
+    peer = peer_identity(request)
+    if peer is None:  # the mutual-TLS context makes this unreachable
         raise not_eligible("no client certificate")
-    serial = pki.serial_hex(cert)
+    cert, serial = peer.certificate, peer.serial
     record = await app.store.certificate(serial)
-    issued = record is not None and record.thumbprint == pki.thumbprint(cert)
+    issued = record is not None and record.thumbprint == peer.thumbprint
     device = await app.store.device(record.device_id) if record is not None and issued else None
     if device is not None:
         request.device_id = device.device_id

@@ -348,12 +348,11 @@ class SQLStore:
             # opening sessions.
             old = conn.execute(_LIVE_SERIALS_OF_DEVICE_OR_HOST, (e.device_id, e.host_id)).fetchall()
             revoked = tuple(r["serial"] for r in old)
-            # Most enrollments are a device's first: no statement for no rows.
-            if revoked:
-                conn.executemany(
-                    "UPDATE certificates SET revoked_at = ?, revoke_reason = 'superseded' WHERE serial = ?",
-                    [(now, s) for s in revoked],
-                )
+            _many(
+                conn,
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = 'superseded' WHERE serial = ?",
+                [(now, s) for s in revoked],
+            )
             replaced = tuple(
                 r["device_id"]
                 for r in conn.execute(
@@ -362,11 +361,11 @@ class SQLStore:
                     (e.host_id, e.device_id),
                 )
             )
-            if replaced:
-                conn.executemany(
-                    "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
-                    [(now, d) for d in replaced],
-                )
+            _many(
+                conn,
+                "UPDATE devices SET state = 'unenrolled', unenrolled_at = ? WHERE device_id = ?",
+                [(now, d) for d in replaced],
+            )
             # Clones made without sysprep share HWDevID: never merge
             # them, flag both so an administrator can see it.
             collisions: tuple[str, ...] = ()
@@ -379,11 +378,11 @@ class SQLStore:
                         (e.hw_dev_id, e.device_id),
                     )
                 )
-                if collisions:
-                    conn.executemany(
-                        "UPDATE devices SET hw_dev_id_collision = 1 WHERE device_id = ?",
-                        [(d,) for d in collisions],
-                    )
+                _many(
+                    conn,
+                    "UPDATE devices SET hw_dev_id_collision = 1 WHERE device_id = ?",
+                    [(d,) for d in collisions],
+                )
             # A fresh enrollment starts a fresh OMA-DM account on the device
             # (and a session step read before it must not commit after it):
             # session_seq moves on here, the session's rows go below.
