@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from mdmd import preflight
 from mdmd.app import Mdmd
 from mdmd.config import ConfigError
-from mdmd.material import load_tls
+from mdmd.material import load_admin_tls, load_tls
 from mdmd.refusals import RefusalLog
 from mdmd.routes import admin_routes, enrollment_routes, management_routes
 from mdmd.tls import ReloadableTLS, mutual_tls_options, server_tls_options
@@ -173,14 +173,17 @@ def device_listeners(app: Mdmd) -> tuple[DeviceListener, DeviceListener]:
     )
 
 
-def reload_tls(app: Mdmd, listeners: Sequence[DeviceListener]) -> bool:
+def reload_tls(app: Mdmd, listeners: Sequence[DeviceListener], admin: ReloadableTLS | None = None) -> bool:
     """Read the TLS certificates and keys again and serve new connections
     with them (``systemctl reload``, SIGHUP); established connections keep
-    theirs.  Anything wrong (a key that does not match, a certificate that
-    does not cover the URL) keeps the old ones and says why."""
+    theirs.  *admin* is the admin listener's, when it serves TLS (main
+    process only).  Anything wrong (a key that does not match, a
+    certificate that does not cover the URL) keeps the old ones, all of
+    them, and says why."""
     config = app.config
     try:
         tls = load_tls(config)
+        admin_tls = load_admin_tls(config) if admin is not None else None
         preflight.check_private_files(config)
         preflight.check_certificates_cover_urls(config, tls)
         options = {
@@ -189,21 +192,35 @@ def reload_tls(app: Mdmd, listeners: Sequence[DeviceListener]) -> bool:
                 tls.management_chain, tls.management_key, [app.material.identity_cert]
             ),
         }
+        admin_options = None if admin_tls is None else server_tls_options(*admin_tls)
+        # OpenSSL checks each certificate and key when their context is made:
+        # all of them before any listener takes its new one.
+        for made in (*options.values(), *([admin_options] if admin_options is not None else [])):
+            made.getContext()
         for listener in listeners:
             listener.tls.replace(options[listener.name])
+        if admin is not None and admin_options is not None:
+            admin.replace(admin_options)
     except Exception as e:  # a ConfigError, or OpenSSL's refusal of a certificate
         reason = str(e) if isinstance(e, ConfigError | ValueError) else f"{type(e).__name__}: {e}"
         log.error(
             "reload: TLS certificates NOT reloaded, the previous ones stay in use: {error}", error=reason
         )
         return False
+    admin_line = (
+        ""
+        if admin_tls is None
+        else f", admin {admin_tls[0][0].subject.rfc4514_string()}"
+        f" until {admin_tls[0][0].not_valid_after_utc.isoformat()}"
+    )
     log.info(
         "reload: TLS certificates reloaded: enrollment {enrollment} until {enrollment_until}, "
-        "management {management} until {management_until}",
+        "management {management} until {management_until}{admin_line}",
         enrollment=tls.enrollment_chain[0].subject.rfc4514_string(),
         enrollment_until=tls.enrollment_chain[0].not_valid_after_utc.isoformat(),
         management=tls.management_chain[0].subject.rfc4514_string(),
         management_until=tls.management_chain[0].not_valid_after_utc.isoformat(),
+        admin_line=admin_line,
     )
     return True
 

@@ -55,7 +55,7 @@ from mdmd.material import Material
 from mdmd.metrics import observe_commit
 from mdmd.preflight import EX_CANTLISTEN
 from mdmd.store.service import StoreService, open_store
-from mdmd.tls import TLSServerEndpoint, server_tls_options
+from mdmd.tls import ReloadableTLS, TLSServerEndpoint, server_tls_options
 from mdmd.tokens import AdminTokens, AdminTokensService
 from mdmd.workers import WorkerPool
 
@@ -121,12 +121,19 @@ class MdmdService(MultiService):
 
 class ReloadService(Service):
     """SIGHUP (``systemctl reload``): the TLS certificates read again here
-    and in every worker process."""
+    (the admin listener's too) and in every worker process."""
 
-    def __init__(self, app: Mdmd, listeners: Sequence[DeviceListener], pool: WorkerPool | None) -> None:
+    def __init__(
+        self,
+        app: Mdmd,
+        listeners: Sequence[DeviceListener],
+        pool: WorkerPool | None,
+        admin_tls: ReloadableTLS | None = None,
+    ) -> None:
         self.app = app
         self.listeners = listeners
         self.pool = pool
+        self.admin_tls = admin_tls
 
     def startService(self) -> None:
         super().startService()
@@ -139,7 +146,7 @@ class ReloadService(Service):
 
     def reload(self) -> None:
         log.info("reload: SIGHUP received")
-        reload_tls(self.app, self.listeners)
+        reload_tls(self.app, self.listeners, self.admin_tls)
         if self.pool is not None:
             self.pool.signal_workers("HUP")
 
@@ -207,6 +214,8 @@ def build_service(
     enrollment, management = device_listeners(app)
     listen = {"enrollment": config.enrollment.listen, "management": config.management.listen}
 
+    # The admin listener's TLS, replaced on reload like the devices' listeners'.
+    admin_tls = None if material.admin_tls is None else ReloadableTLS(server_tls_options(*material.admin_tls))
     listeners = [
         *(
             ListenerService(
@@ -223,13 +232,11 @@ def build_service(
         ListenerService(
             "admin",
             serverFromString(reactor, config.admin.listen)
-            if material.admin_tls is None
-            else TLSServerEndpoint(
-                serverFromString(reactor, config.admin.listen), server_tls_options(*material.admin_tls)
-            ),
+            if admin_tls is None
+            else TLSServerEndpoint(serverFromString(reactor, config.admin.listen), admin_tls),
             admin_site(app),
             config.admin.url,
-            "HTTP, bearer token" if material.admin_tls is None else "TLS, bearer token",
+            "HTTP, bearer token" if admin_tls is None else "TLS, bearer token",
             config_path=config.path,
             listen=config.admin.listen,
         ),
@@ -251,7 +258,7 @@ def build_service(
         pool.setServiceParent(top)
         ready_when.append(pool.ready)
         app.readiness.add("workers", pool.problem)
-    ReloadService(app, (enrollment, management), pool).setServiceParent(top)
+    ReloadService(app, (enrollment, management), pool, admin_tls).setServiceParent(top)
 
     def ready(_: object) -> None:
         _notify_systemd(b"READY=1\nSTATUS=serving")

@@ -372,3 +372,23 @@ def test_the_units_reload_command_reloads(daemon: Daemon) -> None:
     done = reloads(daemon, "reloaded")
     subprocess.run(argv, check=True, timeout=30)
     poll("the reload", lambda: reloads(daemon, "reloaded") > done)
+
+
+def test_a_reload_gives_the_admin_listener_its_new_certificate_too(tmp_path: Path) -> None:
+    """[admin] tls_cert: the API's certificate is renewed by a reload like
+    the devices' listeners' (here all three share one), and a refused
+    reload leaves every listener on the old one."""
+    tls = {"tls_cert": "tls-server.pem", "tls_key": "tls-server.key"}
+    with running_daemon(tmp_path, {"admin": tls}) as daemon:
+        before = served_certificate(daemon, "admin")
+        refused = reloads(daemon, "NOT reloaded")
+        new_server_certificate(daemon.state, hosts=["somewhere.example"])
+        os.kill(daemon.proc.pid, signal.SIGHUP)
+        poll("the refusal", lambda: reloads(daemon, "NOT reloaded") > refused)
+        assert served_certificate(daemon, "admin").serial_number == before.serial_number
+        renewed = new_server_certificate(daemon.state)
+        os.kill(daemon.proc.pid, signal.SIGHUP)
+        poll("the reload", lambda: reloads(daemon, "reloaded:") > 0)
+        assert served_certificate(daemon, "admin").serial_number == renewed.serial_number
+        assert served_certificate(daemon).serial_number == renewed.serial_number
+        assert f"admin {renewed.subject.rfc4514_string()} until" in daemon.log_text()
