@@ -694,6 +694,11 @@ def test_profile_status_counts_devices_that_have_not_had_it_yet_as_pending(store
     assert wait(store.profile_status("p1")) == {"pending": 1, "failed": 1}
     wait(store.assign_profile("p1", ["all"], 3.0))
     assert wait(store.profile_status("p1")) == {"pending": 1, "failed": 1}
+    # DEV1 (its record kept) is replaced on its host by DEV3: the group all
+    # now means DEV2 and DEV3, neither of which has had the profile.
+    h = wait(store.enroll_host(host(1), now=4.0))
+    wait(store.record_device_enrollment(enrollment("DEV3", h.id, "serial3", hw=None), now=4.0))
+    assert wait(store.profile_status("p1")) == {"pending": 2, "failed": 1}
 
 
 # --- several processes (several nodes) on one database ---

@@ -26,6 +26,7 @@ from test_store_contract import LIST_QUERIES
 
 from harness import REPO
 from mdmd.management import LargeObject, ManagementStep
+from mdmd.profiles import Profile, ProfileItem, profile_version
 from mdmd.store import (
     DeviceQuery,
     HostEnrollment,
@@ -445,6 +446,34 @@ def test_a_bulk_read_does_not_delay_a_devices_read(store: SQLiteStore) -> None:
     finally:
         release.set()
     wait(listing)
+
+
+def test_the_admin_reads_that_count_a_group_are_not_queued_with_the_devices_reads(store: SQLiteStore) -> None:
+    """A group's member count and a profile's status walk indexes as large
+    as the fleet (seconds at a million devices): they run beside the
+    devices' reads, so a check-in's read never waits behind them (and they
+    answer while the devices' reader is busy)."""
+    wait(store.enroll_host(host(1), now=1.0))
+    wait(store.record_device_enrollment(enrollment("DEV1", 1, "s1"), now=2.0))
+    items = (ProfileItem("Replace", "./Device/Vendor/MSFT/Policy/Config/A/B", "int", None, "1"),)
+    wait(store.create_profile(Profile("p1", profile_version(items), items), 3.0))
+    wait(store.assign_profile("p1", ["all"], 3.0))
+    release = threading.Event()
+
+    def devices_read(conn: SQLConnection) -> None:
+        assert release.wait(10), "never released"
+
+    busy = store._run(devices_read, write=False)
+    try:
+        assert wait(store.profile_status("p1")) == {"pending": 1}
+        (everyone, *_) = wait(store.groups())
+        assert everyone.name == "all" and everyone.members == 1
+        found = wait(store.group("all"))
+        assert found is not None and found.members == 1
+        assert not busy.called
+    finally:
+        release.set()
+    wait(busy)
 
 
 def test_a_count_of_the_fleet_does_not_delay_a_page_of_the_device_list(store: SQLiteStore) -> None:

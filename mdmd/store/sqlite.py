@@ -1133,46 +1133,23 @@ class SQLStore:
 
     def profile_status(self, name: str) -> Deferred[dict[str, int]]:
         def txn(conn: SQLConnection) -> dict[str, int]:
-            counts = {
-                r["state"]: r["n"]
+            states = {
+                r["state"]: float(r["n"])
                 for r in conn.execute(
                     "SELECT state, COUNT(*) AS n FROM device_profiles WHERE profile_name = ? GROUP BY state",
                     (name,),
                 )
             }
-            groups = [
-                r["group_name"]
-                for r in conn.execute(
-                    "SELECT group_name FROM profile_assignments WHERE profile_name = ?", (name,)
-                )
-            ]
             # Devices the profile is meant for that have no record of it yet.
-            if "all" in groups:
-                unseen = conn.execute(
-                    """
-                    SELECT COUNT(*) FROM devices d WHERE d.state = 'enrolled' AND NOT EXISTS (
-                        SELECT 1 FROM device_profiles p
-                        WHERE p.device_id = d.device_id AND p.profile_name = ?)
-                    """,
-                    (name,),
-                ).fetchone()[0]
-            else:
-                unseen = conn.execute(
-                    """
-                    SELECT COUNT(DISTINCT m.device_id) FROM group_members m
-                    JOIN profile_assignments a ON a.group_name = m.group_name AND a.profile_name = ?
-                    JOIN devices d ON d.device_id = m.device_id AND d.state = 'enrolled'
-                    WHERE NOT EXISTS (
-                        SELECT 1 FROM device_profiles p
-                        WHERE p.device_id = m.device_id AND p.profile_name = ?)
-                    """,
-                    (name, name),
-                ).fetchone()[0]
+            unseen = _profile_unseen(conn, name, lambda: _enrolled_count(conn), states)
+            counts = {state: int(n) for state, n in states.items()}
             if unseen:
-                counts["pending"] = counts.get("pending", 0) + unseen
+                counts["pending"] = counts.get("pending", 0) + int(unseen)
             return counts
 
-        return self._run(txn, write=False)
+        # Its counts walk a profile's records (a million for a profile of
+        # the group all): beside the devices' reads, not before them.
+        return self._run(txn, write=False, bulk=True)
 
     def delete_profile(self, name: str, now: float) -> Deferred[bool]:
         def txn(conn: SQLConnection) -> bool:
@@ -1233,7 +1210,9 @@ class SQLStore:
             ]
             return out
 
-        return self._run(txn, write=False)
+        # Member counts walk indexes as large as the groups: beside the
+        # devices' reads, not before them.
+        return self._run(txn, write=False, bulk=True)
 
     def group_names(self) -> Deferred[list[str]]:
         def txn(conn: SQLConnection) -> list[str]:
@@ -1250,7 +1229,8 @@ class SQLStore:
             row = conn.execute("SELECT * FROM device_groups WHERE name = ?", (name,)).fetchone()
             return None if row is None else _group(conn, name, row["created_at"])
 
-        return self._run(txn, write=False)
+        # Its member count: beside the devices' reads (see groups).
+        return self._run(txn, write=False, bulk=True)
 
     def group_members(self, name: str, *, after: str | None = None, limit: int = 100) -> Deferred[list[str]]:
         def txn(conn: SQLConnection) -> list[str]:
@@ -1510,7 +1490,7 @@ class SQLStore:
                 r["name"] for r in conn.execute("SELECT name FROM profiles WHERE deleted_at IS NULL")
             ]:
                 states = per_profile.get(name, {})
-                unseen = _profile_unseen(conn, name, enrolled, states)
+                unseen = _profile_unseen(conn, name, lambda: enrolled, states)
                 if unseen:
                     states["pending"] = states.get("pending", 0.0) + unseen
                 counts[f"profile:{name}"] = states
@@ -1602,7 +1582,9 @@ def _enrollments_by_day(conn: SQLConnection, now: float) -> dict[str, float]:
     return days
 
 
-def _profile_unseen(conn: SQLConnection, name: str, enrolled: int, states: dict[str, float]) -> float:
+def _profile_unseen(
+    conn: SQLConnection, name: str, enrolled: Callable[[], int], states: dict[str, float]
+) -> float:
     """The enrolled devices of the profile's groups that have no record of
     it yet.  For the group all: the enrolled devices less the records of
     enrolled devices, these found as all records less those of unenrolled
@@ -1626,7 +1608,7 @@ def _profile_unseen(conn: SQLConnection, name: str, enrolled: int, states: dict[
             """,
             (name,),
         ).fetchone()
-        return float(max(0, enrolled - (sum(states.values()) - gone)))
+        return float(max(0, enrolled() - (sum(states.values()) - gone)))
     (unseen,) = conn.execute(
         """
         SELECT COUNT(DISTINCT m.device_id) FROM group_members m
@@ -1851,13 +1833,17 @@ def _profile(conn: SQLConnection, row: SQLRow) -> ProfileRecord:
     )
 
 
+def _enrolled_count(conn: SQLConnection) -> int:
+    # Every device less the unenrolled (a small partial index): no walk of
+    # the devices table, which state = 'enrolled' alone would be.
+    (total,) = conn.execute("SELECT count(*) FROM devices").fetchone()
+    (unenrolled,) = conn.execute("SELECT count(*) FROM devices WHERE state = 'unenrolled'").fetchone()
+    return int(total) - int(unenrolled)
+
+
 def _group(conn: SQLConnection, name: str, created_at: float | None) -> GroupRecord:
     if name == ALL_GROUP:
-        # Every device less the unenrolled (a small partial index): no walk
-        # of the devices table, which state = 'enrolled' alone would be.
-        (total,) = conn.execute("SELECT count(*) FROM devices").fetchone()
-        (unenrolled,) = conn.execute("SELECT count(*) FROM devices WHERE state = 'unenrolled'").fetchone()
-        members = total - unenrolled
+        members = _enrolled_count(conn)
     else:
         members = conn.execute("SELECT COUNT(*) FROM group_members WHERE group_name = ?", (name,)).fetchone()[
             0
