@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, replace
 from http.client import HTTPSConnection
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import pytest
@@ -51,47 +52,94 @@ class FakeClock:
         return self.now
 
 
-def test_a_session_needs_a_valid_token_and_ends_with_its_lifetime_idle_time_or_token() -> None:
+T = TypeVar("T")
+
+
+def _done(coroutine: Coroutine[Any, Any, T]) -> T:
+    return wait(Deferred.fromCoroutine(coroutine))
+
+
+@pytest.fixture
+def session_store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(str(tmp_path / "mdmd.sqlite3"), ThreadReactor())  # type: ignore[arg-type]
+    store.open()
+    store.start()
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+def test_a_session_needs_a_valid_token_and_ends_with_its_lifetime_idle_time_or_token(
+    session_store: SQLiteStore,
+) -> None:
     tokens = {hash_token(TOKEN): "alice"}
     clock = FakeClock()
-    sessions = Sessions(lambda: tokens, clock, lifetime=100, idle=30)
-    assert sessions.sign_in("wrong") is None and sessions.sign_in("") is None
-    signed = sessions.sign_in(f"  {TOKEN} ")
+    sessions = Sessions(session_store, lambda: tokens, clock, lifetime=100, idle=30)
+    assert _done(sessions.sign_in("wrong")) is None and _done(sessions.sign_in("")) is None
+    signed = _done(sessions.sign_in(f"  {TOKEN} "))
     assert signed is not None
     cookie, session = signed
     assert session.token_name == "alice" and len(cookie) >= 40 and len(session.csrf) >= 40
     clock.now += 20
-    assert sessions.get(cookie) is session
+    assert _done(sessions.get(cookie)) == replace(session, used_at=clock.now)
     clock.now += 20  # idle 20 s since the last request: still alive
-    assert sessions.get(cookie) is session
+    assert _done(sessions.get(cookie)) == replace(session, used_at=clock.now)
     clock.now += 31  # idle too long
-    assert sessions.get(cookie) is None and len(sessions) == 0
+    assert _done(sessions.get(cookie)) is None
     # The lifetime holds however busy the session is.
-    cookie, _ = sessions.sign_in(TOKEN) or ("", None)
+    cookie, _ = _done(sessions.sign_in(TOKEN)) or ("", None)
     for _ in range(3):
         clock.now += 25
-        assert sessions.get(cookie) is not None
+        assert _done(sessions.get(cookie)) is not None
     clock.now += 25  # 100 s since sign-in
-    assert sessions.get(cookie) is None
+    assert _done(sessions.get(cookie)) is None
     # A revoked token ends its sessions at their next request.
-    cookie, _ = sessions.sign_in(TOKEN) or ("", None)
+    cookie, _ = _done(sessions.sign_in(TOKEN)) or ("", None)
     tokens.clear()
-    assert sessions.get(cookie) is None
-    # Signing out ends it; an unknown cookie is no session.
+    assert _done(sessions.get(cookie)) is None
     tokens[hash_token(TOKEN)] = "alice"
-    cookie, _ = sessions.sign_in(TOKEN) or ("", None)
-    assert sessions.sign_out(cookie) is not None and sessions.get(cookie) is None
-    assert sessions.get("nonsense") is None and sessions.get(None) is None
+    assert _done(sessions.get(cookie)) is None  # ended, not only refused
+    # Signing out ends it; an unknown cookie is no session.
+    cookie, _ = _done(sessions.sign_in(TOKEN)) or ("", None)
+    assert _done(sessions.sign_out(cookie)) is not None and _done(sessions.get(cookie)) is None
+    assert _done(sessions.get("nonsense")) is None and _done(sessions.get(None)) is None
 
 
-def test_a_token_renamed_under_a_session_ends_it_and_sessions_are_bounded() -> None:
+def test_a_token_renamed_under_a_session_ends_it_and_sessions_are_bounded(session_store: SQLiteStore) -> None:
     tokens = {hash_token(TOKEN): "alice"}
-    sessions = Sessions(lambda: tokens, FakeClock(), limit=3)
-    cookies = [(sessions.sign_in(TOKEN) or ("", None))[0] for _ in range(5)]
-    assert len(sessions) == 3
-    assert sessions.get(cookies[0]) is None and sessions.get(cookies[-1]) is not None
+    clock = FakeClock()
+    sessions = Sessions(session_store, lambda: tokens, clock, limit=3)
+    cookies = []
+    for _ in range(5):
+        clock.now += 1
+        cookies.append((_done(sessions.sign_in(TOKEN)) or ("", None))[0])
+    # The oldest two made room for the last two.
+    assert [_done(sessions.get(c)) is not None for c in cookies] == [False, False, True, True, True]
     tokens[hash_token(TOKEN)] = "bob"  # revoked, and the hash given to another name
-    assert sessions.get(cookies[-1]) is None
+    assert _done(sessions.get(cookies[-1])) is None
+
+
+def test_sessions_are_the_stores_a_restart_or_another_node_knows_them(tmp_path: Path) -> None:
+    """Two processes (nodes, or a restart) on one store: a session signed in
+    through one is used and ended through the other."""
+    tokens = {hash_token(TOKEN): "alice"}
+    clock = FakeClock()
+    stores = [SQLiteStore(str(tmp_path / "mdmd.sqlite3"), ThreadReactor()) for _ in range(2)]  # type: ignore[arg-type]
+    for store in stores:
+        store.open()
+        store.start()
+    try:
+        here, there = (Sessions(store, lambda: tokens, clock) for store in stores)
+        cookie, session = _done(here.sign_in(TOKEN)) or ("", None)
+        assert session is not None
+        clock.now += 5
+        assert _done(there.get(cookie)) == replace(session, used_at=clock.now)
+        assert _done(there.sign_out(cookie)) is not None
+        assert _done(here.get(cookie)) is None
+    finally:
+        for store in stores:
+            store.stop()
 
 
 def test_cookies_are_httponly_strict_scoped_and_secure_over_tls() -> None:

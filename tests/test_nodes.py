@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -405,3 +407,48 @@ def test_a_group_action_is_fanned_out_once_whichever_nodes_run_fan_outs(
     for enrolled, client in fleet:
         run_session(nodes.front, enrolled, client)
         assert client.executed == ["./Device/Vendor/MSFT/Reboot/RebootNow"]
+
+
+def _console(
+    node: Daemon, method: str, path: str, cookies: dict[str, str], form: dict[str, str] | None = None
+) -> tuple[int, http.client.HTTPResponse, bytes]:
+    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())}
+    body = None
+    if form is not None:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        body = urlencode(form).encode()
+    response, data = node.request(method, path, body, headers, section="admin")
+    return response.status, response, data
+
+
+def _cookie(response: http.client.HTTPResponse, name: str) -> str:
+    for header in response.headers.get_all("Set-Cookie") or []:
+        key, _, rest = header.partition("=")
+        if key == name:
+            return rest.split(";")[0]
+    raise AssertionError(f"no {name} cookie in {response.headers}")
+
+
+def _csrf(body: bytes) -> str:
+    found = re.search(rb'name="csrf" value="([^"]+)"', body)
+    assert found is not None
+    return found.group(1).decode()
+
+
+def test_a_console_session_signed_in_at_one_node_is_used_and_ended_at_the_other(nodes: Nodes) -> None:
+    """Behind a balancer that is not sticky, a browser's requests reach
+    either node's console: the session is the store's."""
+    first, second = nodes.nodes
+    status, response, body = _console(first, "GET", "/ui/signin", {})
+    assert status == 200
+    signin = {"mdmd_signin": _cookie(response, "mdmd_signin")}
+    form = {"csrf": _csrf(body), "token": first.admin_token, "next": "/ui/devices"}
+    status, response, _ = _console(first, "POST", "/ui/signin", signin, form)
+    assert status == 303 and response.getheader("Location") == "/ui/devices"
+    session = {"mdmd_session": _cookie(response, "mdmd_session")}
+    status, _, body = _console(second, "GET", "/ui/groups", session)
+    assert status == 200
+    status, response, _ = _console(second, "POST", "/ui/signout", session, {"csrf": _csrf(body)})
+    assert status == 303 and response.getheader("Location") == "/ui/signin?signed_out=1"
+    status, response, _ = _console(first, "GET", "/ui/devices", session)
+    assert status == 303 and (response.getheader("Location") or "").startswith("/ui/signin")

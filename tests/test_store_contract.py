@@ -40,6 +40,7 @@ from mdmd.store import (
     AuditEntry,
     AuditQuery,
     CertificateRenewal,
+    ConsoleSessionRecord,
     DeviceQuery,
     LoggedMessage,
     MessageLogWrite,
@@ -936,6 +937,47 @@ def test_tokens_are_created_listed_and_revoked_with_their_audit(store: Store) ->
     assert again.revoked_at is None and again.token_hash == hashlib.sha256(b"three").digest()
     actions = [r.entry.action for r in wait(store.audit_log(AuditQuery()))]
     assert actions == ["token.revoke", "token.create"]
+
+
+def _console_session(n: int, at: float) -> ConsoleSessionRecord:
+    return ConsoleSessionRecord(bytes([n]) * 32, "alice", b"\x01" * 32, f"csrf-{n}", at, at)
+
+
+def test_console_sessions_are_used_until_they_end_and_the_newest_are_kept(store: Store) -> None:
+    ends = {"lifetime": 100.0, "idle": 30.0}
+    wait(store.start_console_session(_console_session(1, 10.0), keep=3, **ends))
+    used = wait(store.use_console_session(bytes([1]) * 32, 30.0, **ends))
+    assert used == replace(_console_session(1, 10.0), used_at=30.0)
+    assert wait(store.use_console_session(bytes([1]) * 32, 55.0, **ends)) is not None  # idle 25 s
+    assert wait(store.use_console_session(bytes([1]) * 32, 85.0, **ends)) is None  # idle 30 s: ended
+    assert wait(store.use_console_session(bytes([1]) * 32, 86.0, **ends)) is None  # and gone
+    assert wait(store.use_console_session(b"\x09" * 32, 86.0, **ends)) is None
+    # The lifetime, however busy.
+    wait(store.start_console_session(_console_session(2, 100.0), keep=3, **ends))
+    for at in (125.0, 150.0, 175.0):
+        assert wait(store.use_console_session(bytes([2]) * 32, at, **ends)) is not None
+    assert wait(store.use_console_session(bytes([2]) * 32, 200.0, **ends)) is None
+    # At most keep: the oldest go first.
+    for n in range(3, 8):
+        wait(store.start_console_session(_console_session(n, 200.0 + n), keep=3, **ends))
+    alive = [wait(store.use_console_session(bytes([n]) * 32, 210.0, **ends)) is not None for n in range(3, 8)]
+    assert alive == [False, False, True, True, True]
+    ended = wait(store.end_console_session(bytes([7]) * 32))
+    assert ended is not None and ended.csrf == "csrf-7"
+    assert wait(store.end_console_session(bytes([7]) * 32)) is None
+    assert wait(store.use_console_session(bytes([7]) * 32, 211.0, **ends)) is None
+
+
+def test_a_new_console_session_makes_room_from_the_ended_ones_first(store: Store) -> None:
+    ends = {"lifetime": 100.0, "idle": 30.0}
+    wait(store.start_console_session(_console_session(1, 10.0), keep=2, **ends))
+    wait(store.start_console_session(_console_session(2, 20.0), keep=2, **ends))
+    assert wait(store.use_console_session(bytes([1]) * 32, 35.0, **ends)) is not None
+    # At 50 the second (unused since 20) has ended, the older first has not:
+    # the third takes the ended one's place.
+    wait(store.start_console_session(_console_session(3, 50.0), keep=2, **ends))
+    assert wait(store.use_console_session(bytes([1]) * 32, 51.0, **ends)) is not None
+    assert wait(store.use_console_session(bytes([3]) * 32, 51.0, **ends)) is not None
 
 
 def test_the_bootstrap_token_follows_its_file_unless_revoked(store: Store) -> None:

@@ -17,6 +17,7 @@ from harness import edit_ini, running_daemon, start_daemon
 from mdmd import mdmctl, pki
 from mdmd.management import ManagementStep, SessionState
 from mdmd.sim.device import ManagementClient, WindowsDevice
+from mdmd.store import ConsoleSessionRecord
 from mdmd.store.sqlite import SQLiteStore
 from omadm_helpers import enroll, post, queue, run_session
 from store_helpers import ThreadReactor, enrollment, host, wait
@@ -120,6 +121,9 @@ def test_a_fleet_copied_from_sqlite_goes_on_checking_in_on_postgresql(
             ManagementStep("CHUNKY", session, reply=b"r", chunks=(("k", "abc"),)), 3.0
         )
     )
+    # A console session (signed in through a browser, as the daemon would keep it).
+    signed_in = ConsoleSessionRecord(b"\x07" * 32, "admin", b"\x08" * 32, "csrf", 4.0, 4.0)
+    wait(store.start_console_session(signed_in, lifetime=3600.0, idle=3600.0, keep=10))
     store.stop()
 
     dsn = cluster.dsn(cluster.create_database())

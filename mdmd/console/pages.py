@@ -200,16 +200,19 @@ class Console:
         assert app.tokens is not None, "the console runs in the main process"
         self.app = app
         self.fleet = fleet
-        self.sessions = Sessions(app.tokens.current, app.now)
+        self.sessions = Sessions(app.store, app.tokens.current, app.now)
         self.templates = _templates()
 
     def secure(self, request: MdmdRequest) -> bool:
         """Served over TLS (or behind a TLS proxy: ``[admin] url`` https)."""
         return bool(request.isSecure()) or self.app.config.admin.url.startswith("https:")
 
-    def session(self, request: MdmdRequest) -> tuple[str | None, ConsoleSession | None]:
-        cookie = read_cookie(request.getHeader(b"Cookie"), SESSION_COOKIE)
-        return cookie, self.sessions.get(cookie)
+    @staticmethod
+    def cookie(request: MdmdRequest) -> str | None:
+        return read_cookie(request.getHeader(b"Cookie"), SESSION_COOKIE)
+
+    async def session(self, request: MdmdRequest) -> ConsoleSession | None:
+        return await self.sessions.get(self.cookie(request))
 
     def render(
         self,
@@ -254,7 +257,7 @@ class Page(EndpointResource):
         self.app = console.app
 
     async def _signed_in(self, request: MdmdRequest) -> ConsoleSession | HTTPResponse:
-        _, session = self.console.session(request)
+        session = await self.console.session(request)
         if session is None:
             target = request.uri.decode("latin-1") if request.method == b"GET" else ""
             where = "/ui/signin" + (f"?{urlencode({'next': target})}" if safe_next(target, "") else "")
@@ -355,7 +358,7 @@ class SignInPage(EndpointResource):
         )
 
     async def handle_GET(self, request: MdmdRequest) -> HTTPResponse:
-        _, session = self.console.session(request)
+        session = await self.console.session(request)
         if session is not None:
             return self.console.redirect("/ui/fleet")
         signed_out = "signed_out" in Page.args(request)
@@ -369,7 +372,7 @@ class SignInPage(EndpointResource):
         expected = read_cookie(request.getHeader(b"Cookie"), SIGNIN_COOKIE)
         if expected is None or not same_secret(form.get("csrf"), expected):
             return self._form(request, status=403, error="The sign-in form expired: please sign in again.")
-        signed_in = self.console.sessions.sign_in(form.get("token"))
+        signed_in = await self.console.sessions.sign_in(form.get("token"))
         if signed_in is None:
             log.warn(
                 "console sign-in refused: unknown or revoked token client={client} request_id={request_id}",
@@ -390,8 +393,7 @@ class SignOutPage(Page):
     """``POST /ui/signout``: the session ends."""
 
     async def post(self, request: MdmdRequest, session: ConsoleSession, form: Form) -> HTTPResponse:
-        cookie, _ = self.console.session(request)
-        self.console.sessions.sign_out(cookie)
+        await self.console.sessions.sign_out(self.console.cookie(request))
         await self.app.audit(request, "console.signout", session.token_name)
         gone = cookie_header(SESSION_COOKIE, "", max_age=0, secure=self.console.secure(request))
         return self.console.redirect("/ui/signin?signed_out=1", headers=(("Set-Cookie", gone),))

@@ -1,13 +1,14 @@
 """The web console's sessions, CSRF tokens and response headers.
 
 An administrator signs in with a named admin token; the console keeps a
-session for it in memory (the admin listener is served by the main process
-only) and hands the browser a random session ID in a cookie that is
-``HttpOnly``, ``SameSite=Strict``, scoped to ``/ui/``, ``Secure`` when the
-console is reached over TLS, and ends after :data:`SESSION_SECONDS` (or
-:data:`IDLE_SECONDS` without a request).  Only the SHA-256 of a session ID
-is kept, as for tokens.  A session lives only as long as its token: a
-revoked token ends every session signed in with it at their next request.
+session for it in the store (so that every node of a fleet knows it, and a
+restart keeps it) and hands the browser a random session ID in a cookie
+that is ``HttpOnly``, ``SameSite=Strict``, scoped to ``/ui/``, ``Secure``
+when the console is reached over TLS, and ends after
+:data:`SESSION_SECONDS` (or :data:`IDLE_SECONDS` without a request).  Only
+the SHA-256 of a session ID is kept, as for tokens.  A session lives only
+as long as its token: a revoked token ends every session signed in with it
+at their next request.
 
 Every form carries the session's CSRF token (the sign-in form a token of its
 own, paired with a short-lived cookie), compared in constant time.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qs
 
+from mdmd.store import ConsoleSessionRecord, Store
 from mdmd.tokens import hash_token
 
 __all__ = [
@@ -69,7 +71,7 @@ SECURITY_HEADERS: Final = (
 )
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ConsoleSession:
     token_name: str
     token_hash: bytes
@@ -77,14 +79,19 @@ class ConsoleSession:
     created_at: float
     used_at: float
 
+    @classmethod
+    def of(cls, record: ConsoleSessionRecord) -> ConsoleSession:
+        return cls(record.token_name, record.token_hash, record.csrf, record.created_at, record.used_at)
+
 
 class Sessions:
-    """Signed-in sessions by the hash of their ID.  *tokens* gives the
-    valid admin tokens (hash to name) as the API's guard sees them; *clock*
-    the time."""
+    """Signed-in sessions, kept in *store* by the hash of their ID.
+    *tokens* gives the valid admin tokens (hash to name) as the API's guard
+    sees them; *clock* the time."""
 
     def __init__(
         self,
+        store: Store,
         tokens: Callable[[], Mapping[bytes, str] | None],
         clock: Callable[[], float],
         *,
@@ -92,17 +99,14 @@ class Sessions:
         idle: float = IDLE_SECONDS,
         limit: int = MAX_SESSIONS,
     ) -> None:
+        self._store = store
         self._tokens = tokens
         self._clock = clock
         self.lifetime = lifetime
         self.idle = idle
         self.limit = limit
-        self._by_hash: dict[bytes, ConsoleSession] = {}
 
-    def __len__(self) -> int:
-        return len(self._by_hash)
-
-    def sign_in(self, token: str) -> tuple[str, ConsoleSession] | None:
+    async def sign_in(self, token: str) -> tuple[str, ConsoleSession] | None:
         """A new session for a valid admin *token*: its cookie value and the
         session; None when the token is unknown or revoked."""
         token = token.strip()
@@ -113,49 +117,34 @@ class Sessions:
         if name is None:
             return None
         now = self._clock()
-        self._expire(now)
-        while len(self._by_hash) >= self.limit:
-            oldest = min(self._by_hash, key=lambda k: self._by_hash[k].created_at)
-            del self._by_hash[oldest]
         session_id = secrets.token_urlsafe(32)
-        session = ConsoleSession(name, digest, secrets.token_urlsafe(32), now, now)
-        self._by_hash[_key(session_id)] = session
-        return session_id, session
+        record = ConsoleSessionRecord(_key(session_id), name, digest, secrets.token_urlsafe(32), now, now)
+        await self._store.start_console_session(
+            record, lifetime=self.lifetime, idle=self.idle, keep=self.limit
+        )
+        return session_id, ConsoleSession.of(record)
 
-    def get(self, session_id: str | None) -> ConsoleSession | None:
+    async def get(self, session_id: str | None) -> ConsoleSession | None:
         """The live session of a cookie value, its idle time renewed; None
         (and the session ended) when it expired or its token was revoked."""
         if not session_id or len(session_id) > 128:
             return None
         key = _key(session_id)
-        session = self._by_hash.get(key)
-        if session is None:
+        record = await self._store.use_console_session(
+            key, self._clock(), lifetime=self.lifetime, idle=self.idle
+        )
+        if record is None:
             return None
-        now = self._clock()
-        tokens = self._tokens() or {}
-        if (
-            now - session.created_at >= self.lifetime
-            or now - session.used_at >= self.idle
-            or tokens.get(session.token_hash) != session.token_name
-        ):
-            del self._by_hash[key]
+        if (self._tokens() or {}).get(record.token_hash) != record.token_name:
+            await self._store.end_console_session(key)
             return None
-        session.used_at = now
-        return session
+        return ConsoleSession.of(record)
 
-    def sign_out(self, session_id: str | None) -> ConsoleSession | None:
-        if not session_id:
+    async def sign_out(self, session_id: str | None) -> ConsoleSession | None:
+        if not session_id or len(session_id) > 128:
             return None
-        return self._by_hash.pop(_key(session_id), None)
-
-    def _expire(self, now: float) -> None:
-        gone = [
-            k
-            for k, s in self._by_hash.items()
-            if now - s.created_at >= self.lifetime or now - s.used_at >= self.idle
-        ]
-        for k in gone:
-            del self._by_hash[k]
+        record = await self._store.end_console_session(_key(session_id))
+        return None if record is None else ConsoleSession.of(record)
 
 
 def _key(session_id: str) -> bytes:

@@ -20,6 +20,7 @@ from mdmd.store.records import (
     CertificateRecord,
     CertificateRenewal,
     CommandRecord,
+    ConsoleSessionRecord,
     DeviceEnrollment,
     DevicePage,
     DeviceProfileEntry,
@@ -324,6 +325,27 @@ class Store(Protocol):
         """Revoke the active token *name*: "unknown" when there is none,
         "last" (and nothing written) when it is the only active one, so that
         nobody locks every administrator out."""
+        ...
+
+    def start_console_session(
+        self, session: ConsoleSessionRecord, *, lifetime: float, idle: float, keep: int
+    ) -> Deferred[None]:
+        """Store a new console session.  Sessions that ended (*lifetime*
+        seconds after they started, *idle* seconds after they were last
+        used, both as of the new session's start) go first, then the
+        oldest, so that at most *keep* are kept."""
+        ...
+
+    def use_console_session(
+        self, id_hash: bytes, now: float, *, lifetime: float, idle: float
+    ) -> Deferred[ConsoleSessionRecord | None]:
+        """The live session *id_hash*, its last use set to *now*; None (and
+        the session deleted) when it has ended (see
+        :meth:`start_console_session`), or when there is none."""
+        ...
+
+    def end_console_session(self, id_hash: bytes) -> Deferred[ConsoleSessionRecord | None]:
+        """Delete the session; what it was, or None when there was none."""
         ...
 
     def adopt_bootstrap_token(

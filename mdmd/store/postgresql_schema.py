@@ -396,5 +396,19 @@ _V9: Final = (
     "CREATE INDEX device_profiles_by_profile ON device_profiles(profile_name, state, rowid)",
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
+# 10, as SQLite's: the web console's sessions.
+_V10: Final = (
+    f"""
+    CREATE TABLE console_sessions (
+        id_hash BYTEA PRIMARY KEY,
+        token_name TEXT NOT NULL,
+        token_hash BYTEA NOT NULL,
+        csrf TEXT NOT NULL,
+        created_at {_TIME} NOT NULL,
+        used_at {_TIME} NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10)
 SCHEMA_VERSION: Final = len(MIGRATIONS)

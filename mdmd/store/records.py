@@ -27,6 +27,7 @@ __all__ = [
     "CertificateRecord",
     "CertificateRenewal",
     "CommandRecord",
+    "ConsoleSessionRecord",
     "DeviceConflict",
     "DeviceEnrollment",
     "DevicePage",
@@ -289,6 +290,20 @@ class ProfileRecord:
     created_at: float
     updated_at: float
     deleted_at: float | None  # being removed from devices, then gone
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSessionRecord:
+    """A web console session, kept in the store so that every node of a
+    fleet (and a restarted one) knows it; only the SHA-256 of its ID and of
+    its admin token are kept."""
+
+    id_hash: bytes
+    token_name: str
+    token_hash: bytes
+    csrf: str
+    created_at: float
+    used_at: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from mdmd.store.records import (
     CertificateRecord,
     CertificateRenewal,
     CommandRecord,
+    ConsoleSessionRecord,
     DeviceConflict,
     DeviceEnrollment,
     DevicePage,
@@ -1409,6 +1410,66 @@ class SQLStore:
 
         return self._run(txn)
 
+    # -- web console sessions --
+
+    def start_console_session(
+        self, session: ConsoleSessionRecord, *, lifetime: float, idle: float, keep: int
+    ) -> Deferred[None]:
+        def txn(conn: SQLConnection) -> None:
+            conn.execute(
+                "DELETE FROM console_sessions WHERE created_at <= ? OR used_at <= ?",
+                (session.created_at - lifetime, session.created_at - idle),
+            )
+            (count,) = conn.execute("SELECT count(*) FROM console_sessions").fetchone()
+            if count >= keep:
+                oldest = [
+                    r["id_hash"]
+                    for r in conn.execute(
+                        "SELECT id_hash FROM console_sessions ORDER BY created_at, id_hash LIMIT ?",
+                        (count - keep + 1,),
+                    )
+                ]
+                conn.executemany("DELETE FROM console_sessions WHERE id_hash = ?", [(h,) for h in oldest])
+            conn.execute(
+                "INSERT INTO console_sessions (id_hash, token_name, token_hash, csrf, created_at, used_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    session.id_hash,
+                    session.token_name,
+                    session.token_hash,
+                    session.csrf,
+                    session.created_at,
+                    session.used_at,
+                ),
+            )
+
+        return self._run(txn)
+
+    def use_console_session(
+        self, id_hash: bytes, now: float, *, lifetime: float, idle: float
+    ) -> Deferred[ConsoleSessionRecord | None]:
+        def txn(conn: SQLConnection) -> ConsoleSessionRecord | None:
+            row = conn.execute("SELECT * FROM console_sessions WHERE id_hash = ?", (id_hash,)).fetchone()
+            if row is None:
+                return None
+            if now - row["created_at"] >= lifetime or now - row["used_at"] >= idle:
+                conn.execute("DELETE FROM console_sessions WHERE id_hash = ?", (id_hash,))
+                return None
+            conn.execute("UPDATE console_sessions SET used_at = ? WHERE id_hash = ?", (now, id_hash))
+            return replace(_console_session(row), used_at=now)
+
+        return self._run(txn)
+
+    def end_console_session(self, id_hash: bytes) -> Deferred[ConsoleSessionRecord | None]:
+        def txn(conn: SQLConnection) -> ConsoleSessionRecord | None:
+            row = conn.execute("SELECT * FROM console_sessions WHERE id_hash = ?", (id_hash,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM console_sessions WHERE id_hash = ?", (id_hash,))
+            return _console_session(row)
+
+        return self._run(txn)
+
     def adopt_bootstrap_token(
         self, name: str, token_hash: bytes, now: float
     ) -> Deferred[Literal["created", "updated", "unchanged", "revoked"]]:
@@ -1675,6 +1736,17 @@ def _audit(row: SQLRow) -> AuditRecord:
             client=row["client"],
             request_id=row["request_id"],
         ),
+    )
+
+
+def _console_session(row: SQLRow) -> ConsoleSessionRecord:
+    return ConsoleSessionRecord(
+        id_hash=bytes(row["id_hash"]),
+        token_name=row["token_name"],
+        token_hash=bytes(row["token_hash"]),
+        csrf=row["csrf"],
+        created_at=row["created_at"],
+        used_at=row["used_at"],
     )
 
 

@@ -401,5 +401,32 @@ _MESSAGE_LOG: Final = (
     "CREATE INDEX device_messages_by_device ON device_messages(device_id, id)",
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _MESSAGE_LOG)
+# 10: the web console's sessions, in the store so that every node knows them
+# and a restart keeps them (only the SHA-256 of a session's ID and of its
+# token are kept).
+_CONSOLE_SESSIONS: Final = (
+    """
+    CREATE TABLE console_sessions (
+        id_hash BLOB PRIMARY KEY,
+        token_name TEXT NOT NULL,
+        token_hash BLOB NOT NULL,
+        csrf TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        used_at REAL NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    _V1,
+    _V2,
+    _V3,
+    _V4,
+    _V5,
+    _V6,
+    _V7,
+    _V8,
+    _MESSAGE_LOG,
+    _CONSOLE_SESSIONS,
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
