@@ -200,7 +200,7 @@ def build_service(
         )
     # Added after the store: stopped before it.
     CertificateMaintenance(app).setServiceParent(top)
-    tokens_service = AdminTokensService(tokens, material.admin_token, app.now())
+    tokens_service = AdminTokensService(tokens, material.admin_token, app.now(), reactor)  # type: ignore[arg-type]
     tokens_service.setServiceParent(top)
     app.readiness.add("store", store_check(store, reactor))  # type: ignore[arg-type]
 

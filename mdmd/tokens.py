@@ -10,7 +10,9 @@ unless an administrator revoked it.
 The valid tokens' hashes live in memory (:class:`AdminTokens`), loaded at
 start-up and reloaded after every change, so the admin listener's
 :class:`~mdmd.web.BearerTokenGuard` never waits for the store.  Only the main
-process serves the admin API, so one copy in memory is the truth.
+process serves the admin API; with several nodes on one database each node
+has its copy, read again every :data:`REFRESH_SECONDS`, so that a token
+created or revoked through another node counts here too within that time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from typing import Final
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mdmd.store import Store
 
@@ -32,6 +37,8 @@ log = Logger(namespace=__name__)
 
 #: The name of the token in ``[admin] token_file``.
 BOOTSTRAP_NAME: Final = "admin"
+#: How often the tokens are read again (changes made through other nodes).
+REFRESH_SECONDS: Final = 5.0
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
@@ -102,17 +109,67 @@ class AdminTokens:
 
 
 class AdminTokensService(Service):
-    """Adopts the bootstrap token and loads every token when mdmd starts."""
+    """Adopts the bootstrap token and loads every token when mdmd starts,
+    then reads them again every :data:`REFRESH_SECONDS`."""
 
-    def __init__(self, tokens: AdminTokens, bootstrap_token: str, now: float) -> None:
+    def __init__(
+        self, tokens: AdminTokens, bootstrap_token: str, now: float, clock: IReactorTime | None = None
+    ) -> None:
         self.tokens = tokens
         self.bootstrap_token = bootstrap_token
         self.now = now
+        self.clock = clock
         self.loaded: Deferred[None] = Deferred()
+        self._refresh: LoopingCall | None = None
+        self._refreshing = False
+        self._failing = False
 
     def startService(self) -> None:
         super().startService()
         d = Deferred.fromCoroutine(self.tokens.adopt_bootstrap(self.bootstrap_token, self.now))
         d.addErrback(lambda f: log.failure("cannot load the admin tokens: the admin API answers 503", f))
         d.addBoth(lambda _: self.tokens.settle())
+        d.addBoth(lambda _: self._start_refreshing())
         d.chainDeferred(self.loaded)
+
+    def stopService(self) -> Deferred[None] | None:
+        if self._refresh is not None and self._refresh.running:
+            self._refresh.stop()
+        self._refresh = None
+        return super().stopService()  # type: ignore[no-any-return]
+
+    def _start_refreshing(self) -> None:
+        if self.clock is None or not self.running:
+            return
+        self._refresh = LoopingCall(self.refresh)
+        self._refresh.clock = self.clock
+        self._refresh.start(REFRESH_SECONDS, now=False)
+
+    def refresh(self) -> None:
+        """Read the tokens again (one at a time; a failure keeps the ones
+        known, and is logged once until a read works again)."""
+        if self._refreshing:
+            return
+        self._refreshing = True
+
+        def ok(_: object) -> None:
+            if self._failing:
+                log.info("admin tokens read again from the store")
+            self._failing = False
+
+        def failed(f: Failure) -> None:
+            if not self._failing:
+                log.warn(
+                    "cannot read the admin tokens again (the ones known stay in use): {error}",
+                    error=f.getErrorMessage(),
+                )
+            self._failing = True
+
+        def done(_: object) -> None:
+            self._refreshing = False
+
+        d = Deferred.fromCoroutine(self.tokens.load())
+        d.addCallbacks(ok, failed)
+        # Not returned: the loop never waits for a read (a slow store must
+        # not stop it); a read still running skips the next turn instead.
+        d.addBoth(done)

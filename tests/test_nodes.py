@@ -452,3 +452,24 @@ def test_a_console_session_signed_in_at_one_node_is_used_and_ended_at_the_other(
     assert status == 303 and response.getheader("Location") == "/ui/signin?signed_out=1"
     status, response, _ = _console(first, "GET", "/ui/devices", session)
     assert status == 303 and (response.getheader("Location") or "").startswith("/ui/signin")
+
+
+def _answers(node: Daemon, token: str, status: int, timeout: float = 20.0) -> None:
+    """Bounded polling: *node* answers *token* with *status*."""
+    deadline = time.monotonic() + timeout
+    while (got := node.admin("GET", "/api/v1/tokens", token=token)[0]) != status:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{node.config}: {got}, not {status}, within {timeout}s")
+        time.sleep(0.1)
+
+
+def test_a_token_created_and_revoked_through_one_node_counts_at_the_other(nodes: Nodes) -> None:
+    first, second = nodes.nodes
+    status, created = first.admin("POST", "/api/v1/tokens", {"name": "ops-nodes"})
+    assert status == 201 and isinstance(created, dict), created
+    token = created["token"]
+    assert first.admin("GET", "/api/v1/tokens", token=token)[0] == 200  # at once where it was made
+    _answers(second, token, 200)
+    assert first.admin("DELETE", "/api/v1/tokens/ops-nodes")[0] == 200
+    assert first.admin("GET", "/api/v1/tokens", token=token)[0] == 401
+    _answers(second, token, 401)
