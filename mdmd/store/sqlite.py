@@ -615,32 +615,33 @@ class SQLStore:
         self, cert_serial: str, *, queue_limit: int = 100, request_digest: str | None = None
     ) -> Deferred[ManagementContext | None]:
         def txn(conn: SQLConnection) -> ManagementContext | None:
-            cert_row = conn.execute("SELECT * FROM certificates WHERE serial = ?", (cert_serial,)).fetchone()
-            if cert_row is None:
+            # One statement for the certificate, its device, the session and,
+            # when the message may be a retransmission, the last reply: each
+            # statement hands the interpreter lock to the reactor thread and
+            # back, several times, which costs more than the SQL.
+            row = conn.execute(_CONTEXT_SELECT, (request_digest, cert_serial)).fetchone()
+            if row is None:
                 return None
-            device_id = cert_row["device_id"]
-            device_row = conn.execute(_DEVICE_SELECT + " WHERE d.device_id = ?", (device_id,)).fetchone()
-            session_row = conn.execute(
-                "SELECT state FROM syncml_sessions WHERE device_id = ?", (device_id,)
-            ).fetchone()
-            session = None if session_row is None else decode_session(session_row["state"])
+            device_id = row["device_id"]
+            session = None if row["k_session"] is None else decode_session(row["k_session"])
             context = ManagementContext(
-                certificate=_certificate(cert_row),
-                device=_device(device_row),
+                certificate=_certificate_of_context(row),
+                device=_device(row),
                 session=session,
                 queue=(),
-                session_seq=device_row["session_seq"],
+                session_seq=row["session_seq"],
             )
             if (
                 request_digest is not None
                 and session is not None
                 and session.request_digest == request_digest
+                and row["k_reply"] is not None
             ):
                 # The same message again (its reply was lost): the same
                 # reply answers it and nothing else is needed.
-                reply = _last_reply(conn, device_id)
-                if reply is not None:
-                    return replace(context, last_reply=reply)
+                reply = row["k_reply"]
+                reply = base64.b64decode(reply) if row["k_reply_base64"] else bytes(reply)
+                return replace(context, last_reply=reply)
             queue = conn.execute(
                 """
                 SELECT uuid, body FROM commands WHERE device_id = ? AND state IN ('pending', 'sent')
@@ -1706,6 +1707,35 @@ _DEVICE_SELECT = """
 """
 
 
+# A device's check-in context, by the serial of the certificate it
+# presented: that certificate (k_*), its device with the device's newest
+# live certificate (as _DEVICE_SELECT), its session, and its last reply
+# when the request's digest (the first parameter) is in the session: only a
+# retransmission needs it (the session is decoded and compared exactly in
+# Python; the text match only spares reading the reply otherwise).
+_CONTEXT_SELECT = """
+    SELECT d.*, c.serial AS c_serial, c.thumbprint AS c_thumbprint, c.not_before AS c_not_before,
+           c.not_after AS c_not_after, c.issued_at AS c_issued_at, c.renewed_from AS c_renewed_from,
+           c.activated_at AS c_activated_at,
+           k.serial AS k_serial, k.thumbprint AS k_thumbprint, k.not_before AS k_not_before,
+           k.not_after AS k_not_after, k.issued_at AS k_issued_at, k.revoked_at AS k_revoked_at,
+           k.revoke_reason AS k_revoke_reason, k.renewed_from AS k_renewed_from,
+           k.activated_at AS k_activated_at,
+           s.state AS k_session,
+           CASE WHEN s.state LIKE '%' || ? || '%' THEN r.reply END AS k_reply,
+           r.base64 AS k_reply_base64
+    FROM certificates k
+    JOIN devices d ON d.device_id = k.device_id
+    LEFT JOIN certificates c ON c.serial = (
+        SELECT serial FROM certificates
+        WHERE device_id = d.device_id AND revoked_at IS NULL
+        ORDER BY issued_at DESC, serial DESC LIMIT 1)
+    LEFT JOIN syncml_sessions s ON s.device_id = d.device_id
+    LEFT JOIN syncml_replies r ON r.device_id = d.device_id
+    WHERE k.serial = ?
+"""
+
+
 def insert_audit(conn: SQLConnection, entry: AuditEntry) -> None:
     """Record *entry* in the transaction of the write it describes (for store
     methods that take an ``audit`` argument)."""
@@ -1827,6 +1857,21 @@ def _certificate(row: SQLRow) -> CertificateRecord:
         revoke_reason=row["revoke_reason"],
         renewed_from=row["renewed_from"],
         activated_at=row["activated_at"],
+    )
+
+
+def _certificate_of_context(row: SQLRow) -> CertificateRecord:
+    return CertificateRecord(
+        serial=row["k_serial"],
+        device_id=row["device_id"],
+        thumbprint=row["k_thumbprint"],
+        not_before=row["k_not_before"],
+        not_after=row["k_not_after"],
+        issued_at=row["k_issued_at"],
+        revoked_at=row["k_revoked_at"],
+        revoke_reason=row["k_revoke_reason"],
+        renewed_from=row["k_renewed_from"],
+        activated_at=row["k_activated_at"],
     )
 
 
