@@ -73,9 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(a.sessions):
             body = client.session_start(SERVER_URL)
             t = time.process_time()
-            ctx = wait(store.management_context(serial, request_digest=digest(body)))
+            ctx = wait(
+                store.management_context(serial, request_digest=digest(body), with_profile_context=True)
+            )
             assert ctx is not None
-            step("context read (reader thread)", t)
+            step("context read, profile context included (reader thread)", t)
             t = time.process_time()
             message = parse_message(body)
             step("SyncML parse", t)
@@ -88,11 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings=ProfileSettings(86400.0, 3),
                 new_uuid=lambda: str(uuid.uuid4()),
             )
-            wanted = wait(store.profile_context(device.device_id))
+            wanted = ctx.profile_context
+            assert wanted is not None
             planner.device = wanted.device
             planned = planner.plan_session(wanted.desired)
             asked, started = plan_action_session(ctx.actions, ctx.device.inventory, lambda: str(uuid.uuid4()))
-            step("profiles and actions planned (with their read)", t)
+            step("profiles and actions planned", t)
             t = time.process_time()
             reply = process_message(
                 message,

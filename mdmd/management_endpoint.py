@@ -158,7 +158,9 @@ class ManagementResource(EndpointResource):
         self, request: MdmdRequest, cert: x509.Certificate, serial: str, thumbprint: str, body: bytes
     ) -> HTTPResponse:
         app = self.app
-        ctx = await app.store.management_context(serial, request_digest=digest(body))
+        ctx = await app.store.management_context(
+            serial, request_digest=digest(body), with_profile_context=_looks_like_a_session_start(body)
+        )
         problem = self._identity_problem(ctx, thumbprint, app.now())
         if ctx is not None:
             request.device_id = ctx.device.device_id
@@ -284,7 +286,9 @@ class ManagementResource(EndpointResource):
         if _starts_session(message):
             # Desired state first: what the device's profiles need goes out
             # before the administrators' one-shot commands.
-            wanted = await app.store.profile_context(device_id)
+            wanted = ctx.profile_context
+            if wanted is None:
+                wanted = await app.store.profile_context(device_id)
             planner.device = wanted.device
             planned = planner.plan_session(wanted.desired)
             # A rename waiting for its restart asks for the device's name.
@@ -410,6 +414,15 @@ def _logged(direction: str, now: float, session_id: str, msg_id: int | None, bod
         body[:MESSAGE_LOG_MAX_BYTES],
         len(body) > MESSAGE_LOG_MAX_BYTES,
     )
+
+
+def _looks_like_a_session_start(body: bytes) -> bool:
+    """The raw message's first MsgID is 1 (read before the message is
+    parsed): its context read then takes the profile context along, which
+    spares the session start a second trip to the store's thread.  A guess
+    only; the parsed message decides (:func:`_starts_session`)."""
+    found = _MSG_ID.search(body, 0, 2048)
+    return found is not None and found.group(1) == b"1"
 
 
 def _starts_session(message: SyncMLMessage) -> bool:

@@ -28,6 +28,7 @@ from mdmd.app import Mdmd
 from mdmd.config import ProfilesConfig
 from mdmd.management import ManagementStep, SessionState
 from mdmd.management_endpoint import ManagementResource
+from mdmd.profiles import Profile, ProfileItem, profile_version
 from mdmd.sim.device import ManagementClient, WindowsDevice
 from mdmd.store import ManagementContext, Store
 from mdmd.store.sqlite import SQLiteStore
@@ -71,11 +72,19 @@ class RacingStore:
         return getattr(self._store, name)
 
     def management_context(
-        self, cert_serial: str, *, queue_limit: int = 100, request_digest: str | None = None
+        self,
+        cert_serial: str,
+        *,
+        queue_limit: int = 100,
+        request_digest: str | None = None,
+        with_profile_context: bool = False,
     ) -> Deferred[ManagementContext | None]:
         async def read() -> ManagementContext | None:
             ctx = await self._store.management_context(
-                cert_serial, queue_limit=queue_limit, request_digest=request_digest
+                cert_serial,
+                queue_limit=queue_limit,
+                request_digest=request_digest,
+                with_profile_context=with_profile_context,
             )
             self.reads += 1
             if ctx is not None and self.reads <= self.losses:
@@ -261,3 +270,28 @@ def test_a_large_message_is_logged_cut_at_the_limit_with_its_whole_size(
     logged = [m for m in wait(setup.store.device_messages(setup.device.device_id)) if m.direction == "in"]
     assert len(logged) == 1 and logged[0].truncated and logged[0].size == len(padded)
     assert logged[0].body == padded[:1024]
+
+
+class CountingStore:
+    """The real store, counting the endpoint's trips to its reader."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.trips: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("management_context", "profile_context"):
+            self.trips.append(name)
+        return getattr(self._store, name)
+
+
+def test_a_session_start_reads_its_profiles_with_its_context_in_one_trip(setup: Setup) -> None:
+    camera = "./Device/Vendor/MSFT/Policy/Config/Camera/AllowCamera"
+    items = (ProfileItem("Replace", camera, "int", None, "0"),)
+    wait(setup.store.create_profile(Profile("camera", profile_version(items), items), 1.0))
+    wait(setup.store.assign_profile("camera", ["all"], 1.0))
+    counting = CountingStore(setup.store)
+    client = ManagementClient(setup.device)
+    status, reply = post(counting, setup.cert, client.session_start(SERVER_URL))
+    assert status == 200 and camera.encode() in reply
+    assert counting.trips == ["management_context"]

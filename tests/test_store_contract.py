@@ -607,6 +607,11 @@ def test_a_devices_desired_profiles_are_the_union_over_its_groups(store: Store) 
     context = wait(store.profile_context("DEV1"))
     assert [p.name for p in context.desired] == ["everyone", "mine"]
     assert context.device == DeviceVars("DEV1", "host1", "serial1")
+    # The same, read along with a message's context when asked for (and only then).
+    with_it = wait(store.management_context("serial1", with_profile_context=True))
+    assert with_it is not None and with_it.profile_context == context
+    without = wait(store.management_context("serial1"))
+    assert without is not None and without.profile_context is None
 
 
 def test_a_profile_step_keeps_records_links_history_and_created_commands(store: Store) -> None:

@@ -165,12 +165,19 @@ class Store(Protocol):
     # -- OMA-DM sessions --
 
     def management_context(
-        self, cert_serial: str, *, queue_limit: int = 100, request_digest: str | None = None
+        self,
+        cert_serial: str,
+        *,
+        queue_limit: int = 100,
+        request_digest: str | None = None,
+        with_profile_context: bool = False,
     ) -> Deferred[ManagementContext | None]:
         """Everything a SyncML message from the holder of certificate
         *cert_serial* needs, in one read.  A message whose *request_digest*
         is that of the session's last message is a retransmission: its
-        stored reply is read instead of the queue, profiles and actions."""
+        stored reply is read instead of the queue, profiles and actions.
+        *with_profile_context*: the device's :meth:`profile_context` too, in
+        the same read (a session's first message needs it)."""
         ...
 
     def commit_management_step(

@@ -271,6 +271,9 @@ class ManagementContext:
     # one again, byte for byte (a retransmission); then the queue, profiles
     # and actions are not read.
     last_reply: bytes | None = None
+    # The device's desired profiles, read with the rest when asked for (the
+    # message looks like the first of a session), else None.
+    profile_context: ProfileContext | None = None
 
 
 @dataclass(frozen=True, slots=True)

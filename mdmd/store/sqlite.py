@@ -612,7 +612,12 @@ class SQLStore:
     # -- OMA-DM management --
 
     def management_context(
-        self, cert_serial: str, *, queue_limit: int = 100, request_digest: str | None = None
+        self,
+        cert_serial: str,
+        *,
+        queue_limit: int = 100,
+        request_digest: str | None = None,
+        with_profile_context: bool = False,
     ) -> Deferred[ManagementContext | None]:
         def txn(conn: SQLConnection) -> ManagementContext | None:
             # One statement for the certificate, its device, the session and,
@@ -661,6 +666,7 @@ class SQLStore:
                 profiles=tuple(_device_profile(r) for r in profiles),
                 profile_links=tuple(_profile_command(r) for r in links),
                 actions=tuple(_action(r) for r in actions),
+                profile_context=_profile_context(conn, device_id) if with_profile_context else None,
             )
 
         return self._run(txn, write=False)
