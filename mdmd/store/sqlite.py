@@ -630,7 +630,7 @@ class SQLStore:
             device_id = row["device_id"]
             session = None if row["k_session"] is None else decode_session(row["k_session"])
             context = ManagementContext(
-                certificate=_certificate_of_context(row),
+                certificate=_certificate(row, prefix="k_"),
                 device=_device(row),
                 session=session,
                 queue=(),
@@ -1723,7 +1723,8 @@ _CONTEXT_SELECT = """
     SELECT d.*, c.serial AS c_serial, c.thumbprint AS c_thumbprint, c.not_before AS c_not_before,
            c.not_after AS c_not_after, c.issued_at AS c_issued_at, c.renewed_from AS c_renewed_from,
            c.activated_at AS c_activated_at,
-           k.serial AS k_serial, k.thumbprint AS k_thumbprint, k.not_before AS k_not_before,
+           k.serial AS k_serial, k.device_id AS k_device_id, k.thumbprint AS k_thumbprint,
+           k.not_before AS k_not_before,
            k.not_after AS k_not_after, k.issued_at AS k_issued_at, k.revoked_at AS k_revoked_at,
            k.revoke_reason AS k_revoke_reason, k.renewed_from AS k_renewed_from,
            k.activated_at AS k_activated_at,
@@ -1851,33 +1852,19 @@ def _device(row: SQLRow, pending_actions: tuple[str, ...] = ()) -> DeviceRecord:
     )
 
 
-def _certificate(row: SQLRow) -> CertificateRecord:
+def _certificate(row: SQLRow, prefix: str = "") -> CertificateRecord:
+    """A certificates row; *prefix*: its columns' names in a joined row."""
     return CertificateRecord(
-        serial=row["serial"],
-        device_id=row["device_id"],
-        thumbprint=row["thumbprint"],
-        not_before=row["not_before"],
-        not_after=row["not_after"],
-        issued_at=row["issued_at"],
-        revoked_at=row["revoked_at"],
-        revoke_reason=row["revoke_reason"],
-        renewed_from=row["renewed_from"],
-        activated_at=row["activated_at"],
-    )
-
-
-def _certificate_of_context(row: SQLRow) -> CertificateRecord:
-    return CertificateRecord(
-        serial=row["k_serial"],
-        device_id=row["device_id"],
-        thumbprint=row["k_thumbprint"],
-        not_before=row["k_not_before"],
-        not_after=row["k_not_after"],
-        issued_at=row["k_issued_at"],
-        revoked_at=row["k_revoked_at"],
-        revoke_reason=row["k_revoke_reason"],
-        renewed_from=row["k_renewed_from"],
-        activated_at=row["k_activated_at"],
+        serial=row[prefix + "serial"],
+        device_id=row[prefix + "device_id"],
+        thumbprint=row[prefix + "thumbprint"],
+        not_before=row[prefix + "not_before"],
+        not_after=row[prefix + "not_after"],
+        issued_at=row[prefix + "issued_at"],
+        revoked_at=row[prefix + "revoked_at"],
+        revoke_reason=row[prefix + "revoke_reason"],
+        renewed_from=row[prefix + "renewed_from"],
+        activated_at=row[prefix + "activated_at"],
     )
 
 
