@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mdmd.config import ActionsConfig
-from mdmd.store import OperationRecord, Store
+from mdmd.store import OperationRecord, Store, StoreUnavailable
 
 __all__ = ["FanOutService", "owner_is_dead"]
 
@@ -72,6 +72,7 @@ class FanOutService(Service):
         self._loop: Deferred[None] | None = None
         self._sleeping: tuple[Deferred[None], IDelayedCall] | None = None
         self._stopping = False
+        self._store_away = False
         self._current: str | None = None
 
     def wake(self) -> None:
@@ -110,6 +111,17 @@ class FanOutService(Service):
         while not self._stopping:
             try:
                 worked = await self._one()
+            except StoreUnavailable as e:
+                # The database is away (the listeners answer 503 meanwhile):
+                # one line, not a traceback every few seconds.
+                if not self._store_away:
+                    log.warn(
+                        "group operation fan-out: the store is unavailable ({error}); "
+                        "trying again every {seconds}s",
+                        error=str(e),
+                        seconds=POLL_INTERVAL,
+                    )
+                self._store_away, worked = True, False
             except Exception:
                 log.failure(
                     "group operation fan-out failed; trying again in {seconds}s", seconds=POLL_INTERVAL
@@ -120,6 +132,13 @@ class FanOutService(Service):
                 current, self._current = self._current, None
                 try:
                     await self.store.release_operation(current, self.owner)
+                except StoreUnavailable as e:
+                    log.warn(
+                        "group operation {operation_id} not released ({error}): another process "
+                        "continues it when its lease ends",
+                        operation_id=current,
+                        error=str(e),
+                    )
                 except Exception:
                     log.failure("cannot release group operation {operation_id}", operation_id=current)
             if not worked and not self._stopping:
@@ -129,6 +148,9 @@ class FanOutService(Service):
         """Claim one operation and fan it out; False when there was none."""
         now = self.reactor.seconds()
         leases = await self.store.operation_leases()
+        if self._store_away:
+            log.info("group operation fan-out: the store is back")
+            self._store_away = False
         dead = sorted(
             {
                 o.lease_owner

@@ -27,9 +27,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mdmd.app import Mdmd
 from mdmd.renewal import DAY
+from mdmd.store import StoreUnavailable
 
 __all__ = ["BATCH", "CertificateMaintenance"]
 
@@ -79,7 +81,7 @@ class CertificateMaintenance(Service):
     def run(self) -> Deferred[None]:
         """One pass (a failure is logged; the next pass tries again)."""
         d = Deferred.fromCoroutine(self._pass())
-        d.addErrback(lambda failure: log.failure("certificate maintenance pass failed", failure))
+        d.addErrback(_logged)
         return d
 
     async def _pass(self) -> None:
@@ -107,3 +109,11 @@ class CertificateMaintenance(Service):
             if done < self.batch:
                 break
         return total
+
+
+def _logged(failure: Failure) -> None:
+    if failure.check(StoreUnavailable):
+        # The database is away: one line (the next pass tries again).
+        log.warn("certificate maintenance pass skipped: {error}", error=failure.getErrorMessage())
+    else:
+        log.failure("certificate maintenance pass failed", failure)

@@ -12,14 +12,15 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from mdmd.config import ActionsConfig
 from mdmd.fanout import POLL_INTERVAL, FanOutService, owner_is_dead
-from mdmd.store import GroupRecord, OperationRecord
+from mdmd.store import GroupRecord, OperationRecord, StoreUnavailable
 
 HOST = socket.gethostname()
 
@@ -158,3 +159,41 @@ def test_a_dead_owners_lease_is_claimed_as_a_takeover() -> None:
     service.startService()
     assert store.calls[0][3] == (dead_owner,)
     service.stopService()
+
+
+class AwayStore(Store):
+    """The database away for the first *away* looks for work."""
+
+    def __init__(self, away: int) -> None:
+        super().__init__(batches=1)
+        self.away = away
+
+    def operation_leases(self) -> Deferred[list[OperationRecord]]:
+        if self.away:
+            self.away -= 1
+            return fail(StoreUnavailable("no database connection: refused"))
+        return super().operation_leases()
+
+
+def test_a_store_away_is_one_line_and_the_loop_goes_on_once_it_is_back() -> None:
+    clock = Clock()
+    store = AwayStore(away=3)
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        service = FanOutService(store, clock, ActionsConfig())  # type: ignore[arg-type]
+        service.startService()
+        for _ in range(3):
+            clock.advance(POLL_INTERVAL)
+        service.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    mine = [e for e in events if e.get("log_namespace") == "mdmd.fanout"]
+    # One warning for three failed looks, none of them a traceback; then
+    # back at work (the operation it claims is logged after these).
+    assert [e["log_level"] for e in mine[:2]] == [LogLevel.warn, LogLevel.info]
+    assert "the store is unavailable (no database connection: refused)" in formatEvent(mine[0])
+    assert formatEvent(mine[1]) == "group operation fan-out: the store is back"
+    assert not [e for e in mine if e["log_level"] in (LogLevel.error, LogLevel.critical)]
+    assert store.calls[0][0] == "claim"

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import cast
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from mdmd.app import Mdmd
 from mdmd.maintenance import CertificateMaintenance
 from mdmd.renewal import DAY
+from mdmd.store import StoreUnavailable
 
 
 class CountingStore:
@@ -105,3 +108,25 @@ def test_a_pass_runs_only_under_the_lease_and_another_node_takes_over_when_it_ru
         clock.advance(3600)
         assert [c[0] for c in store.calls] == ["retire", "prune"]  # its own lease, renewed
         assert store.lease == ("this node", 1000 * DAY + 10800)
+
+
+class AwayStore(CountingStore):
+    """The database is away."""
+
+    def claim_lease(self, name: str, holder: str, now: float, until: float) -> Deferred[bool]:
+        return fail(StoreUnavailable("no database connection: refused"))
+
+
+def test_a_pass_while_the_store_is_away_is_one_line_not_a_traceback() -> None:
+    clock = Clock()
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        for _ in _maintenance(AwayStore(0, 0), clock):
+            clock.advance(3600.0)  # a second pass
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    mine = [e for e in events if e.get("log_namespace") == "mdmd.maintenance"]
+    assert [e["log_level"] for e in mine] == [LogLevel.warn, LogLevel.warn]
+    assert formatEvent(mine[0]) == "certificate maintenance pass skipped: no database connection: refused"
