@@ -39,8 +39,7 @@ def store_backend(request: pytest.FixtureRequest) -> str:
     required, see pg_cluster.py)."""
     backend = str(request.param)
     if backend == "postgresql":
-        from pg_cluster import shared_cluster
+        from pg_cluster import cluster_or_skip
 
-        if shared_cluster() is None:
-            pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
+        cluster_or_skip()
     return backend

@@ -102,12 +102,9 @@ def postgresql_store() -> dict[str, str]:
     """The ``[store]`` settings of a new, empty database in the session's
     throwaway PostgreSQL cluster (see pg_cluster.py); the test is skipped
     when PostgreSQL is not installed and not required."""
-    import pytest
-    from pg_cluster import shared_cluster
+    from pg_cluster import cluster_or_skip
 
-    cluster = shared_cluster()
-    if cluster is None:
-        pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
+    cluster = cluster_or_skip()
     return {"backend": "postgresql", "dsn": cluster.dsn(cluster.create_database()), "pool_size": "3"}
 
 

@@ -202,3 +202,15 @@ def shared_cluster() -> Cluster | None:
             _SHARED = Cluster.start(bindir)
             atexit.register(_SHARED.stop)
         return _SHARED
+
+
+def cluster_or_skip() -> Cluster:
+    """The session's cluster; the calling test is skipped when PostgreSQL
+    is not installed, and fails (:func:`shared_cluster` raises) when it is
+    required, as in CI."""
+    import pytest
+
+    cluster = shared_cluster()
+    if cluster is None:
+        pytest.skip(f"PostgreSQL is not installed (set {REQUIRE_VARIABLE}=1 to fail instead)")
+    return cluster

@@ -88,12 +88,9 @@ def postgresql_dsn(directory: Path | None = None) -> str:
     pg_cluster.py), as a DSN whose search_path selects it (the same one
     again for the same *directory*); the test is skipped when PostgreSQL is
     not installed (and not required)."""
-    import pytest
-    from pg_cluster import shared_cluster
+    from pg_cluster import cluster_or_skip
 
-    cluster = shared_cluster()
-    if cluster is None:
-        pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
+    cluster = cluster_or_skip()
     schema = _SCHEMAS.get(directory) if directory is not None else None
     if schema is None:
         schema = cluster.new_name("s")

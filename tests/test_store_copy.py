@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_cluster import Cluster, shared_cluster
+from pg_cluster import Cluster, cluster_or_skip
 
 from harness import edit_ini, running_daemon, start_daemon
 from mdmd import mdmctl, pki
@@ -27,10 +27,7 @@ CAMERA = "./Device/Vendor/MSFT/Policy/Config/Camera/AllowCamera"
 
 @pytest.fixture(scope="module")
 def cluster() -> Cluster:
-    found = shared_cluster()
-    if found is None:
-        pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
-    return found
+    return cluster_or_skip()
 
 
 @pytest.fixture(scope="module")

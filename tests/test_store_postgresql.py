@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_cluster import PASSWORD_ROLE, Cluster, shared_cluster
+from pg_cluster import PASSWORD_ROLE, Cluster, cluster_or_skip
 
 from mdmd.store import StoreError
 from mdmd.store.engine import SQLConnection
@@ -37,10 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cluster() -> Cluster:
-    found = shared_cluster()
-    if found is None:
-        pytest.skip("PostgreSQL is not installed (set MDMD_REQUIRE_POSTGRESQL=1 to fail instead)")
-    return found
+    return cluster_or_skip()
 
 
 @pytest.fixture
